@@ -1,0 +1,1 @@
+"""The latency benchmarking harness: a client of the server, over WebRTC or WebSocket."""

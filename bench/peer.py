@@ -1,0 +1,152 @@
+"""A WebRTC client of the server, as a browser would be: a paced microphone, the agent's audio
+recorded with arrival times, the server's events, and the data-channel ping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import aiohttp
+import numpy as np
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from realtime.audio import frame_to_mono
+from realtime.events import ChunkJoiner
+from realtime.output import PacedOutput
+from realtime.webrtc import PacedAudioTrack
+
+RATE = 48000
+
+
+@dataclass
+class ReceivedFrame:
+    arrival: float  # time.monotonic()
+    pcm: np.ndarray  # mono float32 at RATE
+
+
+class OfferRefused(RuntimeError):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+class Notifier:
+    """Lets coroutines await a condition over growing state, with a timeout (no polling)."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float) -> Any:
+        async with asyncio.timeout(timeout):
+            while not (result := predicate()):
+                await self._changed.wait()
+            return result
+
+
+class ClientPeer:
+    """One call to the server over WebRTC. Owns its peer connection and its ping and recorder tasks."""
+
+    def __init__(self, base_url: str, *, ping_interval_s: float | None = 1.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.mic = PacedOutput(RATE)
+        self.pc = RTCPeerConnection()
+        self.session_id: str | None = None
+        self.events: list[dict[str, Any]] = []
+        self.received: list[ReceivedFrame] = []
+        self._ping_interval_s = ping_interval_s
+        self._joiner = ChunkJoiner()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.changed = Notifier()
+        self.channel = self.pc.createDataChannel("events")
+        self.channel.on("message", self._on_message)
+        self.pc.addTrack(PacedAudioTrack(self.mic))
+        self.pc.on("track", self._on_track)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def connect(self, timeout: float = 10.0) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.base_url}/api/offer", json=offer) as response:
+                body = await response.json()
+                if response.status != 200:
+                    raise OfferRefused(response.status, body)
+        self.session_id = body["session_id"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+        await self.changed.wait_for(lambda: self.channel.readyState == "open", timeout)
+        if self._ping_interval_s:
+            self._spawn(self._ping())
+        return self.session_id
+
+    def send(self, event: dict[str, Any] | str) -> None:
+        self.channel.send(event if isinstance(event, str) else json.dumps(event))
+
+    def speak(self, pcm: np.ndarray, sample_rate: int) -> None:
+        self.mic.write(pcm, sample_rate)
+
+    async def _ping(self) -> None:
+        while True:
+            if self.channel.readyState == "open":
+                self.send({"type": "ping"})
+            await asyncio.sleep(self._ping_interval_s)
+
+    def _on_message(self, text: str) -> None:
+        event = self._joiner.feed(text)
+        if event is not None:
+            event["_received"] = time.monotonic()
+            self.events.append(event)
+            self.changed.notify()
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            self._spawn(self._record(track))
+
+    async def _record(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.received.append(ReceivedFrame(time.monotonic(), frame_to_mono(frame)))
+            self.changed.notify()
+
+    async def wait_event(
+        self, event_type: str, timeout: float = 10.0, predicate: Callable[[dict[str, Any]], bool] = lambda e: True
+    ) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            return next((e for e in self.events if e["type"] == event_type and predicate(e)), None)
+
+        return await self.changed.wait_for(find, timeout)
+
+    def received_audio(self) -> np.ndarray:
+        if not self.received:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate([f.pcm for f in self.received])
+
+    async def wait_audio(self, voiced_seconds: float, timeout: float, threshold: float = 0.01) -> None:
+        """Until at least `voiced_seconds` of received 20 ms frames have an RMS above `threshold`."""
+        needed = int(voiced_seconds * 50)
+
+        def enough() -> bool:
+            return sum(1 for f in self.received if np.sqrt(np.mean(f.pcm**2)) > threshold) >= needed
+
+        await self.changed.wait_for(enough, timeout)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pc.close()

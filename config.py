@@ -1,0 +1,248 @@
+"""The whole configuration as one typed tree, filled from CLI flags and VOICE_AGENT_* variables.
+
+A flag beats its environment variable, which beats the default. Every value is checked here, so a
+bad one fails at startup with one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ENV_PREFIX = "VOICE_AGENT_"
+PROFILES = ("loopback",)
+ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One STUN/TURN server, given to both the server's peer and the browser."""
+
+    urls: str
+    username: str | None = None
+    credential: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"urls": self.urls}
+        if self.username is not None:
+            out["username"] = self.username
+            out["credential"] = self.credential
+        return out
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP, TLS, ICE and session-limit settings of the transport."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cert: Path | None = None
+    key: Path | None = None
+    ice_servers: tuple[IceServer, ...] = ()
+    loopback_ice: bool = False
+    max_sessions: int = 16
+    max_body_bytes: int = 64 * 1024
+    ping_timeout_s: float = 3.0
+    connect_timeout_s: float = 20.0
+    data_dir: Path = Path("data")
+
+
+@dataclass(frozen=True)
+class LoopbackConfig:
+    """The loopback diagnostic profile: the caller's audio comes back after a fixed delay."""
+
+    delay_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    json: bool = False
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The root of the configuration tree."""
+
+    profile: str = "loopback"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    loopback: LoopbackConfig = field(default_factory=LoopbackConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able view for the startup log, with credentials masked."""
+        out = dataclasses.asdict(self)
+        for server in out["server"]["ice_servers"]:
+            if server.get("credential"):
+                server["credential"] = "***"
+        return json.loads(json.dumps(out, default=str))
+
+
+def parse_ice_server(text: str) -> IceServer:
+    """`URL` or `URL,username,credential`, e.g. `turn:turn.example.com:3478,alice,s3cret`."""
+    parts = [p.strip() for p in text.split(",")]
+    url = parts[0]
+    scheme = url.split(":", 1)[0]
+    if scheme not in ICE_SCHEMES or ":" not in url or not url.split(":", 1)[1]:
+        raise ValueError(f"expected a stun:/stuns:/turn:/turns: URL, got {url!r}")
+    if len(parts) == 1:
+        if scheme.startswith("turn"):
+            raise ValueError("a TURN server needs URL,username,credential")
+        return IceServer(url)
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise ValueError("expected URL or URL,username,credential")
+    return IceServer(url, parts[1], parts[2])
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be 0..65535 (0 picks a free port)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"no such file: {text}")
+    return path
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return text
+
+    return check
+
+
+@dataclass(frozen=True)
+class _Flag:
+    name: str  # "--max-sessions"
+    kind: Callable[[str], Any]
+    help: str
+    repeat: bool = False
+    switch: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+_FLAGS: tuple[_Flag, ...] = (
+    _Flag("--host", str, "address to listen on (default 127.0.0.1)"),
+    _Flag("--port", _port, "HTTP(S) port (default 8080; 0 picks a free one)"),
+    _Flag("--profile", _choice(PROFILES), "model profile (default loopback)"),
+    _Flag(
+        "--ice-server",
+        parse_ice_server,
+        "STUN/TURN server as URL or URL,username,credential; repeatable "
+        "(env: separate several with ';')",
+        repeat=True,
+    ),
+    _Flag("--loopback-ice", _bool, "offer only 127.0.0.1 ICE candidates", switch=True),
+    _Flag("--cert", _existing_file, "TLS certificate (PEM) to serve HTTPS"),
+    _Flag("--key", _existing_file, "TLS private key (PEM) to serve HTTPS"),
+    _Flag("--max-sessions", _positive_int, "simultaneous sessions before HTTP 503 (default 16)"),
+    _Flag("--max-body-bytes", _positive_int, "largest accepted request body (default 65536)"),
+    _Flag("--ping-timeout-s", _positive_float, "close a session this long without a client ping (default 3)"),
+    _Flag("--data-dir", Path, "where session transcripts are written (default ./data)"),
+    _Flag("--loopback-delay-ms", _non_negative_int, "loopback profile: echo delay (default 1000)"),
+    _Flag("--log-json", _bool, "log JSON lines instead of readable console lines", switch=True),
+    _Flag("--log-level", _choice(("debug", "info", "warning", "error")), "log level (default info)"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_server.py",
+        description="Real-time full-duplex voice agent server. Every flag also reads "
+        f"{ENV_PREFIX}<FLAG_NAME> from the environment.",
+    )
+    for flag in _FLAGS:
+        help_text = f"{flag.help} [env {flag.env}]"
+        if flag.switch:
+            parser.add_argument(flag.name, action="store_const", const="true", default=None, help=help_text)
+        elif flag.repeat:
+            parser.add_argument(flag.name, action="append", default=None, metavar="VALUE", help=help_text)
+        else:
+            parser.add_argument(flag.name, default=None, metavar="VALUE", help=help_text)
+    return parser
+
+
+def _convert(flag: _Flag, raw: str) -> Any:
+    try:
+        return flag.kind(raw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{flag.name}: {exc}") from None
+
+
+def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> AppConfig:
+    """Parse flags and environment into an AppConfig, or raise ConfigError naming the flag."""
+    environ = dict(os.environ if environ is None else environ)
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    for flag in _FLAGS:
+        raw = args[flag.dest]
+        if raw is None and flag.env in environ:
+            env_raw = environ[flag.env]
+            raw = [part for part in env_raw.split(";") if part.strip()] if flag.repeat else env_raw
+        if raw is None:
+            continue
+        values[flag.dest] = [_convert(flag, r) for r in raw] if flag.repeat else _convert(flag, raw)
+
+    if ("cert" in values) != ("key" in values):
+        raise ConfigError("--cert/--key: give both or neither")
+
+    server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    server = ServerConfig(
+        **{k: v for k, v in values.items() if k in server_fields},
+        ice_servers=tuple(values.get("ice_server", ())),
+    )
+    loopback = LoopbackConfig(delay_ms=values.get("loopback_delay_ms", LoopbackConfig.delay_ms))
+    log = LogConfig(json=values.get("log_json", False), level=values.get("log_level", "info"))
+    return AppConfig(profile=values.get("profile", AppConfig.profile), server=server, loopback=loopback, log=log)

@@ -1,0 +1,1 @@
+"""The controller room: per-session agents that drive turn-taking and own the model tasks."""

@@ -1,0 +1,78 @@
+"""The loopback diagnostic profile: the caller hears their own audio after a fixed delay."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+
+import numpy as np
+import structlog
+
+from config import LoopbackConfig
+from realtime.audio import INPUT_RATE
+from realtime.events import ClientEvent, error_event
+from realtime.session import SessionIO
+
+log = structlog.get_logger()
+
+MAX_DELAY_MS = 10_000
+# Playout reserve put before each burst of echo, so that network jitter in the arriving frames
+# does not underrun the paced output and punch gaps into the echo.
+JITTER_RESERVE_MS = 60
+
+
+class LoopbackAgent:
+    """Owns the delay line of one session: each input frame is written out `delay_ms` after it came in
+    (plus a small playout reserve)."""
+
+    def __init__(self, io: SessionIO, config: LoopbackConfig) -> None:
+        self._io = io
+        self.delay_ms = config.delay_ms
+        self._line: collections.deque[tuple[float, np.ndarray]] = collections.deque()
+
+    def _session_info(self) -> dict[str, Any]:
+        return {"id": self._io.session_id, "profile": "loopback", "delay_ms": self.delay_ms}
+
+    async def run(self) -> None:
+        self._io.emit({"type": "session.created", "session": self._session_info()})
+        frames = self._io.frames
+        while True:
+            timeout = None
+            if self._line:
+                timeout = max(0.0, self._line[0][0] - time.monotonic())
+            try:
+                frame = await asyncio.wait_for(frames.get(), timeout)
+                self._line.append((time.monotonic() + self.delay_ms / 1000, frame))
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            output = self._io.output
+            while self._line and self._line[0][0] <= now:
+                if output.queued_ms == 0:
+                    output.write(np.zeros(INPUT_RATE * JITTER_RESERVE_MS // 1000, dtype=np.int16), INPUT_RATE)
+                output.write(self._line.popleft()[1], INPUT_RATE)
+
+    def on_client_event(self, event: ClientEvent) -> None:
+        if event.type == "session.update":
+            self._update(event)
+        elif event.type == "response.cancel":
+            self._line.clear()
+            self._io.output.flush()
+        elif event.type == "conversation.item.create":
+            self._io.emit(error_event("unsupported", "the loopback profile has no conversation", event.event_id))
+        # playback.position carries nothing the loopback needs.
+
+    def _update(self, event: ClientEvent) -> None:
+        session = event.data["session"]
+        unknown = set(session) - {"delay_ms"}
+        delay = session.get("delay_ms", self.delay_ms)
+        if unknown:
+            self._io.emit(error_event("invalid_value", f"unknown session fields: {sorted(unknown)}", event.event_id))
+            return
+        if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= MAX_DELAY_MS:
+            self._io.emit(error_event("invalid_value", f"delay_ms must be an integer 0..{MAX_DELAY_MS}", event.event_id))
+            return
+        self.delay_ms = delay
+        self._io.emit({"type": "session.updated", "session": self._session_info()})

@@ -1,0 +1,1 @@
+"""The transport room: WebRTC and WebSocket sessions, signaling, audio framing and pacing."""

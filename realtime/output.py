@@ -1,0 +1,108 @@
+"""The paced output: agent PCM at any rate in, 20 ms frames at the transport's rate out, silence when idle."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import numpy as np
+import soxr
+
+from realtime.audio import FRAME_MS
+
+
+class FrameClock:
+    """Wall-clock pacing for a stream of fixed-length frames: tick() returns when the next one is due."""
+
+    def __init__(self, frame_seconds: float) -> None:
+        self._frame_seconds = frame_seconds
+        self._start: float | None = None
+        self.index = -1
+
+    async def tick(self) -> int:
+        self.index += 1
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        delay = self._start + self.index * self._frame_seconds - now
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return self.index
+
+
+class PacedOutput:
+    """Owns the agent audio waiting to be sent: a queue of PCM chunks cut into 20 ms frames on demand.
+
+    write() accepts int16 or float PCM at any rate; next_frame() returns exactly one frame, padded
+    with silence when the queue runs dry; flush() empties the queue so that the next frame is silence.
+    """
+
+    def __init__(self, sample_rate: int = 48000) -> None:
+        self.sample_rate = sample_rate
+        self.frame_samples = sample_rate * FRAME_MS // 1000
+        self._chunks: collections.deque[np.ndarray] = collections.deque()
+        self._queued = 0
+        self._resamplers: dict[int, soxr.ResampleStream] = {}
+        self.frames_sent = 0
+        self.audio_frames_sent = 0
+        self.samples_flushed = 0
+
+    @property
+    def queued_ms(self) -> float:
+        return 1000.0 * self._queued / self.sample_rate
+
+    def write(self, pcm: np.ndarray, sample_rate: int) -> None:
+        if pcm.dtype == np.int16:
+            pcm = pcm.astype(np.float32) / 32768.0
+        pcm = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
+        if sample_rate != self.sample_rate:
+            stream = self._resamplers.get(sample_rate)
+            if stream is None:
+                stream = self._resamplers[sample_rate] = soxr.ResampleStream(
+                    sample_rate, self.sample_rate, 1, dtype="float32"
+                )
+            pcm = stream.resample_chunk(pcm)
+        self._append(pcm)
+
+    def _append(self, pcm: np.ndarray) -> None:
+        if len(pcm):
+            self._chunks.append(pcm)
+            self._queued += len(pcm)
+
+    def _drain_resamplers(self) -> None:
+        # A resampler holds back a few ms of filter delay; when the queue runs dry the stream has
+        # paused, so release that tail now instead of on the next write.
+        for stream in self._resamplers.values():
+            self._append(stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+        self._resamplers.clear()
+
+    def flush(self) -> int:
+        """Drop everything queued; returns the number of samples dropped."""
+        dropped = self._queued
+        self._chunks.clear()
+        self._queued = 0
+        self._resamplers.clear()
+        self.samples_flushed += dropped
+        return dropped
+
+    def next_frame(self) -> np.ndarray:
+        """Exactly one frame of int16 samples."""
+        if self._queued < self.frame_samples and self._resamplers:
+            self._drain_resamplers()
+        out = np.zeros(self.frame_samples, dtype=np.float32)
+        filled = 0
+        while filled < self.frame_samples and self._chunks:
+            chunk = self._chunks[0]
+            take = min(len(chunk), self.frame_samples - filled)
+            out[filled : filled + take] = chunk[:take]
+            filled += take
+            if take == len(chunk):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = chunk[take:]
+        self._queued -= filled
+        self.frames_sent += 1
+        if filled:
+            self.audio_frames_sent += 1
+        return (np.clip(out, -1.0, 1.0) * 32767.0).round().astype(np.int16)

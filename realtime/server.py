@@ -1,0 +1,133 @@
+"""The HTTP server: the web client, signaling (`POST /api/offer`), `/ws`, health and client config.
+
+Every refusal is JSON `{"error": {"code", "message"}}` with a fitting status.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiortc import RTCSessionDescription
+
+from config import AppConfig
+from realtime.events import MAX_MESSAGE_BYTES
+from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry
+from realtime.webrtc import open_webrtc_session, use_loopback_ice_only
+from realtime.ws import serve_websocket
+
+log = structlog.get_logger()
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+PING_INTERVAL_MS = 1000
+
+REGISTRY = web.AppKey("registry", SessionRegistry)
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+
+
+def json_error(status: int, code: str, message: str) -> web.Response:
+    log.info("http.refused", status=status, code=code, reason=message)
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return json_error(413, "body_too_large", f"request body exceeds {request.app[MAX_BODY_BYTES]} bytes")
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        raise
+
+
+class Routes:
+    """The request handlers of one app, bound to its configuration, registry and agent factory."""
+
+    def __init__(self, config: AppConfig, registry: SessionRegistry, factory: AgentFactory) -> None:
+        self.config = config
+        self.registry = registry
+        self.factory = factory
+
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(WEB_DIR / "index.html")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "profile": self.config.profile, "sessions": len(self.registry)}
+        )
+
+    async def client_config(self, request: web.Request) -> web.Response:
+        server = self.config.server
+        return web.json_response(
+            {
+                "profile": self.config.profile,
+                "ice_servers": [s.to_json() for s in server.ice_servers],
+                "loopback_ice": server.loopback_ice,
+                "max_message_bytes": MAX_MESSAGE_BYTES,
+                "ping_interval_ms": PING_INTERVAL_MS,
+            }
+        )
+
+    async def offer(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            return json_error(415, "unsupported_media_type", "send the offer as application/json")
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return json_error(400, "invalid_json", f"body is not valid JSON: {exc}")
+        if not isinstance(body, dict) or not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
+            return json_error(400, "invalid_offer", "body must be {sdp: string, type: 'offer'}")
+        if "m=audio" not in body["sdp"]:
+            return json_error(400, "invalid_sdp", "the SDP offer has no audio section")
+        try:
+            session, answer = await open_webrtc_session(
+                RTCSessionDescription(sdp=body["sdp"], type="offer"), self.config.server, self.registry, self.factory
+            )
+        except SessionLimitReached as exc:
+            return json_error(503, "session_limit", str(exc))
+        except Exception as exc:  # aiortc raises assorted errors for SDP it cannot use
+            return json_error(400, "invalid_sdp", f"cannot use this SDP offer: {exc}")
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self.registry.check_capacity()
+        except SessionLimitReached as exc:
+            return json_error(503, "session_limit", str(exc))
+        return await serve_websocket(request, self.config.server, self.registry, self.factory)
+
+
+def build_app(config: AppConfig, factory: AgentFactory) -> web.Application:
+    if config.server.loopback_ice:
+        use_loopback_ice_only()
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[errors_as_json])
+    app[MAX_BODY_BYTES] = config.server.max_body_bytes
+    registry = SessionRegistry(config.server.max_sessions)
+    app[REGISTRY] = registry
+    routes = Routes(config, registry, factory)
+    app.router.add_get("/", routes.index)
+    app.router.add_get("/healthz", routes.healthz)
+    app.router.add_get("/api/config", routes.client_config)
+    app.router.add_post("/api/offer", routes.offer)
+    app.router.add_get("/ws", routes.websocket)
+    app.router.add_static("/web/", WEB_DIR)
+
+    async def close_sessions(app: web.Application) -> None:
+        await registry.close_all("server_shutdown")
+
+    app.on_shutdown.append(close_sessions)
+    return app
+
+
+def ssl_context(config: AppConfig) -> ssl.SSLContext | None:
+    server = config.server
+    if server.cert is None or server.key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server.cert, server.key)
+    return context

@@ -1,0 +1,198 @@
+"""Sessions: what the transport hands to an agent, who owns each task, and the registry.
+
+A Session owns every task started for one call (frame intake, pacing, watchdog, the agent) and
+closes them all, in any state, when the call ends for any reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Coroutine, Protocol
+
+import numpy as np
+import structlog
+
+from realtime.events import ClientEvent, EventEncoder
+from realtime.output import PacedOutput
+
+log = structlog.get_logger()
+
+INPUT_QUEUE_FRAMES = 500  # 10 s of 20 ms frames: beyond that the agent is stuck and old audio is dropped
+
+
+class Agent(Protocol):
+    """One call's brain, built per session by the profile's factory."""
+
+    async def run(self) -> None:
+        """Consume input frames and produce output until cancelled."""
+
+    def on_client_event(self, event: ClientEvent) -> None:
+        """A checked client event (never `ping`)."""
+
+
+@dataclass
+class SessionIO:
+    """The transport's side of a call, as the agent sees it."""
+
+    session_id: str
+    transport: str
+    frames: asyncio.Queue[np.ndarray]  # 20 ms frames of 16 kHz mono int16
+    output: PacedOutput
+    emit: Callable[[dict[str, Any]], None]
+
+
+AgentFactory = Callable[[SessionIO], Agent]
+
+
+class Session:
+    """Owns one call: its tasks, its input queue, its paced output and its event channel."""
+
+    def __init__(self, transport: str, output: PacedOutput, send_text: Callable[[str], None]) -> None:
+        self.id = "sess_" + uuid.uuid4().hex[:16]
+        self.transport = transport
+        self.started = time.monotonic()
+        self.frames: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=INPUT_QUEUE_FRAMES)
+        self.output = output
+        self.frames_received = 0
+        self.frames_dropped = 0
+        self.closed = asyncio.Event()  # set once everything is freed
+        self._closing = False
+        self.close_requested = asyncio.Event()
+        self.close_reason: str | None = None
+        self._send_text = send_text
+        self._encoder = EventEncoder()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
+        self.agent: Agent | None = None
+        self.log = log.bind(session_id=self.id, transport=transport)
+
+    @property
+    def tasks(self) -> frozenset[asyncio.Task[Any]]:
+        return frozenset(self._tasks)
+
+    def io(self) -> SessionIO:
+        return SessionIO(self.id, self.transport, self.frames, self.output, self.emit)
+
+    def start_agent(self, factory: AgentFactory) -> None:
+        self.agent = factory(self.io())
+        self.spawn(self.agent.run(), "agent")
+        self.log.info("session.started")
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self._closing:
+            return
+        for text in self._encoder.encode(event):
+            self._send_text(text)
+
+    def push_frame(self, frame: np.ndarray) -> None:
+        self.frames_received += 1
+        if self.frames.full():
+            self.frames.get_nowait()
+            self.frames_dropped += 1
+        self.frames.put_nowait(frame)
+
+    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Register transport teardown, run after every task is cancelled and awaited."""
+        self._on_close.append(callback)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{self.id}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or self._closing:
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.log.error("session.task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
+            self.request_close("task_failed")
+        elif task.get_name().endswith(":agent"):
+            self.request_close("agent_finished")
+
+    def request_close(self, reason: str) -> None:
+        """Ask for a close from code that cannot await it; the registry's supervisor carries it out."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.close_requested.set()
+
+    async def close(self, reason: str) -> None:
+        if self._closing:
+            await self.closed.wait()
+            return
+        self._closing = True
+        self.close_reason = self.close_reason or reason
+        self.close_requested.set()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for callback in self._on_close:
+            try:
+                await callback()
+            except Exception as exc:  # teardown must go on whatever one part does
+                self.log.warning("session.teardown_failed", error=repr(exc))
+        self.output.flush()
+        while not self.frames.empty():
+            self.frames.get_nowait()
+        self.log.info(
+            "session.closed",
+            reason=self.close_reason,
+            duration_s=round(time.monotonic() - self.started, 3),
+            frames_received=self.frames_received,
+            frames_dropped=self.frames_dropped,
+            frames_sent=self.output.frames_sent,
+            audio_frames_sent=self.output.audio_frames_sent,
+        )
+        self.closed.set()
+
+
+class SessionLimitReached(RuntimeError):
+    pass
+
+
+class SessionRegistry:
+    """All live sessions, bounded by max_sessions; a session leaves it when it closes."""
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+        self._supervisors: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def check_capacity(self) -> None:
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionLimitReached(f"session limit of {self.max_sessions} reached")
+
+    def add(self, session: Session) -> None:
+        self.check_capacity()
+        self._sessions[session.id] = session
+        session.on_close(self._forget(session.id))
+        supervisor = asyncio.create_task(self._supervise(session), name=f"{session.id}:supervisor")
+        self._supervisors.add(supervisor)
+        supervisor.add_done_callback(self._supervisors.discard)
+
+    async def _supervise(self, session: Session) -> None:
+        await session.close_requested.wait()
+        await session.close(session.close_reason or "closed")
+
+    def _forget(self, session_id: str) -> Callable[[], Awaitable[None]]:
+        async def forget() -> None:
+            self._sessions.pop(session_id, None)
+
+        return forget
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(s.close(reason) for s in list(self._sessions.values())))
+        await asyncio.gather(*self._supervisors, return_exceptions=True)

@@ -1,0 +1,202 @@
+"""The WebRTC transport: one aiortc peer per session, the paced output track and the `events` channel."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import re
+
+import aioice.ice
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame
+
+from config import IceServer, ServerConfig
+from realtime.audio import FRAME_MS, InputFramer, frame_to_mono
+from realtime.events import EventError, error_event, parse_client_event
+from realtime.output import FrameClock, PacedOutput
+from realtime.session import AgentFactory, Session, SessionRegistry
+
+OUTPUT_RATE = 48000
+PENDING_EVENTS_LIMIT = 256  # events emitted before the data channel opens
+
+
+def use_loopback_ice_only() -> None:
+    """Make aioice gather host candidates on 127.0.0.1 only (it skips loopback by default)."""
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+
+
+_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) ")
+
+
+def keep_loopback_candidates(sdp: str) -> str:
+    """Drop the remote candidates that cannot be reached when the server listens on loopback only."""
+    lines = []
+    for line in sdp.splitlines():
+        match = _CANDIDATE.match(line)
+        if match and match.group(1) != "127.0.0.1":
+            continue
+        lines.append(line)
+    return "\r\n".join(lines) + "\r\n"
+
+
+class PacedAudioTrack(MediaStreamTrack):
+    """Sends PacedOutput's 20 ms frames to the peer on the wall clock."""
+
+    kind = "audio"
+
+    def __init__(self, output: PacedOutput) -> None:
+        super().__init__()
+        self._output = output
+        self._clock = FrameClock(FRAME_MS / 1000)
+        self._time_base = fractions.Fraction(1, output.sample_rate)
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        index = await self._clock.tick()
+        samples = self._output.next_frame()
+        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self._output.sample_rate
+        frame.pts = index * self._output.frame_samples
+        frame.time_base = self._time_base
+        return frame
+
+
+def _rtc_ice_servers(servers: tuple[IceServer, ...]) -> list[RTCIceServer]:
+    return [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in servers]
+
+
+class WebRTCSession(Session):
+    """A Session carried by an aiortc peer connection."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._channel: RTCDataChannel | None = None
+        self._pending: list[str] = []
+        self._ping = asyncio.Event()
+        self._config = config
+        super().__init__("webrtc", PacedOutput(OUTPUT_RATE), self._send_text)
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=_rtc_ice_servers(config.ice_servers)))
+        self.track = PacedAudioTrack(self.output)
+        self.on_close(self._teardown)
+
+    def _send_text(self, text: str) -> None:
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(text)
+        elif len(self._pending) < PENDING_EVENTS_LIMIT:
+            self._pending.append(text)
+
+    async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+        pc = self.pc
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: RTCDataChannel) -> None:
+            if channel.label != "events":
+                self.log.warning("session.datachannel_ignored", label=channel.label)
+                return
+            self._channel = channel
+            channel.on("message", self._on_message)
+            channel.on("close", lambda: self.request_close("datachannel_closed"))
+            self._ping.set()
+            if channel.readyState == "open":
+                self._flush_pending()
+            else:
+                channel.on("open", self._flush_pending)
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                self.spawn(self._consume(track), "input")
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            self.log.info("session.connection_state", state=pc.connectionState)
+            if pc.connectionState == "failed":
+                self.request_close("ice_failed")
+            elif pc.connectionState == "closed":
+                self.request_close("peer_closed")
+
+        await pc.setRemoteDescription(offer)
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "audio":
+                pc.addTrack(self.track)
+                break
+        else:
+            raise ValueError("the offer has no audio section")
+        await pc.setLocalDescription(await pc.createAnswer())
+        self.spawn(self._watchdog(), "watchdog")
+        return pc.localDescription
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for text in pending:
+            self._send_text(text)
+
+    def _on_message(self, message: str | bytes) -> None:
+        self._ping.set()
+        try:
+            event = parse_client_event(message)
+        except EventError as exc:
+            self.log.info("event.rejected", code=exc.code, reason=exc.message)
+            self.emit(error_event(exc.code, exc.message))
+            return
+        if event.type == "ping":
+            return
+        if self.agent is not None:
+            self.agent.on_client_event(event)
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        framer = InputFramer()
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                self.request_close("track_ended")
+                return
+            for out in framer.push(frame_to_mono(frame), frame.sample_rate):
+                self.push_frame(out)
+
+    async def _watchdog(self) -> None:
+        """Close the session when the client goes quiet: no data channel in time, then no ping."""
+        timeout = self._config.connect_timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self._ping.wait(), timeout)
+            except TimeoutError:
+                self.request_close("ping_timeout" if self._channel else "connect_timeout")
+                return
+            self._ping.clear()
+            timeout = self._config.ping_timeout_s
+
+    async def _teardown(self) -> None:
+        self.track.stop()
+        await self.pc.close()
+
+
+async def open_webrtc_session(
+    offer: RTCSessionDescription, config: ServerConfig, registry: SessionRegistry, factory: AgentFactory
+) -> tuple[WebRTCSession, RTCSessionDescription]:
+    """Answer an offer with a new registered session.
+
+    Raises SessionLimitReached when full, and any error of the offer's own after closing the session.
+    """
+    registry.check_capacity()
+    if config.loopback_ice:
+        offer = RTCSessionDescription(sdp=keep_loopback_candidates(offer.sdp), type=offer.type)
+    session = WebRTCSession(config)
+    registry.add(session)
+    try:
+        answer = await session.answer(offer)
+        session.start_agent(factory)
+    except BaseException:
+        await session.close("offer_failed")
+        raise
+    return session, answer

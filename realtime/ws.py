@@ -1,0 +1,126 @@
+"""The WebSocket transport, for clients without WebRTC.
+
+The first message is JSON text `{"type": "session.start", "input_sample_rate": R, "output_sample_rate": R2}`.
+After it, binary messages are PCM16 mono at R; text messages are client events. The server sends
+JSON events as text and paced 20 ms PCM16 mono frames at R2 (default 16000) as binary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from config import ServerConfig
+from realtime.audio import FRAME_MS, InputFramer, int16_to_float
+from realtime.events import EventError, error_event, parse_client_event
+from realtime.output import FrameClock, PacedOutput
+from realtime.session import AgentFactory, Session, SessionRegistry
+
+SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+START_TIMEOUT_S = 10.0
+MAX_AUDIO_MESSAGE_S = 1.0
+
+
+class StartError(ValueError):
+    pass
+
+
+def parse_start(raw: str) -> tuple[int, int]:
+    """The (input, output) sample rates of a `session.start` message, or StartError."""
+    try:
+        msg = json.loads(raw)
+    except ValueError:
+        raise StartError("the first message must be JSON text: session.start") from None
+    if not isinstance(msg, dict) or msg.get("type") != "session.start":
+        raise StartError("the first message must be {type: 'session.start', input_sample_rate: N}")
+    rates = []
+    for key, default in (("input_sample_rate", None), ("output_sample_rate", 16000)):
+        rate = msg.get(key, default)
+        if rate not in SAMPLE_RATES or isinstance(rate, bool):
+            raise StartError(f"{key} must be one of {list(SAMPLE_RATES)}")
+        rates.append(rate)
+    return rates[0], rates[1]
+
+
+class WebSocketSession(Session):
+    """A Session carried by one WebSocket."""
+
+    def __init__(self, ws: web.WebSocketResponse, input_rate: int, output_rate: int) -> None:
+        self._ws = ws
+        super().__init__("websocket", PacedOutput(output_rate), self._send_text)
+        self.input_rate = input_rate
+        self._framer = InputFramer()
+        self.on_close(self._teardown)
+
+    def _send_text(self, text: str) -> None:
+        if not self._ws.closed:
+            self.spawn(self._ws.send_str(text), "send")
+
+    def _reject(self, code: str, message: str) -> None:
+        self.log.info("event.rejected", code=code, reason=message)
+        self.emit(error_event(code, message))
+
+    def on_audio(self, data: bytes) -> None:
+        if len(data) % 2:
+            self._reject("invalid_audio", "binary messages must be whole PCM16 samples (even length)")
+            return
+        if len(data) > 2 * self.input_rate * MAX_AUDIO_MESSAGE_S:
+            self._reject("message_too_large", f"audio messages may hold at most {MAX_AUDIO_MESSAGE_S} s")
+            return
+        pcm = int16_to_float(np.frombuffer(data, dtype="<i2"))
+        for frame in self._framer.push(pcm, self.input_rate):
+            self.push_frame(frame)
+
+    def on_text(self, text: str) -> None:
+        try:
+            event = parse_client_event(text)
+        except EventError as exc:
+            self._reject(exc.code, exc.message)
+            return
+        if event.type != "ping" and self.agent is not None:
+            self.agent.on_client_event(event)
+
+    async def send_audio(self) -> None:
+        clock = FrameClock(FRAME_MS / 1000)
+        while not self._ws.closed:
+            await clock.tick()
+            await self._ws.send_bytes(self.output.next_frame().astype("<i2").tobytes())
+
+    async def _teardown(self) -> None:
+        await self._ws.close()
+
+
+async def serve_websocket(
+    request: web.Request, config: ServerConfig, registry: SessionRegistry, factory: AgentFactory
+) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(heartbeat=config.ping_timeout_s, max_msg_size=config.max_body_bytes * 4)
+    await ws.prepare(request)
+    try:
+        first = await asyncio.wait_for(ws.receive(), START_TIMEOUT_S)
+        if first.type != WSMsgType.TEXT:
+            raise StartError("the first message must be JSON text: session.start")
+        input_rate, output_rate = parse_start(first.data)
+    except (StartError, TimeoutError) as exc:
+        message = str(exc) or "no session.start within the time limit"
+        await ws.send_json(error_event("invalid_session_start", message))
+        await ws.close(code=1008, message=b"invalid session.start")
+        return ws
+
+    session = WebSocketSession(ws, input_rate, output_rate)
+    registry.add(session)
+    session.start_agent(factory)
+    session.spawn(session.send_audio(), "output")
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                session.on_audio(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                session.on_text(msg.data)
+            if session.close_requested.is_set():
+                break
+    finally:
+        await session.close(session.close_reason or "hangup")
+    return ws

@@ -1,0 +1,60 @@
+"""Run the voice agent server: parse the configuration, build the app for the profile, serve."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+from aiohttp import web
+
+from config import AppConfig, ConfigError, load_config
+from realtime.server import build_app, ssl_context
+from realtime.session import AgentFactory
+
+
+def configure_logging(json_lines: bool, level: str) -> None:
+    renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def agent_factory(config: AppConfig) -> AgentFactory:
+    if config.profile == "loopback":
+        from controller.loopback import LoopbackAgent
+
+        return lambda io: LoopbackAgent(io, config.loopback)
+    raise ConfigError(f"--profile: unknown profile {config.profile!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+        configure_logging(config.log.json, config.log.level)
+        app = build_app(config, agent_factory(config))
+        context = ssl_context(config)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"run_server.py: {exc}", file=sys.stderr)
+        return 2
+    log = structlog.get_logger()
+    log.info("server.config", **config.describe())
+    scheme = "https" if context else "http"
+    log.info("server.listening", url=f"{scheme}://{config.server.host}:{config.server.port}")
+    web.run_app(
+        app, host=config.server.host, port=config.server.port, ssl_context=context, print=None, access_log=None
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Shared fixtures: a real server on 127.0.0.1 (loopback ICE) running in the test's event loop."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+from aiohttp import web
+
+from config import AppConfig, LoopbackConfig, ServerConfig
+from controller.loopback import LoopbackAgent
+from realtime.server import REGISTRY, build_app
+from realtime.session import AgentFactory, SessionRegistry
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: web.Application
+    config: AppConfig
+
+    @property
+    def registry(self) -> SessionRegistry:
+        return self.app[REGISTRY]
+
+
+ServerStarter = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_server(tmp_path) -> AsyncIterator[ServerStarter]:
+    """Start servers with config overrides; all of them stop (and close their sessions) at teardown."""
+    runners: list[web.AppRunner] = []
+
+    async def start(factory: AgentFactory | None = None, **server_overrides: Any) -> RunningServer:
+        server = dataclasses.replace(
+            ServerConfig(port=0, loopback_ice=True, data_dir=tmp_path / "data"), **server_overrides
+        )
+        config = AppConfig(profile="loopback", server=server, loopback=LoopbackConfig(delay_ms=300))
+        app = build_app(config, factory or (lambda io: LoopbackAgent(io, config.loopback)))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]
+        return RunningServer(f"http://127.0.0.1:{port}", app, config)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def server(start_server: ServerStarter) -> RunningServer:
+    return await start_server()

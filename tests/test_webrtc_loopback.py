@@ -1,0 +1,98 @@
+"""Integration: a real aiortc client calls the real server over 127.0.0.1 through the loopback profile."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from controller.loopback import JITTER_RESERVE_MS
+from bench.peer import ClientPeer, OfferRefused
+from tests.signals import envelope_alignment, speechlike
+
+
+async def test_signal_comes_back_after_the_delay(server):
+    peer = ClientPeer(server.url)
+    session_id = await peer.connect()
+    created = await peer.wait_event("session.created")
+    assert created["session"]["id"] == session_id
+
+    signal = speechlike(1.5, 48000)
+    await peer.changed.wait_for(lambda: peer.received, timeout=5)
+    sent_at = time.monotonic()
+    peer.speak(signal, 48000)
+    await peer.wait_audio(voiced_seconds=0.5, timeout=10)
+    # Keep recording until the whole echo (and a margin) is in.
+    await peer.changed.wait_for(lambda: peer.received[-1].arrival - sent_at > 0.3 + 1.5 + 0.3, timeout=10)
+
+    # Opus changes the waveform's phase, so compare loudness envelopes. The lag is the configured
+    # 300 ms delay plus the playout reserve, plus transport: aiortc's receiver holds 4 packets
+    # (80 ms) on each side, and pacing adds up to a frame at each end.
+    score, lag_ms = envelope_alignment(signal, peer.received_audio(), 48000)
+    assert score > 0.8, f"echo does not match what was sent (envelope correlation {score:.2f})"
+    expected_ms = (sent_at - peer.received[0].arrival) * 1000 + 300 + JITTER_RESERVE_MS
+    assert expected_ms <= lag_ms <= expected_ms + 300, (lag_ms, expected_ms)
+    session = server.registry.get(session_id)
+    assert session.frames_received > 75  # 1.5 s of 20 ms frames reached the agent
+    assert session.output.audio_frames_sent >= 70
+
+    await peer.close()
+    await asyncio.wait_for(session.closed.wait(), 10)
+    assert len(server.registry) == 0
+    assert not session.tasks
+    leftovers = [t for t in asyncio.all_tasks() if t.get_name().startswith(session_id) and not t.done()]
+    assert leftovers == []
+
+
+async def test_a_client_that_stops_pinging_is_closed(start_server):
+    server = await start_server(ping_timeout_s=0.5)
+    peer = ClientPeer(server.url, ping_interval_s=None)
+    session_id = await peer.connect()
+    session = server.registry.get(session_id)
+    await asyncio.wait_for(session.closed.wait(), 5)
+    assert session.close_reason == "ping_timeout"
+    assert len(server.registry) == 0 and not session.tasks
+    await peer.close()
+
+
+async def test_session_limit_answers_503(start_server):
+    server = await start_server(max_sessions=1)
+    first = ClientPeer(server.url)
+    await first.connect()
+    second = ClientPeer(server.url)
+    with pytest.raises(OfferRefused) as refused:
+        await second.connect()
+    assert refused.value.status == 503
+    assert refused.value.body["error"]["code"] == "session_limit"
+    await second.close()
+    await first.close()
+
+
+async def test_large_events_arrive_split_and_whole(server):
+    peer = ClientPeer(server.url)
+    await peer.connect()
+    await peer.wait_event("session.created")
+    too_long = {"type": "session.update", "session": {"delay_ms": "x" * 2000}}
+    peer.send(too_long)
+    error = await peer.wait_event("error")
+    assert error["error"]["code"] == "message_too_large"
+    # An error echoing a long id is itself over the limit and must come through the chunking.
+    peer.send({"type": "conversation.item.create", "event_id": "e" * 900,
+               "item": {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+    unsupported = await peer.wait_event("error", predicate=lambda e: e["error"]["code"] == "unsupported")
+    assert unsupported["error"]["event_id"] == "e" * 900
+    await peer.close()
+
+
+async def test_flush_silences_the_very_next_frame(server):
+    peer = ClientPeer(server.url)
+    session_id = await peer.connect()
+    session = server.registry.get(session_id)
+    session.output.write(np.full(48000 * 2, 0.3, dtype=np.float32), 48000)
+    first_frame = session.output.next_frame()
+    assert np.all(first_frame != 0)
+    session.output.flush()
+    assert np.all(session.output.next_frame() == 0)
+    await peer.close()
