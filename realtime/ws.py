@@ -22,6 +22,7 @@ from realtime.session import AgentFactory, Session, SessionRegistry
 SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 START_TIMEOUT_S = 10.0
 MAX_AUDIO_MESSAGE_S = 1.0
+OUTBOX_LIMIT = 250  # 5 s of frames: a client that stops reading is closed, not buffered forever
 
 
 class StartError(ValueError):
@@ -50,14 +51,31 @@ class WebSocketSession(Session):
 
     def __init__(self, ws: web.WebSocketResponse, input_rate: int, output_rate: int) -> None:
         self._ws = ws
-        super().__init__("websocket", PacedOutput(output_rate), self._send_text)
+        # One ordered outbox for events and audio, drained by a single writer task.
+        self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
+        super().__init__("websocket", PacedOutput(output_rate), self._send)
         self.input_rate = input_rate
         self._framer = InputFramer()
         self.on_close(self._teardown)
 
-    def _send_text(self, text: str) -> None:
-        if not self._ws.closed:
-            self.spawn(self._ws.send_str(text), "send")
+    def start(self, factory: AgentFactory) -> None:
+        self.spawn(self._write(), "writer")
+        self.start_agent(factory)
+        self.spawn(self._pace_audio(), "output")
+
+    def _send(self, message: str | bytes) -> None:
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.request_close("client_too_slow")
+
+    async def _write(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            if isinstance(message, str):
+                await self._ws.send_str(message)
+            else:
+                await self._ws.send_bytes(message)
 
     def _reject(self, code: str, message: str) -> None:
         self.log.info("event.rejected", code=code, reason=message)
@@ -83,11 +101,11 @@ class WebSocketSession(Session):
         if event.type != "ping" and self.agent is not None:
             self.agent.on_client_event(event)
 
-    async def send_audio(self) -> None:
+    async def _pace_audio(self) -> None:
         clock = FrameClock(FRAME_MS / 1000)
-        while not self._ws.closed:
+        while True:
             await clock.tick()
-            await self._ws.send_bytes(self.output.next_frame().astype("<i2").tobytes())
+            self._send(self.output.next_frame().astype("<i2").tobytes())
 
     async def _teardown(self) -> None:
         await self._ws.close()
@@ -111,8 +129,7 @@ async def serve_websocket(
 
     session = WebSocketSession(ws, input_rate, output_rate)
     registry.add(session)
-    session.start_agent(factory)
-    session.spawn(session.send_audio(), "output")
+    session.start(factory)
     try:
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:

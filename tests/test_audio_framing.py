@@ -1,0 +1,106 @@
+"""Unit: input framing to 16 kHz mono frames and the paced output queue."""
+
+from __future__ import annotations
+
+import fractions
+
+import numpy as np
+import pytest
+from av import AudioFrame
+
+from realtime.audio import INPUT_FRAME_SAMPLES, InputFramer, frame_to_mono
+from realtime.output import PacedOutput
+from tests.signals import best_alignment
+
+
+def sine(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
+    return (amplitude * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def test_identity_rate_keeps_every_sample_across_uneven_chunks():
+    rng = np.random.default_rng(1)
+    pcm = (rng.integers(-20000, 20000, 16000 * 3) / 32768).astype(np.float32)
+    framer = InputFramer()
+    frames, pos = [], 0
+    while pos < len(pcm):
+        size = int(rng.integers(1, 700))
+        frames += framer.push(pcm[pos : pos + size], 16000)
+        pos += size
+    out = np.concatenate(frames)
+    assert all(len(f) == INPUT_FRAME_SAMPLES and f.dtype == np.int16 for f in frames)
+    assert len(out) == len(pcm) // INPUT_FRAME_SAMPLES * INPUT_FRAME_SAMPLES
+    expected = np.round(pcm[: len(out)] * 32767).astype(np.int16)
+    assert np.array_equal(out, expected)
+
+
+def test_48k_to_16k_has_no_drift_over_ten_minutes():
+    framer = InputFramer()
+    chunk = sine(440, 0.02, 48000)  # 20 ms, a whole number of cycles
+    frames = 0
+    for _ in range(10 * 60 * 50):
+        frames += len(framer.push(chunk, 48000))
+    produced = frames * INPUT_FRAME_SAMPLES
+    expected = 10 * 60 * 16000
+    # Only the resampler's fixed filter delay (plus one partial frame) may be missing: never growing.
+    assert expected - 2 * INPUT_FRAME_SAMPLES <= produced <= expected
+
+
+def test_48k_stereo_frames_become_continuous_16k_mono():
+    rate = 48000
+    tone = sine(1000, 1.0, rate)
+    framer = InputFramer()
+    out = []
+    for i in range(0, len(tone), 960):
+        stereo = np.repeat(tone[i : i + 960], 2).reshape(1, -1)
+        frame = AudioFrame.from_ndarray((stereo * 32767).astype(np.int16), format="s16", layout="stereo")
+        frame.sample_rate = rate
+        frame.time_base = fractions.Fraction(1, rate)
+        out += framer.push(frame_to_mono(frame), frame.sample_rate)
+    pcm = np.concatenate(out).astype(np.float32) / 32768
+    reference = sine(1000, 0.5, 16000)
+    score, _ = best_alignment(reference, pcm)
+    assert score > 0.999
+    # No click at any frame boundary: a 1 kHz sine at 16 kHz moves at most 0.2 per sample.
+    steady = pcm[400:-400]
+    assert np.max(np.abs(np.diff(steady))) < 0.2
+
+
+def test_planar_frames_are_downmixed():
+    left = np.full(480, 0.5, dtype=np.float32)
+    right = np.zeros(480, dtype=np.float32)
+    frame = AudioFrame.from_ndarray(np.stack([left, right]), format="fltp", layout="stereo")
+    frame.sample_rate = 48000
+    assert np.allclose(frame_to_mono(frame), 0.25)
+
+
+def test_output_cuts_frames_pads_silence_and_counts():
+    out = PacedOutput(48000)
+    out.write(np.full(960 + 480, 0.5, dtype=np.float32), 48000)
+    assert out.queued_ms == pytest.approx(30)
+    first, second, third = out.next_frame(), out.next_frame(), out.next_frame()
+    assert len(first) == 960 and np.all(first == 16384)
+    assert np.all(second[:480] == 16384) and np.all(second[480:] == 0)
+    assert np.all(third == 0)
+    assert (out.frames_sent, out.audio_frames_sent) == (3, 2)
+
+
+def test_output_resamples_any_rate_without_losing_the_tail():
+    out = PacedOutput(48000)
+    out.write(sine(300, 1.0, 16000), 16000)
+    out.write((sine(300, 1.0, 22050) * 32767).astype(np.int16), 22050)
+    frames = [out.next_frame() for _ in range(110)]
+    voiced = sum(1 for f in frames if np.abs(f).max() > 0)
+    # 2 s of audio = 100 frames at 48 kHz, give or take the resamplers' filter edges.
+    assert 99 <= voiced <= 101
+
+
+def test_flush_makes_the_next_frame_silent_and_reports_what_it_dropped():
+    out = PacedOutput(48000)
+    out.write(sine(200, 2.0, 24000), 24000)
+    assert np.abs(out.next_frame()).max() > 0
+    dropped = out.flush()
+    assert dropped > 48000  # most of the 2 s were still queued
+    assert out.queued_ms == 0
+    assert np.all(out.next_frame() == 0)
+    out.write(sine(200, 0.1, 48000), 48000)
+    assert np.abs(out.next_frame()).max() > 0

@@ -1,0 +1,67 @@
+"""Unit: configuration from flags and environment, and one-line errors naming the flag."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, IceServer, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults():
+    config = load_config([], environ={})
+    assert (config.server.host, config.server.port, config.profile) == ("127.0.0.1", 8080, "loopback")
+    assert config.server.ice_servers == () and not config.server.loopback_ice and not config.log.json
+
+
+def test_flags_beat_environment_and_environment_beats_defaults():
+    env = {"VOICE_AGENT_PORT": "9000", "VOICE_AGENT_MAX_SESSIONS": "3", "VOICE_AGENT_LOG_JSON": "1",
+           "VOICE_AGENT_ICE_SERVER": "stun:stun.example.org:3478;turn:t.example.org:3478,alice,pw"}
+    config = load_config(["--port", "9100", "--loopback-ice"], environ=env)
+    assert config.server.port == 9100
+    assert config.server.max_sessions == 3
+    assert config.log.json and config.server.loopback_ice
+    assert config.server.ice_servers == (
+        IceServer("stun:stun.example.org:3478"),
+        IceServer("turn:t.example.org:3478", "alice", "pw"),
+    )
+    assert config.describe()["server"]["ice_servers"][1]["credential"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--port", "http"], "--port"),
+        (["--port", "70000"], "--port"),
+        (["--max-sessions", "0"], "--max-sessions"),
+        (["--profile", "gpt"], "--profile"),
+        (["--ice-server", "http://x"], "--ice-server"),
+        (["--ice-server", "turn:x.org:3478"], "--ice-server"),
+        (["--cert", "/nonexistent.pem", "--key", "/nonexistent.key"], "--cert"),
+        (["--ping-timeout-s", "-1"], "--ping-timeout-s"),
+    ],
+)
+def test_bad_values_name_the_flag(argv, flag):
+    with pytest.raises(ConfigError) as refused:
+        load_config(argv, environ={})
+    assert str(refused.value).startswith(flag + ":")
+
+
+def test_cert_needs_key(tmp_path):
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match="--cert/--key"):
+        load_config(["--cert", str(cert)], environ={})
+
+
+def test_run_server_fails_at_startup_with_one_line():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run_server.py"), "--port", "nope"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--port" in result.stderr

@@ -1,0 +1,66 @@
+"""Integration: the WebSocket transport with PCM16 frames, through the loopback profile."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import numpy as np
+
+from tests.signals import envelope_alignment, resample, speechlike
+
+
+async def next_event(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5) -> dict:
+    """The next JSON event, skipping the audio frames interleaved with it."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                return json.loads(msg.data)
+            assert msg.type == aiohttp.WSMsgType.BINARY, msg
+
+
+async def test_pcm_comes_back_over_the_websocket(server):
+    rate_in, rate_out = 8000, 24000  # telephony in, another rate out: both converted by the server
+    signal = speechlike(1.5, rate_in)
+    received: list[np.ndarray] = []
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{server.url}/ws") as ws:
+            await ws.send_str(json.dumps({"type": "session.start", "input_sample_rate": rate_in,
+                                          "output_sample_rate": rate_out}))
+            created = await next_event(ws)
+            assert created["type"] == "session.created"
+            session = server.registry.get(created["session"]["id"])
+            assert session.transport == "websocket"
+            pcm = (signal * 32767).astype("<i2")
+            step = rate_in // 50
+            for i in range(0, len(pcm), step):
+                await ws.send_bytes(pcm[i : i + step].tobytes())
+            await ws.send_bytes(b"\x01\x02\x03")  # odd length: refused, session goes on
+            async with asyncio.timeout(10):
+                while len(received) < 150:  # 3 s of 20 ms frames
+                    msg = await ws.receive()
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        assert len(msg.data) == 2 * rate_out // 50
+                        received.append(np.frombuffer(msg.data, dtype="<i2").astype(np.float32) / 32768)
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        event = json.loads(msg.data)
+                        assert event["type"] == "error" and event["error"]["code"] == "invalid_audio"
+    score, _ = envelope_alignment(resample(signal, rate_in, rate_out), np.concatenate(received), rate_out)
+    assert score > 0.9
+    await asyncio.wait_for(session.closed.wait(), 5)
+    assert len(server.registry) == 0 and not session.tasks
+
+
+async def test_websocket_respects_the_session_limit(start_server):
+    server = await start_server(max_sessions=1)
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{server.url}/ws") as ws:
+            await ws.send_str(json.dumps({"type": "session.start", "input_sample_rate": 16000}))
+            assert (await next_event(ws))["type"] == "session.created"
+            async with http.get(f"{server.url}/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                                              "Sec-WebSocket-Version": "13",
+                                                              "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
+                assert r.status == 503
+                assert (await r.json())["error"]["code"] == "session_limit"
