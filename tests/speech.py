@@ -1,0 +1,40 @@
+"""Speech synthesized at test time (espeak-ng), written as WAV files for clients and browsers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from tests.signals import resample
+
+
+def espeak(text: str, rate: int = 16000) -> np.ndarray:
+    """Mono float32 speech at `rate`; needs the Debian package espeak-ng."""
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "speech.wav"
+        subprocess.run(["espeak-ng", "-w", str(path), text], check=True, timeout=60)
+        pcm, native_rate = read_wav(path)
+    return resample(pcm, native_rate, rate)
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as wav:
+        assert wav.getsampwidth() == 2, "16-bit WAV expected"
+        data = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768
+        data = data.reshape(-1, wav.getnchannels()).mean(axis=1)
+        return data, wav.getframerate()
+
+
+def write_wav(path: Path, pcm: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())

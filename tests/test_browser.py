@@ -1,0 +1,138 @@
+"""Browser end-to-end: headless Chromium with a fake microphone file presses Call on the real page."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.peer import Notifier
+from config import LoopbackConfig
+from controller.loopback import LoopbackAgent
+from realtime.audio import INPUT_RATE
+from realtime.events import ClientEvent
+from realtime.session import SessionIO
+from tests.signals import envelope_alignment
+from tests.speech import espeak, write_wav
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ECHO_DELAY_MS = 4000
+TEXT = "Hello there. This is the browser calling the voice agent server."
+
+
+def require_browser() -> None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()] + (
+        [] if shutil.which("espeak-ng") else ["espeak-ng"]
+    )
+    if missing:
+        message = f"browser test needs {missing} (apt-get install chromium chromium-driver espeak-ng)"
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+class TapAgent:
+    """Keeps every input frame the server received, then hands it on to the real loopback agent."""
+
+    def __init__(self, io: SessionIO) -> None:
+        self.frames: list[np.ndarray] = []
+        self.changed = Notifier()
+        self._source = io.frames
+        self._inner_io = dataclasses.replace(io, frames=asyncio.Queue())
+        # The echo comes back after ECHO_DELAY_MS, so the first seconds at the server are the
+        # microphone alone: the page's echo canceller (rightly) garbles mic audio that matches
+        # what it is playing.
+        self._inner = LoopbackAgent(self._inner_io, LoopbackConfig(delay_ms=ECHO_DELAY_MS))
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._inner.run())
+            group.create_task(self._tee())
+
+    async def _tee(self) -> None:
+        while True:
+            frame = await self._source.get()
+            self.frames.append(frame)
+            self._inner_io.frames.put_nowait(frame)
+            self.changed.notify()
+
+    def on_client_event(self, event: ClientEvent) -> None:
+        self._inner.on_client_event(event)
+
+
+def chromium(fake_mic: Path, profile_dir: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={fake_mic}", "--allow-loopback-in-peer-connection",
+        "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required",
+        f"--user-data-dir={profile_dir}",
+    ):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+async def test_browser_call_reaches_the_server_and_hangs_up(start_server, tmp_path):
+    require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    speech = espeak(TEXT, 48000)
+    fake_mic = tmp_path / "mic.wav"
+    write_wav(fake_mic, speech, 48000)
+
+    taps: list[TapAgent] = []
+
+    def factory(io: SessionIO) -> TapAgent:
+        taps.append(TapAgent(io))
+        return taps[-1]
+
+    server = await start_server(factory=factory)
+    driver = await asyncio.to_thread(chromium, fake_mic, tmp_path / "profile")
+    try:
+        def call() -> str:
+            driver.get(server.url)
+            driver.find_element(By.ID, "call").click()
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "connection").text == "connected")
+            return driver.find_element(By.TAG_NAME, "body").get_attribute("data-session-id")
+
+        session_id = await asyncio.to_thread(call)
+        session = server.registry.get(session_id)
+        assert session is not None and session.transport == "webrtc"
+
+        # The fake microphone loops the file from wherever it is: find 3 s of what the server heard
+        # (before any echo played) inside three passes of the file.
+        tap = taps[0]
+        await tap.changed.wait_for(lambda: len(tap.frames) >= 150, timeout=30)
+        heard = np.concatenate(tap.frames[:150]).astype(np.float32) / 32768
+        looped = np.tile(espeak(TEXT, INPUT_RATE), 3)
+        score, _ = envelope_alignment(heard, looped, INPUT_RATE, hop_ms=20)
+        assert score > 0.7, f"the server did not receive the file's audio (envelope correlation {score:.2f})"
+
+        # The echo plays in the page: its agent meter moves.
+        await asyncio.to_thread(
+            lambda: WebDriverWait(driver, 20).until(
+                lambda d: float(d.find_element(By.ID, "agent-level").get_attribute("value")) > 0.02
+            )
+        )
+        await asyncio.to_thread(lambda: driver.find_element(By.ID, "hangup").click())
+        await asyncio.wait_for(session.closed.wait(), 10)
+        assert len(server.registry) == 0 and not session.tasks
+        state = await asyncio.to_thread(lambda: driver.find_element(By.ID, "connection").text)
+        assert state == "closed"
+    finally:
+        await asyncio.to_thread(driver.quit)
