@@ -29,6 +29,13 @@ def configure_logging(json_lines: bool, level: str) -> None:
     )
 
 
+def prepare_data_dir(config: AppConfig) -> None:
+    try:
+        config.server.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--data-dir: cannot create {config.server.data_dir}: {exc.strerror}") from None
+
+
 def agent_factory(config: AppConfig) -> AgentFactory:
     if config.profile == "loopback":
         from controller.loopback import LoopbackAgent
@@ -40,6 +47,7 @@ def agent_factory(config: AppConfig) -> AgentFactory:
 def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv)
+        prepare_data_dir(config)
         configure_logging(config.log.json, config.log.level)
         app = build_app(config, agent_factory(config))
         context = ssl_context(config)
