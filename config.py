@@ -63,6 +63,56 @@ class LoopbackConfig:
     delay_ms: int = 1000
 
 
+VAD_ENGINES = ("silero", "webrtc")
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    """Turn-taking: the VAD and the endpointer's thresholds, and how much the client buffers.
+
+    Everything but the engine can also be changed per session through `session.update`.
+    """
+
+    vad: str = "silero"
+    webrtc_aggressiveness: int = 2
+    threshold: float = 0.5
+    min_speech_ms: int = 150
+    prefix_padding_ms: int = 300
+    pause_ms: int = 250
+    commit_ms: int = 750
+    bargein_min_speech_ms: int = 200
+    client_buffer_ms: int = 120
+
+    # Per-session limits for session.update: (low, high) inclusive.
+    LIMITS = {
+        "threshold": (0.05, 0.95),
+        "min_speech_ms": (20, 2000),
+        "prefix_padding_ms": (0, 2000),
+        "pause_ms": (60, 5000),
+        "commit_ms": (100, 10000),
+        "bargein_min_speech_ms": (20, 5000),
+        "client_buffer_ms": (0, 2000),
+    }
+
+    def updated(self, changes: dict[str, Any]) -> "TurnConfig":
+        """A copy with `changes` applied, or ValueError naming the first bad field."""
+        for key, value in changes.items():
+            if key not in self.LIMITS:
+                raise ValueError(f"unknown turn_detection field {key!r}; known: {sorted(self.LIMITS)}")
+            low, high = self.LIMITS[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"turn_detection.{key} must be a number in [{low}, {high}]")
+            if key != "threshold" and value != int(value):
+                raise ValueError(f"turn_detection.{key} must be a whole number of ms")
+        merged = dataclasses.replace(self, **{k: (v if k == "threshold" else int(v)) for k, v in changes.items()})
+        if merged.commit_ms <= merged.pause_ms:
+            raise ValueError("turn_detection.commit_ms must be greater than pause_ms")
+        return merged
+
+    def public(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("vad", *self.LIMITS)}
+
+
 @dataclass(frozen=True)
 class LogConfig:
     json: bool = False

@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 
 from config import AppConfig, ConfigError, load_config
+from context.dialog import TranscriptStore
 from realtime.server import build_app, ssl_context
 from realtime.session import AgentFactory
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(argv)
         prepare_data_dir(config)
         configure_logging(config.log.json, config.log.level)
-        app = build_app(config, agent_factory(config))
+        app = build_app(config, agent_factory(config), TranscriptStore(config.server.data_dir))
         context = ssl_context(config)
     except (ConfigError, OSError, ValueError) as exc:
         print(f"run_server.py: {exc}", file=sys.stderr)

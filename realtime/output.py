@@ -47,6 +47,9 @@ class PacedOutput:
         self.frames_sent = 0
         self.audio_frames_sent = 0
         self.samples_flushed = 0
+        self.audio_sent = asyncio.Event()  # set by each frame that carries audio; clear it to await the next
+        self.drained = asyncio.Event()  # set while nothing is queued
+        self.drained.set()
 
     @property
     def queued_ms(self) -> float:
@@ -69,6 +72,7 @@ class PacedOutput:
         if len(pcm):
             self._chunks.append(pcm)
             self._queued += len(pcm)
+            self.drained.clear()
 
     def _drain_resamplers(self) -> None:
         # A resampler holds back a few ms of filter delay; when the queue runs dry the stream has
@@ -84,6 +88,7 @@ class PacedOutput:
         self._queued = 0
         self._resamplers.clear()
         self.samples_flushed += dropped
+        self.drained.set()
         return dropped
 
     def next_frame(self) -> np.ndarray:
@@ -105,4 +110,7 @@ class PacedOutput:
         self.frames_sent += 1
         if filled:
             self.audio_frames_sent += 1
+            self.audio_sent.set()
+        if not self._queued and not self._resamplers:
+            self.drained.set()
         return (np.clip(out, -1.0, 1.0) * 32767.0).round().astype(np.int16)

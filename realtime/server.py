@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -23,6 +23,11 @@ log = structlog.get_logger()
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 PING_INTERVAL_MS = 1000
+
+class TranscriptSource(Protocol):
+    def read(self, session_id: str) -> list[dict[str, Any]] | None:
+        """A session's stored turns, or None if there is no such session."""
+
 
 REGISTRY = web.AppKey("registry", SessionRegistry)
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
@@ -48,10 +53,13 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
 class Routes:
     """The request handlers of one app, bound to its configuration, registry and agent factory."""
 
-    def __init__(self, config: AppConfig, registry: SessionRegistry, factory: AgentFactory) -> None:
+    def __init__(
+        self, config: AppConfig, registry: SessionRegistry, factory: AgentFactory, transcripts: TranscriptSource
+    ) -> None:
         self.config = config
         self.registry = registry
         self.factory = factory
+        self.transcripts = transcripts
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB_DIR / "index.html")
@@ -94,6 +102,13 @@ class Routes:
             return json_error(400, "invalid_sdp", f"cannot use this SDP offer: {exc}")
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
 
+    async def transcript(self, request: web.Request) -> web.Response:
+        session_id = request.match_info["session_id"]
+        turns = self.transcripts.read(session_id)
+        if turns is None:
+            return json_error(404, "not_found", f"no transcript for session {session_id!r}")
+        return web.json_response({"session_id": session_id, "turns": turns})
+
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         try:
             self.registry.check_capacity()
@@ -102,19 +117,20 @@ class Routes:
         return await serve_websocket(request, self.config.server, self.registry, self.factory)
 
 
-def build_app(config: AppConfig, factory: AgentFactory) -> web.Application:
+def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptSource) -> web.Application:
     if config.server.loopback_ice:
         use_loopback_ice_only()
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[errors_as_json])
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
     registry = SessionRegistry(config.server.max_sessions)
     app[REGISTRY] = registry
-    routes = Routes(config, registry, factory)
+    routes = Routes(config, registry, factory, transcripts)
     app.router.add_get("/", routes.index)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/api/config", routes.client_config)
     app.router.add_post("/api/offer", routes.offer)
     app.router.add_get("/ws", routes.websocket)
+    app.router.add_get("/api/sessions/{session_id}/transcript", routes.transcript)
     app.router.add_static("/web/", WEB_DIR)
 
     async def close_sessions(app: web.Application) -> None:

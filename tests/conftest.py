@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from config import AppConfig, LoopbackConfig, ServerConfig
+from context.dialog import TranscriptStore
 from controller.loopback import LoopbackAgent
 from realtime.server import REGISTRY, build_app
 from realtime.session import AgentFactory, SessionRegistry
@@ -39,7 +40,9 @@ async def start_server(tmp_path) -> AsyncIterator[ServerStarter]:
             ServerConfig(port=0, loopback_ice=True, data_dir=tmp_path / "data"), **server_overrides
         )
         config = AppConfig(profile="loopback", server=server, loopback=LoopbackConfig(delay_ms=300))
-        app = build_app(config, factory or (lambda io: LoopbackAgent(io, config.loopback)))
+        app = build_app(
+            config, factory or (lambda io: LoopbackAgent(io, config.loopback)), TranscriptStore(server.data_dir)
+        )
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -1,0 +1,117 @@
+"""The dialog history: user transcripts and the assistant text the user actually heard."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from models.base import Message
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def estimate_tokens(text: str) -> int:
+    """Words and punctuation marks: close to BPE token counts for English, and never zero for text."""
+    return len(_WORD.findall(text)) + 1
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "user" or "assistant"
+    text: str
+    status: str = "completed"  # or "interrupted"
+    item_id: str = ""
+    at: float = field(default_factory=time.time)
+
+
+class TranscriptStore:
+    """Owns the per-session JSONL transcripts under DATA_DIR/sessions/."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "sessions"
+
+    def path(self, session_id: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", session_id):
+            raise ValueError("bad session id")
+        return self.root / f"{session_id}.jsonl"
+
+    def append(self, session_id: str, record: dict[str, Any]) -> None:
+        # One line written and flushed per completed turn: a crash loses at most the turn in flight.
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.path(session_id).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def read(self, session_id: str) -> list[dict[str, Any]] | None:
+        try:
+            path = self.path(session_id)
+        except ValueError:
+            return None
+        if not path.exists():
+            return None
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class DialogContext:
+    """Owns one session's history and what the LM sees of it: the system prompt always, then the
+    newest turns that fit the token budget."""
+
+    def __init__(
+        self,
+        system_prompt: str,
+        max_tokens: int,
+        store: TranscriptStore | None = None,
+        session_id: str = "",
+        count_tokens: Callable[[str], int] = estimate_tokens,
+    ) -> None:
+        self.system_prompt = system_prompt
+        self.max_tokens = max_tokens
+        self.turns: list[Turn] = []
+        self._store = store
+        self._session_id = session_id
+        self._count = count_tokens
+
+    def add(self, turn: Turn) -> None:
+        self.turns.append(turn)
+        if self._store is not None:
+            self._store.append(self._session_id, asdict(turn))
+
+    def messages(self, pending_user: str | None = None) -> list[Message]:
+        """The LM prompt: system prompt, the newest turns within budget, then the turn being answered."""
+        budget = self.max_tokens - self._count(self.system_prompt)
+        tail: list[Message] = []
+        if pending_user is not None:
+            tail.append(Message("user", pending_user))
+            budget -= self._count(pending_user)
+        kept: list[Message] = []
+        for turn in reversed(self.turns):
+            cost = self._count(turn.text)
+            if cost > budget:
+                break
+            budget -= cost
+            kept.append(Message(turn.role, turn.text))
+        kept.reverse()
+        # A history that opens with an assistant turn confuses chat templates: drop the orphan.
+        while kept and kept[0].role == "assistant":
+            kept.pop(0)
+        return [Message("system", self.system_prompt), *kept, *tail]
+
+
+def heard_text(chunks: list[tuple[str, float]], heard_ms: float) -> str:
+    """The text of the (text, duration_ms) chunks covered by `heard_ms` of playback; the chunk
+    playing when it stopped contributes the share of its words that fits its elapsed time."""
+    parts: list[str] = []
+    remaining = heard_ms
+    for text, duration in chunks:
+        if remaining <= 0:
+            break
+        if remaining >= duration:
+            parts.append(text)
+        else:
+            words = text.split()
+            parts.append(" ".join(words[: int(len(words) * remaining / duration)]))
+        remaining -= duration
+    return " ".join(p.strip() for p in parts if p.strip())

@@ -1,0 +1,1 @@
+"""The models room: LM backends (streaming text) and speech decoders (streaming PCM)."""

@@ -1,0 +1,39 @@
+"""The interface every streaming tokenizer offers the controller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class UtteranceInput:
+    """What one user utterance becomes for the LM.
+
+    `text` is a transcript (shown to the user and kept in the history). `lm_content`, when set, is
+    what the LM reads for this turn instead of the text, e.g. Step-Audio's `<audio_N>` tokens.
+    """
+
+    text: str
+    lm_content: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.text.strip() and not self.lm_content
+
+
+class StreamingTokenizer(Protocol):
+    """One session's tokenizer. begin() opens an utterance, feed() takes its 20 ms frames as they
+    arrive (cheap: heavy work goes to a worker), finalize() returns everything fed so far and may be
+    called again after more frames (a speculation that the user's resumed speech invalidated)."""
+
+    def begin(self, frames: tuple[np.ndarray, ...]) -> None: ...
+
+    def feed(self, frame: np.ndarray) -> None: ...
+
+    async def finalize(self) -> UtteranceInput: ...
+
+
+TokenizerFactory = Callable[[], StreamingTokenizer]

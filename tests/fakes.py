@@ -1,0 +1,94 @@
+"""Deterministic stand-ins for the models, for controller tests: scripted VAD, cued LM, fixed decoder."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import numpy as np
+
+from bench.peer import Notifier
+from models.base import Message, SpeechChunk
+from streaming_tokenizer.base import UtteranceInput
+
+VOICED = np.full(320, 1000, dtype=np.int16)
+SILENT = np.zeros(320, dtype=np.int16)
+
+
+class ScriptedDetector:
+    """Speech wherever the frame is non-zero: the test's frames are the VAD timeline."""
+
+    def probability(self, frame: np.ndarray) -> float:
+        return 1.0 if np.any(frame) else 0.0
+
+    def reset(self) -> None:
+        pass
+
+
+class CountingTokenizer:
+    """Transcribes an utterance as the number of frames it was given."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.frames = 0
+        self.finalized: list[int] = []
+        self._notifier = notifier
+
+    def begin(self, frames: tuple[np.ndarray, ...]) -> None:
+        self.frames = len(frames)
+
+    def feed(self, frame: np.ndarray) -> None:
+        self.frames += 1
+
+    async def finalize(self) -> UtteranceInput:
+        self.finalized.append(self.frames)
+        self._notifier.notify()
+        return UtteranceInput(f"utterance of {self.frames} frames")
+
+
+class CuedLM:
+    """Yields `reply` word by word; with `hold`, each word waits for a cue (release())."""
+
+    def __init__(self, notifier: Notifier, reply: str = "Sure. Here is the answer you asked for.", hold: bool = False):
+        self.reply = reply
+        self.hold = hold
+        self.calls: list[list[Message]] = []
+        self.cancelled = 0
+        self.yielded = 0
+        self._cues: asyncio.Queue[None] = asyncio.Queue()
+        self._notifier = notifier
+
+    def release(self, words: int = 1000) -> None:
+        for _ in range(words):
+            self._cues.put_nowait(None)
+
+    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+        self.calls.append(messages)
+        self._notifier.notify()
+        try:
+            for i, word in enumerate(self.reply.split()):
+                if self.hold:
+                    await self._cues.get()
+                self.yielded += 1
+                self._notifier.notify()
+                yield (" " if i else "") + word
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            self._notifier.notify()
+            raise
+
+
+class ToneDecoder:
+    """`ms_per_word` of a constant tone at 16 kHz for each word of text, one chunk per delta."""
+
+    def __init__(self, notifier: Notifier, ms_per_word: int = 200) -> None:
+        self.ms_per_word = ms_per_word
+        self.chunks = 0
+        self._notifier = notifier
+
+    async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[SpeechChunk]:
+        async for delta in text:
+            words = len(delta.split())
+            pcm = np.full(16 * self.ms_per_word * words, 0.25, dtype=np.float32)
+            self.chunks += 1
+            self._notifier.notify()
+            yield SpeechChunk(pcm, 16000, delta)

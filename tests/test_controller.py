@@ -1,0 +1,308 @@
+"""The Controller with scripted VAD timelines and deterministic models: every turn-taking path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from bench.peer import Notifier
+from config import TurnConfig
+from context.dialog import DialogContext, TranscriptStore
+from controller.controller import Controller, SessionModels, State
+from realtime.events import ClientEvent
+from realtime.output import PacedOutput
+from realtime.session import SessionIO
+from tests.fakes import SILENT, VOICED, CountingTokenizer, CuedLM, ScriptedDetector, ToneDecoder
+
+
+@dataclass
+class Rig:
+    controller: Controller
+    output: PacedOutput
+    lm: CuedLM
+    decoder: ToneDecoder
+    tokenizer: CountingTokenizer
+    notifier: Notifier
+    store: TranscriptStore
+    events: list[dict] = field(default_factory=list)
+
+    def frames(self, voiced: bool, count: int) -> None:
+        for _ in range(count):
+            self.controller.on_frame(VOICED if voiced else SILENT)
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+    def of(self, event_type: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == event_type]
+
+    async def until(self, predicate, timeout: float = 5.0):
+        return await self.notifier.wait_for(predicate, timeout)
+
+    def play(self, frames: int) -> list[np.ndarray]:
+        """The transport's side: send `frames` 20 ms frames of whatever is queued."""
+        return [self.output.next_frame() for _ in range(frames)]
+
+    async def play_until_done(self, status: str = "completed", limit: int = 2000) -> dict:
+        """Play frames (yielding to the reply task between them) until a new response.done arrives."""
+        seen = len(self.of("response.done"))
+        for _ in range(limit):
+            self.output.next_frame()
+            await asyncio.sleep(0)
+            done = self.of("response.done")
+            if len(done) > seen:
+                assert done[-1]["response"]["status"] == status, done[-1]
+                return done[-1]
+        raise AssertionError(f"no response.done {status}: {self.types()}")
+
+
+@pytest.fixture
+def rig(tmp_path) -> Rig:
+    return make_rig(tmp_path)
+
+
+def make_rig(tmp_path, hold: bool = False, config: TurnConfig | None = None) -> Rig:
+    notifier = Notifier()
+    events: list[dict] = []
+    output = PacedOutput(48000)
+
+    def emit(event: dict) -> None:
+        events.append(event)
+        notifier.notify()
+
+    io = SessionIO("sess_test", "test", asyncio.Queue(), output, emit)
+    lm, decoder, tokenizer = CuedLM(notifier, hold=hold), ToneDecoder(notifier), CountingTokenizer(notifier)
+    store = TranscriptStore(tmp_path)
+    context = DialogContext("You are terse.", max_tokens=500, store=store, session_id="sess_test")
+    controller = Controller(
+        io, SessionModels(ScriptedDetector(), tokenizer, lm, decoder), context, config or TurnConfig(), "test"
+    )
+    return Rig(controller, output, lm, decoder, tokenizer, notifier, store, events)
+
+
+async def test_a_normal_turn(rig):
+    rig.frames(False, 10)
+    rig.frames(True, 40)
+    assert rig.controller.state == State.USER_SPEAKING
+    started = rig.of("input_audio_buffer.speech_started")[0]
+    # Onset after 150 ms of speech, keeping 300 ms of audio before it.
+    assert started["audio_start_ms"] == 0
+    rig.frames(False, 38)  # 760 ms of silence: paused at 260 ms, committed at 760 ms
+    assert rig.controller.state == State.RESPONDING
+    done = await rig.play_until_done()
+    assert done["response"]["output_text"] == rig.lm.reply
+    assert len(rig.lm.calls) == 1
+    assert rig.controller.state == State.LISTENING
+    order = [t for t in rig.types() if t.startswith(("input_audio", "conversation", "response"))]
+    assert order[:5] == [
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "response.created",
+        "conversation.item.input_audio_transcription.completed",
+        "response.text.delta",
+    ]
+    assert "response.audio.started" in order and order[-1] == "response.done"
+    metrics = rig.of("metrics.turn")[0]
+    assert metrics["endpoint_ms"] == 760 and metrics["speculative"] is True
+    assert {"asr_ms", "lm_ttft_ms", "tts_first_audio_ms", "server_v2v_ms"} <= set(metrics)
+    history = [(t.role, t.status) for t in rig.controller.context.turns]
+    assert history == [("user", "completed"), ("assistant", "completed")]
+    stored = rig.store.read("sess_test")
+    assert [r["role"] for r in stored] == ["user", "assistant"] and stored[1]["text"] == rig.lm.reply
+
+
+async def test_pause_then_resume_cancels_the_speculation_unheard_and_unstored(tmp_path):
+    rig = make_rig(tmp_path, hold=True)
+    rig.frames(True, 30)
+    rig.frames(False, 13)  # paused: speculation starts
+    assert rig.controller.state == State.USER_PAUSED
+    await rig.until(lambda: rig.lm.calls)
+    rig.lm.release(3)
+    await rig.until(lambda: rig.decoder.chunks >= 3)
+    rig.frames(True, 3)  # 60 ms of speech again: resumed
+    await rig.until(lambda: rig.lm.cancelled == 1)
+    assert rig.controller.state == State.USER_SPEAKING
+    assert rig.output.queued_ms == 0 and rig.output.audio_frames_sent == 0
+    assert not rig.of("response.created") and not rig.of("response.text.delta")
+    assert rig.controller.context.turns == []
+    assert rig.controller.counters.speculative_cancels == 1
+    # The next pause speculates afresh over the whole utterance, and this one commits.
+    rig.frames(True, 10)
+    rig.lm.hold = False
+    rig.frames(False, 38)
+    await rig.play_until_done()
+    assert len(rig.lm.calls) == 2
+    assert rig.tokenizer.finalized[1] > rig.tokenizer.finalized[0] + 12
+    assert rig.controller.counters.speculative_commits == 1
+
+
+async def test_pause_then_commit_plays_the_buffer_at_once_with_one_lm_call(rig):
+    rig.frames(True, 30)
+    rig.frames(False, 13)  # paused
+    await rig.until(lambda: rig.decoder.chunks == len(rig.lm.reply.split()))
+    assert rig.output.queued_ms == 0  # fully synthesized, nothing played
+    rig.frames(False, 24)  # one frame short of the commit
+    assert rig.output.queued_ms == 0 and rig.controller.state == State.USER_PAUSED
+    rig.frames(False, 1)  # the commit frame
+    assert rig.controller.state == State.RESPONDING
+    assert rig.output.queued_ms == pytest.approx(200 * len(rig.lm.reply.split()), abs=25)
+    first = rig.play(1)[0]
+    assert np.abs(first).max() > 0  # the very next frame carries the reply
+    await rig.play_until_done()
+    assert len(rig.lm.calls) == 1 and rig.controller.counters.speculative_commits == 1
+
+
+async def test_barge_in_keeps_only_what_was_heard(rig):
+    rig.lm.reply = "one two three four five six seven eight nine ten"
+    rig.frames(True, 30)
+    rig.frames(False, 38)
+    await rig.until(lambda: rig.decoder.chunks == 10)
+    rig.play(75)  # 1.5 s of the 2 s reply went out
+    await rig.until(lambda: rig.of("response.audio.started"))
+    rig.frames(True, 9)  # 180 ms: below the barge-in minimum (200 ms)
+    assert rig.controller.state == State.RESPONDING
+    rig.frames(True, 1)
+    assert rig.controller.state == State.USER_SPEAKING
+    assert np.all(rig.output.next_frame() == 0)  # flushed: the next frame is silence
+    done = rig.of("response.done")[-1]["response"]
+    assert done["status"] == "interrupted"
+    # 1500 ms sent minus the 120 ms the client is assumed to buffer: 1380 ms = 6 words of 200 ms.
+    assert done["output_text"] == "one two three four five six"
+    assistant = rig.controller.context.turns[-1]
+    assert (assistant.role, assistant.status, assistant.text) == ("assistant", "interrupted", done["output_text"])
+    assert rig.controller.counters.bargeins == 1
+    # The interrupting speech is kept: the new utterance starts with its onset audio.
+    assert rig.tokenizer.frames >= 10
+
+
+async def test_barge_in_uses_the_clients_playback_position(rig):
+    rig.lm.reply = "one two three four five six seven eight nine ten"
+    rig.frames(True, 30)
+    rig.frames(False, 38)
+    await rig.until(lambda: rig.decoder.chunks == 10)
+    rig.play(75)
+    await rig.until(lambda: rig.of("response.audio.started"))
+    response_id = rig.of("response.created")[0]["response"]["id"]
+    rig.controller.on_client_event(
+        ClientEvent("playback.position", {"position_ms": 650.0, "response_id": response_id})
+    )
+    rig.frames(True, 10)
+    assert rig.of("response.done")[-1]["response"]["output_text"] == "one two three"
+
+
+async def test_speech_during_speculation_cancels_mid_generation(tmp_path):
+    rig = make_rig(tmp_path, hold=True)
+    rig.frames(True, 30)
+    rig.frames(False, 13)
+    await rig.until(lambda: rig.lm.calls)
+    rig.lm.release(2)
+    await rig.until(lambda: rig.lm.yielded == 2)
+    rig.frames(True, 3)
+    await rig.until(lambda: rig.lm.cancelled == 1)
+    await asyncio.gather(*rig.controller.tasks, return_exceptions=True)
+    assert all(task.done() for task in rig.controller.tasks)
+    assert rig.output.audio_frames_sent == 0 and rig.controller.context.turns == []
+
+
+async def test_rapid_consecutive_turns(rig):
+    for _ in range(2):
+        rig.frames(True, 25)
+        rig.frames(False, 38)
+        assert rig.controller.state == State.RESPONDING
+        # The user goes on before the commit was even transcribed: the same utterance continues.
+        rig.frames(True, 10)
+        assert rig.controller.state == State.USER_SPEAKING
+        rig.frames(False, 38)
+        await rig.play_until_done()
+    # Straight away, a third turn: speech right after the second reply ended.
+    rig.frames(True, 25)
+    rig.frames(False, 38)
+    await rig.play_until_done()
+    statuses = [e["response"]["status"] for e in rig.of("response.done")]
+    assert statuses == ["interrupted", "completed", "interrupted", "completed", "completed"]
+    turns = rig.controller.context.turns
+    assert [t.role for t in turns] == ["user", "assistant"] * 3
+    # Each continued utterance was transcribed whole: 25 + 38 + 10 + 38 frames and the onset audio.
+    assert turns[0].text == turns[2].text and int(turns[0].text.split()[2]) >= 111
+    assert rig.controller.counters.late_resumes == 2 and rig.controller.counters.bargeins == 0
+
+
+@pytest.mark.parametrize("target", [State.LISTENING, State.USER_SPEAKING, State.USER_PAUSED, State.RESPONDING])
+async def test_hang_up_in_every_state_leaves_no_task(tmp_path, target):
+    rig = make_rig(tmp_path, hold=True)
+    frames: asyncio.Queue = rig.controller.io.frames
+    runner = asyncio.create_task(rig.controller.run())
+    script = {
+        State.LISTENING: [],
+        State.USER_SPEAKING: [(True, 20)],
+        State.USER_PAUSED: [(True, 20), (False, 13)],
+        State.RESPONDING: [(True, 20), (False, 38)],
+    }[target]
+    for voiced, count in script:
+        for _ in range(count):
+            frames.put_nowait(VOICED if voiced else SILENT)
+    await rig.until(lambda: rig.controller.state == target and frames.empty())
+    if target in (State.USER_PAUSED, State.RESPONDING):
+        await rig.until(lambda: rig.lm.calls)  # the LM is mid-generation, waiting for a cue
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    assert not rig.controller.tasks
+    assert rig.lm.cancelled == len(rig.lm.calls)
+
+
+async def test_session_update_changes_thresholds_live(rig):
+    rig.controller.on_client_event(
+        ClientEvent("session.update", {"session": {"turn_detection": {"commit_ms": 400, "pause_ms": 200}}})
+    )
+    updated = rig.of("session.updated")[0]["session"]["turn_detection"]
+    assert (updated["commit_ms"], updated["pause_ms"]) == (400, 200)
+    rig.frames(True, 30)
+    rig.frames(False, 19)
+    assert rig.controller.state == State.USER_PAUSED
+    rig.frames(False, 1)  # 400 ms
+    assert rig.controller.state == State.RESPONDING
+
+
+@pytest.mark.parametrize(
+    "session",
+    [
+        {"turn_detection": {"commit_ms": "soon"}},
+        {"turn_detection": {"commit_ms": 100, "pause_ms": 250}},
+        {"turn_detection": {"threshold": 2}},
+        {"turn_detection": {"pause_ms": True}},
+        {"turn_detection": {"warp": 9}},
+        {"turn_detection": []},
+        {"voice": "alloy"},
+    ],
+)
+async def test_malformed_session_update_is_refused_and_changes_nothing(rig, session):
+    before = rig.controller.config
+    rig.controller.on_client_event(ClientEvent("session.update", {"session": session}, event_id="evt_1"))
+    error = rig.of("error")[-1]["error"]
+    assert error["code"] == "invalid_value" and error["event_id"] == "evt_1"
+    assert rig.controller.config == before and not rig.of("session.updated")
+
+
+async def test_typed_message_gets_a_reply_and_cancel_stops_it(rig):
+    rig.controller.on_client_event(
+        ClientEvent("conversation.item.create", {"text": "What time is it?"})
+    )
+    await rig.until(lambda: rig.decoder.chunks >= 2)
+    assert rig.lm.calls[0][-1].content == "What time is it?"
+    rig.play(3)
+    rig.controller.on_client_event(ClientEvent("response.cancel", {}))
+    assert rig.of("response.done")[-1]["response"]["status"] == "cancelled"
+    assert rig.controller.state == State.LISTENING
+    assert np.all(rig.output.next_frame() == 0)
+
+
+def test_transcript_store_refuses_path_tricks(tmp_path):
+    store = TranscriptStore(tmp_path)
+    assert store.read("../../etc/passwd") is None
+    store.append("sess_a", {"role": "user", "text": "hi"})
+    assert json.loads((tmp_path / "sessions" / "sess_a.jsonl").read_text())["text"] == "hi"

@@ -1,0 +1,1 @@
+"""The VAD room: per-frame speech probability and the endpointer that turns it into turn events."""

@@ -1,0 +1,135 @@
+"""The endpointer: speech probabilities in, turn events out (started, paused, resumed, committed).
+
+Hysteresis: a frame counts as voiced at `threshold` and as silent only below `threshold - 0.15`;
+in between it keeps the previous class. Durations count 20 ms frames, so the same audio always
+gives the same events.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from config import TurnConfig
+
+FRAME_MS = 20
+HYSTERESIS = 0.15
+ONSET_GAP_FRAMES = 2  # unvoiced frames tolerated inside a speech onset before it is dropped
+RESUME_MS = 60  # voiced audio inside a pause that counts as the user speaking again
+
+
+class Kind(enum.StrEnum):
+    SPEECH_STARTED = "speech_started"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    COMMITTED = "committed"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    kind: Kind
+    frame_index: int  # the frame that caused the event
+    last_voiced_index: int  # the last voiced frame before it
+    audio: tuple[np.ndarray, ...] = field(default=(), repr=False)  # SPEECH_STARTED: prefix + onset frames
+
+
+class Endpointer:
+    """Owns one stream's endpointing state. `min_speech_ms` may be raised while the agent talks."""
+
+    def __init__(self, config: TurnConfig) -> None:
+        self.config = config
+        self.min_speech_ms = config.min_speech_ms
+        self._prefix: collections.deque[np.ndarray] = collections.deque(maxlen=self._prefix_frames())
+        self._state = "idle"
+        self._voiced = False
+        self._onset: list[np.ndarray] = []
+        self._onset_voiced = 0
+        self._onset_gap = 0
+        self._silence = 0
+        self._resume = 0
+        self._index = -1
+        self.last_voiced_index = -1
+
+    def _prefix_frames(self) -> int:
+        return max(1, self.config.prefix_padding_ms // FRAME_MS)
+
+    def reconfigure(self, config: TurnConfig) -> None:
+        self.config = config
+        self.min_speech_ms = config.min_speech_ms
+        self._prefix = collections.deque(self._prefix, maxlen=self._prefix_frames())
+
+    @property
+    def in_speech(self) -> bool:
+        return self._state in ("speaking", "paused")
+
+    def feed(self, frame: np.ndarray, probability: float) -> Endpoint | None:
+        self._index += 1
+        threshold = self.config.threshold
+        if probability >= threshold:
+            self._voiced = True
+        elif probability < threshold - HYSTERESIS:
+            self._voiced = False
+        if self._voiced:
+            self.last_voiced_index = self._index
+        handler = {
+            "idle": self._idle,
+            "onset": self._onset_frame,
+            "speaking": self._speaking,
+            "paused": self._paused,
+        }[self._state]
+        return handler(frame)
+
+    def _event(self, kind: Kind, audio: tuple[np.ndarray, ...] = ()) -> Endpoint:
+        return Endpoint(kind, self._index, self.last_voiced_index, audio)
+
+    def _idle(self, frame: np.ndarray) -> Endpoint | None:
+        if not self._voiced:
+            self._prefix.append(frame)
+            return None
+        self._state, self._onset, self._onset_voiced, self._onset_gap = "onset", [], 0, 0
+        return self._onset_frame(frame)
+
+    def _onset_frame(self, frame: np.ndarray) -> Endpoint | None:
+        self._onset.append(frame)
+        if self._voiced:
+            self._onset_voiced += 1
+            self._onset_gap = 0
+        else:
+            self._onset_gap += 1
+            if self._onset_gap > ONSET_GAP_FRAMES:  # a click or a cough, not speech
+                self._state = "idle"
+                self._prefix.extend(self._onset)
+                return None
+        if self._onset_voiced * FRAME_MS >= self.min_speech_ms:
+            audio = (*self._prefix, *self._onset)
+            self._prefix.clear()
+            self._state, self._silence, self._resume = "speaking", 0, 0
+            return self._event(Kind.SPEECH_STARTED, audio)
+        return None
+
+    def _speaking(self, frame: np.ndarray) -> Endpoint | None:
+        if self._voiced:
+            self._silence = 0
+            return None
+        self._silence += 1
+        if self._silence * FRAME_MS >= self.config.pause_ms:
+            self._state, self._resume = "paused", 0
+            return self._event(Kind.PAUSED)
+        return None
+
+    def _paused(self, frame: np.ndarray) -> Endpoint | None:
+        if self._voiced:
+            self._resume += 1
+            if self._resume * FRAME_MS >= RESUME_MS:
+                self._state, self._silence = "speaking", 0
+                return self._event(Kind.RESUMED)
+            return None
+        self._resume = 0
+        self._silence += 1
+        if self._silence * FRAME_MS >= self.config.commit_ms:
+            self._state = "idle"
+            return self._event(Kind.COMMITTED)
+        return None
