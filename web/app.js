@@ -12,7 +12,22 @@ const call = {
   chunks: new Map(),
   sessionId: null,
   turns: new Map(),
+  playback: null, // {responseId, audibleSince} for the reply now playing
+  agentLevel: 0,
 };
+
+const AUDIBLE_LEVEL = 0.01;
+
+// The server cuts its history at what we actually played: report it while a reply plays. The
+// position counts from when the reply first became audible here.
+function reportPlayback() {
+  const p = call.playback;
+  if (!p) return;
+  if (p.audibleSince === null && call.agentLevel > AUDIBLE_LEVEL) p.audibleSince = performance.now();
+  if (p.audibleSince !== null) {
+    send({ type: "playback.position", response_id: p.responseId, position_ms: Math.round(performance.now() - p.audibleSince) });
+  }
+}
 
 function showError(message) {
   const el = $("error");
@@ -89,7 +104,13 @@ function onServerEvent(event) {
       if (event.session.profile === "loopback") setAgentState(`echoing your voice after ${event.session.delay_ms} ms`);
       break;
     case "session.state":
-      setAgentState(event.state);
+      setAgentState(event.state.replace("_", " "));
+      break;
+    case "input_audio_buffer.speech_started":
+      turnElement(event.item_id, "user").classList.add("partial");
+      break;
+    case "response.audio.started":
+      call.playback = { responseId: event.response_id, audibleSince: null };
       break;
     case "conversation.item.input_audio_transcription.delta": {
       const el = turnElement(event.item_id, "user");
@@ -107,8 +128,11 @@ function onServerEvent(event) {
       turnElement(event.response_id, "assistant").textContent += event.delta;
       break;
     case "response.done":
-      if (event.response && event.response.status === "interrupted") {
-        turnElement(event.response.id, "assistant").classList.add("interrupted");
+      call.playback = null;
+      if (event.response.status !== "completed") {
+        const el = turnElement(event.response.id, "assistant");
+        el.classList.add("interrupted");
+        el.textContent = event.response.output_text; // only what was heard stays
       }
       break;
     case "metrics.turn":
@@ -127,13 +151,17 @@ function level(analyser, buffer) {
   return Math.min(1, Math.sqrt(sum / buffer.length) * 4);
 }
 
-function meter(stream, elementId) {
+function meter(stream, elementId, onLevel) {
   const source = call.audioContext.createMediaStreamSource(stream);
   const analyser = call.audioContext.createAnalyser();
   analyser.fftSize = 1024;
   source.connect(analyser);
   const buffer = new Float32Array(analyser.fftSize);
-  call.timers.push(setInterval(() => { $(elementId).value = level(analyser, buffer); }, 50));
+  call.timers.push(setInterval(() => {
+    const value = level(analyser, buffer);
+    $(elementId).value = value;
+    if (onLevel) onLevel(value);
+  }, 50));
 }
 
 function waitForIceGathering(pc, timeoutMs) {
@@ -189,13 +217,14 @@ async function startCall() {
   channel.onmessage = (e) => onServerMessage(e.data);
   channel.onopen = () => {
     call.timers.push(setInterval(() => send({ type: "ping" }), config.ping_interval_ms));
+    call.timers.push(setInterval(reportPlayback, 250));
   };
   channel.onclose = () => { if (call.pc) endCall("closed"); };
   pc.addTrack(call.mic.getAudioTracks()[0], call.mic);
   pc.ontrack = (e) => {
     const stream = e.streams[0] || new MediaStream([e.track]);
     $("agent-audio").srcObject = stream;
-    meter(stream, "agent-level");
+    meter(stream, "agent-level", (value) => { call.agentLevel = value; });
   };
   pc.onconnectionstatechange = () => {
     setConnection(pc.connectionState);
@@ -238,7 +267,7 @@ function endCall(state) {
   if (call.pc) call.pc.close();
   if (call.mic) call.mic.getTracks().forEach((t) => t.stop());
   if (call.audioContext) call.audioContext.close();
-  Object.assign(call, { pc: null, channel: null, mic: null, audioContext: null, sessionId: null });
+  Object.assign(call, { pc: null, channel: null, mic: null, audioContext: null, sessionId: null, playback: null });
   call.chunks.clear();
   $("agent-audio").srcObject = null;
   $("mic-level").value = 0;

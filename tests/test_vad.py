@@ -1,0 +1,87 @@
+"""The VAD engines on synthesized speech, and the endpointer on scripted probability timelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from config import TurnConfig
+from vad.endpointer import Endpointer, Kind
+from vad.engines import SileroDetector, WebRtcDetector, make_detector
+from tests.speech import espeak
+
+SILENCE = np.zeros(320, dtype=np.int16)
+
+
+def frames_of(pcm: np.ndarray) -> list[np.ndarray]:
+    samples = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
+    return [samples[i : i + 320] for i in range(0, len(samples) - 319, 320)]
+
+
+@pytest.fixture(scope="module")
+def speech_frames() -> list[np.ndarray]:
+    return frames_of(espeak("The quick brown fox jumps over the lazy dog.", 16000))
+
+
+@pytest.mark.parametrize("engine", ["silero", "webrtc"])
+def test_engines_tell_speech_from_silence_and_noise(engine, speech_frames):
+    detector = make_detector(engine)
+    rng = np.random.default_rng(0)
+    quiet_noise = [(rng.standard_normal(320) * 30).astype(np.int16) for _ in range(50)]
+    silent = [detector.probability(f) for f in [SILENCE] * 50 + quiet_noise]
+    speech = [detector.probability(f) for f in speech_frames]
+    assert np.mean(np.array(silent) > 0.5) <= 0.1
+    assert np.mean(np.array(speech) > 0.5) > 0.5
+
+
+def test_silero_carries_its_state_across_frames_until_reset(speech_frames):
+    detector = SileroDetector()
+    first = [detector.probability(f) for f in speech_frames]
+    carried_on = [detector.probability(f) for f in speech_frames]  # same audio, state carried from the first pass
+    detector.reset()
+    after_reset = [detector.probability(f) for f in speech_frames]
+    assert after_reset == pytest.approx(first, abs=1e-6)
+    assert max(abs(a - b) for a, b in zip(first, carried_on)) > 1e-3
+
+
+def test_webrtc_rejects_bad_aggressiveness():
+    with pytest.raises(ValueError):
+        WebRtcDetector(7)
+
+
+def run(endpointer: Endpointer, probabilities: list[float]) -> list[tuple[int, Kind, int]]:
+    out = []
+    for i, p in enumerate(probabilities):
+        event = endpointer.feed(SILENCE, p)
+        if event:
+            out.append((i, event.kind, len(event.audio)))
+    return out
+
+
+def test_endpointer_timeline_with_pause_resume_and_commit():
+    events = run(Endpointer(TurnConfig()), [0] * 20 + [0.9] * 30 + [0.1] * 15 + [0.9] * 5 + [0.1] * 40)
+    assert events == [
+        (27, Kind.SPEECH_STARTED, 15 + 8),  # 150 ms of speech, with 300 ms of prefix
+        (62, Kind.PAUSED, 0),  # 13 silent frames >= 250 ms
+        (67, Kind.RESUMED, 0),  # 60 ms of speech inside the pause
+        (82, Kind.PAUSED, 0),
+        (107, Kind.COMMITTED, 0),  # 38 silent frames after the last voiced one >= 750 ms
+    ]
+
+
+def test_endpointer_ignores_clicks_and_keeps_hysteresis():
+    endpointer = Endpointer(TurnConfig())
+    assert run(endpointer, [0.9, 0.9, 0, 0, 0, 0] * 5) == []  # 40 ms blips never reach 150 ms
+    # 0.4 is below the threshold but above threshold - 0.15: speech stays speech.
+    events = run(Endpointer(TurnConfig()), [0.9] * 10 + [0.4] * 60 + [0.2] * 40)
+    assert [k for _, k, _ in events] == [Kind.SPEECH_STARTED, Kind.PAUSED, Kind.COMMITTED]
+    assert events[1][0] == 70 + 12
+
+
+def test_endpointer_barge_in_minimum_is_separate():
+    endpointer = Endpointer(TurnConfig())
+    endpointer.min_speech_ms = 200
+    events = run(endpointer, [0.9] * 9 + [0.0] * 5 + [0.9] * 10)
+    # 9 voiced frames (180 ms) are not enough; the later 10 (200 ms) are, and the onset audio keeps
+    # the prefix (the blip and the gap, 14 frames) plus the 10 voiced frames.
+    assert events == [(23, Kind.SPEECH_STARTED, 14 + 10)]
