@@ -125,6 +125,7 @@ class AppConfig:
 
     profile: str = "loopback"
     server: ServerConfig = field(default_factory=ServerConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
     loopback: LoopbackConfig = field(default_factory=LoopbackConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -242,6 +243,15 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--ping-timeout-s", _positive_float, "close a session this long without a client ping (default 3)"),
     _Flag("--data-dir", Path, "where session transcripts are written (default ./data)"),
     _Flag("--loopback-delay-ms", _non_negative_int, "loopback profile: echo delay (default 1000)"),
+    _Flag("--vad", _choice(VAD_ENGINES), "speech detector: silero or webrtc (default silero)"),
+    _Flag("--webrtc-aggressiveness", _choice(("0", "1", "2", "3")), "webrtcvad strictness 0-3 (default 2)"),
+    _Flag("--threshold", float, "speech probability threshold (default 0.5)"),
+    _Flag("--min-speech-ms", int, "speech needed to start a turn (default 150)"),
+    _Flag("--prefix-padding-ms", int, "audio kept before the speech onset (default 300)"),
+    _Flag("--pause-ms", int, "silence that starts a speculative reply (default 250)"),
+    _Flag("--commit-ms", int, "silence that ends the turn and plays the reply (default 750)"),
+    _Flag("--bargein-min-speech-ms", int, "speech needed to interrupt the agent (default 200)"),
+    _Flag("--client-buffer-ms", int, "agent audio assumed buffered at the client when it reports no position (default 120)"),
     _Flag("--log-json", _bool, "log JSON lines instead of readable console lines", switch=True),
     _Flag("--log-level", _choice(("debug", "info", "warning", "error")), "log level (default info)"),
 )
@@ -294,5 +304,23 @@ def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | Non
         ice_servers=tuple(values.get("ice_server", ())),
     )
     loopback = LoopbackConfig(delay_ms=values.get("loopback_delay_ms", LoopbackConfig.delay_ms))
+    turn = TurnConfig(
+        vad=values.get("vad", TurnConfig.vad),
+        webrtc_aggressiveness=int(values.get("webrtc_aggressiveness", TurnConfig.webrtc_aggressiveness)),
+    )
+    thresholds = {k: values[k] for k in TurnConfig.LIMITS if k in values}
+    try:
+        turn = turn.updated(thresholds)
+    except ValueError as exc:
+        # "turn_detection.commit_ms must be ..." -> "--commit-ms: must be ..."
+        message = str(exc)
+        for key in TurnConfig.LIMITS:
+            if f"turn_detection.{key}" in message:
+                flag = "--" + key.replace("_", "-")
+                message = message.replace(f"turn_detection.{key} ", "")
+                raise ConfigError(f"{flag}: {message}") from None
+        raise ConfigError(message) from None
     log = LogConfig(json=values.get("log_json", False), level=values.get("log_level", "info"))
-    return AppConfig(profile=values.get("profile", AppConfig.profile), server=server, loopback=loopback, log=log)
+    return AppConfig(
+        profile=values.get("profile", AppConfig.profile), server=server, turn=turn, loopback=loopback, log=log
+    )

@@ -65,3 +65,24 @@ def test_run_server_fails_at_startup_with_one_line():
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--port" in result.stderr
+
+
+def test_turn_thresholds_from_flags_and_environment():
+    config = load_config(["--commit-ms", "900", "--vad", "webrtc"], environ={"VOICE_AGENT_PAUSE_MS": "300"})
+    assert (config.turn.commit_ms, config.turn.pause_ms, config.turn.vad) == (900, 300, "webrtc")
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--commit-ms", "50"], "--commit-ms"),
+        (["--pause-ms", "800"], "--commit-ms"),  # a pause must end before the commit
+        (["--threshold", "1.5"], "--threshold"),
+        (["--vad", "magic"], "--vad"),
+        (["--min-speech-ms", "soon"], "--min-speech-ms"),
+    ],
+)
+def test_bad_turn_thresholds_name_the_flag(argv, flag):
+    with pytest.raises(ConfigError) as refused:
+        load_config(argv, environ={})
+    assert str(refused.value).startswith(flag + ":"), str(refused.value)
