@@ -19,8 +19,10 @@ log = structlog.get_logger()
 
 MAX_DELAY_MS = 10_000
 # Playout reserve put before each burst of echo, so that network jitter in the arriving frames
-# does not underrun the paced output and punch gaps into the echo.
+# does not underrun the paced output and punch gaps into the echo. Each underrun doubles it, up to
+# the maximum: a slow or loaded link pays a little more delay instead of a gap every few frames.
 JITTER_RESERVE_MS = 60
+MAX_JITTER_RESERVE_MS = 240
 
 
 class LoopbackAgent:
@@ -31,6 +33,9 @@ class LoopbackAgent:
         self._io = io
         self.delay_ms = config.delay_ms
         self._line: collections.deque[tuple[float, np.ndarray]] = collections.deque()
+        self.reserve_ms = JITTER_RESERVE_MS
+        self.underruns = 0
+        self._playing = False
 
     def _session_info(self) -> dict[str, Any]:
         return {"id": self._io.session_id, "profile": "loopback", "delay_ms": self.delay_ms}
@@ -51,8 +56,18 @@ class LoopbackAgent:
             output = self._io.output
             while self._line and self._line[0][0] <= now:
                 if output.queued_ms == 0:
-                    output.write(np.zeros(INPUT_RATE * JITTER_RESERVE_MS // 1000, dtype=np.int16), INPUT_RATE)
+                    self._refill_reserve()
                 output.write(self._line.popleft()[1], INPUT_RATE)
+                self._playing = True
+
+    def _refill_reserve(self) -> None:
+        # The caller's microphone streams without pause, so once the echo plays, an empty output
+        # means a frame came in later than the reserve allowed for.
+        if self._playing:
+            self.underruns += 1
+            self.reserve_ms = min(2 * self.reserve_ms, MAX_JITTER_RESERVE_MS)
+            log.info("loopback.underrun", session_id=self._io.session_id, underruns=self.underruns, reserve_ms=self.reserve_ms)
+        self._io.output.write(np.zeros(INPUT_RATE * self.reserve_ms // 1000, dtype=np.int16), INPUT_RATE)
 
     def on_client_event(self, event: ClientEvent) -> None:
         if event.type == "session.update":
@@ -60,6 +75,7 @@ class LoopbackAgent:
         elif event.type == "response.cancel":
             self._line.clear()
             self._io.output.flush()
+            self._playing = False
         elif event.type == "conversation.item.create":
             self._io.emit(error_event("unsupported", "the loopback profile has no conversation", event.event_id))
         # playback.position carries nothing the loopback needs.

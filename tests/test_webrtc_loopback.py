@@ -10,7 +10,7 @@ import pytest
 
 from controller.loopback import JITTER_RESERVE_MS
 from bench.peer import ClientPeer, OfferRefused
-from tests.signals import envelope_alignment, speechlike
+from tests.signals import segment_alignments, speechlike
 
 
 async def test_signal_comes_back_after_the_delay(server):
@@ -24,16 +24,26 @@ async def test_signal_comes_back_after_the_delay(server):
     sent_at = time.monotonic()
     peer.speak(signal, 48000)
     await peer.wait_audio(voiced_seconds=0.5, timeout=10)
-    # Keep recording until the whole echo (and a margin) is in.
-    await peer.changed.wait_for(lambda: peer.received[-1].arrival - sent_at > 0.3 + 1.5 + 0.3, timeout=10)
 
-    # Opus changes the waveform's phase, so compare loudness envelopes. The lag is the configured
-    # 300 ms delay plus the playout reserve, plus transport: aiortc's receiver holds 4 packets
-    # (80 ms) on each side, and pacing adds up to a frame at each end.
-    score, lag_ms = envelope_alignment(signal, peer.received_audio(), 48000)
-    assert score > 0.8, f"echo does not match what was sent (envelope correlation {score:.2f})"
+    # Opus changes the waveform's phase, so compare loudness envelopes, half a second at a time: a
+    # late packet on a loaded machine may put one short gap into the echo, which shifts what follows
+    # but must not hide it. The lag is the configured 300 ms delay plus the playout reserve, plus
+    # transport: aiortc's receiver holds 4 packets (80 ms) on each side, and pacing adds up to a
+    # frame at each end.
     expected_ms = (sent_at - peer.received[0].arrival) * 1000 + 300 + JITTER_RESERVE_MS
-    assert expected_ms <= lag_ms <= expected_ms + 300, (lag_ms, expected_ms)
+    search_ms = (expected_ms - 40, expected_ms + 600)
+    # Keep recording until the last piece could have come back at the latest lag searched.
+    needed_frames = (search_ms[1] + 1500) / 20 + 1
+    await peer.changed.wait_for(lambda: len(peer.received) > needed_frames, timeout=10)
+    pieces = segment_alignments(signal, peer.received_audio(), 48000, 500, search_ms)
+    agent = server.registry.get(session_id).agent
+    report = f"pieces (score, lag ms) {[(round(s, 2), lag) for s, lag in pieces]}, expected lag {expected_ms:.0f}, underruns {agent.underruns}"
+    lags = [lag for score, lag in pieces if score > 0.85]
+    assert len(lags) >= 2, f"echo does not match what was sent: {report}"
+    # A gap only ever delays what follows; a hop (5 ms) of wobble is measurement.
+    assert all(later >= earlier - 5 for earlier, later in zip(lags, lags[1:])), f"echo pieces out of order: {report}"
+    # Each underrun before or inside the signal delays the rest by its gap plus the larger reserve.
+    assert expected_ms <= lags[0] <= expected_ms + 300 + 150 * agent.underruns, report
     session = server.registry.get(session_id)
     assert session.frames_received > 75  # 1.5 s of 20 ms frames reached the agent
     assert session.output.audio_frames_sent >= 70
