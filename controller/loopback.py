@@ -47,8 +47,11 @@ class LoopbackAgent:
             timeout = None
             if self._line:
                 timeout = max(0.0, self._line[0][0] - time.monotonic())
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands as
+            # a frame arrives, and this loop would then outlive its session.
             try:
-                frame = await asyncio.wait_for(frames.get(), timeout)
+                async with asyncio.timeout(timeout):
+                    frame = await frames.get()
                 self._line.append((time.monotonic() + self.delay_ms / 1000, frame))
             except TimeoutError:
                 pass

@@ -169,7 +169,8 @@ class WebRTCSession(Session):
         timeout = self._config.connect_timeout_s
         while True:
             try:
-                await asyncio.wait_for(self._ping.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._ping.wait()
             except TimeoutError:
                 self.request_close("ping_timeout" if self._channel else "connect_timeout")
                 return

@@ -117,7 +117,8 @@ async def serve_websocket(
     ws = web.WebSocketResponse(heartbeat=config.ping_timeout_s, max_msg_size=config.max_body_bytes * 4)
     await ws.prepare(request)
     try:
-        first = await asyncio.wait_for(ws.receive(), START_TIMEOUT_S)
+        async with asyncio.timeout(START_TIMEOUT_S):
+            first = await ws.receive()
         if first.type != WSMsgType.TEXT:
             raise StartError("the first message must be JSON text: session.start")
         input_rate, output_rate = parse_start(first.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -53,7 +54,13 @@ async def start_server(tmp_path) -> AsyncIterator[ServerStarter]:
 
     yield start
     for runner in runners:
-        await runner.cleanup()
+        # A shutdown that hangs must fail this test and name what it waits on, not wedge the run.
+        try:
+            async with asyncio.timeout(15):
+                await runner.cleanup()
+        except TimeoutError:
+            pending = [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            pytest.fail(f"server shutdown hung; pending tasks: {pending}")
 
 
 @pytest.fixture
