@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 ENV_PREFIX = "VOICE_AGENT_"
-PROFILES = ("loopback",)
+PROFILES = ("embedded", "loopback")
+LM_BACKENDS = ("embedded", "openai", "hf:<path>")
 ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
 
 
@@ -113,6 +114,32 @@ class TurnConfig:
         return {k: getattr(self, k) for k in ("vad", *self.LIMITS)}
 
 
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly voice assistant in a spoken conversation. Answer in one or two short, "
+    "plain sentences that sound natural when read aloud. No lists, no markdown, no emoji."
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The embedded profile's models: which LM answers, how it is prompted, how hard they work."""
+
+    lm: str = "embedded"  # "embedded", "openai" or "hf:<directory>"
+    lm_url: str = "http://127.0.0.1:8000/v1"
+    lm_model: str = "default"
+    lm_api_key_env: str = "OPENAI_API_KEY"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_new_tokens: int = 80
+    temperature: float = 0.0
+    history_tokens: int = 1000
+    asr_partial_ms: int = 600
+    threads: int = 2
+
+    @property
+    def hf_path(self) -> Path | None:
+        return Path(self.lm[3:]) if self.lm.startswith("hf:") else None
+
+
 @dataclass(frozen=True)
 class LogConfig:
     json: bool = False
@@ -123,9 +150,10 @@ class LogConfig:
 class AppConfig:
     """The root of the configuration tree."""
 
-    profile: str = "loopback"
+    profile: str = "embedded"
     server: ServerConfig = field(default_factory=ServerConfig)
     turn: TurnConfig = field(default_factory=TurnConfig)
+    models: ModelConfig = field(default_factory=ModelConfig)
     loopback: LoopbackConfig = field(default_factory=LoopbackConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -182,6 +210,35 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _lm_backend(text: str) -> str:
+    if text in ("embedded", "openai"):
+        return text
+    if text.startswith("hf:"):
+        if not Path(text[3:]).is_dir():
+            raise ValueError(f"no such model directory: {text[3:]!r}")
+        return text
+    raise ValueError(f"must be embedded, openai or hf:<directory>; got {text!r}")
+
+
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 2.0:
+        raise ValueError("must be in [0, 2] (0 = greedy)")
+    return value
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -227,7 +284,7 @@ class _Flag:
 _FLAGS: tuple[_Flag, ...] = (
     _Flag("--host", str, "address to listen on (default 127.0.0.1)"),
     _Flag("--port", _port, "HTTP(S) port (default 8080; 0 picks a free one)"),
-    _Flag("--profile", _choice(PROFILES), "model profile (default loopback)"),
+    _Flag("--profile", _choice(PROFILES), "embedded (offline models on the CPU) or loopback (echo diagnostic); default embedded"),
     _Flag(
         "--ice-server",
         parse_ice_server,
@@ -252,6 +309,16 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--commit-ms", int, "silence that ends the turn and plays the reply (default 750)"),
     _Flag("--bargein-min-speech-ms", int, "speech needed to interrupt the agent (default 200)"),
     _Flag("--client-buffer-ms", int, "agent audio assumed buffered at the client when it reports no position (default 120)"),
+    _Flag("--lm", _lm_backend, "embedded profile's LM: embedded (SmolLM2 on the CPU), openai (--lm-url) or hf:<directory>"),
+    _Flag("--lm-url", _http_url, "OpenAI-compatible API base URL for --lm openai (default http://127.0.0.1:8000/v1)"),
+    _Flag("--lm-model", _non_empty, "model name sent to --lm-url (default 'default')"),
+    _Flag("--lm-api-key-env", _non_empty, "environment variable holding the --lm-url API key (default OPENAI_API_KEY)"),
+    _Flag("--system-prompt", _non_empty, "the LM's system prompt (default: a short spoken-style prompt)"),
+    _Flag("--max-new-tokens", _positive_int, "longest reply in tokens (default 80)"),
+    _Flag("--temperature", _temperature, "LM sampling temperature; 0 is greedy (default 0)"),
+    _Flag("--history-tokens", _positive_int, "dialog history the LM sees, in tokens (default 1000)"),
+    _Flag("--asr-partial-ms", _positive_int, "new speech between partial transcripts (default 600)"),
+    _Flag("--model-threads", _positive_int, "CPU threads each model may use (default 2)"),
     _Flag("--log-json", _bool, "log JSON lines instead of readable console lines", switch=True),
     _Flag("--log-level", _choice(("debug", "info", "warning", "error")), "log level (default info)"),
 )
@@ -321,6 +388,16 @@ def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | Non
                 raise ConfigError(f"{flag}: {message}") from None
         raise ConfigError(message) from None
     log = LogConfig(json=values.get("log_json", False), level=values.get("log_level", "info"))
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    models = ModelConfig(
+        **{k: v for k, v in values.items() if k in model_fields},
+        **({"threads": values["model_threads"]} if "model_threads" in values else {}),
+    )
     return AppConfig(
-        profile=values.get("profile", AppConfig.profile), server=server, turn=turn, loopback=loopback, log=log
+        profile=values.get("profile", AppConfig.profile),
+        server=server,
+        turn=turn,
+        models=models,
+        loopback=loopback,
+        log=log,
     )

@@ -11,7 +11,8 @@ from aiohttp import web
 from config import AppConfig, ConfigError, load_config
 from context.dialog import TranscriptStore
 from realtime.server import build_app, ssl_context
-from realtime.session import AgentFactory
+from controller.profiles import open_profile
+from models.embedded import ModelPackageMissing
 
 
 def configure_logging(json_lines: bool, level: str) -> None:
@@ -37,12 +38,18 @@ def prepare_data_dir(config: AppConfig) -> None:
         raise ConfigError(f"--data-dir: cannot create {config.server.data_dir}: {exc.strerror}") from None
 
 
-def agent_factory(config: AppConfig) -> AgentFactory:
-    if config.profile == "loopback":
-        from controller.loopback import LoopbackAgent
+async def serve_profile(config: AppConfig, store: TranscriptStore) -> web.Application:
+    """Load the profile (models included), then build the app around it; the models go at cleanup."""
+    profile = await open_profile(config, store)
+    app = build_app(config, profile.factory, store)
 
-        return lambda io: LoopbackAgent(io, config.loopback)
-    raise ConfigError(f"--profile: unknown profile {config.profile!r}")
+    async def close_profile(app: web.Application) -> None:
+        await profile.aclose()
+
+    app.on_cleanup.append(close_profile)
+    scheme = "https" if config.server.cert else "http"
+    structlog.get_logger().info("server.listening", url=f"{scheme}://{config.server.host}:{config.server.port}")
+    return app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,18 +57,24 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(argv)
         prepare_data_dir(config)
         configure_logging(config.log.json, config.log.level)
-        app = build_app(config, agent_factory(config), TranscriptStore(config.server.data_dir))
         context = ssl_context(config)
     except (ConfigError, OSError, ValueError) as exc:
         print(f"run_server.py: {exc}", file=sys.stderr)
         return 2
-    log = structlog.get_logger()
-    log.info("server.config", **config.describe())
-    scheme = "https" if context else "http"
-    log.info("server.listening", url=f"{scheme}://{config.server.host}:{config.server.port}")
-    web.run_app(
-        app, host=config.server.host, port=config.server.port, ssl_context=context, print=None, access_log=None
-    )
+    structlog.get_logger().info("server.config", **config.describe())
+    store = TranscriptStore(config.server.data_dir)
+    try:
+        web.run_app(
+            serve_profile(config, store),
+            host=config.server.host,
+            port=config.server.port,
+            ssl_context=context,
+            print=None,
+            access_log=None,
+        )
+    except ModelPackageMissing as exc:
+        print(f"run_server.py: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

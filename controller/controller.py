@@ -15,7 +15,8 @@ import itertools
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, Coroutine
+from contextlib import aclosing
+from typing import Any, AsyncGenerator, Coroutine
 
 import numpy as np
 import structlog
@@ -25,7 +26,7 @@ from context.dialog import DialogContext, Turn, heard_text
 from models.base import LanguageModel, SpeechChunk, SpeechDecoder
 from realtime.events import ClientEvent, error_event
 from realtime.session import SessionIO
-from streaming_tokenizer.base import StreamingTokenizer, UtteranceInput
+from streaming_tokenizer.base import PartialCallback, StreamingTokenizer, UtteranceInput
 from vad.endpointer import FRAME_MS, Endpoint, Endpointer, Kind
 from vad.engines import SpeechDetector
 
@@ -128,12 +129,13 @@ class Controller:
         self._frame_index += 1
         probability = self.models.detector.probability(frame)
         endpoint = self.endpointer.feed(frame, probability)
-        if self.endpointer.last_voiced_index == self._frame_index:
+        voiced = self.endpointer.last_voiced_index == self._frame_index
+        if voiced:
             self._last_voiced_at = time.monotonic()
         if endpoint is not None and endpoint.kind == Kind.SPEECH_STARTED:
             self._on_speech_started(endpoint)
         elif self.state in (State.USER_SPEAKING, State.USER_PAUSED):
-            self.models.tokenizer.feed(frame)
+            self.models.tokenizer.feed(frame, voiced)
         if endpoint is None or endpoint.kind == Kind.SPEECH_STARTED:
             return
         if endpoint.kind == Kind.PAUSED:
@@ -172,15 +174,28 @@ class Controller:
                 self.counters.bargeins += 1
         if continuing:
             for frame in endpoint.audio:
-                self.models.tokenizer.feed(frame)
+                self.models.tokenizer.feed(frame, True)
         else:
             self._item_id = "item_" + uuid.uuid4().hex[:12]
-            self.models.tokenizer.begin(endpoint.audio)
+            self.models.tokenizer.begin(endpoint.audio, self._partial_emitter(self._item_id))
         self._set_state(State.USER_SPEAKING)
         onset_ms = (endpoint.frame_index + 1 - len(endpoint.audio)) * FRAME_MS
         self.io.emit(
             {"type": "input_audio_buffer.speech_started", "item_id": self._item_id, "audio_start_ms": onset_ms}
         )
+
+    def _partial_emitter(self, item_id: str) -> PartialCallback:
+        def emit(partial: UtteranceInput) -> None:
+            if self._item_id == item_id:  # each partial replaces the one before
+                self.io.emit(
+                    {
+                        "type": "conversation.item.input_audio_transcription.delta",
+                        "item_id": item_id,
+                        "transcript": partial.text,
+                    }
+                )
+
+        return emit
 
     def _on_commit(self, endpoint: Endpoint) -> None:
         self.io.emit(
@@ -259,13 +274,17 @@ class Controller:
             return
         self._record_user(response)
         messages = self.context.messages(pending_user=response.user.lm_content or response.user.text)
-        async for chunk in self.models.decoder.synthesize(self._text_stream(response, messages)):
-            if "tts_first_audio_ms" not in response.timings:
-                response.timings["tts_first_audio_ms"] = _ms(time.monotonic() - response.timings["_first_delta"])
-            if response.committed.is_set():
-                self._play(response, chunk)
-            else:
-                response.pending_chunks.append(chunk)
+        # Both generators are closed here, whatever ends the reply: a cancel lands in only one of
+        # them, and the LM stops generating only when its stream is closed.
+        async with aclosing(self._text_stream(response, messages)) as text:
+            async with aclosing(self.models.decoder.synthesize(text)) as speech:
+                async for chunk in speech:
+                    if "tts_first_audio_ms" not in response.timings:
+                        response.timings["tts_first_audio_ms"] = _ms(time.monotonic() - response.timings["_first_delta"])
+                    if response.committed.is_set():
+                        self._play(response, chunk)
+                    else:
+                        response.pending_chunks.append(chunk)
         await response.committed.wait()
         await self.io.output.drained.wait()
         if self.response is response:
@@ -273,18 +292,19 @@ class Controller:
             self.context.add(Turn("assistant", response.text.strip(), "completed", response.id))
             self._finish(response, "completed", response.text.strip())
 
-    async def _text_stream(self, response: Response, messages: list) -> AsyncIterator[str]:
+    async def _text_stream(self, response: Response, messages: list) -> AsyncGenerator[str, None]:
         lm_start = time.monotonic()
-        async for delta in self.models.lm.stream(messages):
-            if "_first_delta" not in response.timings:
-                response.timings["_first_delta"] = time.monotonic()
-                response.timings["lm_ttft_ms"] = _ms(time.monotonic() - lm_start)
-            response.text += delta
-            if response.committed.is_set():
-                self._emit_delta(response, delta)
-            else:
-                response.pending_deltas.append(delta)
-            yield delta
+        async with aclosing(self.models.lm.stream(messages)) as deltas:
+            async for delta in deltas:
+                if "_first_delta" not in response.timings:
+                    response.timings["_first_delta"] = time.monotonic()
+                    response.timings["lm_ttft_ms"] = _ms(time.monotonic() - lm_start)
+                response.text += delta
+                if response.committed.is_set():
+                    self._emit_delta(response, delta)
+                else:
+                    response.pending_deltas.append(delta)
+                yield delta
 
     async def _watch_audio_start(self, response: Response) -> None:
         await self.io.output.audio_sent.wait()
@@ -409,4 +429,5 @@ class Controller:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.models.tokenizer.aclose()
         self.log.info("controller.summary", state=self.state.value, **asdict(self.counters))

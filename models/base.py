@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncGenerator, AsyncIterator, Protocol
 
 import numpy as np
 
@@ -30,10 +30,10 @@ class SpeechChunk:
 class LanguageModel(Protocol):
     """Streams the reply's text deltas; cancelling the consumer stops generation within one step."""
 
-    def stream(self, messages: list[Message]) -> AsyncIterator[str]: ...
+    def stream(self, messages: list[Message]) -> AsyncGenerator[str, None]: ...
 
 
 class SpeechDecoder(Protocol):
     """Turns a stream of text deltas into a stream of speech chunks; cancelling drops pending work."""
 
-    def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[SpeechChunk]: ...
+    def synthesize(self, text: AsyncIterator[str]) -> AsyncGenerator[SpeechChunk, None]: ...

@@ -11,6 +11,8 @@ import soxr
 
 from realtime.audio import FRAME_MS
 
+LATE_GAP_MS = 2 * FRAME_MS
+
 
 class FrameClock:
     """Wall-clock pacing for a stream of fixed-length frames: tick() returns when the next one is due."""
@@ -47,6 +49,11 @@ class PacedOutput:
         self.frames_sent = 0
         self.audio_frames_sent = 0
         self.samples_flushed = 0
+        # Pacing health: the longest wall-clock gap between two frames handed out, and how many
+        # came over LATE_GAP_MS after the one before (the receiver's jitter buffer then runs dry).
+        self.worst_gap_ms = 0.0
+        self.late_frames = 0
+        self._last_frame_at: float | None = None
         self.audio_sent = asyncio.Event()  # set by each frame that carries audio; clear it to await the next
         self.drained = asyncio.Event()  # set while nothing is queued
         self.drained.set()
@@ -93,6 +100,12 @@ class PacedOutput:
 
     def next_frame(self) -> np.ndarray:
         """Exactly one frame of int16 samples."""
+        now = time.monotonic()
+        if self._last_frame_at is not None:
+            gap_ms = (now - self._last_frame_at) * 1000.0
+            self.worst_gap_ms = max(self.worst_gap_ms, gap_ms)
+            self.late_frames += gap_ms > LATE_GAP_MS
+        self._last_frame_at = now
         if self._queued < self.frame_samples and self._resamplers:
             self._drain_resamplers()
         out = np.zeros(self.frame_samples, dtype=np.float32)

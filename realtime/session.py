@@ -149,6 +149,8 @@ class Session:
             frames_dropped=self.frames_dropped,
             frames_sent=self.output.frames_sent,
             audio_frames_sent=self.output.audio_frames_sent,
+            late_frames=self.output.late_frames,
+            worst_gap_ms=round(self.output.worst_gap_ms, 1),
         )
         self.closed.set()
 

@@ -24,16 +24,23 @@ class UtteranceInput:
         return not self.text.strip() and not self.lm_content
 
 
+PartialCallback = Callable[[UtteranceInput], None]
+
+
 class StreamingTokenizer(Protocol):
     """One session's tokenizer. begin() opens an utterance, feed() takes its 20 ms frames as they
-    arrive (cheap: heavy work goes to a worker), finalize() returns everything fed so far and may be
-    called again after more frames (a speculation that the user's resumed speech invalidated)."""
+    arrive, each marked voiced or not by the VAD (cheap: heavy work goes to a worker), finalize()
+    returns everything fed so far and may be called again after more frames (a speculation that the
+    user's resumed speech invalidated). Provisional results of the open utterance, if the tokenizer
+    makes any, go to `on_partial`, each one replacing the previous. aclose() stops all its work."""
 
-    def begin(self, frames: tuple[np.ndarray, ...]) -> None: ...
+    def begin(self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None) -> None: ...
 
-    def feed(self, frame: np.ndarray) -> None: ...
+    def feed(self, frame: np.ndarray, voiced: bool) -> None: ...
 
     async def finalize(self) -> UtteranceInput: ...
+
+    async def aclose(self) -> None: ...
 
 
 TokenizerFactory = Callable[[], StreamingTokenizer]

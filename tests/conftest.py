@@ -5,16 +5,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 import pytest
 from aiohttp import web
 
-from config import AppConfig, LoopbackConfig, ServerConfig
+from config import AppConfig, LoopbackConfig, ModelConfig, ServerConfig
 from context.dialog import TranscriptStore
 from controller.loopback import LoopbackAgent
 from realtime.server import REGISTRY, build_app
 from realtime.session import AgentFactory, SessionRegistry
+
+if TYPE_CHECKING:
+    from models.embedded import EmbeddedModels
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -61,6 +67,17 @@ async def start_server(tmp_path) -> AsyncIterator[ServerStarter]:
         except TimeoutError:
             pending = [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             pytest.fail(f"server shutdown hung; pending tasks: {pending}")
+
+
+@pytest.fixture(scope="session")
+def embedded_models() -> Iterator[EmbeddedModels]:
+    """The embedded profile's real models, loaded once for the whole run (the LM's converted copy is
+    cached in .cache/, so only the first run on a machine pays for the conversion)."""
+    from models.embedded import load_embedded
+
+    models = asyncio.run(load_embedded(ModelConfig(), ROOT / ".cache"))
+    yield models
+    asyncio.run(models.aclose())
 
 
 @pytest.fixture

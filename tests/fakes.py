@@ -9,7 +9,7 @@ import numpy as np
 
 from bench.peer import Notifier
 from models.base import Message, SpeechChunk
-from streaming_tokenizer.base import UtteranceInput
+from streaming_tokenizer.base import PartialCallback, UtteranceInput
 
 VOICED = np.full(320, 1000, dtype=np.int16)
 SILENT = np.zeros(320, dtype=np.int16)
@@ -31,18 +31,22 @@ class CountingTokenizer:
     def __init__(self, notifier: Notifier) -> None:
         self.frames = 0
         self.finalized: list[int] = []
+        self.closed = False
         self._notifier = notifier
 
-    def begin(self, frames: tuple[np.ndarray, ...]) -> None:
+    def begin(self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None) -> None:
         self.frames = len(frames)
 
-    def feed(self, frame: np.ndarray) -> None:
+    def feed(self, frame: np.ndarray, voiced: bool) -> None:
         self.frames += 1
 
     async def finalize(self) -> UtteranceInput:
         self.finalized.append(self.frames)
         self._notifier.notify()
         return UtteranceInput(f"utterance of {self.frames} frames")
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 class CuedLM:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_defaults():
     config = load_config([], environ={})
-    assert (config.server.host, config.server.port, config.profile) == ("127.0.0.1", 8080, "loopback")
+    assert (config.server.host, config.server.port, config.profile) == ("127.0.0.1", 8080, "embedded")
     assert config.server.ice_servers == () and not config.server.loopback_ice and not config.log.json
 
 
@@ -83,6 +83,34 @@ def test_turn_thresholds_from_flags_and_environment():
     ],
 )
 def test_bad_turn_thresholds_name_the_flag(argv, flag):
+    with pytest.raises(ConfigError) as refused:
+        load_config(argv, environ={})
+    assert str(refused.value).startswith(flag + ":"), str(refused.value)
+
+
+def test_model_flags_and_environment(tmp_path):
+    config = load_config(
+        ["--lm", f"hf:{tmp_path}", "--max-new-tokens", "40", "--model-threads", "1"],
+        environ={"VOICE_AGENT_SYSTEM_PROMPT": "Be terse.", "VOICE_AGENT_TEMPERATURE": "0.7"},
+    )
+    models = config.models
+    assert models.hf_path == tmp_path and models.max_new_tokens == 40 and models.threads == 1
+    assert (models.system_prompt, models.temperature) == ("Be terse.", 0.7)
+    assert load_config([], environ={}).models.lm == "embedded"
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--lm", "gpt-9"], "--lm"),
+        (["--lm", "hf:/no/such/dir"], "--lm"),
+        (["--lm-url", "ftp://x"], "--lm-url"),
+        (["--temperature", "3"], "--temperature"),
+        (["--system-prompt", " "], "--system-prompt"),
+        (["--asr-partial-ms", "0"], "--asr-partial-ms"),
+    ],
+)
+def test_bad_model_flags_name_the_flag(argv, flag):
     with pytest.raises(ConfigError) as refused:
         load_config(argv, environ={})
     assert str(refused.value).startswith(flag + ":"), str(refused.value)

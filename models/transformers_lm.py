@@ -1,0 +1,137 @@
+"""Local causal LMs through transformers: any saved model directory, or a GGUF converted once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import structlog
+
+from models.base import Message
+from models.workers import ModelWorker
+
+log = structlog.get_logger()
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """The GGUF dequantized into a transformers directory under cache_dir, converted on first use.
+
+    transformers cannot save a model it loaded from GGUF, so the weights move into a model built
+    from the same config; the directory is written aside and renamed, so a crash leaves no half.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stamp = {"source": gguf.name, "bytes": gguf.stat().st_size}
+    target = cache_dir / gguf.stem
+    if (target / "source.json").is_file() and json.loads((target / "source.json").read_text()) == stamp:
+        return target
+    log.info("lm.converting", gguf=str(gguf), target=str(target))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / "source.json").write_text(json.dumps(stamp))
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+class TransformersLM:
+    """Owns one transformers causal LM and its tokenizer; generation runs in the worker thread.
+
+    Each generation step checks a stop flag that closing the stream sets, so a cancelled reply
+    frees the worker within one step.
+    """
+
+    def __init__(
+        self, path: Path, worker: ModelWorker, max_new_tokens: int, temperature: float, threads: int
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.worker = worker
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if self._tokenizer.chat_template is None:
+            raise ValueError(f"{path}: the tokenizer has no chat template")
+
+    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[str | None] = asyncio.Queue()
+        stop = threading.Event()
+        done = asyncio.wrap_future(self.worker.submit(self.generate_now, messages, loop, deltas, stop))
+        try:
+            while (delta := await deltas.get()) is not None:
+                yield delta
+            await done  # the worker's error, if it had one
+        finally:
+            stop.set()
+
+    def generate_now(
+        self,
+        messages: list[Message],
+        loop: asyncio.AbstractEventLoop,
+        deltas: asyncio.Queue[str | None],
+        stop: threading.Event,
+    ) -> None:
+        """Blocking: generate a reply, posting text deltas to `deltas` and None at the end."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+        def post(item: str | None) -> None:
+            try:
+                loop.call_soon_threadsafe(deltas.put_nowait, item)
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                stop.set()
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    post(text)
+
+        class Stopped(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
+
+        try:
+            if stop.is_set():
+                return
+            inputs = self._tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
+            sampling: dict[str, Any] = (
+                {"do_sample": True, "temperature": self.temperature, "top_p": 0.9}
+                if self.temperature > 0
+                else {"do_sample": False}
+            )
+            with torch.inference_mode():
+                self._model.generate(
+                    **inputs,
+                    max_new_tokens=self.max_new_tokens,
+                    repetition_penalty=1.1,
+                    streamer=Streamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True),
+                    stopping_criteria=StoppingCriteriaList([Stopped()]),
+                    pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
+                    **sampling,
+                )
+        finally:
+            post(None)

@@ -1,0 +1,122 @@
+"""The embedded profile with its real models (Whisper tiny.en, SmolLM2, piper) over real WebRTC."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from bench.metrics import normalize_words, word_error_rate
+from bench.peer import ClientPeer
+from config import AppConfig, ModelConfig, ServerConfig
+from context.dialog import TranscriptStore
+from controller.profiles import Profile
+from models.embedded import EmbeddedModels
+from tests.signals import resample
+from tests.speech import espeak
+
+RATE = 48000
+QUESTION = "What is the capital of France?"
+
+
+def trimmed(pcm: np.ndarray, threshold: float = 0.02) -> np.ndarray:
+    loud = np.flatnonzero(np.abs(pcm) > threshold)
+    return pcm[loud[0] : loud[-1] + 1]
+
+
+def agent_audio(peer: ClientPeer, since: float, until: float) -> np.ndarray:
+    """What the client received between two moments, at 16 kHz."""
+    frames = [f.pcm for f in peer.received if since <= f.arrival <= until]
+    return resample(np.concatenate(frames), RATE, 16000) if frames else np.zeros(0, dtype=np.float32)
+
+
+@pytest.fixture
+async def embedded_server(start_server, embedded_models: EmbeddedModels, tmp_path):
+    from controller.profiles import open_profile
+
+    async def start(**overrides):
+        config = AppConfig(server=ServerConfig(data_dir=tmp_path / "data"), models=embedded_models.config)
+        profile: Profile = await open_profile(config, TranscriptStore(tmp_path / "data"), models=embedded_models)
+        return await start_server(factory=profile.factory, **overrides)
+
+    return start
+
+
+async def test_spoken_question_gets_a_spoken_answer(embedded_server, embedded_models):
+    question = trimmed(espeak(QUESTION, RATE))  # before the call: espeak blocks the shared event loop
+    server = await embedded_server()
+    peer = ClientPeer(server.url)
+    session_id = await peer.connect()
+    await peer.wait_event("session.created")
+    await peer.changed.wait_for(lambda: peer.received, timeout=5)
+    output = server.registry.get(session_id).output
+    output.worst_gap_ms = 0.0
+
+    peer.speak(question, RATE)
+    completed = await peer.wait_event("conversation.item.input_audio_transcription.completed", timeout=30)
+    assert word_error_rate(QUESTION, completed["transcript"]) <= 0.2, completed["transcript"]
+    partials = [
+        e for e in peer.events
+        if e["type"] == "conversation.item.input_audio_transcription.delta" and e["item_id"] == completed["item_id"]
+    ]
+    assert partials and partials[-1]["_received"] <= completed["_received"]
+
+    started = await peer.wait_event("response.audio.started", timeout=30)
+    done = await peer.wait_event("response.done", timeout=90)
+    assert done["response"]["status"] == "completed"
+    reply = done["response"]["output_text"]
+    deltas = "".join(e["delta"] for e in peer.events if e["type"] == "response.text.delta")
+    assert reply and reply == deltas.strip()
+    # The reply's last audio frame reaches the client shortly after the server is done with it.
+    await peer.changed.wait_for(lambda: peer.received[-1].arrival > done["_received"] + 0.5, timeout=5)
+    heard = agent_audio(peer, started["_received"] - 0.2, done["_received"] + 0.5)
+    transcript = await embedded_models.asr.transcribe(heard)
+    assert word_error_rate(reply, transcript) <= 0.35, (reply, transcript)
+
+    # The output never starved while the three models worked in their threads.
+    assert output.worst_gap_ms <= 40, f"an output frame came {output.worst_gap_ms:.0f} ms after the one before"
+    metrics = await peer.wait_event("metrics.turn")
+    assert {"asr_ms", "lm_ttft_ms", "tts_first_audio_ms", "server_v2v_ms"} <= set(metrics)
+    await peer.close()
+
+
+async def test_barge_in_truncates_the_reply_in_the_history(embedded_server, embedded_models):
+    request = trimmed(espeak("Tell me a long story about a brave knight and a dragon.", RATE))
+    interruption = trimmed(espeak("Wait, stop. Tell me something else.", RATE))
+    server = await embedded_server()
+    peer = ClientPeer(server.url)
+    session_id = await peer.connect()
+    await peer.wait_event("session.created")
+    await peer.changed.wait_for(lambda: peer.received, timeout=5)
+
+    peer.speak(request, RATE)
+    started = await peer.wait_event("response.audio.started", timeout=60)
+    await peer.changed.wait_for(lambda: peer.received[-1].arrival > started["_received"] + 1.0, timeout=10)
+    peer.speak(interruption, RATE)
+    done = await peer.wait_event("response.done", timeout=30)
+    assert done["response"]["status"] == "interrupted"
+    stopped_at = time.monotonic()
+
+    full_reply = "".join(e["delta"] for e in peer.events if e["type"] == "response.text.delta")
+    transcript = await _transcript(server.url, session_id)
+    assistant = [t for t in transcript if t["role"] == "assistant"]
+    assert assistant and assistant[0]["status"] == "interrupted"
+    heard, full = normalize_words(assistant[0]["text"]), normalize_words(full_reply)
+    assert 0 < len(heard) < len(full) and heard == full[: len(heard)], (heard, full)
+
+    # Silence follows the interruption at once (the output was flushed, not drained).
+    await peer.changed.wait_for(lambda: peer.received[-1].arrival > stopped_at + 0.3, timeout=5)
+    tail = [f.pcm for f in peer.received if f.arrival > stopped_at + 0.15]
+    assert tail and max(float(np.sqrt(np.mean(p**2))) for p in tail[:5]) < 0.01
+    await peer.close()
+
+
+async def _transcript(url: str, session_id: str) -> list[dict]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/api/sessions/{session_id}/transcript") as response:
+            assert response.status == 200
+            return (await response.json())["turns"]
