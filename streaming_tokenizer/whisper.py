@@ -84,7 +84,7 @@ class WhisperTokenizer:
         if self._closed or (self._job is not None and not self._job.done()):
             return
         silent_run = len(self._frames) - self._voiced_end
-        if silent_run == self._settle_frames and not self._covered():
+        if silent_run >= self._settle_frames and not self._covered():
             self._start()
         elif (
             voiced

