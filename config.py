@@ -129,10 +129,10 @@ class ModelConfig:
     lm_model: str = "default"
     lm_api_key_env: str = "OPENAI_API_KEY"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    max_new_tokens: int = 80
+    max_new_tokens: int = 60
     temperature: float = 0.0
-    history_tokens: int = 1000
-    asr_partial_ms: int = 600
+    history_tokens: int = 600
+    asr_partial_ms: int = 500
     threads: int = 2
 
     @property
@@ -314,10 +314,10 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--lm-model", _non_empty, "model name sent to --lm-url (default 'default')"),
     _Flag("--lm-api-key-env", _non_empty, "environment variable holding the --lm-url API key (default OPENAI_API_KEY)"),
     _Flag("--system-prompt", _non_empty, "the LM's system prompt (default: a short spoken-style prompt)"),
-    _Flag("--max-new-tokens", _positive_int, "longest reply in tokens (default 80)"),
+    _Flag("--max-new-tokens", _positive_int, "longest reply in tokens (default 60)"),
     _Flag("--temperature", _temperature, "LM sampling temperature; 0 is greedy (default 0)"),
-    _Flag("--history-tokens", _positive_int, "dialog history the LM sees, in tokens (default 1000)"),
-    _Flag("--asr-partial-ms", _positive_int, "new speech between partial transcripts (default 600)"),
+    _Flag("--history-tokens", _positive_int, "dialog history the LM sees, in tokens (default 600)"),
+    _Flag("--asr-partial-ms", _positive_int, "new speech between partial transcripts (default 500)"),
     _Flag("--model-threads", _positive_int, "CPU threads each model may use (default 2)"),
     _Flag("--log-json", _bool, "log JSON lines instead of readable console lines", switch=True),
     _Flag("--log-level", _choice(("debug", "info", "warning", "error")), "log level (default info)"),

@@ -19,13 +19,17 @@ class SpeechChunker:
     """Owns the text not yet cut: push() LM deltas in, get back the pieces ready to speak.
 
     A piece ends at a sentence end, or at a clause boundary once the clause has `clause_words`
-    words (`first_clause_words` for the first piece, so the first audio starts early), or after
-    `max_words` words without either. A sentence end counts only once the next character is in,
-    so "3.5" and "e.g." followed by more text are not cut.
+    words, or after `max_words` words without either. The first piece is cut sooner (a clause of
+    `first_clause_words`, or `first_max_words` words): the first audio waits for it, and the LM
+    outruns speech, so later pieces are ready before they are needed. A sentence end counts only
+    once the next character is in, so "3.5" and "e.g." followed by more text are not cut.
     """
 
-    def __init__(self, first_clause_words: int = 4, clause_words: int = 8, max_words: int = 30) -> None:
+    def __init__(
+        self, first_clause_words: int = 2, first_max_words: int = 6, clause_words: int = 8, max_words: int = 30
+    ) -> None:
         self.first_clause_words = first_clause_words
+        self.first_max_words = first_max_words
         self.clause_words = clause_words
         self.max_words = max_words
         self._buffer = ""
@@ -55,11 +59,13 @@ class SpeechChunker:
         sentence = _SENTENCE_END.search(self._buffer)
         if sentence is not None:
             return sentence.end()
-        needed = self.first_clause_words if self._pieces == 0 else self.clause_words
+        first = self._pieces == 0
+        needed = self.first_clause_words if first else self.clause_words
         for clause in _CLAUSE_END.finditer(self._buffer):
             if len(self._buffer[: clause.start()].split()) >= needed:
                 return clause.end()
+        most = self.first_max_words if first else self.max_words
         words = list(re.finditer(r"\S+\s", self._buffer))
-        if len(words) >= self.max_words:
-            return words[self.max_words - 1].end()
+        if len(words) >= most:
+            return words[most - 1].end()
         return None

@@ -136,3 +136,43 @@ async def test_browser_call_reaches_the_server_and_hangs_up(start_server, tmp_pa
         assert state == "closed"
     finally:
         await asyncio.to_thread(driver.quit)
+
+
+async def test_browser_conversation_with_the_embedded_models(start_server, embedded_models, tmp_path):
+    require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from config import AppConfig, ServerConfig
+    from context.dialog import TranscriptStore
+    from controller.profiles import open_profile
+
+    question = "What is the capital of France?"
+    # Chromium loops the file: the long silence keeps the question from coming round again.
+    speech = espeak(question, 48000)
+    write_wav(tmp_path / "mic.wav", np.concatenate([np.zeros(24000), speech, np.zeros(48000 * 30)]), 48000)
+    config = AppConfig(server=ServerConfig(data_dir=tmp_path / "data"), models=embedded_models.config)
+    profile = await open_profile(config, TranscriptStore(tmp_path / "data"), models=embedded_models)
+    server = await start_server(factory=profile.factory)
+    driver = await asyncio.to_thread(chromium, tmp_path / "mic.wav", tmp_path / "profile")
+    try:
+        def conversation() -> tuple[str, str]:
+            driver.get(server.url)
+            driver.find_element(By.ID, "call").click()
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: d.find_element(By.ID, "profile").text == "embedded")
+            user = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .turn.user:not(.partial)"))
+            reply = wait.until(
+                lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, "#transcript .turn.assistant") if e.text.strip()]
+            )
+            # The metrics row appears when the reply is done.
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#metrics tbody tr"))
+            return user[0].text, reply[0].text
+
+        user_text, reply_text = await asyncio.to_thread(conversation)
+        from bench.metrics import word_error_rate
+
+        assert word_error_rate(question, user_text) <= 0.2, user_text
+        assert len(reply_text.split()) >= 2, reply_text
+    finally:
+        await asyncio.to_thread(driver.quit)

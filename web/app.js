@@ -115,7 +115,7 @@ function onServerEvent(event) {
     case "conversation.item.input_audio_transcription.delta": {
       const el = turnElement(event.item_id, "user");
       el.classList.add("partial");
-      el.textContent = event.delta;
+      el.textContent = event.transcript; // each partial replaces the one before
       break;
     }
     case "conversation.item.input_audio_transcription.completed": {
