@@ -73,6 +73,8 @@ class DialogContext:
         self._store = store
         self._session_id = session_id
         self._count = count_tokens
+        self._start = 0  # the oldest turn the prompt still shows
+        self.refill = 0.6
 
     def add(self, turn: Turn) -> None:
         self.turns.append(turn)
@@ -80,24 +82,38 @@ class DialogContext:
             self._store.append(self._session_id, asdict(turn))
 
     def messages(self, pending_user: str | None = None) -> list[Message]:
-        """The LM prompt: system prompt, the newest turns within budget, then the turn being answered."""
+        """The LM prompt: system prompt, the newest turns within budget, then the turn being answered.
+
+        Old turns leave in steps, down to `refill` of the budget, rather than one per turn: the
+        prompt then keeps the same beginning for several turns, and an LM that caches the
+        previous prompt only processes what is new.
+        """
         budget = self.max_tokens - self._count(self.system_prompt)
         tail: list[Message] = []
         if pending_user is not None:
             tail.append(Message("user", pending_user))
             budget -= self._count(pending_user)
-        kept: list[Message] = []
-        for turn in reversed(self.turns):
-            cost = self._count(turn.text)
-            if cost > budget:
-                break
-            budget -= cost
-            kept.append(Message(turn.role, turn.text))
-        kept.reverse()
+        costs = [self._count(turn.text) for turn in self.turns]
+        start = max(self._start, len(self.turns) - _fits(costs[self._start :][::-1], budget))
+        if start != self._start:
+            start = len(self.turns) - _fits(costs[start:][::-1], int(budget * self.refill))
+        self._start = start
+        kept = [Message(turn.role, turn.text) for turn in self.turns[start:]]
         # A history that opens with an assistant turn confuses chat templates: drop the orphan.
         while kept and kept[0].role == "assistant":
             kept.pop(0)
         return [Message("system", self.system_prompt), *kept, *tail]
+
+
+def _fits(costs_newest_first: list[int], budget: int) -> int:
+    """How many of the newest turns fit in `budget`."""
+    count = 0
+    for cost in costs_newest_first:
+        if cost > budget:
+            break
+        budget -= cost
+        count += 1
+    return count
 
 
 def heard_text(chunks: list[tuple[str, float]], heard_ms: float) -> str:

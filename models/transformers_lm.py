@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -174,6 +175,8 @@ class TransformersLM:
                 if self.temperature > 0
                 else {"do_sample": False}
             )
+            # `past_key_values` is the name that works across transformers 4.5x and 5.x.
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
             ids = inputs["input_ids"][0].tolist()
             cache, reused = self.prefix_cache.take(ids)
             self.reused_tokens += reused

@@ -45,3 +45,18 @@ async def test_transcript_endpoint_serves_what_was_stored(server):
         ]
         async with http.get(f"{server.url}/api/sessions/sess_none/transcript") as response:
             assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+
+
+def test_history_leaves_in_steps_so_the_prompt_keeps_its_beginning():
+    context = DialogContext("sys", max_tokens=100)
+    openings = []
+    for i in range(30):
+        context.add(Turn("user", f"question {i} is here"))
+        context.add(Turn("assistant", f"answer {i} is there"))
+        messages = context.messages(pending_user="next")
+        assert sum(estimate_tokens(m.content) for m in messages) <= 100
+        openings.append(messages[1].content)
+    # Each eviction drops several turns at once, so the first kept turn changes rarely.
+    changes = sum(1 for a, b in zip(openings, openings[1:]) if a != b)
+    assert 0 < changes <= 30 // 3
+    assert openings[-1] != "question 0 is here"

@@ -68,6 +68,23 @@ async def test_hf_backend_streams_text_deltas(tiny_model):
         worker.close()
 
 
+async def test_hf_backend_reuses_the_cache_of_the_previous_turn(tiny_model):
+    worker = ModelWorker("lm-test")
+    try:
+        lm = TransformersLM(tiny_model, worker, max_new_tokens=12, temperature=0.0, threads=1)
+        async with aclosing(lm.stream(MESSAGES)) as stream:
+            reply = "".join([delta async for delta in stream])
+        assert lm.reused_tokens == 0
+        follow_up = [*MESSAGES, Message("assistant", reply), Message("user", "And then?")]
+        async with aclosing(lm.stream(follow_up)) as stream:
+            assert [delta async for delta in stream]
+        # The second prompt starts with the first prompt: at least that much came from the cache.
+        first_prompt = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+        assert lm.reused_tokens >= lm.count_tokens(first_prompt) > 10
+    finally:
+        worker.close()
+
+
 async def test_hf_backend_stops_within_a_step_when_the_stream_closes(tiny_model):
     worker = ModelWorker("lm-test")
     try:
@@ -186,23 +203,23 @@ async def test_openai_backend_closing_the_stream_drops_the_connection(chat_serve
         await lm.aclose()
 
 
-async def test_openai_backend_reports_http_errors(chat_server):
-    lm = OpenAICompatibleLM(await chat_server(FakeChatServer([], status=503)), "tiny", None, 8, 0.0)
+async def _reply_error(lm: OpenAICompatibleLM) -> str:
     try:
-        with pytest.raises(LMServiceError, match="HTTP 503.*overloaded"):
+        with pytest.raises(LMServiceError) as failed:
             async with aclosing(lm.stream(MESSAGES)) as stream:
                 async for _ in stream:
                     pass
     finally:
         await lm.aclose()
+    return str(failed.value)
+
+
+async def test_openai_backend_reports_http_errors(chat_server):
+    lm = OpenAICompatibleLM(await chat_server(FakeChatServer([], status=503)), "tiny", None, 8, 0.0)
+    message = await _reply_error(lm)
+    assert "HTTP 503" in message and "overloaded" in message
 
 
 async def test_openai_backend_reports_an_unreachable_endpoint():
     lm = OpenAICompatibleLM("http://127.0.0.1:9/v1", "tiny", None, 8, 0.0, timeout_s=2)
-    try:
-        with pytest.raises(LMServiceError, match="127.0.0.1:9"):
-            async with aclosing(lm.stream(MESSAGES)) as stream:
-                async for _ in stream:
-                    pass
-    finally:
-        await lm.aclose()
+    assert "127.0.0.1:9" in await _reply_error(lm)
