@@ -1,0 +1,97 @@
+"""Reading timings out of audio: where speech is in a clip, and what a client heard when.
+
+Everything here works on plain arrays and (arrival time, level) pairs, so each function can be
+checked against synthetic signals whose answers are known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FRAME_S = 0.02
+SILENCE_DBFS = -45.0  # a 20 ms frame below this RMS level counts as silence
+
+
+def frame_levels(pcm: np.ndarray, rate: int) -> np.ndarray:
+    """RMS level in dBFS of each whole 20 ms frame of float PCM."""
+    size = int(rate * FRAME_S)
+    frames = pcm[: len(pcm) // size * size].astype(np.float64).reshape(-1, size)
+    rms = np.sqrt(np.mean(frames**2, axis=1))
+    return 20 * np.log10(np.maximum(rms, 1e-9))
+
+
+def speech_segments(
+    pcm: np.ndarray, rate: int, silence_dbfs: float = SILENCE_DBFS, min_gap_s: float = 0.2
+) -> list[tuple[float, float]]:
+    """(start_s, end_s) of each stretch of sound; gaps shorter than `min_gap_s` (between words) are
+    bridged, so a segment is a phrase."""
+    loud = frame_levels(pcm, rate) > silence_dbfs
+    segments: list[list[float]] = []
+    for index in np.flatnonzero(loud):
+        start, end = index * FRAME_S, (index + 1) * FRAME_S
+        if segments and start - segments[-1][1] < min_gap_s:
+            segments[-1][1] = end
+        else:
+            segments.append([start, end])
+    return [(round(a, 3), round(b, 3)) for a, b in segments]
+
+
+def speech_end(pcm: np.ndarray, rate: int, silence_dbfs: float = SILENCE_DBFS) -> float | None:
+    """Seconds from the clip's start to the end of its last sound, or None for a silent clip."""
+    segments = speech_segments(pcm, rate, silence_dbfs)
+    return segments[-1][1] if segments else None
+
+
+@dataclass(frozen=True)
+class Heard:
+    """One 20 ms frame of agent audio as the client received it."""
+
+    arrival: float  # client clock, seconds
+    level_dbfs: float
+
+    @property
+    def audible(self) -> bool:
+        return self.level_dbfs > SILENCE_DBFS
+
+
+def first_audible(heard: list[Heard], after: float) -> float | None:
+    """Arrival of the first audible frame after `after`."""
+    return next((h.arrival for h in heard if h.arrival > after and h.audible), None)
+
+
+def audio_stop(heard: list[Heard], after: float, quiet_s: float = 0.3) -> float | None:
+    """When agent audio that was playing at `after` stopped: the arrival of its last audible frame
+    before `quiet_s` of silence. None if nothing was audible after `after`, or it never stopped."""
+    last = None
+    for frame in heard:
+        if frame.arrival <= after:
+            continue
+        if frame.audible:
+            last = frame.arrival
+        elif last is not None and frame.arrival - last >= quiet_s:
+            return last
+    return None
+
+
+def client_v2v_ms(speech_end_at: float, heard: list[Heard]) -> float | None:
+    """End of the user's speech (client clock) to the first audible agent frame after it."""
+    reply = first_audible(heard, speech_end_at)
+    return None if reply is None else round((reply - speech_end_at) * 1000, 1)
+
+
+def bargein_stop_ms(onset_at: float, heard: list[Heard]) -> float | None:
+    """Onset of the interrupting speech to the last agent audio frame received; 0 when the agent
+    was already quiet."""
+    stop = audio_stop(heard, onset_at)
+    if stop is None:
+        return 0.0 if first_audible(heard, onset_at) is None else None
+    return round(max(0.0, stop - onset_at) * 1000, 1)
+
+
+def underruns(heard: list[Heard], start: float, end: float, max_gap_s: float = 0.06) -> int:
+    """Holes in the received stream between `start` and `end`: arrivals more than `max_gap_s`
+    apart (the client's jitter buffer would have played silence there)."""
+    arrivals = [h.arrival for h in heard if start <= h.arrival <= end]
+    return sum(1 for a, b in zip(arrivals, arrivals[1:]) if b - a > max_gap_s)

@@ -1,0 +1,77 @@
+"""Unit: the harness's audio analysis and metrics on signals and timelines with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.analysis import (
+    Heard,
+    bargein_stop_ms,
+    client_v2v_ms,
+    speech_end,
+    speech_segments,
+    underruns,
+)
+from bench.metrics import word_error_rate
+
+RATE = 16000
+
+
+def tone(seconds: float, amplitude: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (amplitude * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def quiet(seconds: float, noise: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return (noise * rng.standard_normal(int(seconds * RATE))).astype(np.float32)
+
+
+def test_speech_end_of_a_clip_with_known_silences():
+    clip = np.concatenate([quiet(0.5), tone(1.0), quiet(0.1), tone(0.4), quiet(0.6), tone(0.3), quiet(0.7)])
+    # The 0.1 s gap is inside a phrase; the 0.6 s gap separates two.
+    assert speech_segments(clip, RATE) == [(0.5, 2.0), (2.6, 2.9)]
+    assert speech_end(clip, RATE) == pytest.approx(2.9, abs=0.02)
+
+
+def test_speech_end_ignores_faint_noise_and_handles_silence():
+    clip = np.concatenate([quiet(0.3, noise=0.001), tone(0.8), quiet(1.0, noise=0.001)])
+    assert speech_end(clip, RATE) == pytest.approx(1.1, abs=0.02)
+    assert speech_end(quiet(2.0), RATE) is None
+
+
+def timeline(spans: list[tuple[float, float]], until: float) -> list[Heard]:
+    """20 ms frames from t=0 to `until`, audible inside the (start, end) spans."""
+    frames = []
+    for i in range(int(until / 0.02)):
+        at = round(i * 0.02, 3)
+        loud = any(start <= at < end for start, end in spans)
+        frames.append(Heard(at, -20.0 if loud else -90.0))
+    return frames
+
+
+def test_client_v2v_is_speech_end_to_first_audible_reply():
+    heard = timeline([(0.2, 0.4), (3.1, 5.0)], until=6.0)  # an earlier sound is not the reply
+    assert client_v2v_ms(2.0, heard) == pytest.approx(1100, abs=1)
+    assert client_v2v_ms(5.5, heard) is None
+
+
+def test_bargein_stop_is_onset_to_last_agent_audio():
+    heard = timeline([(1.0, 4.24)], until=6.0)
+    assert bargein_stop_ms(4.0, heard) == pytest.approx(220, abs=1)
+    assert bargein_stop_ms(5.0, heard) == 0.0  # the agent was already quiet
+    assert bargein_stop_ms(4.0, timeline([(1.0, 6.0)], until=6.0)) is None  # it never stopped
+
+
+def test_underruns_count_holes_in_the_received_stream():
+    heard = [h for h in timeline([], until=2.0) if not 0.5 <= h.arrival < 0.6 and not 1.2 <= h.arrival < 1.3]
+    assert underruns(heard, 0.0, 2.0) == 2
+    assert underruns(heard, 0.0, 0.4) == 0
+
+
+def test_word_error_rate_counts_edits():
+    assert word_error_rate("What is the capital of France?", "what is the capital of france") == 0.0
+    assert word_error_rate("book a table for two", "book the table for two") == pytest.approx(0.2)
+    assert word_error_rate("book a table", "book a table now please") == pytest.approx(2 / 3)
+    assert word_error_rate("It is 7.", "it is seven") == 0.0
