@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test
+.PHONY: run test bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,3 +20,8 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The harness: a local server on the embedded profile (free port, loopback ICE), the standard
+# suite and the concurrency sweep, then the summary table (results under bench/results/).
+bench: $(STAMP)
+	$(PY) -m bench --local $(ARGS)

@@ -55,8 +55,12 @@ class Notifier:
 class ClientPeer:
     """One call to the server over WebRTC. Owns its peer connection and its ping and recorder tasks."""
 
-    def __init__(self, base_url: str, *, ping_interval_s: float | None = 1.0) -> None:
+    def __init__(
+        self, base_url: str, *, ping_interval_s: float | None = 1.0, offer_path: str = "/api/offer", events: bool = True
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.offer_path = offer_path
+        self.expect_events = events  # another server may answer the offer but never open `events`
         self.mic = PacedOutput(RATE)
         self.pc = RTCPeerConnection()
         self.session_id: str | None = None
@@ -80,12 +84,14 @@ class ClientPeer:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{self.base_url}/api/offer", json=offer) as response:
+            async with http.post(f"{self.base_url}{self.offer_path}", json=offer) as response:
                 body = await response.json()
                 if response.status != 200:
                     raise OfferRefused(response.status, body)
-        self.session_id = body["session_id"]
+        self.session_id = body.get("session_id") or body.get("pc_id") or ""
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+        if not self.expect_events:
+            return self.session_id
         await self.changed.wait_for(lambda: self.channel.readyState == "open", timeout)
         if self._ping_interval_s:
             self._spawn(self._ping())

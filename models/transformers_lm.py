@@ -144,7 +144,8 @@ class TransformersLM:
     ) -> None:
         """Blocking: generate a reply, posting text deltas to `deltas` and None at the end."""
         import torch
-        from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
+        from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
 
         def post(item: str | None) -> None:
             try:
@@ -152,10 +153,31 @@ class TransformersLM:
             except RuntimeError:  # the loop is gone: nobody is listening any more
                 stop.set()
 
-        class Streamer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text:
-                    post(text)
+        tokenizer = self._tokenizer
+
+        class Streamer(BaseStreamer):
+            """Posts the text each new token adds (a word need not be complete: the speech chunker
+            joins the pieces), holding back only an unfinished multi-byte character."""
+
+            def __init__(self) -> None:
+                self.prompt_seen = False
+                self.tokens: list[int] = []
+                self.sent = 0
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:  # generate() hands over the prompt first
+                    self.prompt_seen = True
+                    return
+                self.tokens.extend(value.reshape(-1).tolist())
+                text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > self.sent:
+                    post(text[self.sent :])
+                    self.sent = len(text)
+
+            def end(self) -> None:
+                text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+                if len(text) > self.sent:
+                    post(text[self.sent :])
 
         class Stopped(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -187,7 +209,7 @@ class TransformersLM:
                     return_dict_in_generate=True,
                     max_new_tokens=self.max_new_tokens,
                     repetition_penalty=1.1,
-                    streamer=Streamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True),
+                    streamer=Streamer(),
                     stopping_criteria=StoppingCriteriaList([Stopped()]),
                     pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
                     **sampling,

@@ -43,6 +43,10 @@ def build_tiny_model(path: Path) -> None:
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1 << 20, eos_token_id=None, pad_token_id=vocab["<|pad|>"],
     )
+    import torch
+
+    # Seeded, so that every run builds the same model.
+    torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
 

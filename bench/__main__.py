@@ -1,0 +1,135 @@
+"""`python -m bench`: measure a voice agent server from the client side, over real WebRTC.
+
+    python -m bench --url http://127.0.0.1:8080            # a running server
+    python -m bench --local                                # start one (embedded, loopback ICE), measure, stop
+    python -m bench --url http://host:7860 --offer-path /api/offer/pipecat   # another server's signaling
+
+Results go to bench/results/<timestamp>/: turns.json, summary.json, summary.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+
+from bench import report
+from bench.harness import DEFAULT_OFFER_PATH, Transcribe, as_rows, run_sessions
+from bench.scenarios import Scenario, Voice, builtin, load_manifest
+
+STANDARD = "single,multi,pause,bargein,noise,silence"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="base URL of a running server")
+    target.add_argument("--local", action="store_true", help="start a local server for the run")
+    parser.add_argument("--profile", default="embedded", help="profile of the --local server (default embedded)")
+    parser.add_argument("--scenarios", default=STANDARD, help=f"built-in scenarios at N=1 (default {STANDARD})")
+    parser.add_argument("--manifest", type=Path, action="append", default=[], help="a scenario manifest (repeatable)")
+    parser.add_argument("--sweep", default="1,2,4,8", help="simultaneous sessions to measure (default 1,2,4,8)")
+    parser.add_argument("--sweep-scenarios", default="single", help="scenarios each session plays at N>1 (default single)")
+    parser.add_argument("--offer-path", default=DEFAULT_OFFER_PATH, help="signaling path; another path means a foreign server (audio timing only)")
+    parser.add_argument("--server-pid", type=int, help="pid of the server, for its CPU and memory per session")
+    parser.add_argument("--no-asr", action="store_true", help="skip transcribing the agent's audio")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    return parser.parse_args(argv)
+
+
+def transcriber() -> Transcribe:
+    from models.embedded import whisper_model_dir
+    from models.workers import ModelWorker
+    from streaming_tokenizer.whisper import WhisperEngine
+
+    worker = ModelWorker("bench-asr")
+    engine = worker.submit(WhisperEngine, whisper_model_dir(), 1, worker).result()
+    return engine.transcribe
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def local_server(profile: str) -> AsyncIterator[tuple[str, int]]:
+    port = free_port()
+    command = [sys.executable, "run_server.py", "--port", str(port), "--loopback-ice", "--profile", profile, "--max-sessions", "32"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):  # model loading: a first start converts the LM (about 40 s)
+                if server.poll() is not None:
+                    raise SystemExit(f"the server exited: {server.stderr.read() if server.stderr else ''}")
+                try:
+                    async with http.get(f"{url}/healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.5)  # polling a process that reports nothing else
+        yield url, server.pid
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def process_usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds used, resident MB) of a Linux process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
+    return cpu, rss / 1024
+
+
+async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[int, dict[str, Any]]:
+    print("preparing scenarios ...", flush=True)
+    scenarios = builtin(Voice())
+    chosen: list[Scenario] = [scenarios[name] for name in args.scenarios.split(",") if name]
+    chosen += [load_manifest(path) for path in args.manifest]
+    swept = [scenarios[name] for name in args.sweep_scenarios.split(",") if name]
+    transcribe = None if args.no_asr else transcriber()
+    from tqdm import tqdm
+
+    levels = [int(n) for n in args.sweep.split(",")]
+    by_level: dict[int, dict[str, Any]] = {}
+    for level in tqdm(levels, desc="concurrency levels", unit="level"):
+        plays = chosen if level == 1 else swept
+        before = process_usage(pid) if pid else None
+        started = time.monotonic()
+        results, holes = await run_sessions(url, plays, level, transcribe, args.offer_path)
+        run: dict[str, Any] = {"turns": as_rows(results), "underruns": holes}
+        if pid and before:
+            cpu, rss = process_usage(pid)
+            run["cpu_percent_per_session"] = round(100 * (cpu - before[0]) / (time.monotonic() - started) / level, 1)
+            run["rss_mb"] = round(rss)
+        by_level[level] = run
+    return by_level
+
+
+async def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    out = args.out / time.strftime("%Y%m%d-%H%M%S")
+    if args.local:
+        async with local_server(args.profile) as (url, pid):
+            by_level = await measure(args, url, pid)
+    else:
+        by_level = await measure(args, args.url, args.server_pid)
+    print(report.write(by_level, out))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,192 @@
+"""Plays scenarios against a running server as a real-time microphone and measures each turn.
+
+Timing comes from the audio the client receives, so it works for any server that answers an
+offer; the server's events (where it sends ours) add the transcript and the stage breakdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import soxr
+
+from bench.analysis import Heard, audio_stop, bargein_stop_ms, client_v2v_ms, first_audible, speech_end, speech_segments, underruns
+from bench.metrics import word_error_rate
+from bench.peer import RATE as PEER_RATE
+from bench.peer import ClientPeer
+from bench.scenarios import RATE, Scenario, Utterance
+
+DEFAULT_OFFER_PATH = "/api/offer"  # ours; any other path is a foreign server: audio timing only
+REPLY_TIMEOUT_S = 60.0
+QUIET_AFTER_REPLY_S = 1.0
+NO_REPLY_WAIT_S = 3.0
+
+Transcribe = Callable[[np.ndarray], Awaitable[str]]  # 16 kHz float PCM -> text
+
+
+@dataclass
+class TurnResult:
+    scenario: str
+    session: int
+    turn: int
+    text: str
+    speech_end_s: float | None
+    client_v2v_ms: float | None = None
+    bargein_stop_ms: float | None = None
+    false_cutoff: bool = False
+    false_start: bool = False
+    user_wer: float | None = None
+    reply_text: str = ""
+    reply_wer: float | None = None
+    status: str | None = None
+    server: dict[str, Any] = field(default_factory=dict)  # the server's metrics.turn, if it sends one
+    timeline: dict[str, float] = field(default_factory=dict)  # seconds from the session's start
+
+
+def heard_frames(peer: ClientPeer) -> list[Heard]:
+    out = []
+    for frame in peer.received:
+        rms = float(np.sqrt(np.mean(frame.pcm.astype(np.float64) ** 2)))
+        out.append(Heard(frame.arrival, 20 * np.log10(max(rms, 1e-9))))
+    return out
+
+
+class SessionRun:
+    """Owns one call: its peer, and the turns it measured."""
+
+    def __init__(self, url: str, index: int, transcribe: Transcribe | None, offer_path: str) -> None:
+        self.peer = ClientPeer(url, offer_path=offer_path, events=offer_path == DEFAULT_OFFER_PATH)
+        self.index = index
+        self.transcribe = transcribe
+        self.results: list[TurnResult] = []
+        self.started = 0.0
+        self._last_clip_at = 0.0
+
+    async def play(self, scenario: Scenario) -> None:
+        await self.peer.connect()
+        self.started = time.monotonic()
+        await self.peer.changed.wait_for(lambda: self.peer.received, timeout=10)
+        for number, utterance in enumerate(scenario.turns, 1):
+            self.results.append(await self._turn(scenario.name, number, utterance))
+
+    async def _turn(self, scenario: str, number: int, utterance: Utterance) -> TurnResult:
+        peer = self.peer
+        if utterance.when == "bargein":
+            await peer.changed.wait_for(lambda: first_audible(heard_frames(peer), self._last_clip_at) is not None, REPLY_TIMEOUT_S)
+            began = first_audible(heard_frames(peer), self._last_clip_at) or time.monotonic()
+            delay = began + utterance.bargein_after_ms / 1000 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing the scenario: speak this far into the reply
+        events_before = len(peer.events)
+        clip_at = time.monotonic()
+        self._last_clip_at = clip_at
+        peer.speak(soxr.resample(utterance.pcm, RATE, PEER_RATE).astype(np.float32), PEER_RATE)
+        clip_end_at = clip_at + len(utterance.pcm) / RATE
+        end = speech_end(utterance.pcm, RATE)
+        result = TurnResult(scenario, self.index, number, utterance.text, end)
+        speech_end_at = clip_at + (end or 0.0)
+
+        if not utterance.expect_reply:
+            await self._until(clip_end_at + NO_REPLY_WAIT_S)
+            heard = heard_frames(peer)
+            replied = first_audible(heard, clip_at) is not None
+            created = any(e["type"] == "response.created" for e in peer.events[events_before:])
+            result.false_start = replied or created
+            return result
+
+        reply_at = await self._await_reply(speech_end_at, events_before)
+        heard = heard_frames(peer)
+        result.client_v2v_ms = client_v2v_ms(speech_end_at, heard)
+        first_sound = first_audible(heard, clip_at)
+        result.false_cutoff = first_sound is not None and first_sound < clip_end_at and utterance.when != "bargein"
+        if utterance.when == "bargein":
+            onset = clip_at + speech_segments(utterance.pcm, RATE)[0][0]
+            result.bargein_stop_ms = bargein_stop_ms(onset, heard)
+        new_events = peer.events[events_before:]
+        self._read_events(result, new_events)
+        if self.transcribe is not None and reply_at is not None and result.reply_text:
+            reply_end = audio_stop(heard, reply_at) or heard[-1].arrival
+            audio = [f.pcm for f in peer.received if reply_at - 0.1 <= f.arrival <= reply_end + 0.3]
+            if audio:
+                pcm16k = soxr.resample(np.concatenate(audio), PEER_RATE, RATE).astype(np.float32)
+                result.reply_wer = round(word_error_rate(result.reply_text, await self.transcribe(pcm16k)), 3)
+        result.timeline = {
+            "clip_start": round(clip_at - self.started, 3),
+            "speech_end": round(speech_end_at - self.started, 3),
+            "clip_end": round(clip_end_at - self.started, 3),
+            **({"reply_start": round(reply_at - self.started, 3)} if reply_at else {}),
+        }
+        return result
+
+    async def _await_reply(self, speech_end_at: float, events_before: int) -> float | None:
+        peer = self.peer
+
+        def finished() -> bool:
+            if any(e["type"] == "response.done" for e in peer.events[events_before:]):
+                return True
+            heard = heard_frames(peer)
+            start = first_audible(heard, speech_end_at)
+            return start is not None and audio_stop(heard, start, QUIET_AFTER_REPLY_S) is not None
+
+        try:
+            await peer.changed.wait_for(finished, REPLY_TIMEOUT_S)
+        except TimeoutError:
+            pass
+        return first_audible(heard_frames(peer), speech_end_at)
+
+    async def _until(self, moment: float) -> None:
+        delay = moment - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # a fixed listening window, not waiting for an event
+
+    @staticmethod
+    def _read_events(result: TurnResult, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            kind = event["type"]
+            if kind == "conversation.item.input_audio_transcription.completed" and result.text:
+                result.user_wer = round(word_error_rate(result.text, event["transcript"]), 3)
+            elif kind == "response.done" and result.status is None:
+                result.status = event["response"]["status"]
+                result.reply_text = event["response"]["output_text"]
+            elif kind == "metrics.turn" and not result.server:
+                result.server = {k: v for k, v in event.items() if not k.startswith("_") and k != "type"}
+
+    def underruns(self) -> int:
+        heard = heard_frames(self.peer)
+        return underruns(heard, heard[0].arrival, heard[-1].arrival) if heard else 0
+
+    async def close(self) -> None:
+        await self.peer.close()
+
+
+async def run_sessions(
+    url: str, scenarios: list[Scenario], sessions: int, transcribe: Transcribe | None, offer_path: str = DEFAULT_OFFER_PATH
+) -> tuple[list[TurnResult], int]:
+    """`sessions` calls at once, each playing every scenario in turn (a fresh call per scenario).
+    Returns every turn and the output underruns counted over all calls."""
+    results: list[TurnResult] = []
+    holes = 0
+
+    async def one(index: int) -> None:
+        nonlocal holes
+        for scenario in scenarios:
+            run = SessionRun(url, index, transcribe, offer_path)
+            try:
+                await run.play(scenario)
+            finally:
+                results.extend(run.results)
+                holes += run.underruns()
+                await run.close()
+
+    async with asyncio.TaskGroup() as group:
+        for index in range(sessions):
+            group.create_task(one(index))
+    return results, holes
+
+
+def as_rows(results: list[TurnResult]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in results]

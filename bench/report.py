@@ -1,0 +1,126 @@
+"""The harness's outputs: per-turn JSON, a Markdown summary per concurrency level, PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CLIENT_METRICS = ("client_v2v_ms", "bargein_stop_ms", "user_wer", "reply_wer")
+SERVER_METRICS = ("endpoint_ms", "asr_ms", "lm_ttft_ms", "tts_first_audio_ms", "server_v2v_ms")
+
+
+def values(rows: list[dict[str, Any]], metric: str) -> list[float]:
+    found = [r.get(metric, r["server"].get(metric)) for r in rows]
+    return [float(v) for v in found if v is not None]
+
+
+def stats(numbers: list[float]) -> dict[str, float]:
+    if not numbers:
+        return {}
+    return {
+        "n": len(numbers),
+        **{f"p{q}": round(float(np.percentile(numbers, q)), 1) for q in (50, 90, 95)},
+        "max": round(max(numbers), 1),
+    }
+
+
+def summarize(by_level: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """For each number of simultaneous sessions: the statistics of every metric, and the counts."""
+    out: dict[int, dict[str, Any]] = {}
+    for level, run in by_level.items():
+        rows = run["turns"]
+        out[level] = {
+            "metrics": {m: stats(values(rows, m)) for m in CLIENT_METRICS + SERVER_METRICS},
+            "false_starts": sum(r["false_start"] for r in rows),
+            "false_cutoffs": sum(r["false_cutoff"] for r in rows),
+            "underruns": run["underruns"],
+            **{k: run[k] for k in ("cpu_percent_per_session", "rss_mb") if k in run},
+        }
+    return out
+
+
+def markdown(summary: dict[int, dict[str, Any]]) -> str:
+    lines = []
+    for level, block in summary.items():
+        lines += [f"### {level} simultaneous session(s)", "", "| metric | n | p50 | p90 | p95 | max |", "|---|---|---|---|---|---|"]
+        for metric, s in block["metrics"].items():
+            if s:
+                lines.append(f"| {metric} | {s['n']} | {s['p50']} | {s['p90']} | {s['p95']} | {s['max']} |")
+        extra = f"false starts {block['false_starts']}, false cut-offs {block['false_cutoffs']}, output underruns {block['underruns']}"
+        if "cpu_percent_per_session" in block:
+            extra += f", server CPU {block['cpu_percent_per_session']} % per session, RSS {block['rss_mb']} MB"
+        lines += ["", extra, ""]
+    return "\n".join(lines)
+
+
+def plots(by_level: dict[int, dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for level, run in by_level.items():
+        v2v = sorted(values(run["turns"], "client_v2v_ms"))
+        if v2v:
+            ax.step(v2v, np.arange(1, len(v2v) + 1) / len(v2v), where="post", label=f"N={level}")
+    ax.set_xlabel("client_v2v_ms")
+    ax.set_ylabel("fraction of turns")
+    ax.set_title("End of speech to first agent audio")
+    ax.legend()
+    written.append(_save(fig, out / "latency_cdf.png"))
+
+    first = next(iter(by_level.values()))["turns"]
+    staged = [r for r in first if r["server"].get("server_v2v_ms") is not None]
+    if staged:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        bottom = np.zeros(len(staged))
+        for stage in ("endpoint_ms", "asr_ms", "lm_ttft_ms", "tts_first_audio_ms"):
+            heights = np.array([float(r["server"].get(stage) or 0) for r in staged])
+            ax.bar(range(len(staged)), heights, bottom=bottom, label=stage)
+            bottom += heights
+        ax.plot(range(len(staged)), [r["client_v2v_ms"] or 0 for r in staged], "k.", label="client_v2v_ms")
+        ax.set_xlabel("turn")
+        ax.set_ylabel("ms")
+        ax.set_title("Stages per turn (each from its own start; overlap is speculation)")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "stages.png"))
+
+    conversation = [r for r in first if r["session"] == 0 and r["scenario"] == first[0]["scenario"] and r["timeline"]]
+    if conversation:
+        fig, ax = plt.subplots(figsize=(8, 2.5))
+        for r in conversation:
+            t = r["timeline"]
+            ax.barh(1, t["speech_end"] - t["clip_start"], left=t["clip_start"], color="tab:blue")
+            if "reply_start" in t:
+                ax.axvline(t["reply_start"], color="tab:orange")
+            ax.text(t["clip_start"], 1.45, r["text"][:30], fontsize=7)
+        ax.set_yticks([1], ["user speech"])
+        ax.set_xlabel("seconds from call start (orange: first agent audio)")
+        ax.set_title(f"Conversation timeline: {first[0]['scenario']}")
+        written.append(_save(fig, out / "timeline.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write(by_level: dict[int, dict[str, Any]], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "turns.json").write_text(json.dumps(by_level, indent=2, default=float))
+    summary = summarize(by_level)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = markdown(summary)
+    (out / "summary.md").write_text(text + "\n")
+    plots(by_level, out)
+    return text
