@@ -2,7 +2,7 @@
 
     python -m bench --url http://127.0.0.1:8080            # a running server
     python -m bench --local                                # start one (embedded, loopback ICE), measure, stop
-    python -m bench --url http://host:7860 --offer-path /api/offer/pipecat   # another server's signaling
+    python -m bench --url http://host:7860 --signaling plain   # another server (e.g. Pipecat SmallWebRTC)
 
 Results go to bench/results/<timestamp>/: turns.json, summary.json, summary.md and PNG plots.
 """
@@ -39,7 +39,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--manifest", type=Path, action="append", default=[], help="a scenario manifest (repeatable)")
     parser.add_argument("--sweep", default="1,2,4,8", help="simultaneous sessions to measure (default 1,2,4,8)")
     parser.add_argument("--sweep-scenarios", default="single", help="scenarios each session plays at N>1 (default single)")
-    parser.add_argument("--offer-path", default=DEFAULT_OFFER_PATH, help="signaling path; another path means a foreign server (audio timing only)")
+    parser.add_argument("--offer-path", default=DEFAULT_OFFER_PATH, help=f"where to POST the offer (default {DEFAULT_OFFER_PATH})")
+    parser.add_argument(
+        "--signaling",
+        choices=("ours", "plain"),
+        default="ours",
+        help="ours: this server (events, transcripts, stages); plain: any server answering an HTTP offer "
+        "with {sdp, type} (e.g. Pipecat's SmallWebRTC), measured from its audio alone",
+    )
     parser.add_argument("--server-pid", type=int, help="pid of the server, for its CPU and memory per session")
     parser.add_argument("--no-asr", action="store_true", help="skip transcribing the agent's audio")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -109,7 +116,7 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[i
         plays = chosen if level == 1 else swept
         before = process_usage(pid) if pid else None
         started = time.monotonic()
-        results, holes = await run_sessions(url, plays, level, transcribe, args.offer_path)
+        results, holes = await run_sessions(url, plays, level, transcribe, args.offer_path, args.signaling == "ours")
         run: dict[str, Any] = {"turns": as_rows(results), "underruns": holes}
         if pid and before:
             cpu, rss = process_usage(pid)

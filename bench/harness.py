@@ -20,7 +20,7 @@ from bench.peer import RATE as PEER_RATE
 from bench.peer import ClientPeer
 from bench.scenarios import RATE, Scenario, Utterance
 
-DEFAULT_OFFER_PATH = "/api/offer"  # ours; any other path is a foreign server: audio timing only
+DEFAULT_OFFER_PATH = "/api/offer"
 REPLY_TIMEOUT_S = 60.0
 QUIET_AFTER_REPLY_S = 1.0
 NO_REPLY_WAIT_S = 3.0
@@ -58,8 +58,8 @@ def heard_frames(peer: ClientPeer) -> list[Heard]:
 class SessionRun:
     """Owns one call: its peer, and the turns it measured."""
 
-    def __init__(self, url: str, index: int, transcribe: Transcribe | None, offer_path: str) -> None:
-        self.peer = ClientPeer(url, offer_path=offer_path, events=offer_path == DEFAULT_OFFER_PATH)
+    def __init__(self, url: str, index: int, transcribe: Transcribe | None, offer_path: str, events: bool) -> None:
+        self.peer = ClientPeer(url, offer_path=offer_path, events=events)
         self.index = index
         self.transcribe = transcribe
         self.results: list[TurnResult] = []
@@ -164,7 +164,9 @@ class SessionRun:
 
 
 async def run_sessions(
-    url: str, scenarios: list[Scenario], sessions: int, transcribe: Transcribe | None, offer_path: str = DEFAULT_OFFER_PATH
+    url: str, scenarios: list[Scenario], sessions: int, transcribe: Transcribe | None,
+    offer_path: str = DEFAULT_OFFER_PATH,
+    events: bool = True,
 ) -> tuple[list[TurnResult], int]:
     """`sessions` calls at once, each playing every scenario in turn (a fresh call per scenario).
     Returns every turn and the output underruns counted over all calls."""
@@ -174,7 +176,7 @@ async def run_sessions(
     async def one(index: int) -> None:
         nonlocal holes
         for scenario in scenarios:
-            run = SessionRun(url, index, transcribe, offer_path)
+            run = SessionRun(url, index, transcribe, offer_path, events)
             try:
                 await run.play(scenario)
             finally:
