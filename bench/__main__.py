@@ -19,12 +19,14 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
+from urllib.parse import urlparse
 
 import aiohttp
 
 from bench import report
 from bench.harness import DEFAULT_OFFER_PATH, Transcribe, as_rows, run_sessions
 from bench.scenarios import Scenario, Voice, builtin, load_manifest
+from realtime.webrtc import use_loopback_ice_only
 
 STANDARD = "single,multi,pause,bargein,noise,silence"
 
@@ -39,6 +41,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--manifest", type=Path, action="append", default=[], help="a scenario manifest (repeatable)")
     parser.add_argument("--sweep", default="1,2,4,8", help="simultaneous sessions to measure (default 1,2,4,8)")
     parser.add_argument("--sweep-scenarios", default="single", help="scenarios each session plays at N>1 (default single)")
+    parser.add_argument("--transport", choices=("webrtc", "ws"), default="webrtc", help="WebRTC (default) or the /ws WebSocket")
     parser.add_argument("--offer-path", default=DEFAULT_OFFER_PATH, help=f"where to POST the offer (default {DEFAULT_OFFER_PATH})")
     parser.add_argument(
         "--signaling",
@@ -102,6 +105,8 @@ def process_usage(pid: int) -> tuple[float, float]:
 
 
 async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[int, dict[str, Any]]:
+    if urlparse(url).hostname in ("127.0.0.1", "localhost"):
+        use_loopback_ice_only()  # aioice skips loopback addresses unless told; a local server needs them
     print("preparing scenarios ...", flush=True)
     scenarios = builtin(Voice())
     chosen: list[Scenario] = [scenarios[name] for name in args.scenarios.split(",") if name]
@@ -116,7 +121,7 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[i
         plays = chosen if level == 1 else swept
         before = process_usage(pid) if pid else None
         started = time.monotonic()
-        results, holes = await run_sessions(url, plays, level, transcribe, args.offer_path, args.signaling == "ours")
+        results, holes = await run_sessions(url, plays, level, transcribe, args.offer_path, args.signaling == "ours", args.transport)
         run: dict[str, Any] = {"turns": as_rows(results), "underruns": holes}
         if pid and before:
             cpu, rss = process_usage(pid)

@@ -75,6 +75,13 @@ def audio_stop(heard: list[Heard], after: float, quiet_s: float = 0.3) -> float 
     return None
 
 
+def sounded_between(heard: list[Heard], start: float, end: float) -> bool:
+    """Whether any agent audio was audible between two moments: during a noise or silence clip it
+    is a false start; before an utterance with an internal pause has ended, a false cut-off."""
+    sound = first_audible(heard, start)
+    return sound is not None and sound < end
+
+
 def client_v2v_ms(speech_end_at: float, heard: list[Heard]) -> float | None:
     """End of the user's speech (client clock) to the first audible agent frame after it."""
     reply = first_audible(heard, speech_end_at)

@@ -14,11 +14,22 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 import soxr
 
-from bench.analysis import Heard, audio_stop, bargein_stop_ms, client_v2v_ms, first_audible, speech_end, speech_segments, underruns
+from bench.analysis import (
+    Heard,
+    audio_stop,
+    bargein_stop_ms,
+    client_v2v_ms,
+    first_audible,
+    sounded_between,
+    speech_end,
+    speech_segments,
+    underruns,
+)
 from bench.metrics import word_error_rate
 from bench.peer import RATE as PEER_RATE
 from bench.peer import ClientPeer
 from bench.scenarios import RATE, Scenario, Utterance
+from bench.ws_peer import WsPeer
 
 DEFAULT_OFFER_PATH = "/api/offer"
 REPLY_TIMEOUT_S = 60.0
@@ -43,6 +54,7 @@ class TurnResult:
     reply_text: str = ""
     reply_wer: float | None = None
     status: str | None = None
+    interrupted_reply: bool = False  # a barge-in turn: the reply it spoke over reported `interrupted`
     server: dict[str, Any] = field(default_factory=dict)  # the server's metrics.turn, if it sends one
     timeline: dict[str, float] = field(default_factory=dict)  # seconds from the session's start
 
@@ -58,8 +70,12 @@ def heard_frames(peer: ClientPeer) -> list[Heard]:
 class SessionRun:
     """Owns one call: its peer, and the turns it measured."""
 
-    def __init__(self, url: str, index: int, transcribe: Transcribe | None, offer_path: str, events: bool) -> None:
-        self.peer = ClientPeer(url, offer_path=offer_path, events=events)
+    def __init__(
+        self, url: str, index: int, transcribe: Transcribe | None, offer_path: str, events: bool, transport: str
+    ) -> None:
+        self.peer: ClientPeer | WsPeer = (
+            WsPeer(url) if transport == "ws" else ClientPeer(url, offer_path=offer_path, events=events)
+        )
         self.index = index
         self.transcribe = transcribe
         self.results: list[TurnResult] = []
@@ -70,10 +86,13 @@ class SessionRun:
         await self.peer.connect()
         self.started = time.monotonic()
         await self.peer.changed.wait_for(lambda: self.peer.received, timeout=10)
-        for number, utterance in enumerate(scenario.turns, 1):
-            self.results.append(await self._turn(scenario.name, number, utterance))
+        turns = scenario.turns
+        for number, utterance in enumerate(turns, 1):
+            # A reply that the next turn will interrupt is measured only until it starts.
+            interrupted = number < len(turns) and turns[number].when == "bargein"
+            self.results.append(await self._turn(scenario.name, number, utterance, interrupted))
 
-    async def _turn(self, scenario: str, number: int, utterance: Utterance) -> TurnResult:
+    async def _turn(self, scenario: str, number: int, utterance: Utterance, interrupted: bool) -> TurnResult:
         peer = self.peer
         if utterance.when == "bargein":
             await peer.changed.wait_for(lambda: first_audible(heard_frames(peer), self._last_clip_at) is not None, REPLY_TIMEOUT_S)
@@ -92,25 +111,22 @@ class SessionRun:
 
         if not utterance.expect_reply:
             await self._until(clip_end_at + NO_REPLY_WAIT_S)
-            heard = heard_frames(peer)
-            replied = first_audible(heard, clip_at) is not None
+            replied = sounded_between(heard_frames(peer), clip_at, time.monotonic())
             created = any(e["type"] == "response.created" for e in peer.events[events_before:])
             result.false_start = replied or created
             return result
 
-        reply_at = await self._await_reply(speech_end_at, events_before)
+        reply_at, done_at = await self._await_reply(speech_end_at, events_before, whole=not interrupted)
         heard = heard_frames(peer)
         result.client_v2v_ms = client_v2v_ms(speech_end_at, heard)
-        first_sound = first_audible(heard, clip_at)
-        result.false_cutoff = first_sound is not None and first_sound < clip_end_at and utterance.when != "bargein"
+        result.false_cutoff = utterance.when != "bargein" and sounded_between(heard, clip_at, clip_end_at)
         if utterance.when == "bargein":
             onset = clip_at + speech_segments(utterance.pcm, RATE)[0][0]
             result.bargein_stop_ms = bargein_stop_ms(onset, heard)
         new_events = peer.events[events_before:]
         self._read_events(result, new_events)
-        if self.transcribe is not None and reply_at is not None and result.reply_text:
-            reply_end = audio_stop(heard, reply_at) or heard[-1].arrival
-            audio = [f.pcm for f in peer.received if reply_at - 0.1 <= f.arrival <= reply_end + 0.3]
+        if self.transcribe is not None and reply_at is not None and done_at is not None and result.reply_text:
+            audio = [f.pcm for f in peer.received if reply_at - 0.1 <= f.arrival <= done_at + 0.5]
             if audio:
                 pcm16k = soxr.resample(np.concatenate(audio), PEER_RATE, RATE).astype(np.float32)
                 result.reply_wer = round(word_error_rate(result.reply_text, await self.transcribe(pcm16k)), 3)
@@ -122,21 +138,33 @@ class SessionRun:
         }
         return result
 
-    async def _await_reply(self, speech_end_at: float, events_before: int) -> float | None:
+    async def _await_reply(self, speech_end_at: float, events_before: int, whole: bool) -> tuple[float | None, float | None]:
+        """Until the reply has started (`whole=False`) or ended; returns when its first audio
+        arrived and when it ended (None where that did not happen within REPLY_TIMEOUT_S)."""
         peer = self.peer
 
-        def finished() -> bool:
-            if any(e["type"] == "response.done" for e in peer.events[events_before:]):
-                return True
+        def ended() -> float | None:
+            replies = any(e["type"] == "response.created" for e in peer.events[events_before:])
+            if peer.expect_events and replies:  # the server says when a reply is over: metrics.turn follows response.done
+                finished = {
+                    e["response"]["id"]: e["_received"]
+                    for e in peer.events[events_before:]
+                    if e["type"] == "response.done" and e["response"]["status"] != "interrupted"
+                }
+                metrics = (e for e in peer.events[events_before:] if e["type"] == "metrics.turn")
+                return next((finished[e["response_id"]] for e in metrics if e["response_id"] in finished), None)
             heard = heard_frames(peer)
             start = first_audible(heard, speech_end_at)
-            return start is not None and audio_stop(heard, start, QUIET_AFTER_REPLY_S) is not None
+            return None if start is None else audio_stop(heard, start, QUIET_AFTER_REPLY_S)
+
+        def reached() -> bool:
+            return first_audible(heard_frames(peer), speech_end_at) is not None if not whole else ended() is not None
 
         try:
-            await peer.changed.wait_for(finished, REPLY_TIMEOUT_S)
+            await peer.changed.wait_for(reached, REPLY_TIMEOUT_S)
         except TimeoutError:
             pass
-        return first_audible(heard_frames(peer), speech_end_at)
+        return first_audible(heard_frames(peer), speech_end_at), ended() if whole else None
 
     async def _until(self, moment: float) -> None:
         delay = moment - time.monotonic()
@@ -149,10 +177,11 @@ class SessionRun:
             kind = event["type"]
             if kind == "conversation.item.input_audio_transcription.completed" and result.text:
                 result.user_wer = round(word_error_rate(result.text, event["transcript"]), 3)
-            elif kind == "response.done" and result.status is None:
+            elif kind == "response.done":  # the last one is this turn's reply
                 result.status = event["response"]["status"]
                 result.reply_text = event["response"]["output_text"]
-            elif kind == "metrics.turn" and not result.server:
+                result.interrupted_reply = result.interrupted_reply or result.status == "interrupted"
+            elif kind == "metrics.turn":
                 result.server = {k: v for k, v in event.items() if not k.startswith("_") and k != "type"}
 
     def underruns(self) -> int:
@@ -167,6 +196,7 @@ async def run_sessions(
     url: str, scenarios: list[Scenario], sessions: int, transcribe: Transcribe | None,
     offer_path: str = DEFAULT_OFFER_PATH,
     events: bool = True,
+    transport: str = "webrtc",
 ) -> tuple[list[TurnResult], int]:
     """`sessions` calls at once, each playing every scenario in turn (a fresh call per scenario).
     Returns every turn and the output underruns counted over all calls."""
@@ -176,7 +206,7 @@ async def run_sessions(
     async def one(index: int) -> None:
         nonlocal holes
         for scenario in scenarios:
-            run = SessionRun(url, index, transcribe, offer_path, events)
+            run = SessionRun(url, index, transcribe, offer_path, events, transport)
             try:
                 await run.play(scenario)
             finally:

@@ -90,11 +90,10 @@ class ClientPeer:
                     raise OfferRefused(response.status, body)
         self.session_id = body.get("session_id") or body.get("pc_id") or ""
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
-        if not self.expect_events:
-            return self.session_id
-        await self.changed.wait_for(lambda: self.channel.readyState == "open", timeout)
         if self._ping_interval_s:
-            self._spawn(self._ping())
+            self._spawn(self._ping())  # pings only once `events` is open, if it ever opens
+        if self.expect_events:
+            await self.changed.wait_for(lambda: self.channel.readyState == "open", timeout)
         return self.session_id
 
     def send(self, event: dict[str, Any] | str) -> None:

@@ -9,6 +9,7 @@ from bench.analysis import (
     Heard,
     bargein_stop_ms,
     client_v2v_ms,
+    sounded_between,
     speech_end,
     speech_segments,
     underruns,
@@ -75,3 +76,10 @@ def test_word_error_rate_counts_edits():
     assert word_error_rate("book a table for two", "book the table for two") == pytest.approx(0.2)
     assert word_error_rate("book a table", "book a table now please") == pytest.approx(2 / 3)
     assert word_error_rate("It is 7.", "it is seven") == 0.0
+
+
+def test_false_starts_and_cutoffs_are_agent_sound_inside_a_window():
+    heard = timeline([(2.5, 4.0)], until=6.0)
+    assert sounded_between(heard, 0.0, 3.0)  # a clip still playing until 3.0 s was cut off
+    assert not sounded_between(heard, 0.0, 2.4)  # the agent waited for the clip's end
+    assert not sounded_between(heard, 4.2, 6.0)  # noise played after the reply: no false start

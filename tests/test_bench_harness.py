@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bench import report
 from bench.harness import as_rows, run_sessions
@@ -19,10 +20,14 @@ def clip() -> np.ndarray:
     return np.concatenate([np.zeros(RATE // 5), tone, np.zeros(RATE // 5)]).astype(np.float32)
 
 
-async def test_harness_measures_the_echo_delay_and_writes_a_report(start_server, tmp_path):
+@pytest.mark.parametrize(("transport", "events"), [("webrtc", True), ("ws", True), ("webrtc", False)])
+async def test_harness_measures_the_echo_delay_and_writes_a_report(start_server, tmp_path, transport, events):
+    """`events=False` is `--signaling plain`: another server, measured from its audio alone."""
     server = await start_server(factory=lambda io: LoopbackAgent(io, LoopbackConfig(delay_ms=DELAY_MS)))
     scenario = Scenario("echo", (Utterance("", clip()),))
-    results, holes = await run_sessions(server.url, [scenario], 1, transcribe=None)
+    results, holes = await run_sessions(
+        server.url, [scenario], 1, transcribe=None, events=events, transport=transport
+    )
     assert len(results) == 1
     turn = results[0]
     assert turn.speech_end_s is not None and abs(turn.speech_end_s - 1.2) < 0.05

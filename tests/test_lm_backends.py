@@ -58,51 +58,52 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
-async def test_hf_backend_streams_text_deltas(tiny_model):
-    worker = ModelWorker("lm-test")
-    try:
-        lm = TransformersLM(tiny_model, worker, max_new_tokens=40, temperature=0.0, threads=1)
-        async with aclosing(lm.stream(MESSAGES)) as stream:
-            deltas = [delta async for delta in stream]
-        assert deltas and all(isinstance(d, str) and d for d in deltas)
-        # Greedy decoding from the same prompt is deterministic.
-        async with aclosing(lm.stream(MESSAGES)) as stream:
-            assert [delta async for delta in stream] == deltas
-    finally:
+@pytest.fixture
+def tiny_lm(tiny_model):
+    """Builds TransformersLMs over the tiny model; their worker threads close at teardown."""
+    workers: list[ModelWorker] = []
+
+    def make(max_new_tokens: int) -> TransformersLM:
+        workers.append(ModelWorker("lm-test"))
+        return TransformersLM(tiny_model, workers[-1], max_new_tokens, temperature=0.0, threads=1)
+
+    yield make
+    for worker in workers:
         worker.close()
 
 
-async def test_hf_backend_reuses_the_cache_of_the_previous_turn(tiny_model):
-    worker = ModelWorker("lm-test")
-    try:
-        lm = TransformersLM(tiny_model, worker, max_new_tokens=12, temperature=0.0, threads=1)
-        async with aclosing(lm.stream(MESSAGES)) as stream:
-            reply = "".join([delta async for delta in stream])
-        assert lm.reused_tokens == 0
-        follow_up = [*MESSAGES, Message("assistant", reply), Message("user", "And then?")]
-        async with aclosing(lm.stream(follow_up)) as stream:
-            assert [delta async for delta in stream]
-        # The second prompt starts with the first prompt: at least that much came from the cache.
-        first_prompt = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
-        assert lm.reused_tokens >= lm.count_tokens(first_prompt) > 10
-    finally:
-        worker.close()
+async def full_reply(lm: TransformersLM, messages: list[Message]) -> list[str]:
+    async with aclosing(lm.stream(messages)) as stream:
+        return [delta async for delta in stream]
 
 
-async def test_hf_backend_stops_within_a_step_when_the_stream_closes(tiny_model):
-    worker = ModelWorker("lm-test")
-    try:
-        lm = TransformersLM(tiny_model, worker, max_new_tokens=1_000_000, temperature=0.0, threads=1)
-        async with aclosing(lm.stream(MESSAGES)) as stream:
-            await anext(stream)
-        closed_at = time.monotonic()
-        # A million tokens would take many minutes; a stopped generation frees the worker at once.
-        async with asyncio.timeout(5):
-            await worker.run(lambda: None)
-        assert time.monotonic() - closed_at < 5
-        assert worker.busy == 0
-    finally:
-        worker.close()
+async def test_hf_backend_streams_text_deltas(tiny_lm):
+    lm = tiny_lm(40)
+    deltas = await full_reply(lm, MESSAGES)
+    assert deltas and all(isinstance(d, str) and d for d in deltas)
+    assert await full_reply(lm, MESSAGES) == deltas  # greedy decoding is deterministic
+
+
+async def test_hf_backend_reuses_the_cache_of_the_previous_turn(tiny_lm):
+    lm = tiny_lm(12)
+    reply = "".join(await full_reply(lm, MESSAGES))
+    assert lm.reused_tokens == 0
+    assert await full_reply(lm, [*MESSAGES, Message("assistant", reply), Message("user", "And then?")])
+    # The second prompt starts with the first prompt: at least that much came from the cache.
+    first_prompt = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    assert lm.reused_tokens >= lm.count_tokens(first_prompt) > 10
+
+
+async def test_hf_backend_stops_within_a_step_when_the_stream_closes(tiny_lm):
+    lm = tiny_lm(1_000_000)
+    async with aclosing(lm.stream(MESSAGES)) as stream:
+        await anext(stream)
+    closed_at = time.monotonic()
+    # A million tokens would take many minutes; a stopped generation frees the worker at once.
+    async with asyncio.timeout(5):
+        await lm.worker.run(lambda: None)
+    assert time.monotonic() - closed_at < 5
+    assert lm.worker.busy == 0
 
 
 def test_hf_backend_needs_a_chat_template(tmp_path, tiny_model):

@@ -1,0 +1,79 @@
+"""A client of the server's `/ws` transport with the same face as the WebRTC ClientPeer, so the
+harness measures either path with the same code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from bench.peer import RATE, Notifier, ReceivedFrame
+from realtime.events import ChunkJoiner
+from realtime.output import FrameClock, PacedOutput
+
+
+class WsPeer:
+    """One call over the WebSocket: a paced microphone task and a reader task, both owned here."""
+
+    def __init__(self, base_url: str, **_: Any) -> None:
+        self.url = base_url.rstrip("/").replace("http", "ws", 1) + "/ws"
+        self.mic = PacedOutput(RATE)
+        self.events: list[dict[str, Any]] = []
+        self.received: list[ReceivedFrame] = []
+        self.changed = Notifier()
+        self.session_id = ""
+        self.expect_events = True
+        self._joiner = ChunkJoiner()
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def connect(self, timeout: float = 10.0) -> str:
+        self._http = aiohttp.ClientSession()
+        self._ws = await self._http.ws_connect(self.url)
+        await self._ws.send_str(
+            json.dumps({"type": "session.start", "input_sample_rate": RATE, "output_sample_rate": RATE})
+        )
+        self._tasks = [asyncio.create_task(self._send_mic()), asyncio.create_task(self._read())]
+        created = await self.changed.wait_for(self._created, timeout)
+        self.session_id = created["session"]["id"]
+        return self.session_id
+
+    def _created(self) -> dict[str, Any] | None:
+        return next((e for e in self.events if e["type"] == "session.created"), None)
+
+    def speak(self, pcm: np.ndarray, sample_rate: int) -> None:
+        self.mic.write(pcm, sample_rate)
+
+    async def _send_mic(self) -> None:
+        clock = FrameClock(0.02)
+        assert self._ws is not None
+        while True:
+            await clock.tick()
+            await self._ws.send_bytes(self.mic.next_frame().astype("<i2").tobytes())
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        async for message in self._ws:
+            if message.type == aiohttp.WSMsgType.BINARY:
+                pcm = np.frombuffer(message.data, "<i2").astype(np.float32) / 32768
+                self.received.append(ReceivedFrame(time.monotonic(), pcm))
+            elif message.type == aiohttp.WSMsgType.TEXT:
+                event = self._joiner.feed(message.data)
+                if event is not None:
+                    event["_received"] = time.monotonic()
+                    self.events.append(event)
+            self.changed.notify()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ws is not None:
+            await self._ws.close()
+        if self._http is not None:
+            await self._http.close()
