@@ -59,12 +59,19 @@ class TurnResult:
     timeline: dict[str, float] = field(default_factory=dict)  # seconds from the session's start
 
 
-def heard_frames(peer: ClientPeer) -> list[Heard]:
-    out = []
-    for frame in peer.received:
-        rms = float(np.sqrt(np.mean(frame.pcm.astype(np.float64) ** 2)))
-        out.append(Heard(frame.arrival, 20 * np.log10(max(rms, 1e-9))))
-    return out
+class HeardLog:
+    """The received agent audio as levels, each frame measured once as it comes in (the wait
+    predicates look at it on every new frame)."""
+
+    def __init__(self, peer: ClientPeer | WsPeer) -> None:
+        self._peer = peer
+        self._heard: list[Heard] = []
+
+    def __call__(self) -> list[Heard]:
+        for frame in self._peer.received[len(self._heard) :]:
+            rms = float(np.sqrt(np.mean(frame.pcm.astype(np.float64) ** 2)))
+            self._heard.append(Heard(frame.arrival, 20 * np.log10(max(rms, 1e-9))))
+        return self._heard
 
 
 class SessionRun:
@@ -76,6 +83,7 @@ class SessionRun:
         self.peer: ClientPeer | WsPeer = (
             WsPeer(url) if transport == "ws" else ClientPeer(url, offer_path=offer_path, events=events)
         )
+        self.heard = HeardLog(self.peer)
         self.index = index
         self.transcribe = transcribe
         self.results: list[TurnResult] = []
@@ -95,8 +103,8 @@ class SessionRun:
     async def _turn(self, scenario: str, number: int, utterance: Utterance, interrupted: bool) -> TurnResult:
         peer = self.peer
         if utterance.when == "bargein":
-            await peer.changed.wait_for(lambda: first_audible(heard_frames(peer), self._last_clip_at) is not None, REPLY_TIMEOUT_S)
-            began = first_audible(heard_frames(peer), self._last_clip_at) or time.monotonic()
+            await peer.changed.wait_for(lambda: first_audible(self.heard(), self._last_clip_at) is not None, REPLY_TIMEOUT_S)
+            began = first_audible(self.heard(), self._last_clip_at) or time.monotonic()
             delay = began + utterance.bargein_after_ms / 1000 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)  # pacing the scenario: speak this far into the reply
@@ -111,13 +119,13 @@ class SessionRun:
 
         if not utterance.expect_reply:
             await self._until(clip_end_at + NO_REPLY_WAIT_S)
-            replied = sounded_between(heard_frames(peer), clip_at, time.monotonic())
+            replied = sounded_between(self.heard(), clip_at, time.monotonic())
             created = any(e["type"] == "response.created" for e in peer.events[events_before:])
             result.false_start = replied or created
             return result
 
         reply_at, done_at = await self._await_reply(speech_end_at, events_before, whole=not interrupted)
-        heard = heard_frames(peer)
+        heard = self.heard()
         result.client_v2v_ms = client_v2v_ms(speech_end_at, heard)
         result.false_cutoff = utterance.when != "bargein" and sounded_between(heard, clip_at, clip_end_at)
         if utterance.when == "bargein":
@@ -153,18 +161,18 @@ class SessionRun:
                 }
                 metrics = (e for e in peer.events[events_before:] if e["type"] == "metrics.turn")
                 return next((finished[e["response_id"]] for e in metrics if e["response_id"] in finished), None)
-            heard = heard_frames(peer)
+            heard = self.heard()
             start = first_audible(heard, speech_end_at)
             return None if start is None else audio_stop(heard, start, QUIET_AFTER_REPLY_S)
 
         def reached() -> bool:
-            return first_audible(heard_frames(peer), speech_end_at) is not None if not whole else ended() is not None
+            return first_audible(self.heard(), speech_end_at) is not None if not whole else ended() is not None
 
         try:
             await peer.changed.wait_for(reached, REPLY_TIMEOUT_S)
         except TimeoutError:
             pass
-        return first_audible(heard_frames(peer), speech_end_at), ended() if whole else None
+        return first_audible(self.heard(), speech_end_at), ended() if whole else None
 
     async def _until(self, moment: float) -> None:
         delay = moment - time.monotonic()
@@ -185,7 +193,7 @@ class SessionRun:
                 result.server = {k: v for k, v in event.items() if not k.startswith("_") and k != "type"}
 
     def underruns(self) -> int:
-        heard = heard_frames(self.peer)
+        heard = self.heard()
         return underruns(heard, heard[0].arrival, heard[-1].arrival) if heard else 0
 
     async def close(self) -> None:
