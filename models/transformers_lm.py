@@ -8,7 +8,7 @@ import shutil
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import structlog
 
@@ -104,8 +104,17 @@ class TransformersLM:
     """
 
     def __init__(
-        self, path: Path, worker: ModelWorker, max_new_tokens: int, temperature: float, threads: int
+        self,
+        path: Path,
+        worker: ModelWorker,
+        max_new_tokens: int,
+        temperature: float,
+        threads: int,
+        prompt: Callable[[list[Message]], str] | None = None,
+        **load: Any,
     ) -> None:
+        """`prompt`, when given, builds the prompt text in place of the tokenizer's chat template;
+        `load` goes to from_pretrained (default float32 on the CPU)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,11 +122,13 @@ class TransformersLM:
         self.worker = worker
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self._tokenizer = AutoTokenizer.from_pretrained(path)
-        self._model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self._prompt = prompt
+        remote = bool(load.get("trust_remote_code"))
+        self._tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+        self._model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": torch.float32} | load)).eval()
         self.prefix_cache = PrefixCache()
         self.reused_tokens = 0  # prompt tokens served from the prefix cache, over all generations
-        if self._tokenizer.chat_template is None:
+        if prompt is None and self._tokenizer.chat_template is None:
             raise ValueError(f"{path}: the tokenizer has no chat template")
 
     def count_tokens(self, text: str) -> int:
@@ -186,12 +197,16 @@ class TransformersLM:
         try:
             if stop.is_set():
                 return
-            inputs = self._tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages],
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-            )
+            if self._prompt is not None:
+                inputs = self._tokenizer(self._prompt(messages), return_tensors="pt", add_special_tokens=True)
+            else:
+                inputs = self._tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in messages],
+                    add_generation_prompt=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                )
+            inputs = {k: v.to(self._model.device) for k, v in inputs.items()}
             sampling: dict[str, Any] = (
                 {"do_sample": True, "temperature": self.temperature, "top_p": 0.9}
                 if self.temperature > 0

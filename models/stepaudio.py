@@ -1,0 +1,142 @@
+"""The stepaudio profile: Step-Audio's tokenizer, Chat and TTS-3B, loaded once per server from
+`--model-path`. Nothing here is imported by the embedded profile."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from config import ModelConfig, StepAudioConfig, TurnConfig
+from controller.controller import SessionModels
+from models.base import LanguageModel
+from models.embedded import package_dir
+from models.openai_lm import OpenAICompatibleLM
+from models.stepaudio_chat import local_chat, served_chat, transcription_prompt
+from models.stepaudio_tts import StepAudioTTS
+from models.workers import ModelWorker
+from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer
+from vad.engines import make_detector
+
+log = structlog.get_logger()
+
+TOKENIZER_DIR, CHAT_DIR, TTS_DIR = "Step-Audio-Tokenizer", "Step-Audio-Chat", "Step-Audio-TTS-3B"
+EXTRA = "'.[stepaudio]' (and `pip install --no-deps cosyvoice-minicpmo==0.1.0`)"
+
+
+def check_packages() -> None:
+    """Fail before minutes of loading when the optional packages are missing."""
+    for module, package in (
+        ("funasr", "funasr"),
+        ("kaldi_native_fbank", "kaldi-native-fbank"),
+        ("hyperpyyaml", "hyperpyyaml"),
+        ("matcha", "cosyvoice-minicpmo"),
+        ("cosyvoice", "cosyvoice-minicpmo"),
+    ):
+        package_dir(module, f"{package}, part of {EXTRA}", profile="stepaudio")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass
+class StepAudioModels:
+    """Owns the loaded Step-Audio models and the worker threads they run in."""
+
+    tokenizer: StepAudioTokenizer
+    chat: LanguageModel
+    tts: StepAudioTTS
+    workers: tuple[ModelWorker, ...]
+    config: StepAudioConfig
+    models: ModelConfig
+
+    async def transcribe(self, audio_text: str) -> str:
+        """The transcript of one utterance's `<audio_N>` string, from the Chat model."""
+        parts: list[str] = []
+        async with contextlib.aclosing(self.chat.stream(transcription_prompt(audio_text))) as stream:
+            async for delta in stream:
+                parts.append(delta)
+        return "".join(parts).strip()
+
+    def for_session(self, turn: TurnConfig) -> SessionModels:
+        return SessionModels(
+            make_detector(turn.vad, turn.webrtc_aggressiveness),
+            StepAudioStream(
+                self.tokenizer,
+                self.workers[0],
+                self.config.vq06_window_s,
+                self.transcribe if self.config.transcribe else None,
+            ),
+            self.chat,
+            self.tts,
+        )
+
+    async def aclose(self) -> None:
+        if isinstance(self.chat, OpenAICompatibleLM):
+            await self.chat.aclose()
+        for worker in self.workers:
+            worker.close()
+
+
+def _timed(name: str, **fields: object) -> float:
+    log.info("models.loading", model=name, **fields)
+    return time.monotonic()
+
+
+def _loaded(name: str, started: float) -> None:
+    log.info("models.loaded", model=name, seconds=round(time.monotonic() - started, 2))
+
+
+async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAudioModels:
+    """Load tokenizer, Chat (or connect to its server) and TTS-3B with its decoders, each in its
+    worker, logging progress; the voice prompt of the default speaker is prepared up front."""
+    check_packages()
+    root = Path(config.model_path or ".")
+    for name in (TOKENIZER_DIR, TTS_DIR) + ((CHAT_DIR,) if config.chat == "local" else ()):
+        if not (root / name).is_dir():
+            raise FileNotFoundError(f"--model-path {root}: no {name}/ directory")
+    device = resolve_device(config.device)
+    # Two tokenizer threads: sessions do not queue behind one another's utterances.
+    workers = (
+        ModelWorker("tokenizer", threads=2),
+        ModelWorker("chat"),
+        ModelWorker("tts-lm"),
+        ModelWorker("tts-decoder"),
+    )
+    tokenizer_worker, chat_worker, tts_worker, decoder_worker = workers
+    try:
+        started = _timed("stepaudio.tokenizer", path=str(root / TOKENIZER_DIR), device=device)
+        tokenizer = await tokenizer_worker.run(StepAudioTokenizer, root / TOKENIZER_DIR, device, models.threads)
+        _loaded("stepaudio.tokenizer", started)
+
+        started = _timed("stepaudio.chat", backend=config.chat)
+        if config.chat == "served":
+            chat: LanguageModel = served_chat(
+                models.lm_url, models.lm_model, os.environ.get(models.lm_api_key_env), models.max_new_tokens, models.temperature
+            )
+        else:
+            chat = await chat_worker.run(
+                local_chat, root / CHAT_DIR, chat_worker, models.max_new_tokens, models.temperature, models.threads
+            )
+        _loaded("stepaudio.chat", started)
+
+        started = _timed("stepaudio.tts", path=str(root / TTS_DIR), speaker=config.speaker)
+        tts = await tts_worker.run(
+            StepAudioTTS, root / TTS_DIR, tokenizer, tts_worker, decoder_worker, device, config.speaker, threads=models.threads
+        )
+        await decoder_worker.run(tts.voice, tts.registry_voice(config.speaker))
+        _loaded("stepaudio.tts", started)
+    except BaseException:
+        for worker in workers:
+            worker.close()
+        raise
+    return StepAudioModels(tokenizer, chat, tts, workers, config, models)

@@ -1,0 +1,359 @@
+"""The stepaudio profile's real loaders and streaming code, on tiny random models in the real layout
+(tests/stepaudio_tiny.py): tokenizer, Chat prompt and backends, TTS-3B prompt and voices, the
+streaming decoder, and a whole call over WebRTC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("funasr", reason="the stepaudio extra is not installed (make test installs it)")
+
+from models.base import Message  # noqa: E402
+from models.stepaudio_chat import chat_prompt, served_chat, transcription_prompt, use_optimus_kernels  # noqa: E402
+from models.stepaudio_tts import guard_repetition, leading_tags, music_mode, tts_prompt_ids  # noqa: E402
+from models.workers import ModelWorker  # noqa: E402
+from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer  # noqa: E402
+from tests import stepaudio_tiny as tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return tiny.build_model_path(tmp_path_factory.mktemp("stepaudio"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path) -> StepAudioTokenizer:
+    return StepAudioTokenizer(model_path / "Step-Audio-Tokenizer")
+
+
+@pytest.fixture
+def worker():
+    w = ModelWorker("tokenizer-test", threads=2)
+    yield w
+    w.close()
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+
+
+def test_ten_seconds_give_the_documented_rates_and_the_2_3_pattern(tokenizer):
+    codes = tokenizer.tokenize(tiny.tone_speech(10.0), 16000)
+    assert len(codes.vq02) in (166, 167, 168)  # 16.7 Hz
+    assert len(codes.vq06) == 250  # 25 Hz
+    groups = min(len(codes.vq02) // 2, len(codes.vq06) // 3)
+    ids = codes.ids()
+    assert len(ids) == 5 * groups and abs(len(ids) / 10.0 - 41.6) < 0.5
+    for g in range(groups):
+        group = ids[5 * g : 5 * g + 5]
+        assert all(65536 <= i < 65536 + 1024 for i in group[:2]), group
+        assert all(65536 + 1024 <= i < 65536 + 1024 + 4096 for i in group[2:]), group
+    text = codes.text()
+    assert text == "".join(f"<audio_{i - 65536}>" for i in ids)
+    assert text.startswith(f"<audio_{codes.vq02[0]}><audio_{codes.vq02[1]}><audio_{1024 + codes.vq06[0]}>")
+
+
+def test_telephony_rate_input_is_upsampled(tokenizer):
+    codes = tokenizer.tokenize(tiny.tone_speech(4.0, rate=8000), 8000)
+    assert len(codes.vq06) == 100 and len(codes.vq02) in (66, 67, 68)
+
+
+async def test_streaming_gives_the_offline_codes_and_finalize_only_computes_the_tail(tokenizer, worker):
+    audio = tiny.tone_speech(10.0)
+    offline = tokenizer.tokenize(audio, 16000)
+    seen: list[int] = []
+    original = tokenizer.semantic_codes
+
+    def recording(piece):
+        seen.append(len(piece))
+        return original(piece)
+
+    stream = StepAudioStream(tokenizer, worker, window_s=4.8)
+    tokenizer.semantic_codes = recording
+    try:
+        pcm = (audio / np.abs(audio).max() * 0.999 * 32767).astype(np.int16)
+        stream.begin(tuple(pcm[i : i + 320] for i in range(0, 3200, 320)))
+        for i in range(3200, len(pcm), 320):
+            stream.feed(pcm[i : i + 320], True)
+        await stream.drained()
+        before = len(seen)
+        result = await stream.finalize()
+    finally:
+        tokenizer.semantic_codes = original
+        await stream.aclose()
+    assert seen[:before] == [4.8 * 16000, 4.8 * 16000]  # both whole windows ran while "speaking"
+    assert seen[before:] == [len(audio) - 2 * 4.8 * 16000]  # finalize: only the 0.4 s tail
+    streamed = result.lm_content
+    assert streamed is not None
+    # vq02 equals the offline codes exactly; vq06 windows see less context than one 10 s pass.
+    assert streamed[: len(streamed) // 2].count("<audio_") > 100
+    vq02 = [int(t) for t in streamed.replace(">", "").split("<audio_")[1:]]
+    assert [c for i, c in enumerate(vq02) if i % 5 < 2] == [c for i, c in enumerate(offline.ids()) if i % 5 < 2 for c in [c - 65536]]
+
+
+async def test_a_second_finalize_after_more_speech_covers_all_of_it(tokenizer, worker):
+    audio = (tiny.tone_speech(3.0) * 32767).astype(np.int16)
+    stream = StepAudioStream(tokenizer, worker)
+    try:
+        stream.begin(())
+        for i in range(0, 16000, 320):
+            stream.feed(audio[i : i + 320], True)
+        first = await stream.finalize()
+        for i in range(16000, len(audio), 320):
+            stream.feed(audio[i : i + 320], True)
+        second = await stream.finalize()
+    finally:
+        await stream.aclose()
+    assert first.lm_content.count("<audio_") == 5 * 8  # 1 s: 8 whole groups of 120 ms
+    assert second.lm_content.count("<audio_") == 5 * 25  # 3 s
+    assert second.lm_content.startswith(first.lm_content[: first.lm_content.rfind("<audio_", 0, 200)])
+
+
+async def test_sessions_stream_independently(tokenizer, worker):
+    a, b = (tiny.tone_speech(2.0, seed=s) for s in (1, 2))
+    alone = [tokenizer.tokenize(x, 16000).text() for x in (a, b)]
+    streams = [StepAudioStream(tokenizer, worker), StepAudioStream(tokenizer, worker)]
+    try:
+        for s in streams:
+            s.begin(())
+        for i in range(0, len(a), 320):  # interleaved, as two calls at once would be
+            for s, x in zip(streams, (a, b)):
+                s.feed((x[i : i + 320] / np.abs(x).max() * 0.999 * 32767).astype(np.int16), True)
+        together = await asyncio.gather(*(s.finalize() for s in streams))
+    finally:
+        for s in streams:
+            await s.aclose()
+    assert [t.lm_content[:300] for t in together] == [t[:300] for t in alone]
+
+
+# -- Chat ----------------------------------------------------------------------------------------
+
+
+def test_chat_prompt_is_byte_exact():
+    messages = [
+        Message("system", "Be brief."),
+        Message("user", "hello"),
+        Message("assistant", "Hi!"),
+        Message("user", "<audio_5><audio_1030>"),
+    ]
+    assert chat_prompt(messages) == (
+        "<|BOT|>system\nBe brief.<|EOT|>"
+        "<|BOT|>human\nhello<|EOT|>"
+        "<|BOT|>assistant\nHi!<|EOT|>"
+        "<|BOT|>human\n<audio_5><audio_1030><|EOT|>"
+        "<|BOT|>assistant\n"
+    )
+    # No system message: the default one. Tools: their schemas right after it.
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    assert chat_prompt([Message("user", "x")], tools=[tool]) == (
+        "<|BOT|>system\nYou are a helpful assistant.<|EOT|>"
+        '<|BOT|>tool_json_schemas\n[{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]<|EOT|>'
+        "<|BOT|>human\nx<|EOT|>"
+        "<|BOT|>assistant\n"
+    )
+    assert chat_prompt(transcription_prompt("<audio_1>")) == (
+        "<|BOT|>system\n请记录下你所听到的语音内容。<|EOT|><|BOT|>human\n<audio_1><|EOT|><|BOT|>assistant\n"
+    )
+
+
+async def test_local_chat_loads_the_remote_code_model_and_streams(model_path, monkeypatch):
+    from models.stepaudio_chat import local_chat
+
+    chat_dir = model_path / "Step-Audio-Chat"
+    monkeypatch.delenv("OPTIMUS_LIB_PATH", raising=False)
+    (chat_dir / "lib").mkdir(exist_ok=True)
+    worker = ModelWorker("chat-test")
+    try:
+        lm = await worker.run(local_chat, chat_dir, worker, 12, 0.0, 2)
+        assert os.environ["OPTIMUS_LIB_PATH"] == str(chat_dir / "lib")
+        assert type(lm._model).__name__ == "Step1ForCausalLM"
+        assert str(lm._model.dtype) == "torch.bfloat16"
+        ids = lm._tokenizer(chat_prompt([Message("user", "<audio_7>")]))["input_ids"]
+        assert ids[:3] == [1, 4, *tiny.text_ids("s")] and 65536 + 7 in ids
+        deltas = [d async for d in lm.stream([Message("user", "<audio_7><audio_1031>")])]
+        assert deltas and all(isinstance(d, str) for d in deltas)
+    finally:
+        worker.close()
+    monkeypatch.setenv("OPTIMUS_LIB_PATH", "/opt/kernels")
+    assert use_optimus_kernels(chat_dir) == Path("/opt/kernels")
+
+
+async def test_served_chat_sends_the_built_prompt_to_completions(completions_server):
+    url, requests = await completions_server(["你", "好", "！"])
+    lm = served_chat(url, "step-audio-chat", "k", 64, 0.7)
+    try:
+        messages = [Message("system", "S"), Message("user", "<audio_3>")]
+        reply = "".join([d async for d in lm.stream(messages)])
+    finally:
+        await lm.aclose()
+    assert reply == "你好！"
+    body = requests[0]
+    assert body["prompt"] == chat_prompt(messages) and "messages" not in body
+    assert body["model"] == "step-audio-chat" and body["stream"] is True and body["top_p"] == 0.9
+
+
+@pytest.fixture
+async def completions_server():
+    from aiohttp import web
+
+    runners: list[web.AppRunner] = []
+
+    async def start(pieces: list[str]):
+        requests: list[dict] = []
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            requests.append(await request.json())
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for piece in pieces:
+                event = {"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": piece}]}
+                await response.write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            return response
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1", requests
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+# -- TTS-3B --------------------------------------------------------------------------------------
+
+
+def test_tts_prompt_ids_are_exact():
+    ids = tts_prompt_ids(tiny.text_ids, "SYS", "ref", [65537, 66561], "hi")
+    t = tiny.text_ids
+    assert ids == (
+        [1]
+        + [4] + t("system\nSYS") + [3]
+        + [4] + t("human\nref") + [3]
+        + [4] + t("assistant\n") + [65537, 66561] + [3]
+        + [4] + t("human\nhi") + [3]
+        + [4] + t("assistant\n")
+    )
+
+
+def test_instruction_tags():
+    assert leading_tags("(高兴1)今天天气真好") == ["高兴1"]
+    assert leading_tags("（四川话）（快速1）要得") == ["四川话", "快速1"]
+    assert leading_tags("(RAP)(高兴2) yo") == ["RAP", "高兴2"]
+    assert leading_tags("（哼唱 慢速1）啦啦") == ["哼唱", "慢速1"]
+    assert leading_tags("no tags (here)") == []
+    assert music_mode(["RAP", "高兴2"]) == "RAP" and music_mode(["高兴2", "RAP"]) is None
+
+
+def test_repetition_guard_bans_a_token_repeated_in_the_last_ten():
+    import torch
+
+    scores = torch.zeros(1, 10)
+    guard_repetition([1, 2, 3, 4], scores)
+    assert torch.isfinite(scores).all()
+    guard_repetition([7, 1, 2, 7], scores)
+    assert scores[0, 7] == float("-inf") and torch.isfinite(scores[0, :7]).all()
+    scores = torch.zeros(1, 10)
+    guard_repetition([7] + [1, 2, 3, 4, 5, 6, 8, 9, 0] + [7], scores)  # the first 7 is 10 back: out
+    assert torch.isfinite(scores).all()
+
+
+@pytest.fixture(scope="module")
+def tts(model_path, tokenizer):
+    from models.stepaudio_tts import StepAudioTTS
+
+    lm_worker, decoder_worker = ModelWorker("tts-lm-test"), ModelWorker("tts-decoder-test")
+    yield StepAudioTTS(model_path / "Step-Audio-TTS-3B", tokenizer, lm_worker, decoder_worker, max_seconds_per_char=0.1)
+    lm_worker.close()
+    decoder_worker.close()
+
+
+def test_speakers_are_read_relative_to_the_model_directory(tts, model_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    clone = tts.registry_voice("Tingting")
+    assert clone == {
+        "speaker": "Tingting",
+        "prompt_text": "你好，我是婷婷。",
+        "wav_path": str(model_path / "Step-Audio-TTS-3B" / "speakers" / "Tingting_prompt.wav"),
+    }
+    assert tts.registry_voice("Tingting", "RAP")["speaker"] == "TingtingRAP"
+    assert tts.registry_voice("Tingting", "哼唱")["wav_path"].endswith("Tingting哼唱_prompt.wav")
+    with pytest.raises(KeyError):
+        tts.registry_voice("Nobody")
+
+
+def test_a_clone_voice_is_computed_once(tts, tokenizer, model_path):
+    wav = model_path / "Step-Audio-TTS-3B" / "speakers" / "TingtingRAP_prompt.wav"
+    clone = {"speaker": "guest", "prompt_text": "来一段说唱。", "wav_path": str(wav)}
+    calls = []
+    original = tokenizer.tokenize
+    tokenizer.tokenize = lambda *a: calls.append(1) or original(*a)
+    try:
+        first, again = tts.voice(clone), tts.voice(dict(clone))
+    finally:
+        tokenizer.tokenize = original
+    assert first is again and len(calls) == 1
+    assert len(first.audio_ids) == 5 * 16  # 2 s of prompt: 16 groups
+    prompt = tts.prompt_ids(first, "你好")
+    audio_at = prompt.index(first.audio_ids[0])
+    assert prompt[audio_at : audio_at + len(first.audio_ids)] == list(first.audio_ids)
+
+
+async def test_generation_streams_audio_ids_only(tts):
+    voice = await tts.decoder_worker.run(tts.voice, tts.registry_voice("Tingting"))
+    tokens = [t async for t in tts.tokens(tts.prompt_ids(voice, "hi"), 60)]
+    assert len(tokens) <= 60 and tokens and all(65536 <= t < 65536 + 5120 for t in tokens)
+
+
+async def test_music_tags_switch_voice_and_decoder(tts):
+    used = []
+    original = tts.voice
+    tts.voice = lambda clone, music=False: used.append((clone["speaker"], music)) or original(clone, music)
+    try:
+        chunks = [c async for c in tts.speak("(RAP)yo", ["RAP"])]
+    finally:
+        tts.voice = original
+    assert used == [("TingtingRAP", True)] and chunks
+
+
+# -- streaming decoder ---------------------------------------------------------------------------
+
+
+def test_streaming_decoder_starts_after_the_first_chunk_and_has_no_seams(tts):
+    decoder = tts.decoders[None]
+    voice = tts.voice(tts.registry_voice("Tingting"))
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 5120, 400).tolist()  # 9.6 s of speech tokens
+
+    stream = decoder.stream(voice.condition)
+    first = stream.push(tokens[:45])  # 0.6 s of tokens + 20 of look-ahead: the first chunk
+    # 0.6 s of audio, less the vocoder's 20 frames held back to cross-fade with the next chunk.
+    assert len(first) == 1 and abs(len(first[0]) - (decoder.mel_frames(25) - 20) * 256) <= 256
+    pieces = first + stream.push(tokens[45:]) + [stream.finish()]
+    streamed = np.concatenate(pieces)
+    offline = decoder.decode_offline(voice.condition, tokens)
+    # Same duration as the one-pass decode (each chunk's mel length is rounded down to a frame).
+    assert abs(len(streamed) - len(offline)) <= 256 * len(pieces)
+    assert len(pieces) >= 6  # 0.6 s, 1 s, then 2 s chunks
+
+    # No discontinuity at the seams: the sample-to-sample step there is like anywhere else.
+    steps = np.abs(np.diff(streamed))
+    typical = np.percentile(steps, 99.9)
+    seams = np.cumsum([len(p) for p in pieces[:-1]])
+    for seam in seams:
+        assert steps[seam - 2 : seam + 1].max() <= typical * 1.5, seam
+    # Nor a gap in level: the RMS on each side of a seam matches the speech around it.
+    for seam in seams:
+        left, right = streamed[seam - 1100 : seam], streamed[seam : seam + 1100]
+        rms = lambda x: float(np.sqrt(np.mean(x**2)))  # noqa: E731
+        assert 0.5 < rms(right) / max(rms(left), 1e-6) < 2.0, seam
