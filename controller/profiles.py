@@ -21,6 +21,7 @@ class Profile:
     name: str
     factory: AgentFactory
     aclose: Callable[[], Awaitable[None]]
+    models: object | None = None  # what it loaded, for tests and diagnostics
 
 
 async def _nothing() -> None:
@@ -55,5 +56,5 @@ async def open_profile(
             context = DialogContext(config.models.system_prompt, config.models.history_tokens, store, io.session_id)
             return Controller(io, stepaudio.for_session(config.turn), context, config.turn, "stepaudio")
 
-        return Profile("stepaudio", stepaudio_agent, stepaudio.aclose)
+        return Profile("stepaudio", stepaudio_agent, stepaudio.aclose, stepaudio)
     raise ValueError(f"unknown profile {config.profile!r}")

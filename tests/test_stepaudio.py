@@ -9,17 +9,28 @@ import json
 import os
 from pathlib import Path
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-pytest.importorskip("funasr", reason="the stepaudio extra is not installed (make test installs it)")
+from models.base import Message
+from models.stepaudio_chat import chat_prompt, served_chat, transcription_prompt, use_optimus_kernels
+from models.stepaudio_tts import guard_repetition, leading_tags, music_mode, tts_prompt_ids
+from models.workers import ModelWorker
+from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer
+from tests import stepaudio_tiny as tiny
 
-from models.base import Message  # noqa: E402
-from models.stepaudio_chat import chat_prompt, served_chat, transcription_prompt, use_optimus_kernels  # noqa: E402
-from models.stepaudio_tts import guard_repetition, leading_tags, music_mode, tts_prompt_ids  # noqa: E402
-from models.workers import ModelWorker  # noqa: E402
-from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer  # noqa: E402
-from tests import stepaudio_tiny as tiny  # noqa: E402
+
+def test_the_embedded_path_imports_nothing_of_the_stepaudio_extra():
+    code = (
+        "import sys, run_server, controller.profiles, models.embedded, streaming_tokenizer.whisper;"
+        "bad = [m for m in ('funasr', 'cosyvoice', 'matcha', 'hyperpyyaml', 'models.stepaudio') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -357,3 +368,74 @@ def test_streaming_decoder_starts_after_the_first_chunk_and_has_no_seams(tts):
         left, right = streamed[seam - 1100 : seam], streamed[seam : seam + 1100]
         rms = lambda x: float(np.sqrt(np.mean(x**2)))  # noqa: E731
         assert 0.5 < rms(right) / max(rms(left), 1e-6) < 2.0, seam
+
+
+# -- a whole call --------------------------------------------------------------------------------
+
+
+async def test_a_call_runs_through_the_controller_and_hanging_up_frees_everything(start_server, model_path, tmp_path):
+    from bench.peer import ClientPeer
+    from config import AppConfig, ModelConfig, ServerConfig, StepAudioConfig
+    from context.dialog import TranscriptStore
+    from controller.profiles import open_profile
+    from tests.speech import espeak
+
+    question = espeak("What is the weather like today?", 48000)
+    config = AppConfig(
+        profile="stepaudio",
+        server=ServerConfig(data_dir=tmp_path / "data"),
+        models=ModelConfig(max_new_tokens=24),
+        stepaudio=StepAudioConfig(model_path=model_path, device="cpu"),
+    )
+    profile = await open_profile(config, TranscriptStore(tmp_path / "data"))
+    models = profile.models
+    try:
+        prompts: list[list[Message]] = []
+        chat_stream = models.chat.stream
+
+        def recording(messages):
+            prompts.append(messages)
+            return chat_stream(messages)
+
+        models.chat.stream = recording
+        generations: list[tuple[int, object]] = []  # (max tokens, stop flag) of each TTS generation
+        generate_now = models.tts.generate_now
+
+        def tracked(prompt, max_tokens, loop, out, stop):
+            generations.append((max_tokens, stop))
+            return generate_now(prompt, max_tokens, loop, out, stop)
+
+        models.tts.generate_now = tracked
+        server = await start_server(factory=profile.factory)
+        peer = ClientPeer(server.url)
+        session_id = await peer.connect()
+        await peer.wait_event("session.created")
+        session = server.registry.get(session_id)
+        peer.speak(question, 48000)
+
+        completed = await peer.wait_event("conversation.item.input_audio_transcription.completed", timeout=60)
+        assert completed["transcript"].strip()  # the Chat model's transcript (random here)
+        started = await peer.wait_event("response.audio.started", timeout=60)
+        await peer.wait_audio(1.0, timeout=60)  # the agent's voice, at 22,050 Hz resampled for WebRTC
+        assert any(e["type"] == "response.text.delta" for e in peer.events)
+        # The LM read this turn as Step-Audio audio tokens; the transcript came from the ASR prompt.
+        asr = [p for p in prompts if p[0].content == "请记录下你所听到的语音内容。"]
+        replies = [p for p in prompts if p not in asr]
+        assert asr and asr[0][-1].content.startswith("<audio_")
+        assert replies and replies[-1][-1].role == "user" and replies[-1][-1].content.startswith("<audio_")
+        assert replies[-1][-1].content == asr[-1][-1].content
+
+        # Hang up while the agent speaks: the session and every model worker are freed at once.
+        assert started and not any(e["type"] == "response.done" for e in peer.events)
+        await peer.close()
+        async with asyncio.timeout(20):
+            await session.closed.wait()
+        assert len(server.registry) == 0
+        assert generations and generations[-1][1].is_set()  # the TTS LM was told to stop
+        for worker in models.workers:
+            done = asyncio.wrap_future(worker.submit(lambda: None))
+            async with asyncio.timeout(5):  # queued behind whatever still runs: frees within a step
+                await done
+        assert all(worker.busy == 0 for worker in models.workers)
+    finally:
+        await profile.aclose()
