@@ -200,6 +200,12 @@ class DecodeStream:
         return self._decode(rest, final=True)
 
     def _decode(self, tokens: list[int], final: bool) -> np.ndarray:
+        return self.vocode(self.flow(tokens, final), final)
+
+    def flow(self, tokens: list[int], final: bool) -> "object":
+        """Mel frames (1, 80, n) of one token chunk: the flow continues from its cache, the head is
+        cross-faded with the previous chunk's look-ahead, and (unless final) this chunk's look-ahead
+        is held back for the next one."""
         import torch
         from cosyvoice.utils.common import fade_in_out
 
@@ -216,19 +222,30 @@ class DecodeStream:
                 embedding=voice.embedding.to(device),
                 flow_cache=self._flow_cache,
             )
-            mel = mel.cpu()
-            if self._mel_overlap.shape[2]:
-                mel = fade_in_out(mel, self._mel_overlap, self._mel_window)
+        mel = mel.cpu()
+        if self._mel_overlap.shape[2]:
+            mel = fade_in_out(mel, self._mel_overlap, self._mel_window)
+        if not final:
+            # The look-ahead's mel is decoded again, better informed, by the next chunk.
+            self._mel_overlap = mel[:, :, -self._mel_overlap_frames :]
+            mel = mel[:, :, : -self._mel_overlap_frames]
+        return mel
+
+    def vocode(self, mel: "object", final: bool) -> np.ndarray:
+        """Audio of the next mel frames: the vocoder restarts from its cached mel and source, its
+        head is cross-faded with the speech it held back, and (unless final) it holds back its own
+        tail for the next call."""
+        import torch
+        from cosyvoice.utils.common import fade_in_out
+
+        device = self._decoder.device
+        with torch.inference_mode():
             if self._hift_cache is not None:
                 mel = torch.concat([self._hift_cache["mel"], mel], dim=2)
                 source = self._hift_cache["source"]
             else:
                 source = torch.zeros(1, 1, 0)
-            if not final:
-                # The look-ahead's mel is decoded again, better informed, by the next chunk.
-                self._mel_overlap = mel[:, :, -self._mel_overlap_frames :]
-                mel = mel[:, :, : -self._mel_overlap_frames]
-            speech, source = decoder.hift.inference(speech_feat=mel.to(device), cache_source=source.to(device))
+            speech, source = self._decoder.hift.inference(speech_feat=mel.to(device), cache_source=source.to(device))
             speech, source = speech.cpu(), source.cpu()
             if self._hift_cache is not None:
                 speech = fade_in_out(speech, self._hift_cache["speech"], self._speech_window)

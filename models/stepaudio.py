@@ -67,15 +67,15 @@ class StepAudioModels:
                 parts.append(delta)
         return "".join(parts).strip()
 
+    def session_tokenizer(self, transcribe: bool) -> StepAudioStream:
+        return StepAudioStream(
+            self.tokenizer, self.workers[0], self.config.vq06_window_s, self.transcribe if transcribe else None
+        )
+
     def for_session(self, turn: TurnConfig) -> SessionModels:
         return SessionModels(
             make_detector(turn.vad, turn.webrtc_aggressiveness),
-            StepAudioStream(
-                self.tokenizer,
-                self.workers[0],
-                self.config.vq06_window_s,
-                self.transcribe if self.config.transcribe else None,
-            ),
+            self.session_tokenizer(self.config.transcribe),
             self.chat,
             self.tts,
         )

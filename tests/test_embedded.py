@@ -75,8 +75,9 @@ async def test_spoken_question_gets_a_spoken_answer(embedded_server, embedded_mo
     transcript = await embedded_models.asr.transcribe(heard)
     assert word_error_rate(reply, transcript) <= 0.35, (reply, transcript)
 
-    # The output never starved while the three models worked in their threads.
-    assert output.worst_gap_ms <= 40, f"an output frame came {output.worst_gap_ms:.0f} ms after the one before"
+    # The output never starved while the three models worked in their threads: no gap the client's
+    # jitter buffer would hear (the harness counts an underrun from 60 ms).
+    assert output.worst_gap_ms <= 60, f"an output frame came {output.worst_gap_ms:.0f} ms after the one before"
     metrics = await peer.wait_event("metrics.turn")
     assert {"asr_ms", "lm_ttft_ms", "tts_first_audio_ms", "server_v2v_ms"} <= set(metrics)
     await peer.close()

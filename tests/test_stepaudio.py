@@ -341,11 +341,14 @@ async def test_music_tags_switch_voice_and_decoder(tts):
 
 
 def test_streaming_decoder_starts_after_the_first_chunk_and_has_no_seams(tts):
+    import torch
+
     decoder = tts.decoders[None]
     voice = tts.voice(tts.registry_voice("Tingting"))
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, 5120, 400).tolist()  # 9.6 s of speech tokens
 
+    torch.manual_seed(0)  # the flow samples noise: the same draw on every run
     stream = decoder.stream(voice.condition)
     first = stream.push(tokens[:45])  # 0.6 s of tokens + 20 of look-ahead: the first chunk
     # 0.6 s of audio, less the vocoder's 20 frames held back to cross-fade with the next chunk.
@@ -357,17 +360,57 @@ def test_streaming_decoder_starts_after_the_first_chunk_and_has_no_seams(tts):
     assert abs(len(streamed) - len(offline)) <= 256 * len(pieces)
     assert len(pieces) >= 6  # 0.6 s, 1 s, then 2 s chunks
 
-    # No discontinuity at the seams: the sample-to-sample step there is like anywhere else.
-    steps = np.abs(np.diff(streamed))
-    typical = np.percentile(steps, 99.9)
-    seams = np.cumsum([len(p) for p in pieces[:-1]])
-    for seam in seams:
-        assert steps[seam - 2 : seam + 1].max() <= typical * 1.5, seam
-    # Nor a gap in level: the RMS on each side of a seam matches the speech around it.
-    for seam in seams:
-        left, right = streamed[seam - 1100 : seam], streamed[seam : seam + 1100]
-        rms = lambda x: float(np.sqrt(np.mean(x**2)))  # noqa: E731
-        assert 0.5 < rms(right) / max(rms(left), 1e-6) < 2.0, seam
+    # No discontinuity at the seams: the level just after each seam continues the level just
+    # before it. (Without the cross-fades, the vocoder's restart shows here as a dip to about 0.8.)
+    for seam in np.cumsum([len(p) for p in pieces[:-1]]):
+        before, after = streamed[seam - 256 : seam], streamed[seam : seam + 256]
+        ratio = float(np.sqrt(np.mean(after**2)) / max(np.sqrt(np.mean(before**2)), 1e-9))
+        assert 0.9 < ratio < 1.25, (seam, ratio)
+
+
+def test_streamed_mel_follows_the_offline_mel_away_from_the_seams(tts, monkeypatch):
+    """With the flow's sampling noise taken out (zeros for torch.randn_like), what is left to differ
+    is the streaming itself: chunk boundaries, look-ahead, caches, cross-fades, and each chunk's
+    own context (the flow's encoder attends within a chunk; its length regulator stretches each
+    chunk's middle separately). Measured on per-bin deviations, away from the seams, the streamed
+    mel must follow the one-pass mel frame for frame: on these tiny random weights it correlates
+    about 0.6 aligned, about 0 when shifted by two frames (one token)."""
+    import torch
+
+    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: torch.zeros_like(x))
+    decoder = tts.decoders[None]
+    voice = tts.voice(tts.registry_voice("Tingting"))
+    tokens = np.random.default_rng(4).integers(0, 5120, 300).tolist()
+
+    offline = decoder.stream(voice.condition).flow(tokens, final=True)[0].numpy()
+    stream = decoder.stream(voice.condition)
+    mels: list[np.ndarray] = []
+    original = stream.flow
+
+    def recording(chunk, final):
+        mel = original(chunk, final)
+        mels.append(mel[0].numpy())
+        return mel
+
+    stream.flow = recording
+    stream.push(tokens)
+    stream.finish()
+    streamed = np.concatenate(mels, axis=1)
+    assert abs(streamed.shape[1] - offline.shape[1]) <= len(mels)
+    seams = np.cumsum([m.shape[1] for m in mels[:-1]])
+    frames = min(streamed.shape[1], offline.shape[1])
+
+    def follows(shift: int) -> float:
+        a, b = streamed[:, shift:frames], offline[:, : frames - shift]
+        inner = np.ones(a.shape[1], dtype=bool)
+        for seam in seams:
+            inner[max(0, seam - 45) : seam + 45] = False  # the cross-faded look-ahead on each side
+        a, b = a[:, inner], b[:, inner]
+        a, b = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
+        return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+    aligned, shifted = follows(0), follows(2)
+    assert aligned > 0.45 and shifted < aligned - 0.3, (aligned, shifted)
 
 
 # -- a whole call --------------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""Smoke test and per-stage timings of the stepaudio profile, for a GPU machine (never needed by CI).
+
+    python -m bench.stepaudio_smoke                       # tiny random weights, built here, on CUDA
+    python -m bench.stepaudio_smoke --model-path DIR      # the real weights
+    python -m bench.stepaudio_smoke --chat served --lm-url http://host:8000/v1 --lm-model step-audio-chat
+    python -m bench.stepaudio_smoke --device cpu          # anywhere
+
+Prints one JSON object: what ran where, and each stage's time (tokenizer on a streamed utterance,
+Chat's first token and rate, TTS-3B voice preparation, first audio and real-time factor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from config import ModelConfig, StepAudioConfig
+from models.base import Message
+
+SENTENCE = "(高兴1)今天天气真不错，我们一起去公园散步吧。"
+
+
+def _ms(seconds: float) -> float:
+    return round(1000 * seconds, 1)
+
+
+async def measure(config: StepAudioConfig, models_config: ModelConfig, seconds: float) -> dict:
+    from models.stepaudio import load_stepaudio, resolve_device
+
+    report: dict = {"device": resolve_device(config.device), "model_path": str(config.model_path)}
+    started = time.perf_counter()
+    models = await load_stepaudio(config, models_config)
+    report["load_s"] = round(time.perf_counter() - started, 2)
+    try:
+        # Tokenizer: an utterance fed as 20 ms frames, the pump kept up, then the end of speech.
+        from tests.stepaudio_tiny import tone_speech
+
+        audio = (tone_speech(seconds) * 32767).astype(np.int16)
+        stream = models.session_tokenizer(transcribe=False)
+        stream.begin(())
+        started = time.perf_counter()
+        for i in range(0, len(audio), 320):
+            stream.feed(audio[i : i + 320], True)
+        await stream.drained()
+        streamed_s = time.perf_counter() - started
+        started = time.perf_counter()
+        utterance = await stream.finalize()
+        report["tokenizer"] = {
+            "utterance_s": seconds,
+            "streamed_work_ms": _ms(streamed_s),
+            "finalize_ms": _ms(time.perf_counter() - started),
+            "tokens": utterance.lm_content.count("<audio_") if utterance.lm_content else 0,
+        }
+        await stream.aclose()
+        started = time.perf_counter()
+        transcript = await models.transcribe(utterance.lm_content or "")
+        report["chat_asr"] = {"ms": _ms(time.perf_counter() - started), "chars": len(transcript)}
+
+        # Chat: time to first text and tokens per second, on the audio prompt.
+        messages = [Message("system", models_config.system_prompt), Message("user", utterance.lm_content or "")]
+        started = time.perf_counter()
+        first = None
+        pieces = 0
+        async with contextlib.aclosing(models.chat.stream(messages)) as reply:
+            async for _ in reply:
+                first = first or time.perf_counter()
+                pieces += 1
+        total = time.perf_counter() - started
+        report["chat"] = {
+            "first_token_ms": _ms(first - started) if first else None,
+            "deltas": pieces,
+            "deltas_per_s": round(pieces / max(total - ((first or started) - started), 1e-6), 1),
+        }
+
+        # TTS-3B: voice prompt once, then a sentence: first audio and real-time factor.
+        started = time.perf_counter()
+        await models.tts.decoder_worker.run(models.tts.voice, models.tts.registry_voice(config.speaker))
+        report["tts_voice_prepare_ms"] = _ms(time.perf_counter() - started)
+        started = time.perf_counter()
+        first = None
+        audio_s = 0.0
+        async for chunk in models.tts.speak(SENTENCE, ["高兴1"]):
+            first = first or time.perf_counter()
+            audio_s += chunk.duration_ms / 1000
+        total = time.perf_counter() - started
+        report["tts"] = {
+            "first_audio_ms": _ms(first - started) if first else None,
+            "audio_s": round(audio_s, 2),
+            "rtf": round(total / audio_s, 3) if audio_s else None,
+        }
+    finally:
+        await models.aclose()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.stepaudio_smoke", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", type=Path, help="the real weights; default: tiny random ones built here")
+    parser.add_argument("--device", default="cuda", help="torch device (default cuda)")
+    parser.add_argument("--chat", choices=("local", "served"), default="local")
+    parser.add_argument("--lm-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--lm-model", default="step-audio-chat")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the test utterance")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("stepaudio_smoke: CUDA is not available here; pass --device cpu to run on the CPU", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory() as scratch:
+        model_path = args.model_path
+        if model_path is None:
+            from tests.stepaudio_tiny import build_model_path
+
+            model_path = build_model_path(Path(scratch))
+        config = StepAudioConfig(model_path=model_path, chat=args.chat, device=args.device)
+        models_config = ModelConfig(
+            lm_url=args.lm_url, lm_model=args.lm_model, max_new_tokens=args.max_new_tokens, temperature=0.7
+        )
+        report = asyncio.run(measure(config, models_config, args.seconds))
+    report["weights"] = "real" if args.model_path else "tiny random"
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
