@@ -272,8 +272,10 @@ class Controller:
             self._record_user(response)
             self._end_without_reply(response)
             return
-        self._record_user(response)
+        # The prompt first: recording the turn adds it to the history (when already committed),
+        # and the prompt must carry it once, as `pending_user`.
         messages = self.context.messages(pending_user=response.user.lm_content or response.user.text)
+        self._record_user(response)
         # Both generators are closed here, whatever ends the reply: a cancel lands in only one of
         # them, and the LM stops generating only when its stream is closed.
         async with aclosing(self._text_stream(response, messages)) as text:
@@ -325,7 +327,9 @@ class Controller:
                 }
             )
         if not response.user.empty:
-            self.context.add(Turn("user", response.user.text, "completed", response.item_id))
+            # Without a transcript (a tokenizer that gives only LM content), the history keeps that.
+            text = response.user.text if response.user.text.strip() else response.user.lm_content or ""
+            self.context.add(Turn("user", text, "completed", response.item_id))
 
     def _emit_delta(self, response: Response, delta: str) -> None:
         self.io.emit({"type": "response.text.delta", "response_id": response.id, "delta": delta})

@@ -28,7 +28,8 @@ class ScriptedDetector:
 class CountingTokenizer:
     """Transcribes an utterance as the number of frames it was given."""
 
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(self, notifier: Notifier, audio_tokens: bool = False) -> None:
+        self.audio_tokens = audio_tokens  # answer like Step-Audio's tokenizer: LM content, no text
         self.frames = 0
         self.finalized: list[int] = []
         self.closed = False
@@ -43,6 +44,8 @@ class CountingTokenizer:
     async def finalize(self) -> UtteranceInput:
         self.finalized.append(self.frames)
         self._notifier.notify()
+        if self.audio_tokens:
+            return UtteranceInput("", "".join(f"<audio_{i}>" for i in range(self.frames)))
         return UtteranceInput(f"utterance of {self.frames} frames")
 
     async def aclose(self) -> None:

@@ -294,11 +294,25 @@ async def test_typed_message_gets_a_reply_and_cancel_stops_it(rig):
     )
     await rig.until(lambda: rig.decoder.chunks >= 2)
     assert rig.lm.calls[0][-1].content == "What time is it?"
+    # The turn is in the prompt once, though it was committed before the reply started.
+    assert [m.role for m in rig.lm.calls[0]] == ["system", "user"]
     rig.play(3)
     rig.controller.on_client_event(ClientEvent("response.cancel", {}))
     assert rig.of("response.done")[-1]["response"]["status"] == "cancelled"
     assert rig.controller.state == State.LISTENING
     assert np.all(rig.output.next_frame() == 0)
+
+
+async def test_a_turn_without_transcript_keeps_its_lm_content_in_the_history(rig):
+    rig.tokenizer.audio_tokens = True
+    rig.frames(False, 10)
+    rig.frames(True, 40)
+    rig.frames(False, 38)
+    await rig.play_until_done()
+    audio = rig.lm.calls[0][-1].content
+    assert audio.startswith("<audio_0><audio_1>")
+    assert rig.of("conversation.item.input_audio_transcription.completed")[0]["transcript"] == ""
+    assert [(t.role, t.text) for t in rig.controller.context.turns][0] == ("user", audio)
 
 
 def test_transcript_store_refuses_path_tricks(tmp_path):

@@ -466,6 +466,7 @@ async def test_a_call_runs_through_the_controller_and_hanging_up_frees_everythin
         replies = [p for p in prompts if p not in asr]
         assert asr and asr[0][-1].content.startswith("<audio_")
         assert replies and replies[-1][-1].role == "user" and replies[-1][-1].content.startswith("<audio_")
+        assert [m.role for m in replies[-1]] == ["system", "user"]  # this turn once, as audio
         assert replies[-1][-1].content == asr[-1][-1].content
 
         # Hang up while the agent speaks: the session and every model worker are freed at once.
