@@ -14,7 +14,7 @@ import enum
 import itertools
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from contextlib import aclosing
 from typing import Any, AsyncGenerator, Coroutine
 
@@ -71,8 +71,10 @@ class Response:
     committed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     watcher: asyncio.Task[None] | None = None
+    transcriber: asyncio.Task[None] | None = None  # a transcript made beside the reply
     user: UtteranceInput | None = None
     user_recorded: bool = False
+    held_assistant: Turn | None = None  # the reply's turn, waiting for the user's turn before it
     text: str = ""
     pending_deltas: list[str] = field(default_factory=list)
     pending_chunks: list[SpeechChunk] = field(default_factory=list)
@@ -164,9 +166,10 @@ class Controller:
         continuing = False
         if self.state == State.RESPONDING:
             response = self.response
-            # Speech before the committed utterance was even transcribed means the commit came too
+            # Speech before the committed utterance was even tokenized means the commit came too
             # early: keep one utterance (and one user turn) rather than splitting the user's words.
-            continuing = response is not None and response.preset is None and not response.user_recorded
+            # (A transcript made beside the reply does not count: the reply was already under way.)
+            continuing = response is not None and response.preset is None and response.user is None
             self._interrupt("interrupted")
             if continuing:
                 self.counters.late_resumes += 1
@@ -225,6 +228,8 @@ class Controller:
         response = self.response
         if response is not None and not response.committed.is_set():
             self._cancel_tasks(response)
+            if response.transcriber is not None:  # the utterance goes on: its transcript is moot
+                response.transcriber.cancel()
             self.counters.speculative_cancels += 1
             self.response = None
 
@@ -255,7 +260,7 @@ class Controller:
         self._cancel_tasks(response)
         heard = heard_text(response.played, self._heard_ms(response))
         if heard:
-            self.context.add(Turn("assistant", heard, status, response.id))
+            self._add_assistant(response, Turn("assistant", heard, status, response.id))
         self._finish(response, status, heard)
 
     # ---- the reply pipeline ---------------------------------------------------------------
@@ -275,6 +280,8 @@ class Controller:
         # The prompt first: recording the turn adds it to the history (when already committed),
         # and the prompt must carry it once, as `pending_user`.
         messages = self.context.messages(pending_user=response.user.lm_content or response.user.text)
+        if response.user.transcribe is not None:
+            response.transcriber = self._spawn(self._transcribe(response), f"transcript:{response.id}")
         self._record_user(response)
         # Both generators are closed here, whatever ends the reply: a cancel lands in only one of
         # them, and the LM stops generating only when its stream is closed.
@@ -291,7 +298,7 @@ class Controller:
         await self.io.output.drained.wait()
         if self.response is response:
             self.response = None
-            self.context.add(Turn("assistant", response.text.strip(), "completed", response.id))
+            self._add_assistant(response, Turn("assistant", response.text.strip(), "completed", response.id))
             self._finish(response, "completed", response.text.strip())
 
     async def _text_stream(self, response: Response, messages: list) -> AsyncGenerator[str, None]:
@@ -313,9 +320,29 @@ class Controller:
         response.timings["server_v2v_ms"] = _ms(time.monotonic() - self._last_voiced_at)
         self.io.emit({"type": "response.audio.started", "response_id": response.id})
 
+    async def _transcribe(self, response: Response) -> None:
+        user = response.user
+        assert user is not None and user.transcribe is not None
+        try:
+            text = await user.transcribe()
+        except Exception as exc:  # the history then keeps the LM content; the reply goes on
+            self.log.warning("controller.transcript_failed", item_id=response.item_id, error=repr(exc))
+            text = ""
+        response.user = replace(user, text=text, transcribe=None)
+        self._record_user(response)
+
+    def _add_assistant(self, response: Response, turn: Turn) -> None:
+        """The reply's turn goes into the history after the user's turn it answers."""
+        if response.user_recorded or response.preset is not None:
+            self.context.add(turn)
+        else:
+            response.held_assistant = turn
+
     def _record_user(self, response: Response) -> None:
         """Store and announce the user's turn once it is both committed and transcribed."""
         if response.user_recorded or response.user is None or not response.committed.is_set():
+            return
+        if response.user.transcribe is not None:  # the transcript is on its way
             return
         response.user_recorded = True
         if response.preset is None:
@@ -330,6 +357,9 @@ class Controller:
             # Without a transcript (a tokenizer that gives only LM content), the history keeps that.
             text = response.user.text if response.user.text.strip() else response.user.lm_content or ""
             self.context.add(Turn("user", text, "completed", response.item_id))
+        if response.held_assistant is not None:
+            self.context.add(response.held_assistant)
+            response.held_assistant = None
 
     def _emit_delta(self, response: Response, delta: str) -> None:
         self.io.emit({"type": "response.text.delta", "response_id": response.id, "delta": delta})

@@ -170,8 +170,9 @@ class DecodeStream:
         self._mel_overlap = torch.zeros(1, 80, 0)
         self._hift_cache: dict | None = None
         self._mel_overlap_frames = decoder.mel_frames(OVERLAP_TOKENS)
-        self._mel_window = np.hamming(2 * self._mel_overlap_frames)
-        self._speech_window = np.hamming(2 * SOURCE_CACHE_SAMPLES)
+        # Tensors, not numpy arrays: fade_in_out multiplies them with torch tensors.
+        self._mel_window = torch.from_numpy(np.hamming(2 * self._mel_overlap_frames)).float()
+        self._speech_window = torch.from_numpy(np.hamming(2 * SOURCE_CACHE_SAMPLES)).float()
 
     def _hop(self) -> int:
         seconds = CHUNK_SECONDS[min(self._chunks, len(CHUNK_SECONDS) - 1)]

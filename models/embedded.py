@@ -84,12 +84,12 @@ class EmbeddedModels:
             worker.close()
 
 
-def _stage(name: str, **fields: object) -> float:
+def log_loading(name: str, **fields: object) -> float:
     log.info("models.loading", model=name, **fields)
     return time.monotonic()
 
 
-def _loaded(name: str, started: float) -> None:
+def log_loaded(name: str, started: float) -> None:
     log.info("models.loaded", model=name, seconds=round(time.monotonic() - started, 2))
 
 
@@ -117,23 +117,23 @@ async def load_embedded(config: ModelConfig, data_dir: Path) -> EmbeddedModels:
             smollm2_gguf()
 
         make_detector("silero")  # loads the shared Silero session now, not in the first call
-        started = _stage("asr", path=str(model_dir))
+        started = log_loading("asr", path=str(model_dir))
         asr = await asr_worker.run(WhisperEngine, model_dir, config.threads, asr_worker)
         await asr.transcribe(np.zeros(16000, dtype=np.int16))
-        _loaded("asr", started)
+        log_loaded("asr", started)
 
-        started = _stage("tts", path=str(voice))
+        started = log_loading("tts", path=str(voice))
         tts = await tts_worker.run(PiperDecoder, voice, voice_config, tts_worker)
         await tts_worker.run(tts.speak_now, "Hello.")
-        _loaded("tts", started)
+        log_loaded("tts", started)
 
-        started = _stage("lm", backend=config.lm)
+        started = log_loading("lm", backend=config.lm)
         lm = await lm_worker.run(load_lm, config, data_dir / "models", lm_worker)
         if not isinstance(lm, OpenAICompatibleLM):  # a remote LM is not ours to warm up
             async with contextlib.aclosing(lm.stream([Message("user", "Hi")])) as warmup:
                 async for _ in warmup:
                     break
-        _loaded("lm", started)
+        log_loaded("lm", started)
     except BaseException:
         for worker in workers:
             worker.close()

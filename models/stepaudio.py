@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
 
 from config import ModelConfig, StepAudioConfig, TurnConfig
 from controller.controller import SessionModels
 from models.base import LanguageModel
-from models.embedded import package_dir
+from models.embedded import log_loaded, log_loading, package_dir
 from models.openai_lm import OpenAICompatibleLM
 from models.stepaudio_chat import local_chat, served_chat, transcription_prompt
 from models.stepaudio_tts import StepAudioTTS
@@ -22,7 +20,6 @@ from models.workers import ModelWorker
 from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer
 from vad.engines import make_detector
 
-log = structlog.get_logger()
 
 TOKENIZER_DIR, CHAT_DIR, TTS_DIR = "Step-Audio-Tokenizer", "Step-Audio-Chat", "Step-Audio-TTS-3B"
 EXTRA = "'.[stepaudio]' (and `pip install --no-deps cosyvoice-minicpmo==0.1.0`)"
@@ -87,15 +84,6 @@ class StepAudioModels:
             worker.close()
 
 
-def _timed(name: str, **fields: object) -> float:
-    log.info("models.loading", model=name, **fields)
-    return time.monotonic()
-
-
-def _loaded(name: str, started: float) -> None:
-    log.info("models.loaded", model=name, seconds=round(time.monotonic() - started, 2))
-
-
 async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAudioModels:
     """Load tokenizer, Chat (or connect to its server) and TTS-3B with its decoders, each in its
     worker, logging progress; the voice prompt of the default speaker is prepared up front."""
@@ -114,11 +102,11 @@ async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAu
     )
     tokenizer_worker, chat_worker, tts_worker, decoder_worker = workers
     try:
-        started = _timed("stepaudio.tokenizer", path=str(root / TOKENIZER_DIR), device=device)
+        started = log_loading("stepaudio.tokenizer", path=str(root / TOKENIZER_DIR), device=device)
         tokenizer = await tokenizer_worker.run(StepAudioTokenizer, root / TOKENIZER_DIR, device, models.threads)
-        _loaded("stepaudio.tokenizer", started)
+        log_loaded("stepaudio.tokenizer", started)
 
-        started = _timed("stepaudio.chat", backend=config.chat)
+        started = log_loading("stepaudio.chat", backend=config.chat)
         if config.chat == "served":
             chat: LanguageModel = served_chat(
                 models.lm_url, models.lm_model, os.environ.get(models.lm_api_key_env), models.max_new_tokens, models.temperature
@@ -127,14 +115,14 @@ async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAu
             chat = await chat_worker.run(
                 local_chat, root / CHAT_DIR, chat_worker, models.max_new_tokens, models.temperature, models.threads
             )
-        _loaded("stepaudio.chat", started)
+        log_loaded("stepaudio.chat", started)
 
-        started = _timed("stepaudio.tts", path=str(root / TTS_DIR), speaker=config.speaker)
+        started = log_loading("stepaudio.tts", path=str(root / TTS_DIR), speaker=config.speaker)
         tts = await tts_worker.run(
             StepAudioTTS, root / TTS_DIR, tokenizer, tts_worker, decoder_worker, device, config.speaker, threads=models.threads
         )
         await decoder_worker.run(tts.voice, tts.registry_voice(config.speaker))
-        _loaded("stepaudio.tts", started)
+        log_loaded("stepaudio.tts", started)
     except BaseException:
         for worker in workers:
             worker.close()

@@ -19,6 +19,7 @@ import structlog
 from models.base import SpeechChunk
 from models.cosyvoice_decoder import SAMPLE_RATE, CosyVoiceDecoder, VoiceCondition
 from models.sentences import SpeechChunker
+from models.generation import poster, stopping_on
 from models.workers import ModelWorker
 from streaming_tokenizer.stepaudio import AUDIO_ID_BASE, StepAudioTokenizer
 
@@ -174,7 +175,7 @@ class StepAudioTTS:
     ) -> None:
         """Blocking: sample audio IDs until EOT, posting each to `out` and None at the end."""
         import torch
-        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessor, LogitsProcessorList
         from transformers.generation.streamers import BaseStreamer
 
         allowed = torch.full((self._model.config.vocab_size,), float("-inf"))
@@ -182,11 +183,7 @@ class StepAudioTTS:
         allowed[EOT] = 0.0
         generated: list[int] = []
 
-        def post(item: int | None) -> None:
-            try:
-                loop.call_soon_threadsafe(out.put_nowait, item)
-            except RuntimeError:  # the loop is gone: nobody is listening any more
-                stop.set()
+        post = poster(loop, out, stop)
 
         class AudioOnly(LogitsProcessor):
             """Only audio IDs or the end of the turn; and the repetition guard."""
@@ -212,10 +209,6 @@ class StepAudioTTS:
             def end(self) -> None:
                 pass
 
-        class Stopped(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
-
         try:
             if stop.is_set():
                 return
@@ -232,7 +225,7 @@ class StepAudioTTS:
                     pad_token_id=0,
                     logits_processor=LogitsProcessorList([AudioOnly()]),
                     streamer=Streamer(),
-                    stopping_criteria=StoppingCriteriaList([Stopped()]),
+                    stopping_criteria=stopping_on(stop),
                 )
         finally:
             post(None)

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Callable
 import structlog
 
 from models.base import Message
+from models.generation import poster, stopping_on
 from models.workers import ModelWorker
 
 log = structlog.get_logger()
@@ -155,14 +156,10 @@ class TransformersLM:
     ) -> None:
         """Blocking: generate a reply, posting text deltas to `deltas` and None at the end."""
         import torch
-        from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+        from transformers import DynamicCache
         from transformers.generation.streamers import BaseStreamer
 
-        def post(item: str | None) -> None:
-            try:
-                loop.call_soon_threadsafe(deltas.put_nowait, item)
-            except RuntimeError:  # the loop is gone: nobody is listening any more
-                stop.set()
+        post = poster(loop, deltas, stop)
 
         tokenizer = self._tokenizer
 
@@ -189,10 +186,6 @@ class TransformersLM:
                 text = tokenizer.decode(self.tokens, skip_special_tokens=True)
                 if len(text) > self.sent:
                     post(text[self.sent :])
-
-        class Stopped(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
 
         try:
             if stop.is_set():
@@ -225,7 +218,7 @@ class TransformersLM:
                     max_new_tokens=self.max_new_tokens,
                     repetition_penalty=1.1,
                     streamer=Streamer(),
-                    stopping_criteria=StoppingCriteriaList([Stopped()]),
+                    stopping_criteria=stopping_on(stop),
                     pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
                     **sampling,
                 )

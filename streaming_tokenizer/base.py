@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Protocol
 
 import numpy as np
 
@@ -14,10 +14,12 @@ class UtteranceInput:
 
     `text` is a transcript (shown to the user and kept in the history). `lm_content`, when set, is
     what the LM reads for this turn instead of the text, e.g. Step-Audio's `<audio_N>` tokens.
+    `transcribe`, when set, makes the transcript later: the reply need not wait for it.
     """
 
     text: str
     lm_content: str | None = None
+    transcribe: Callable[[], Awaitable[str]] | None = field(default=None, compare=False)
 
     @property
     def empty(self) -> bool:

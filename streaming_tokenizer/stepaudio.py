@@ -244,7 +244,8 @@ class StepAudioStream:
     A single pump task per utterance runs the models in the worker, in order: vq02 on each whole
     240 ms chunk, vq06 on each full window. finalize() waits for the pump, then computes only what
     is left (the vq02 flush and the vq06 tail). `transcriber`, when given, turns the `<audio_N>` text
-    into the transcript the history keeps (Step-Audio keeps earlier turns as text).
+    into the transcript the history keeps (Step-Audio keeps earlier turns as text); the Controller
+    runs it beside the reply, not before it.
     """
 
     def __init__(
@@ -343,7 +344,6 @@ class StepAudioStream:
             vq02_tail, vq06_tail = await self._worker.run(tail)
             codes = DualCodes(tuple(self._vq02 + vq02_tail), tuple(self._vq06 + vq06_tail))
         content = codes.text()
-        text = await self._transcriber(content) if self._transcriber and content else ""
         log.info(
             "stepaudio.tokenized",
             seconds=round(len(audio) / RATE, 2),
@@ -351,7 +351,10 @@ class StepAudioStream:
             vq06=len(codes.vq06),
             tokens=len(codes.interleaved()),
         )
-        return UtteranceInput(text, content or None)
+        if not content:
+            return UtteranceInput("")
+        transcriber = self._transcriber
+        return UtteranceInput("", content, (lambda: transcriber(content)) if transcriber else None)
 
     def _stop_pump(self) -> None:
         if self._pump is not None:

@@ -30,6 +30,10 @@ class CountingTokenizer:
 
     def __init__(self, notifier: Notifier, audio_tokens: bool = False) -> None:
         self.audio_tokens = audio_tokens  # answer like Step-Audio's tokenizer: LM content, no text
+        # When set: the transcript comes later, once this event is set (a transcript made beside
+        # the reply, as the stepaudio profile's is).
+        self.transcript_gate: asyncio.Event | None = None
+        self.transcribing = 0
         self.frames = 0
         self.finalized: list[int] = []
         self.closed = False
@@ -44,8 +48,19 @@ class CountingTokenizer:
     async def finalize(self) -> UtteranceInput:
         self.finalized.append(self.frames)
         self._notifier.notify()
-        if self.audio_tokens:
-            return UtteranceInput("", "".join(f"<audio_{i}>" for i in range(self.frames)))
+        if self.audio_tokens or self.transcript_gate is not None:
+            content = "".join(f"<audio_{i}>" for i in range(self.frames))
+            gate, frames = self.transcript_gate, self.frames
+            if gate is None:
+                return UtteranceInput("", content)
+
+            async def transcribe() -> str:
+                self.transcribing += 1
+                self._notifier.notify()
+                await gate.wait()
+                return f"utterance of {frames} frames"
+
+            return UtteranceInput("", content, transcribe)
         return UtteranceInput(f"utterance of {self.frames} frames")
 
     async def aclose(self) -> None:

@@ -315,6 +315,52 @@ async def test_a_turn_without_transcript_keeps_its_lm_content_in_the_history(rig
     assert [(t.role, t.text) for t in rig.controller.context.turns][0] == ("user", audio)
 
 
+async def test_a_transcript_made_beside_the_reply_does_not_delay_it(rig):
+    rig.tokenizer.transcript_gate = gate = asyncio.Event()
+    rig.frames(False, 10)
+    rig.frames(True, 40)
+    rig.frames(False, 38)
+    # The reply streams while the transcript is still being made.
+    await rig.until(lambda: rig.decoder.chunks >= 1 and rig.tokenizer.transcribing == 1)
+    assert rig.lm.calls[0][-1].content.startswith("<audio_0>")
+    assert not rig.of("conversation.item.input_audio_transcription.completed")
+    gate.set()
+    await rig.play_until_done()
+    completed = rig.of("conversation.item.input_audio_transcription.completed")
+    assert completed and completed[0]["transcript"].startswith("utterance of")
+    assert [t.role for t in rig.controller.context.turns] == ["user", "assistant"]
+    assert rig.controller.context.turns[0].text == completed[0]["transcript"]
+
+
+async def test_barge_in_before_the_transcript_keeps_the_history_in_order(rig):
+    rig.tokenizer.transcript_gate = gate = asyncio.Event()
+    rig.frames(False, 10)
+    rig.frames(True, 40)
+    rig.frames(False, 38)
+    await rig.until(lambda: rig.decoder.chunks >= 2)
+    rig.play(30)  # 600 ms of the reply heard
+    rig.frames(True, 20)  # the user talks over it before the transcript is back
+    assert rig.of("response.done")[-1]["response"]["status"] == "interrupted"
+    assert rig.controller.context.turns == []  # the reply's turn waits for the user's
+    gate.set()
+    await rig.until(lambda: len(rig.controller.context.turns) == 2)
+    assert [(t.role, t.status) for t in rig.controller.context.turns] == [("user", "completed"), ("assistant", "interrupted")]
+
+
+async def test_a_cancelled_speculation_cancels_its_transcript(tmp_path):
+    rig = make_rig(tmp_path)
+    rig.tokenizer.transcript_gate = asyncio.Event()
+    rig.frames(False, 10)
+    rig.frames(True, 40)
+    rig.frames(False, 15)  # 300 ms: the speculative reply starts, its transcript with it
+    await rig.until(lambda: rig.tokenizer.transcribing == 1)
+    transcripts = [t for t in rig.controller.tasks if "transcript:" in t.get_name()]
+    assert len(transcripts) == 1
+    rig.frames(True, 20)  # the user goes on: the speculation and its transcript are dropped
+    await asyncio.wait(transcripts, timeout=5)
+    assert transcripts[0].cancelled()
+
+
 def test_transcript_store_refuses_path_tricks(tmp_path):
     store = TranscriptStore(tmp_path)
     assert store.read("../../etc/passwd") is None
