@@ -33,15 +33,18 @@ def import_cosyvoice() -> None:
     """Make the flow/HiFT modules importable without torchaudio.
 
     `cosyvoice.transformer.encoder` reaches `cosyvoice.utils.file_utils`, which imports torchaudio
-    at module level for wav loading that this project never calls. Where torchaudio is missing,
-    a module that names itself as absent and raises on any use takes its place."""
+    at module level for wav I/O that this project never calls, and torchaudio has no build for this
+    torch. Where it is missing, a module that says so and raises on any use takes its name.
+    transformers is imported first: it records at import whether torchaudio exists, and must see
+    the truth."""
     if "torchaudio" in sys.modules or importlib.util.find_spec("torchaudio") is not None:
         return
-    absent = types.ModuleType("torchaudio")
-    absent.__doc__ = "torchaudio is not installed; cosyvoice's wav loading is not used by this project"
+    import transformers  # noqa: F401
 
-    def missing(name: str) -> None:
-        raise ImportError(f"torchaudio is not installed (cosyvoice asked for torchaudio.{name})")
+    absent = types.ModuleType("torchaudio", "not installed: cosyvoice's wav I/O is not used here")
+
+    def missing(attribute: str) -> None:
+        raise AttributeError(f"torchaudio.{attribute}: torchaudio is not installed")
 
     absent.__getattr__ = missing  # type: ignore[attr-defined]
     sys.modules["torchaudio"] = absent

@@ -414,6 +414,11 @@ def build_cosyvoice(directory: Path, seed: int = 0) -> Path:
     (directory / "cosyvoice.yaml").write_text(_COSYVOICE_YAML)
     torch.manual_seed(seed)
     configs = load_hyperpyyaml(_model_sections(_COSYVOICE_YAML))
+    # The F0 head at zero: a constant source, no phase to carry between chunks, so that the vocoder
+    # is a pure function of its mel (the streaming test compares it with the one-pass output).
+    with torch.no_grad():
+        configs["hift"].f0_predictor.classifier.weight.zero_()
+        configs["hift"].f0_predictor.classifier.bias.zero_()
     torch.save(configs["flow"].state_dict(), directory / "flow.pt")
     torch.save({f"generator.{k}": v for k, v in configs["hift"].state_dict().items()}, directory / "hift.pt")
     build_campplus_onnx(directory / "campplus.onnx", seed)

@@ -368,6 +368,45 @@ def test_streaming_decoder_starts_after_the_first_chunk_and_has_no_seams(tts):
         assert 0.9 < ratio < 1.25, (seam, ratio)
 
 
+def test_the_decoder_loads_first_in_a_fresh_process(model_path):
+    """cosyvoice needs a stand-in for torchaudio here; loading the decoder before anything else
+    (transformers included) must still work."""
+    code = (
+        "import sys; from pathlib import Path; from models.cosyvoice_decoder import CosyVoiceDecoder;"
+        f"d = CosyVoiceDecoder(Path({str(model_path / 'Step-Audio-TTS-3B' / 'CosyVoice-300M-25Hz')!r}));"
+        "print(d.token_rate)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and "41.66" in result.stdout, result.stderr[-2000:]
+
+
+def test_streamed_vocoder_equals_the_offline_vocoder_away_from_the_seams(tts):
+    """The vocoder stage (mel cache, source cache, held-back tail, cross-fade) on a long mel, in the
+    decoder's chunk sizes: equal to one vocoder pass over the whole mel except where each chunk's
+    head is cross-faded with the previous chunk's tail."""
+    import torch
+
+    decoder = tts.decoders[None]
+    voice = tts.voice(tts.registry_voice("Tingting"))
+    mel = torch.from_numpy(np.random.default_rng(5).standard_normal((1, 80, 600)).astype(np.float32)) * 0.5 - 4.0
+    with torch.inference_mode():
+        offline = decoder.hift.inference(speech_feat=mel)[0][0].numpy()
+    stream = decoder.stream(voice.condition)
+    pieces, start = [], 0
+    for frames in (51, 86, 172, 172, 119):
+        pieces.append(stream.vocode(mel[:, :, start : start + frames], final=start + frames == 600))
+        start += frames
+    streamed = np.concatenate(pieces)
+    assert len(streamed) == len(offline) == 600 * 256
+    faded = np.zeros(len(streamed), dtype=bool)
+    for seam in np.cumsum([len(p) for p in pieces[:-1]]):
+        faded[seam : seam + 20 * 256] = True  # 20 frames of cross-fade after each seam
+    scale = np.abs(offline).max()
+    assert np.abs(streamed - offline)[~faded].max() < 1e-4 * scale
+    # Where a chunk restarts, the vocoder's edge differs from the one pass: what the fade is for.
+    assert np.abs(streamed - offline)[faded].max() > 1e-3 * scale
+
+
 def test_streamed_mel_follows_the_offline_mel_away_from_the_seams(tts, monkeypatch):
     """With the flow's sampling noise taken out (zeros for torch.randn_like), what is left to differ
     is the streaming itself: chunk boundaries, look-ahead, caches, cross-fades, and each chunk's
