@@ -35,6 +35,7 @@ DEFAULT_OFFER_PATH = "/api/offer"
 REPLY_TIMEOUT_S = 60.0
 QUIET_AFTER_REPLY_S = 1.0
 NO_REPLY_WAIT_S = 3.0
+TAIL_QUIET_S = 0.2
 
 Transcribe = Callable[[np.ndarray], Awaitable[str]]  # 16 kHz float PCM -> text
 
@@ -108,6 +109,8 @@ class SessionRun:
             delay = began + utterance.bargein_after_ms / 1000 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)  # pacing the scenario: speak this far into the reply
+        else:
+            await self._previous_reply_arrived()
         events_before = len(peer.events)
         clip_at = time.monotonic()
         self._last_clip_at = clip_at
@@ -145,6 +148,20 @@ class SessionRun:
             **({"reply_start": round(reply_at - self.started, 3)} if reply_at else {}),
         }
         return result
+
+    async def _previous_reply_arrived(self) -> None:
+        """Wait until the last reply's audio has stopped arriving: the server says a reply is done
+        when it has sent it, and its last frames land a transport delay later. Speaking before
+        they land would count that tail as the agent talking over the next utterance."""
+
+        def quiet() -> bool:
+            last = next((h.arrival for h in reversed(self.heard()) if h.audible), None)
+            return last is None or time.monotonic() - last >= TAIL_QUIET_S
+
+        try:
+            await self.peer.changed.wait_for(quiet, REPLY_TIMEOUT_S)
+        except TimeoutError:
+            pass
 
     async def _await_reply(self, speech_end_at: float, events_before: int, whole: bool) -> tuple[float | None, float | None]:
         """Until the reply has started (`whole=False`) or ended; returns when its first audio
