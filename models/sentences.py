@@ -6,7 +6,11 @@ import re
 
 # CJK sentence ends need no space after them (Step-Audio speaks Chinese first).
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"')\]]*\s|[\u3002\uff01\uff1f]+[\u201d\u300d\uff09]*|\n+")
-_CLAUSE_END = re.compile(r"[,;:\u2013\u2014]\s")
+_CLAUSE_END = re.compile(r"[,;:\u2013\u2014]\s|[\uff0c\uff1b\uff1a\u3001]")
+# Kana, CJK ideographs, Hangul syllables: written without spaces, each counts as a word here.
+_CJK = "\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af"
+# A word that is complete: a CJK character, or other text followed by a space.
+_WORD = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+\s")
 _MARKUP = re.compile(r"[*_#`~<>|\[\]]+|^\s*(?:[-+]|\d+[.)])\s+", re.MULTILINE)
 _SPACES = re.compile(r"\s+")
 
@@ -63,10 +67,14 @@ class SpeechChunker:
         first = self._pieces == 0
         needed = self.first_clause_words if first else self.clause_words
         for clause in _CLAUSE_END.finditer(self._buffer):
-            if len(self._buffer[: clause.start()].split()) >= needed:
+            if _words(self._buffer[: clause.start()]) >= needed:
                 return clause.end()
         most = self.first_max_words if first else self.max_words
-        words = list(re.finditer(r"\S+\s", self._buffer))
+        words = list(_WORD.finditer(self._buffer))
         if len(words) >= most:
             return words[most - 1].end()
         return None
+
+
+def _words(text: str) -> int:
+    return len(re.findall(rf"[{_CJK}]|[^\s{_CJK}]+", text))

@@ -45,6 +45,14 @@ def test_chunker_caps_pieces_without_punctuation_and_strips_markup():
     assert chunk_all(["*** ", "...", " "]) == []
 
 
+def test_chunker_cuts_chinese_at_its_own_punctuation():
+    text = "你好，我是你的语音助手。今天天气不错，我们去公园散步吧！好"
+    pieces = chunk_all(list(text))  # one character per delta, as an LM streams them
+    assert pieces == ["你好，", "我是你的语音助手。", "今天天气不错，我们去公园散步吧！", "好"]
+    # Without punctuation, a piece is capped by characters, each counting as a word.
+    assert [len(p) for p in chunk_all(list("一二三四五六七八九十甲乙丙丁戊"), max_words=5)] == [6, 5, 4]
+
+
 async def _deltas(text: str) -> AsyncIterator[str]:
     for word in text.split(" "):
         yield word + " "
