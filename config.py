@@ -148,6 +148,8 @@ class StepAudioConfig:
     chat: str = "local"  # "local" (transformers in this process) or "served" (--lm-url, e.g. vLLM)
     device: str = "auto"  # "auto" takes the GPU when there is one
     speaker: str = "Tingting"
+    clone: Path | None = None  # a voice file {"speaker", "prompt_text", "wav_path"} to speak with
+    tts_prompts: Path | None = None  # {"without_speaker": ..., "with_speaker": "...{speaker}..."}
     transcribe: bool = True  # transcribe each user turn with the Chat model, for the text history
     vq06_window_s: float = 4.8
 
@@ -343,6 +345,8 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--stepaudio-chat", _choice(("local", "served")), "stepaudio profile: Chat in this process, or served at --lm-url (default local)"),
     _Flag("--stepaudio-device", _non_empty, "stepaudio profile: torch device for tokenizer and TTS (default auto)"),
     _Flag("--stepaudio-speaker", _non_empty, "stepaudio profile: TTS-3B speaker from speakers_info.json (default Tingting)"),
+    _Flag("--stepaudio-clone", _existing_file, "stepaudio profile: JSON voice file {speaker, prompt_text, wav_path} to clone"),
+    _Flag("--stepaudio-tts-prompts", _existing_file, "stepaudio profile: JSON with TTS-3B system prompts (without_speaker, with_speaker)"),
     _Flag("--stepaudio-transcribe", _bool, "stepaudio profile: transcribe user turns with Chat for the history (default true)"),
     _Flag("--stepaudio-vq06-window-s", _positive_float, "stepaudio profile: seconds per streamed vq06 window (default 4.8)"),
     _Flag("--log-json", _bool, "log JSON lines instead of readable console lines", switch=True),

@@ -12,6 +12,7 @@ from config import AppConfig, ConfigError, load_config
 from context.dialog import TranscriptStore
 from realtime.server import build_app, ssl_context
 from controller.profiles import open_profile
+from models.base import ModelSetupError
 from models.embedded import ModelPackageMissing
 
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             print=None,
             access_log=None,
         )
-    except (ModelPackageMissing, FileNotFoundError) as exc:
+    except (ModelPackageMissing, ModelSetupError) as exc:
         print(f"run_server.py: {exc}", file=sys.stderr)
         return 2
     return 0

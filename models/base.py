@@ -8,6 +8,11 @@ from typing import AsyncGenerator, AsyncIterator, Protocol
 import numpy as np
 
 
+class ModelSetupError(RuntimeError):
+    """What a profile was pointed at cannot be used (a missing directory, a malformed voice file);
+    the message says what and where."""
+
+
 @dataclass(frozen=True)
 class Message:
     role: str  # "system", "user" or "assistant"

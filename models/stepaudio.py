@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from config import ModelConfig, StepAudioConfig, TurnConfig
 from controller.controller import SessionModels
-from models.base import LanguageModel
+from models.base import LanguageModel, ModelSetupError
 from models.embedded import log_loaded, log_loading, package_dir
 from models.openai_lm import OpenAICompatibleLM
 from models.stepaudio_chat import local_chat, served_chat, transcription_prompt
@@ -43,6 +44,31 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def read_clone(path: Path) -> dict[str, str]:
+    """A voice file: {"speaker", "prompt_text", "wav_path"}, wav_path relative to the file."""
+    try:
+        clone = json.loads(path.read_text(encoding="utf-8"))
+        missing = {"speaker", "prompt_text", "wav_path"} - set(clone)
+    except (ValueError, TypeError) as exc:
+        raise ModelSetupError(f"--stepaudio-clone {path}: not a JSON object ({exc})") from None
+    if missing:
+        raise ModelSetupError(f"--stepaudio-clone {path}: missing {sorted(missing)}")
+    wav = path.parent / clone["wav_path"]
+    if not wav.is_file():
+        raise ModelSetupError(f"--stepaudio-clone {path}: no such wav {wav}")
+    return {"speaker": str(clone["speaker"]), "prompt_text": str(clone["prompt_text"]), "wav_path": str(wav)}
+
+
+def read_tts_prompts(path: Path) -> tuple[str, str]:
+    try:
+        prompts = json.loads(path.read_text(encoding="utf-8"))
+        return str(prompts["without_speaker"]), str(prompts["with_speaker"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelSetupError(
+            f"--stepaudio-tts-prompts {path}: want a JSON object with without_speaker and with_speaker ({exc!r})"
+        ) from None
 
 
 @dataclass
@@ -91,7 +117,9 @@ async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAu
     root = Path(config.model_path or ".")
     for name in (TOKENIZER_DIR, TTS_DIR) + ((CHAT_DIR,) if config.chat == "local" else ()):
         if not (root / name).is_dir():
-            raise FileNotFoundError(f"--model-path {root}: no {name}/ directory")
+            raise ModelSetupError(f"--model-path {root}: no {name}/ directory")
+    clone = read_clone(config.clone) if config.clone else None
+    prompts = read_tts_prompts(config.tts_prompts) if config.tts_prompts else None
     device = resolve_device(config.device)
     # Two tokenizer threads: sessions do not queue behind one another's utterances.
     workers = (
@@ -119,9 +147,18 @@ async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAu
 
         started = log_loading("stepaudio.tts", path=str(root / TTS_DIR), speaker=config.speaker)
         tts = await tts_worker.run(
-            StepAudioTTS, root / TTS_DIR, tokenizer, tts_worker, decoder_worker, device, config.speaker, threads=models.threads
+            StepAudioTTS,
+            root / TTS_DIR,
+            tokenizer,
+            tts_worker,
+            decoder_worker,
+            device,
+            config.speaker,
+            threads=models.threads,
+            clone=clone,
+            **({"system_prompts": prompts} if prompts else {}),
         )
-        await decoder_worker.run(tts.voice, tts.registry_voice(config.speaker))
+        await decoder_worker.run(tts.voice, clone or tts.registry_voice(config.speaker))
         log_loaded("stepaudio.tts", started)
     except BaseException:
         for worker in workers:

@@ -103,13 +103,19 @@ class StepAudioTTS:
         speaker: str = "Tingting",
         max_seconds_per_char: float = 0.6,
         threads: int = 2,
+        clone: dict[str, str] | None = None,
+        system_prompts: tuple[str, str] = (SYSTEM_PROMPT, SYSTEM_PROMPT_WITH_SPEAKER),
     ) -> None:
+        """`clone`, when given, is the voice for plain speech (RAP and humming keep the registry
+        speaker's entries); `system_prompts` are the prompts without and with a `{speaker}`."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.directory = directory
         self.lm_worker, self.decoder_worker = lm_worker, decoder_worker
         self.speaker = speaker
+        self.clone = clone
+        self.system_prompts = system_prompts
         self.max_seconds_per_char = max_seconds_per_char
         self._audio_tokenizer = tokenizer
         self._text_tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
@@ -161,7 +167,8 @@ class StepAudioTTS:
         return self._text_tokenizer.encode(text, add_special_tokens=False)
 
     def prompt_ids(self, voice: Voice, target_text: str, with_speaker: bool = True) -> list[int]:
-        system = SYSTEM_PROMPT_WITH_SPEAKER.format(speaker=voice.speaker) if with_speaker else SYSTEM_PROMPT
+        without, with_ = self.system_prompts
+        system = with_.replace("{speaker}", voice.speaker) if with_speaker else without
         return tts_prompt_ids(self.encode, system, voice.prompt_text, list(voice.audio_ids), target_text)
 
     # -- generation ---------------------------------------------------------------------------
@@ -248,7 +255,8 @@ class StepAudioTTS:
         """One piece of text as speech chunks, each as soon as its tokens are decoded. `tags` are the
         reply's current instruction tags (they persist until a piece sets new ones)."""
         mode = music_mode(tags)
-        voice = await self.decoder_worker.run(self.voice, self.registry_voice(self.speaker, mode), mode is not None)
+        clone = self.clone if self.clone is not None and mode is None else self.registry_voice(self.speaker, mode)
+        voice = await self.decoder_worker.run(self.voice, clone, mode is not None)
         decoder = self.decoders["music" if mode else None]
         target = text if leading_tags(text) or not tags else "".join(f"({t})" for t in tags) + text
         prompt = self.prompt_ids(voice, target)

@@ -522,3 +522,48 @@ async def test_a_call_runs_through_the_controller_and_hanging_up_frees_everythin
         assert all(worker.busy == 0 for worker in models.workers)
     finally:
         await profile.aclose()
+
+
+def test_voice_file_and_system_prompts_from_configuration(tts, model_path, tmp_path):
+    from models.base import ModelSetupError
+    from models.stepaudio import read_clone, read_tts_prompts
+
+    wav = model_path / "Step-Audio-TTS-3B" / "speakers" / "Tingting_prompt.wav"
+    (tmp_path / "voices").mkdir()
+    (tmp_path / "voices" / "me.wav").write_bytes(wav.read_bytes())
+    voice_file = tmp_path / "voices" / "me.json"
+    voice_file.write_text(json.dumps({"speaker": "me", "prompt_text": "你好。", "wav_path": "me.wav"}))
+    assert read_clone(voice_file) == {"speaker": "me", "prompt_text": "你好。", "wav_path": str(tmp_path / "voices" / "me.wav")}
+    voice_file.write_text(json.dumps({"speaker": "me", "wav_path": "me.wav"}))
+    with pytest.raises(ModelSetupError, match="prompt_text"):
+        read_clone(voice_file)
+    voice_file.write_text("not json")
+    with pytest.raises(ModelSetupError, match="not a JSON object"):
+        read_clone(voice_file)
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps({"without_speaker": "A", "with_speaker": "B {speaker}"}))
+    assert read_tts_prompts(prompts_file) == ("A", "B {speaker}")
+
+    voice = tts.voice({"speaker": "me", "prompt_text": "你好。", "wav_path": str(tmp_path / "voices" / "me.wav")})
+    saved = tts.system_prompts
+    tts.system_prompts = read_tts_prompts(prompts_file)
+    try:
+        ids = tts.prompt_ids(voice, "x")
+        assert ids[:2 + len(tiny.text_ids("system\nB me"))] == [1, 4, *tiny.text_ids("system\nB me")]
+        assert tts.prompt_ids(voice, "x", with_speaker=False)[:3 + 8] == [1, 4, *tiny.text_ids("system\nA"), 3]
+    finally:
+        tts.system_prompts = saved
+
+
+async def test_a_cloned_voice_speaks_plain_text_and_music_keeps_the_registry(tts, model_path):
+    clone = tts.registry_voice("Tingting") | {"speaker": "guest"}
+    used = []
+    original = tts.voice
+    tts.voice = lambda c, music=False: used.append(c["speaker"]) or original(c, music)
+    tts.clone = clone
+    try:
+        assert [c async for c in tts.speak("hi", [])]
+        assert [c async for c in tts.speak("(RAP)yo", ["RAP"])]
+    finally:
+        tts.voice, tts.clone = original, None
+    assert used == ["guest", "TingtingRAP"]
