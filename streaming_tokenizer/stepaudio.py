@@ -260,6 +260,7 @@ class StepAudioStream:
         self._window = max(VQ06_HOP_SAMPLES, int(window_s * RATE) // VQ06_HOP_SAMPLES * VQ06_HOP_SAMPLES)
         self._transcriber = transcriber
         self._pump: asyncio.Task[None] | None = None
+        self._stopped: set[asyncio.Task[None]] = set()  # cancelled pumps, awaited by aclose()
         self._reset()
 
     def _reset(self) -> None:
@@ -281,6 +282,7 @@ class StepAudioStream:
         for frame in frames:
             self._append(frame)
         self._pump = asyncio.get_running_loop().create_task(self._run_pump(), name="stepaudio.tokenizer.pump")
+        self._pump.add_done_callback(_log_failure)
         self._wake.set()
 
     def feed(self, frame: np.ndarray, voiced: bool) -> None:
@@ -359,13 +361,16 @@ class StepAudioStream:
     def _stop_pump(self) -> None:
         if self._pump is not None:
             self._pump.cancel()
+            self._stopped.add(self._pump)
+            self._pump.add_done_callback(self._stopped.discard)
             self._pump = None
 
     async def aclose(self) -> None:
-        pump, self._pump = self._pump, None
-        if pump is not None:
-            pump.cancel()
-            try:
-                await pump
-            except asyncio.CancelledError:
-                pass
+        self._stop_pump()
+        await asyncio.gather(*self._stopped, return_exceptions=True)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    # finalize() redoes the work and raises to the Controller; the log says why the pump stopped.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stepaudio.tokenizer_failed", error=repr(task.exception()))
