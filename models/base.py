@@ -33,9 +33,10 @@ class SpeechChunk:
 
 
 class LanguageModel(Protocol):
-    """Streams the reply's text deltas; cancelling the consumer stops generation within one step."""
+    """Streams the reply's text deltas; cancelling the consumer stops generation within one step.
+    `max_new_tokens`, when given, replaces the model's own limit for this generation."""
 
-    def stream(self, messages: list[Message]) -> AsyncGenerator[str, None]: ...
+    def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncGenerator[str, None]: ...
 
 
 class SpeechDecoder(Protocol):

@@ -43,13 +43,13 @@ class OpenAICompatibleLM:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
-    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncIterator[str]:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         body: dict[str, Any] = {
             "model": self.model,
             "stream": True,
-            "max_tokens": self.max_new_tokens,
+            "max_tokens": max_new_tokens or self.max_new_tokens,
             "temperature": self.temperature,
         }
         if self._prompt is not None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from controller.controller import SessionModels
 from models.base import LanguageModel, ModelSetupError
 from models.embedded import log_loaded, log_loading, package_dir
 from models.openai_lm import OpenAICompatibleLM
-from models.stepaudio_chat import local_chat, served_chat, transcription_prompt
+from models.stepaudio_chat import local_chat, served_chat, transcribe
 from models.stepaudio_tts import StepAudioTTS
 from models.workers import ModelWorker
 from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer
@@ -83,12 +82,7 @@ class StepAudioModels:
     models: ModelConfig
 
     async def transcribe(self, audio_text: str) -> str:
-        """The transcript of one utterance's `<audio_N>` string, from the Chat model."""
-        parts: list[str] = []
-        async with contextlib.aclosing(self.chat.stream(transcription_prompt(audio_text))) as stream:
-            async for delta in stream:
-                parts.append(delta)
-        return "".join(parts).strip()
+        return await transcribe(self.chat, audio_text)
 
     def session_tokenizer(self, transcribe: bool) -> StepAudioStream:
         return StepAudioStream(

@@ -7,6 +7,7 @@ text (step-audio-formats.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -38,6 +39,18 @@ def chat_prompt(messages: list[Message], tools: list[dict[str, Any]] | None = No
 def transcription_prompt(audio_text: str) -> list[Message]:
     """Step-Audio's ASR with the Chat model: the fixed system prompt, then the audio."""
     return [Message("system", ASR_SYSTEM), Message("user", audio_text)]
+
+
+async def transcribe(chat: LanguageModel, audio_text: str) -> str:
+    """The transcript of one utterance's `<audio_N>` string, from the Chat model; room for about
+    eight tokens per second of speech, whatever the reply limit is."""
+    seconds = audio_text.count("<audio_") / 41.6
+    parts: list[str] = []
+    stream = chat.stream(transcription_prompt(audio_text), max_new_tokens=int(16 + 8 * seconds))
+    async with contextlib.aclosing(stream) as deltas:
+        async for delta in deltas:
+            parts.append(delta)
+    return "".join(parts).strip()
 
 
 def use_optimus_kernels(model_dir: Path) -> Path | None:

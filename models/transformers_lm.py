@@ -135,11 +135,12 @@ class TransformersLM:
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
         stop = threading.Event()
-        done = asyncio.wrap_future(self.worker.submit(self.generate_now, messages, loop, deltas, stop))
+        limit = max_new_tokens or self.max_new_tokens
+        done = asyncio.wrap_future(self.worker.submit(self.generate_now, messages, loop, deltas, stop, limit))
         try:
             while (delta := await deltas.get()) is not None:
                 yield delta
@@ -153,6 +154,7 @@ class TransformersLM:
         loop: asyncio.AbstractEventLoop,
         deltas: asyncio.Queue[str | None],
         stop: threading.Event,
+        max_new_tokens: int | None = None,
     ) -> None:
         """Blocking: generate a reply, posting text deltas to `deltas` and None at the end."""
         import torch
@@ -215,7 +217,7 @@ class TransformersLM:
                     **inputs,
                     past_key_values=cache if cache is not None else DynamicCache(),
                     return_dict_in_generate=True,
-                    max_new_tokens=self.max_new_tokens,
+                    max_new_tokens=max_new_tokens or self.max_new_tokens,
                     repetition_penalty=1.1,
                     streamer=Streamer(),
                     stopping_criteria=stopping_on(stop),

@@ -83,7 +83,7 @@ class CuedLM:
         for _ in range(words):
             self._cues.put_nowait(None)
 
-    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncIterator[str]:
         self.calls.append(messages)
         self._notifier.notify()
         try:

@@ -208,6 +208,20 @@ async def test_served_chat_sends_the_built_prompt_to_completions(completions_ser
     assert body["model"] == "step-audio-chat" and body["stream"] is True and body["top_p"] == 0.9
 
 
+async def test_the_turn_transcript_comes_from_the_asr_prompt_with_room_for_the_speech(completions_server):
+    from models.stepaudio_chat import transcribe
+
+    url, requests = await completions_server(["今天", "天气", "很好。"])
+    lm = served_chat(url, "step-audio-chat", None, 8, 0.7)  # a reply limit far too small for ASR
+    try:
+        text = await transcribe(lm, "<audio_1>" * 416)  # 10 s of speech
+    finally:
+        await lm.aclose()
+    assert text == "今天天气很好。"
+    assert requests[0]["prompt"] == chat_prompt(transcription_prompt("<audio_1>" * 416))
+    assert requests[0]["max_tokens"] == 16 + 80
+
+
 @pytest.fixture
 async def completions_server():
     from aiohttp import web
@@ -475,9 +489,9 @@ async def test_a_call_runs_through_the_controller_and_hanging_up_frees_everythin
         prompts: list[list[Message]] = []
         chat_stream = models.chat.stream
 
-        def recording(messages):
+        def recording(messages, **options):
             prompts.append(messages)
-            return chat_stream(messages)
+            return chat_stream(messages, **options)
 
         models.chat.stream = recording
         generations: list[tuple[int, object]] = []  # (max tokens, stop flag) of each TTS generation
