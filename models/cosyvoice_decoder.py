@@ -50,7 +50,7 @@ def import_cosyvoice() -> None:
     sys.modules["torchaudio"] = absent
 
 
-def _model_sections(yaml_text: str, keep: tuple[str, ...] = ("flow", "hift")) -> str:
+def _model_sections(yaml_text: str, keep: tuple[str, ...] = ("flow", "hift", "feat_extractor")) -> str:
     """The YAML's plain top-level settings plus the `keep` sections: the training pipeline and LM
     sections would import modules (and their dependencies) this decoder never uses."""
     blocks: list[list[str]] = []
@@ -92,6 +92,9 @@ class CosyVoiceDecoder:
         self.device = torch.device(device)
         configs = load_hyperpyyaml(_model_sections((directory / "cosyvoice.yaml").read_text()))
         self.flow, self.hift = configs["flow"], configs["hift"]
+        # The prompt's mel as the model was trained on it: the yaml's own feature extractor when
+        # it names one, else the flow's mel settings.
+        self._mel = configs.get("feat_extractor")
         self.flow.load_state_dict(torch.load(directory / "flow.pt", map_location=self.device), strict=True)
         hift_state = torch.load(directory / "hift.pt", map_location=self.device)
         self.hift.load_state_dict({k.replace("generator.", ""): v for k, v in hift_state.items()}, strict=True)
@@ -112,8 +115,6 @@ class CosyVoiceDecoder:
         import kaldi_native_fbank as knf
         import soxr
         import torch
-        from matcha.utils.audio import mel_spectrogram
-
         audio16 = soxr.resample(prompt_wav, rate, 16000).astype(np.float32) if rate != 16000 else prompt_wav
         audio22 = soxr.resample(prompt_wav, rate, SAMPLE_RATE).astype(np.float32)
         # CAM++ x-vector: 80-bin Kaldi fbank at 16 kHz, mean-normalized over time.
@@ -127,9 +128,25 @@ class CosyVoiceDecoder:
         feats = np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)]).astype(np.float32)
         feats -= feats.mean(axis=0, keepdims=True)
         embedding = self._campplus.run(None, {self._campplus.get_inputs()[0].name: feats[None]})[0]
+        mel = self.prompt_mel(torch.from_numpy(audio22)[None]).transpose(1, 2)
+        # The prompt's mel and tokens must cover the same time: trim both to the shorter.
+        usable = min(len(prompt_tokens), int(mel.shape[1] * MEL_HOP / SAMPLE_RATE * self.token_rate))
+        mel = mel[:, : self.mel_frames(usable)]
+        return VoiceCondition(
+            torch.tensor([prompt_tokens[:usable]], dtype=torch.int32),
+            mel.float(),
+            torch.from_numpy(np.asarray(embedding, dtype=np.float32).reshape(1, -1)),
+        )
+
+    def prompt_mel(self, audio22: "object") -> "object":
+        """(1, 80, frames) mel of 22,050 Hz audio (1, samples)."""
+        if self._mel is not None:
+            return self._mel(audio22)
+        from matcha.utils.audio import mel_spectrogram
+
         conf = self.flow.mel_feat_conf
-        mel = mel_spectrogram(
-            torch.from_numpy(audio22)[None],
+        return mel_spectrogram(
+            audio22,
             n_fft=conf["n_fft"],
             num_mels=conf["num_mels"],
             sampling_rate=conf["sampling_rate"],
@@ -138,14 +155,6 @@ class CosyVoiceDecoder:
             fmin=conf["fmin"],
             fmax=conf["fmax"],
             center=False,
-        ).transpose(1, 2)
-        # The prompt's mel and tokens must cover the same time: trim both to the shorter.
-        usable = min(len(prompt_tokens), int(mel.shape[1] * MEL_HOP / SAMPLE_RATE * self.token_rate))
-        mel = mel[:, : self.mel_frames(usable)]
-        return VoiceCondition(
-            torch.tensor([prompt_tokens[:usable]], dtype=torch.int32),
-            mel.float(),
-            torch.from_numpy(np.asarray(embedding, dtype=np.float32).reshape(1, -1)),
         )
 
     def stream(self, voice: VoiceCondition) -> DecodeStream:

@@ -127,9 +127,7 @@ class StepAudioTTS:
             None: CosyVoiceDecoder(directory / DECODER_DIR, device, threads),
             "music": CosyVoiceDecoder(directory / MUSIC_DECODER_DIR, device, threads),
         }
-        self.speakers: dict[str, str] = json.loads(
-            (directory / "speakers" / "speakers_info.json").read_text(encoding="utf-8")
-        )
+        self.speakers = read_speakers(directory / "speakers" / "speakers_info.json")
         self._voices: dict[tuple[str, str, str, bool], Voice] = {}
         self._voices_lock = threading.Lock()
 
@@ -293,6 +291,17 @@ class StepAudioTTS:
             tags = leading_tags(piece) or tags
             async for chunk in self.speak(piece, tags):
                 yield chunk
+
+
+def read_speakers(path: Path) -> dict[str, str]:
+    """speaker id -> prompt transcript. Released copies of this file are not all UTF-8."""
+    raw = path.read_bytes()
+    for encoding in ("utf-8-sig", "gbk"):
+        try:
+            return json.loads(raw.decode(encoding))
+        except UnicodeDecodeError:
+            continue
+    raise ValueError(f"{path}: neither UTF-8 nor GBK")
 
 
 class _TextTeller:

@@ -379,6 +379,16 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
 
 get_tokenizer: !name:whisper.tokenizer.get_tokenizer
     multilingual: True
+
+feat_extractor: !name:matcha.utils.audio.mel_spectrogram
+    n_fft: 1024
+    num_mels: 80
+    sampling_rate: !ref <sample_rate>
+    hop_size: 256
+    win_size: 1024
+    fmin: 0
+    fmax: 8000
+    center: False
 """
 
 

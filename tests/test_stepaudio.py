@@ -581,3 +581,13 @@ async def test_a_cloned_voice_speaks_plain_text_and_music_keeps_the_registry(tts
     finally:
         tts.voice, tts.clone = original, None
     assert used == ["guest", "TingtingRAP"]
+
+
+def test_the_speaker_registry_reads_utf8_with_bom_and_gbk(tmp_path):
+    from models.stepaudio_tts import read_speakers
+
+    info = {"Tingting": "你好，我是婷婷。"}
+    for encoding in ("utf-8", "utf-8-sig", "gbk"):
+        path = tmp_path / f"{encoding}.json"
+        path.write_bytes(json.dumps(info, ensure_ascii=False).encode(encoding))
+        assert read_speakers(path) == info
