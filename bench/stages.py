@@ -13,8 +13,9 @@ import json
 import statistics
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncGenerator, Generic, TypeVar
 
 import numpy as np
 import soxr
@@ -53,6 +54,30 @@ QUESTIONS = [
 ]
 
 
+T = TypeVar("T")
+
+
+@dataclass
+class Drained(Generic[T]):
+    """What a stream gave, when its first item came and when it ended (seconds from the start)."""
+
+    items: list[T]
+    first_s: float | None
+    total_s: float
+
+
+async def drain_timed(stream: AsyncGenerator[T, None]) -> Drained[T]:
+    """Read a model's stream to its end (closing it), timing the first item and the whole."""
+    started = time.monotonic()
+    first: float | None = None
+    items: list[T] = []
+    async with aclosing(stream) as reading:
+        async for item in reading:
+            first = first if first is not None else time.monotonic() - started
+            items.append(item)
+    return Drained(items, first, time.monotonic() - started)
+
+
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -78,18 +103,12 @@ async def asr_stage(models: EmbeddedModels) -> dict[str, Any]:
 async def lm_stage(models: EmbeddedModels) -> dict[str, Any]:
     ttfts, rates = [], []
     for question in QUESTIONS[:5]:
-        started = time.monotonic()
-        first = None
-        text = ""
-        async with aclosing(models.lm.stream([Message("system", models.config.system_prompt), Message("user", question)])) as stream:
-            async for delta in stream:
-                first = first or time.monotonic()
-                text += delta
-        ended = time.monotonic()
-        ttfts.append((first - started) * 1000 if first else float("nan"))
+        reply = await drain_timed(models.lm.stream([Message("system", models.config.system_prompt), Message("user", question)]))
+        ttfts.append(reply.first_s * 1000 if reply.first_s is not None else float("nan"))
+        text = "".join(reply.items)
         tokens = models.lm.count_tokens(text) if hasattr(models.lm, "count_tokens") else len(text.split())
-        if first and ended > first:
-            rates.append(tokens / (ended - first))
+        if reply.first_s is not None and reply.total_s > reply.first_s:
+            rates.append(tokens / (reply.total_s - reply.first_s))
     return {"ttft_ms_p50": round(_pct(ttfts, 50)), "tokens_per_s_p50": round(_pct(rates, 50), 1)}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.stages import drain_timed
 from config import ModelConfig, StepAudioConfig
 from models.base import Message
 
@@ -66,35 +66,24 @@ async def measure(config: StepAudioConfig, models_config: ModelConfig, seconds: 
 
         # Chat: time to first text and tokens per second, on the audio prompt.
         messages = [Message("system", models_config.system_prompt), Message("user", utterance.lm_content or "")]
-        started = time.perf_counter()
-        first = None
-        pieces = 0
-        async with contextlib.aclosing(models.chat.stream(messages)) as reply:
-            async for _ in reply:
-                first = first or time.perf_counter()
-                pieces += 1
-        total = time.perf_counter() - started
+        reply = await drain_timed(models.chat.stream(messages))
+        first = reply.first_s
         report["chat"] = {
-            "first_token_ms": _ms(first - started) if first else None,
-            "deltas": pieces,
-            "deltas_per_s": round(pieces / max(total - ((first or started) - started), 1e-6), 1),
+            "first_token_ms": _ms(first) if first is not None else None,
+            "deltas": len(reply.items),
+            "deltas_per_s": round(len(reply.items) / max(reply.total_s - (first or 0.0), 1e-6), 1),
         }
 
         # TTS-3B: voice prompt once, then a sentence: first audio and real-time factor.
         started = time.perf_counter()
         await models.tts.decoder_worker.run(models.tts.voice, models.tts.registry_voice(config.speaker))
         report["tts_voice_prepare_ms"] = _ms(time.perf_counter() - started)
-        started = time.perf_counter()
-        first = None
-        audio_s = 0.0
-        async for chunk in models.tts.speak(SENTENCE, ["高兴1"]):
-            first = first or time.perf_counter()
-            audio_s += chunk.duration_ms / 1000
-        total = time.perf_counter() - started
+        speech = await drain_timed(models.tts.speak(SENTENCE, ["高兴1"]))
+        audio_s = sum(chunk.duration_ms for chunk in speech.items) / 1000
         report["tts"] = {
-            "first_audio_ms": _ms(first - started) if first else None,
+            "first_audio_ms": _ms(speech.first_s) if speech.first_s is not None else None,
             "audio_s": round(audio_s, 2),
-            "rtf": round(total / audio_s, 3) if audio_s else None,
+            "rtf": round(speech.total_s / audio_s, 3) if audio_s else None,
         }
     finally:
         await models.aclose()

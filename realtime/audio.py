@@ -30,8 +30,11 @@ def frame_to_mono(frame: AudioFrame) -> np.ndarray:
     return mono
 
 
-def int16_to_float(pcm: np.ndarray) -> np.ndarray:
-    return pcm.astype(np.float32) / 32768.0
+def to_float(pcm: np.ndarray) -> np.ndarray:
+    """int16 PCM scaled to [-1, 1), or float PCM as float32."""
+    if pcm.dtype == np.int16:
+        return pcm.astype(np.float32) / 32768.0
+    return pcm.astype(np.float32, copy=False)
 
 
 def float_to_int16(pcm: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import soxr
 
-from realtime.audio import FRAME_MS
+from realtime.audio import FRAME_MS, to_float
 
 LATE_GAP_MS = 2 * FRAME_MS
 
@@ -63,9 +63,7 @@ class PacedOutput:
         return 1000.0 * self._queued / self.sample_rate
 
     def write(self, pcm: np.ndarray, sample_rate: int) -> None:
-        if pcm.dtype == np.int16:
-            pcm = pcm.astype(np.float32) / 32768.0
-        pcm = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
+        pcm = np.ascontiguousarray(to_float(pcm)).reshape(-1)
         if sample_rate != self.sample_rate:
             stream = self._resamplers.get(sample_rate)
             if stream is None:

@@ -14,7 +14,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from config import ServerConfig
-from realtime.audio import FRAME_MS, InputFramer, int16_to_float
+from realtime.audio import FRAME_MS, InputFramer, to_float
 from realtime.events import EventError, error_event, parse_client_event
 from realtime.output import FrameClock, PacedOutput
 from realtime.session import AgentFactory, Session, SessionRegistry
@@ -88,7 +88,7 @@ class WebSocketSession(Session):
         if len(data) > 2 * self.input_rate * MAX_AUDIO_MESSAGE_S:
             self._reject("message_too_large", f"audio messages may hold at most {MAX_AUDIO_MESSAGE_S} s")
             return
-        pcm = int16_to_float(np.frombuffer(data, dtype="<i2"))
+        pcm = to_float(np.frombuffer(data, dtype="<i2"))
         for frame in self._framer.push(pcm, self.input_rate):
             self.push_frame(frame)
 

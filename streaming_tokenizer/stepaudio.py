@@ -20,6 +20,7 @@ import soxr
 import structlog
 
 from models.workers import ModelWorker
+from realtime.audio import to_float
 from streaming_tokenizer.base import PartialCallback, UtteranceInput
 
 log = structlog.get_logger(__name__)
@@ -63,12 +64,6 @@ class DualCodes:
     def ids(self) -> list[int]:
         """Token IDs for TTS-3B prompts: 65536 + the text form's N."""
         return [AUDIO_ID_BASE + (c if s == 2 else VQ02_SIZE + c) for s, c in self.interleaved()]
-
-
-def to_float(pcm: np.ndarray) -> np.ndarray:
-    if pcm.dtype == np.int16:
-        return pcm.astype(np.float32) / 32768.0
-    return pcm.astype(np.float32, copy=False)
 
 
 class StepAudioTokenizer:

@@ -10,6 +10,7 @@ import numpy as np
 import structlog
 
 from models.workers import ModelWorker
+from realtime.audio import to_float
 from streaming_tokenizer.base import PartialCallback, UtteranceInput
 from vad.endpointer import FRAME_MS
 
@@ -39,7 +40,7 @@ class WhisperEngine:
         A draft encodes only the audio (plus a second of silence) instead of Whisper's 30 s window:
         about four times faster on short utterances and less accurate, which suits partials.
         """
-        audio = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
+        audio = to_float(pcm)
         if draft and len(audio) < DRAFT_MAX_SAMPLES:
             return self._draft(audio)
         segments, _ = self._model.transcribe(
