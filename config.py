@@ -16,7 +16,6 @@ from typing import Any, Callable, Sequence
 
 ENV_PREFIX = "VOICE_AGENT_"
 PROFILES = ("embedded", "loopback", "stepaudio")
-LM_BACKENDS = ("embedded", "openai", "hf:<path>")
 ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
 
 
@@ -109,6 +108,16 @@ class TurnConfig:
         if merged.commit_ms <= merged.pause_ms:
             raise ValueError("turn_detection.commit_ms must be greater than pause_ms")
         return merged
+
+    def with_session(self, session: dict[str, Any]) -> "TurnConfig":
+        """A copy changed by a `session.update`'s `session` object, or ValueError saying what is wrong."""
+        unknown = set(session) - {"turn_detection"}
+        if unknown:
+            raise ValueError(f"unknown session fields {sorted(unknown)}; known: ['turn_detection']")
+        changes = session.get("turn_detection", {})
+        if not isinstance(changes, dict):
+            raise ValueError("turn_detection must be an object")
+        return self.updated(changes)
 
     def public(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("vad", *self.LIMITS)}

@@ -10,10 +10,9 @@ from aiohttp import web
 
 from config import AppConfig, ConfigError, load_config
 from context.dialog import TranscriptStore
-from realtime.server import build_app, ssl_context
-from controller.profiles import open_profile
 from models.base import ModelSetupError
-from models.embedded import ModelPackageMissing
+from profiles import open_profile
+from realtime.server import build_app, ssl_context
 
 
 def configure_logging(json_lines: bool, level: str) -> None:
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             print=None,
             access_log=None,
         )
-    except (ModelPackageMissing, ModelSetupError) as exc:
+    except ModelSetupError as exc:
         print(f"run_server.py: {exc}", file=sys.stderr)
         return 2
     return 0

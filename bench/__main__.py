@@ -57,8 +57,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def transcriber() -> Transcribe:
-    from models.embedded import whisper_model_dir
-    from models.workers import ModelWorker
+    from profiles.embedded import whisper_model_dir
+    from runtime.workers import ModelWorker
     from streaming_tokenizer.whisper import WhisperEngine
 
     worker = ModelWorker("bench-asr")

@@ -15,9 +15,10 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from realtime.audio import frame_to_mono
-from realtime.events import ChunkJoiner
+from realtime.events import ChunkJoiner, ClientEvent, Ping
 from realtime.output import PacedOutput
 from realtime.webrtc import PacedAudioTrack
+from runtime.tasks import TaskOwner
 
 RATE = 48000
 
@@ -68,17 +69,12 @@ class ClientPeer:
         self.received: list[ReceivedFrame] = []
         self._ping_interval_s = ping_interval_s
         self._joiner = ChunkJoiner()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskOwner("peer")
         self.changed = Notifier()
         self.channel = self.pc.createDataChannel("events")
         self.channel.on("message", self._on_message)
         self.pc.addTrack(PacedAudioTrack(self.mic))
         self.pc.on("track", self._on_track)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def connect(self, timeout: float = 10.0) -> str:
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -91,12 +87,15 @@ class ClientPeer:
         self.session_id = body.get("session_id") or body.get("pc_id") or ""
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
         if self._ping_interval_s:
-            self._spawn(self._ping())  # pings only once `events` is open, if it ever opens
+            self._tasks.spawn(self._ping(), "ping")  # pings only once `events` is open, if it ever opens
         if self.expect_events:
             await self.changed.wait_for(lambda: self.channel.readyState == "open", timeout)
         return self.session_id
 
-    def send(self, event: dict[str, Any] | str) -> None:
+    def send(self, event: ClientEvent | dict[str, Any] | str) -> None:
+        """A client event; a dict or a string goes as it is (tests send malformed ones)."""
+        if isinstance(event, ClientEvent):
+            event = event.to_dict()
         self.channel.send(event if isinstance(event, str) else json.dumps(event))
 
     def speak(self, pcm: np.ndarray, sample_rate: int) -> None:
@@ -105,7 +104,7 @@ class ClientPeer:
     async def _ping(self) -> None:
         while True:
             if self.channel.readyState == "open":
-                self.send({"type": "ping"})
+                self.send(Ping())
             await asyncio.sleep(self._ping_interval_s)
 
     def _on_message(self, text: str) -> None:
@@ -117,7 +116,7 @@ class ClientPeer:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
-            self._spawn(self._record(track))
+            self._tasks.spawn(self._record(track), "record")
 
     async def _record(self, track: MediaStreamTrack) -> None:
         while True:
@@ -151,7 +150,5 @@ class ClientPeer:
         await self.changed.wait_for(enough, timeout)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
         await self.pc.close()

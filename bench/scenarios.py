@@ -65,7 +65,7 @@ class Voice:
     def __init__(self) -> None:
         from piper import PiperVoice
 
-        from models.embedded import piper_voice_files
+        from profiles.embedded import piper_voice_files
 
         model, config = piper_voice_files()
         self._voice = PiperVoice.load(str(model), config_path=str(config))

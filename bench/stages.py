@@ -24,9 +24,10 @@ from aiohttp import web
 from bench.peer import RATE, ClientPeer
 from config import AppConfig, ModelConfig, ServerConfig
 from context.dialog import TranscriptStore
-from controller.profiles import open_profile
 from models.base import Message
-from models.embedded import EmbeddedModels, load_embedded
+from profiles import open_profile
+from profiles.embedded import EmbeddedModels, load_embedded
+from profiles.loaded import close_models
 from realtime.server import build_app
 from realtime.webrtc import use_loopback_ice_only
 
@@ -203,7 +204,7 @@ async def main(argv: list[str] | None = None) -> None:
         print(f"stage turns ({args.turns} turns over WebRTC) ...", flush=True)
         results["turns"] = await turns_stage(models, args.turns, args.out / "stages-data")
     finally:
-        await models.aclose()
+        await close_models(models)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"stages-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2))

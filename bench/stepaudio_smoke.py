@@ -33,7 +33,9 @@ def _ms(seconds: float) -> float:
 
 
 async def measure(config: StepAudioConfig, models_config: ModelConfig, seconds: float) -> dict:
-    from models.stepaudio import load_stepaudio, resolve_device
+    from profiles.loaded import close_models
+    from profiles.stepaudio import load_stepaudio, resolve_device
+    from streaming_tokenizer.stepaudio import StepAudioStream
 
     report: dict = {"device": resolve_device(config.device), "model_path": str(config.model_path)}
     started = time.perf_counter()
@@ -41,10 +43,10 @@ async def measure(config: StepAudioConfig, models_config: ModelConfig, seconds: 
     report["load_s"] = round(time.perf_counter() - started, 2)
     try:
         # Tokenizer: an utterance fed as 20 ms frames, the pump kept up, then the end of speech.
-        from tests.stepaudio_tiny import tone_speech
+        from bench.stepaudio_tiny import tone_speech
 
         audio = (tone_speech(seconds) * 32767).astype(np.int16)
-        stream = models.session_tokenizer(transcribe=False)
+        stream = StepAudioStream(models.tokenizer, models.workers[0], config.vq06_window_s)
         stream.begin(())
         started = time.perf_counter()
         for i in range(0, len(audio), 320):
@@ -86,7 +88,7 @@ async def measure(config: StepAudioConfig, models_config: ModelConfig, seconds: 
             "rtf": round(speech.total_s / audio_s, 3) if audio_s else None,
         }
     finally:
-        await models.aclose()
+        await close_models(models)
     return report
 
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         model_path = args.model_path
         if model_path is None:
-            from tests.stepaudio_tiny import build_model_path
+            from bench.stepaudio_tiny import build_model_path
 
             model_path = build_model_path(Path(scratch))
         config = StepAudioConfig(model_path=model_path, chat=args.chat, device=args.device)

@@ -3,7 +3,6 @@ harness measures either path with the same code."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -12,8 +11,9 @@ import aiohttp
 import numpy as np
 
 from bench.peer import RATE, Notifier, ReceivedFrame
-from realtime.events import ChunkJoiner
+from realtime.events import ChunkJoiner, SessionStart
 from realtime.output import FrameClock, PacedOutput
+from runtime.tasks import TaskOwner
 
 
 class WsPeer:
@@ -30,15 +30,14 @@ class WsPeer:
         self._joiner = ChunkJoiner()
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskOwner("ws-peer")
 
     async def connect(self, timeout: float = 10.0) -> str:
         self._http = aiohttp.ClientSession()
         self._ws = await self._http.ws_connect(self.url)
-        await self._ws.send_str(
-            json.dumps({"type": "session.start", "input_sample_rate": RATE, "output_sample_rate": RATE})
-        )
-        self._tasks = [asyncio.create_task(self._send_mic()), asyncio.create_task(self._read())]
+        await self._ws.send_str(json.dumps(SessionStart(RATE, RATE).to_dict()))
+        self._tasks.spawn(self._send_mic(), "mic")
+        self._tasks.spawn(self._read(), "read")
         created = await self.changed.wait_for(self._created, timeout)
         self.session_id = created["session"]["id"]
         return self.session_id
@@ -70,9 +69,7 @@ class WsPeer:
             self.changed.notify()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
         if self._ws is not None:
             await self._ws.close()
         if self._http is not None:

@@ -11,9 +11,9 @@ import numpy as np
 import structlog
 
 from config import LoopbackConfig
-from realtime.audio import INPUT_RATE
-from realtime.events import ClientEvent, error_event
+from realtime.events import ClientEvent, ConversationItemCreate, Error, ResponseCancel, SessionCreated, SessionUpdate, SessionUpdated
 from realtime.session import SessionIO
+from runtime.audio import SAMPLE_RATE
 
 log = structlog.get_logger()
 
@@ -41,7 +41,7 @@ class LoopbackAgent:
         return {"id": self._io.session_id, "profile": "loopback", "delay_ms": self.delay_ms}
 
     async def run(self) -> None:
-        self._io.emit({"type": "session.created", "session": self._session_info()})
+        self._io.emit(SessionCreated(self._session_info()))
         frames = self._io.frames
         while True:
             timeout = None
@@ -60,7 +60,7 @@ class LoopbackAgent:
             while self._line and self._line[0][0] <= now:
                 if output.queued_ms == 0:
                     self._refill_reserve()
-                output.write(self._line.popleft()[1], INPUT_RATE)
+                output.write(self._line.popleft()[1], SAMPLE_RATE)
                 self._playing = True
 
     def _refill_reserve(self) -> None:
@@ -70,28 +70,28 @@ class LoopbackAgent:
             self.underruns += 1
             self.reserve_ms = min(2 * self.reserve_ms, MAX_JITTER_RESERVE_MS)
             log.info("loopback.underrun", session_id=self._io.session_id, underruns=self.underruns, reserve_ms=self.reserve_ms)
-        self._io.output.write(np.zeros(INPUT_RATE * self.reserve_ms // 1000, dtype=np.int16), INPUT_RATE)
+        self._io.output.write(np.zeros(SAMPLE_RATE * self.reserve_ms // 1000, dtype=np.int16), SAMPLE_RATE)
 
     def on_client_event(self, event: ClientEvent) -> None:
-        if event.type == "session.update":
+        if isinstance(event, SessionUpdate):
             self._update(event)
-        elif event.type == "response.cancel":
+        elif isinstance(event, ResponseCancel):
             self._line.clear()
             self._io.output.flush()
             self._playing = False
-        elif event.type == "conversation.item.create":
-            self._io.emit(error_event("unsupported", "the loopback profile has no conversation", event.event_id))
+        elif isinstance(event, ConversationItemCreate):
+            self._io.emit(Error("unsupported", "the loopback profile has no conversation", event.event_id))
         # playback.position carries nothing the loopback needs.
 
-    def _update(self, event: ClientEvent) -> None:
-        session = event.data["session"]
+    def _update(self, event: SessionUpdate) -> None:
+        session = event.session
         unknown = set(session) - {"delay_ms"}
         delay = session.get("delay_ms", self.delay_ms)
         if unknown:
-            self._io.emit(error_event("invalid_value", f"unknown session fields: {sorted(unknown)}", event.event_id))
+            self._io.emit(Error("invalid_value", f"unknown session fields: {sorted(unknown)}", event.event_id))
             return
         if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= MAX_DELAY_MS:
-            self._io.emit(error_event("invalid_value", f"delay_ms must be an integer 0..{MAX_DELAY_MS}", event.event_id))
+            self._io.emit(Error("invalid_value", f"delay_ms must be an integer 0..{MAX_DELAY_MS}", event.event_id))
             return
         self.delay_ms = delay
-        self._io.emit({"type": "session.updated", "session": self._session_info()})
+        self._io.emit(SessionUpdated(self._session_info()))

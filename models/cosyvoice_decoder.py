@@ -25,6 +25,7 @@ MEL_HOP = 256
 OVERLAP_TOKENS = 20  # the length regulator interpolates the first and last 20 tokens separately
 FLOW_CACHE_FRAMES = 34  # the flow keeps its last 34 frames of noise and condition for the next call
 MEL_CACHE_FRAMES = 20
+XVECTOR_RATE = 16000  # CAM++ takes 80-bin fbank of 16 kHz audio
 SOURCE_CACHE_SAMPLES = MEL_CACHE_FRAMES * MEL_HOP
 CHUNK_SECONDS = (0.6, 1.0, 2.0)  # then 2 s per chunk
 
@@ -115,15 +116,15 @@ class CosyVoiceDecoder:
         import kaldi_native_fbank as knf
         import soxr
         import torch
-        audio16 = soxr.resample(prompt_wav, rate, 16000).astype(np.float32) if rate != 16000 else prompt_wav
+        audio16 = soxr.resample(prompt_wav, rate, XVECTOR_RATE).astype(np.float32) if rate != XVECTOR_RATE else prompt_wav
         audio22 = soxr.resample(prompt_wav, rate, SAMPLE_RATE).astype(np.float32)
-        # CAM++ x-vector: 80-bin Kaldi fbank at 16 kHz, mean-normalized over time.
+        # CAM++ x-vector: Kaldi fbank, mean-normalized over time.
         opts = knf.FbankOptions()
         opts.frame_opts.dither = 0.0
-        opts.frame_opts.samp_freq = 16000
+        opts.frame_opts.samp_freq = XVECTOR_RATE
         opts.mel_opts.num_bins = 80
         fbank = knf.OnlineFbank(opts)
-        fbank.accept_waveform(16000, (audio16 * 32768.0).tolist())
+        fbank.accept_waveform(XVECTOR_RATE, (audio16 * 32768.0).tolist())
         fbank.input_finished()
         feats = np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)]).astype(np.float32)
         feats -= feats.mean(axis=0, keepdims=True)

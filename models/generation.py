@@ -1,25 +1,9 @@
-"""What every transformers generation in a worker thread needs: a way to hand its output to the
-event loop, and a stop flag that generate() checks at each step."""
+"""The stop flag of a transformers generation running in a worker thread, checked at each step."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from typing import Any, Callable, TypeVar
-
-T = TypeVar("T")
-
-
-def poster(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[T], stop: threading.Event) -> Callable[[T], None]:
-    """put_nowait from the worker thread; once the loop is gone, nobody listens: stop generating."""
-
-    def post(item: T) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:
-            stop.set()
-
-    return post
+from typing import Any
 
 
 def stopping_on(stop: threading.Event) -> Any:

@@ -9,7 +9,7 @@ import numpy as np
 
 from models.base import SpeechChunk
 from models.sentences import SpeechChunker
-from models.workers import ModelWorker
+from runtime.workers import ModelWorker
 
 # piper peak-normalizes each sentence; leave headroom for the resampler's overshoot.
 OUTPUT_GAIN = 0.8

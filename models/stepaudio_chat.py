@@ -2,20 +2,22 @@
 
 The prompt is `<|BOT|>{role}\\n{content}<|EOT|>` per message, user turns as role `human`, ending with
 `<|BOT|>assistant\\n`. The current user turn is the utterance's `<audio_N>` string; earlier turns stay
-text (step-audio-formats.md).
+text.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from models.base import LanguageModel, Message
 from models.openai_lm import OpenAICompatibleLM
-from models.workers import ModelWorker
+from runtime.audio_tokens import TOKENS_PER_SECOND
+from runtime.workers import ModelWorker
 
 BOT, EOT = "<|BOT|>", "<|EOT|>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -44,9 +46,9 @@ def transcription_prompt(audio_text: str) -> list[Message]:
 async def transcribe(chat: LanguageModel, audio_text: str) -> str:
     """The transcript of one utterance's `<audio_N>` string, from the Chat model; room for about
     eight tokens per second of speech, whatever the reply limit is."""
-    seconds = audio_text.count("<audio_") / 41.6
+    seconds = audio_text.count("<audio_") / TOKENS_PER_SECOND
     parts: list[str] = []
-    stream = chat.stream(transcription_prompt(audio_text), max_new_tokens=int(16 + 8 * seconds))
+    stream = chat.stream(transcription_prompt(audio_text), max_new_tokens=16 + math.ceil(8 * seconds))
     async with contextlib.aclosing(stream) as deltas:
         async for delta in deltas:
             parts.append(delta)

@@ -1,32 +1,34 @@
 """Step-Audio TTS-3B: text -> audio tokens (a Step1 LM prompted with a voice), streamed into the
 CosyVoice decoder, so speech starts after the first token chunk rather than the whole sentence.
-
-Formats (prompt IDs, tags, speaker registry) are in step-audio-formats.md.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
 import structlog
 
+import numpy as np
+
 from models.base import SpeechChunk
 from models.cosyvoice_decoder import SAMPLE_RATE, CosyVoiceDecoder, VoiceCondition
+from models.generation import stopping_on
 from models.sentences import SpeechChunker
-from models.generation import poster, stopping_on
-from models.workers import ModelWorker
-from streaming_tokenizer.stepaudio import AUDIO_ID_BASE, StepAudioTokenizer
+from runtime.audio_tokens import AUDIO_ID_BASE, AUDIO_IDS, TOKENS_PER_SECOND
+from runtime.bridge import Post, thread_stream
+from runtime.workers import ModelWorker
 
 log = structlog.get_logger(__name__)
 
 BOS, EOT, BOT = 1, 3, 4
-AUDIO_IDS = range(AUDIO_ID_BASE, AUDIO_ID_BASE + 1024 + 4096)
+# A voice prompt's audio (mono float PCM and its rate) to its audio token IDs.
+AudioTokenIds = Callable[[np.ndarray, int], list[int]]
 TEMPERATURE = 0.7
 GUARD_WINDOW = 10
 MUSIC_TAGS = ("RAP", "哼唱")
@@ -35,7 +37,6 @@ DECODER_DIR, MUSIC_DECODER_DIR = "CosyVoice-300M-25Hz", "CosyVoice-300M-25Hz-Mus
 SYSTEM_PROMPT = "作为一名卓越的声优演员，请按照文本中括号内标注的情感、语种或方言、音乐哼唱和语速标签，自然流畅地朗读文本。"
 SYSTEM_PROMPT_WITH_SPEAKER = SYSTEM_PROMPT + "\n请用对话历史里{speaker}的音色朗读。"
 _TAG = re.compile(r"\s*[(\uff08]([^()\uff08\uff09]*)[)\uff09]")
-_TOKENS_PER_SECOND = 1000 / 24  # 41.7: two vq02 and three vq06 codes per 120 ms
 
 
 def leading_tags(text: str) -> list[str]:
@@ -96,7 +97,7 @@ class StepAudioTTS:
     def __init__(
         self,
         directory: Path,
-        tokenizer: StepAudioTokenizer,
+        audio_token_ids: AudioTokenIds,
         lm_worker: ModelWorker,
         decoder_worker: ModelWorker,
         device: str = "cpu",
@@ -117,7 +118,7 @@ class StepAudioTTS:
         self.clone = clone
         self.system_prompts = system_prompts
         self.max_seconds_per_char = max_seconds_per_char
-        self._audio_tokenizer = tokenizer
+        self._audio_token_ids = audio_token_ids
         self._text_tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self._model = AutoModelForCausalLM.from_pretrained(
@@ -150,8 +151,7 @@ class StepAudioTTS:
         import soundfile
 
         audio, rate = soundfile.read(clone["wav_path"], dtype="float32", always_2d=True)
-        codes = self._audio_tokenizer.tokenize(audio.mean(axis=1), rate)
-        ids = codes.ids()
+        ids = self._audio_token_ids(audio.mean(axis=1), rate)
         decoder = self.decoders["music" if music else None]
         condition = decoder.condition(audio.mean(axis=1), rate, [i - AUDIO_ID_BASE for i in ids])
         voice = Voice(clone["speaker"], clone["prompt_text"], Path(clone["wav_path"]), tuple(ids), condition)
@@ -170,15 +170,8 @@ class StepAudioTTS:
         return tts_prompt_ids(self.encode, system, voice.prompt_text, list(voice.audio_ids), target_text)
 
     # -- generation ---------------------------------------------------------------------------
-    def generate_now(
-        self,
-        prompt: list[int],
-        max_tokens: int,
-        loop: asyncio.AbstractEventLoop,
-        out: asyncio.Queue[int | None],
-        stop: threading.Event,
-    ) -> None:
-        """Blocking: sample audio IDs until EOT, posting each to `out` and None at the end."""
+    def generate_now(self, prompt: list[int], max_tokens: int, post: Post[int], stop: threading.Event) -> None:
+        """Blocking: sample audio IDs until EOT, posting each; ends at the first step after `stop`."""
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList
         from transformers.generation.streamers import BaseStreamer
@@ -187,8 +180,6 @@ class StepAudioTTS:
         allowed[AUDIO_IDS.start : AUDIO_IDS.stop] = 0.0
         allowed[EOT] = 0.0
         generated: list[int] = []
-
-        post = poster(loop, out, stop)
 
         class AudioOnly(LogitsProcessor):
             """Only audio IDs or the end of the turn; and the repetition guard."""
@@ -214,39 +205,25 @@ class StepAudioTTS:
             def end(self) -> None:
                 pass
 
-        try:
-            if stop.is_set():
-                return
-            ids = torch.tensor([prompt], device=self._model.device)
-            with torch.inference_mode():
-                self._model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    do_sample=True,
-                    temperature=TEMPERATURE,
-                    top_k=0,
-                    max_new_tokens=max_tokens,
-                    eos_token_id=EOT,
-                    pad_token_id=0,
-                    logits_processor=LogitsProcessorList([AudioOnly()]),
-                    streamer=Streamer(),
-                    stopping_criteria=stopping_on(stop),
-                )
-        finally:
-            post(None)
+        ids = torch.tensor([prompt], device=self._model.device)
+        with torch.inference_mode():
+            self._model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=TEMPERATURE,
+                top_k=0,
+                max_new_tokens=max_tokens,
+                eos_token_id=EOT,
+                pad_token_id=0,
+                logits_processor=LogitsProcessorList([AudioOnly()]),
+                streamer=Streamer(),
+                stopping_criteria=stopping_on(stop),
+            )
 
-    async def tokens(self, prompt: list[int], max_tokens: int) -> AsyncIterator[int]:
+    def tokens(self, prompt: list[int], max_tokens: int) -> AsyncGenerator[int, None]:
         """The audio IDs of one generation, as they come; closing the iterator stops the LM."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[int | None] = asyncio.Queue()
-        stop = threading.Event()
-        done = asyncio.wrap_future(self.lm_worker.submit(self.generate_now, prompt, max_tokens, loop, queue, stop))
-        try:
-            while (token := await queue.get()) is not None:
-                yield token
-            await done
-        finally:
-            stop.set()
+        return thread_stream(self.lm_worker, functools.partial(self.generate_now, prompt, max_tokens))
 
     # -- speech -------------------------------------------------------------------------------
     async def speak(self, text: str, tags: list[str]) -> AsyncIterator[SpeechChunk]:
@@ -258,7 +235,7 @@ class StepAudioTTS:
         decoder = self.decoders["music" if mode else None]
         target = text if leading_tags(text) or not tags else "".join(f"({t})" for t in tags) + text
         prompt = self.prompt_ids(voice, target)
-        max_tokens = int(_TOKENS_PER_SECOND * (2.0 + self.max_seconds_per_char * len(text)))
+        max_tokens = int(TOKENS_PER_SECOND * (2.0 + self.max_seconds_per_char * len(text)))
         stream = decoder.stream(voice.condition)
         teller = _TextTeller(text)
         batch: list[int] = []

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import shutil
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, Callable
 
 import structlog
 
 from models.base import Message
-from models.generation import poster, stopping_on
-from models.workers import ModelWorker
+from models.generation import stopping_on
+from runtime.bridge import Post, thread_stream
+from runtime.workers import ModelWorker
 
 log = structlog.get_logger()
 
@@ -135,33 +136,15 @@ class TransformersLM:
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[str | None] = asyncio.Queue()
-        stop = threading.Event()
+    def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncGenerator[str, None]:
         limit = max_new_tokens or self.max_new_tokens
-        done = asyncio.wrap_future(self.worker.submit(self.generate_now, messages, loop, deltas, stop, limit))
-        try:
-            while (delta := await deltas.get()) is not None:
-                yield delta
-            await done  # the worker's error, if it had one
-        finally:
-            stop.set()
+        return thread_stream(self.worker, functools.partial(self.generate_now, messages, limit))
 
-    def generate_now(
-        self,
-        messages: list[Message],
-        loop: asyncio.AbstractEventLoop,
-        deltas: asyncio.Queue[str | None],
-        stop: threading.Event,
-        max_new_tokens: int | None = None,
-    ) -> None:
-        """Blocking: generate a reply, posting text deltas to `deltas` and None at the end."""
+    def generate_now(self, messages: list[Message], max_new_tokens: int, post: Post[str], stop: threading.Event) -> None:
+        """Blocking: generate a reply, posting each text delta; ends at the first step after `stop`."""
         import torch
         from transformers import DynamicCache
         from transformers.generation.streamers import BaseStreamer
-
-        post = poster(loop, deltas, stop)
 
         tokenizer = self._tokenizer
 
@@ -189,41 +172,36 @@ class TransformersLM:
                 if len(text) > self.sent:
                     post(text[self.sent :])
 
-        try:
-            if stop.is_set():
-                return
-            if self._prompt is not None:
-                inputs = self._tokenizer(self._prompt(messages), return_tensors="pt", add_special_tokens=True)
-            else:
-                inputs = self._tokenizer.apply_chat_template(
-                    [{"role": m.role, "content": m.content} for m in messages],
-                    add_generation_prompt=True,
-                    return_tensors="pt",
-                    return_dict=True,
-                )
-            inputs = {k: v.to(self._model.device) for k, v in inputs.items()}
-            sampling: dict[str, Any] = (
-                {"do_sample": True, "temperature": self.temperature, "top_p": 0.9}
-                if self.temperature > 0
-                else {"do_sample": False}
+        if self._prompt is not None:
+            inputs = self._tokenizer(self._prompt(messages), return_tensors="pt", add_special_tokens=True)
+        else:
+            inputs = self._tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
             )
-            # `past_key_values` is the name that works across transformers 4.5x and 5.x.
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-            ids = inputs["input_ids"][0].tolist()
-            cache, reused = self.prefix_cache.take(ids)
-            self.reused_tokens += reused
-            with torch.inference_mode():
-                out = self._model.generate(
-                    **inputs,
-                    past_key_values=cache if cache is not None else DynamicCache(),
-                    return_dict_in_generate=True,
-                    max_new_tokens=max_new_tokens or self.max_new_tokens,
-                    repetition_penalty=1.1,
-                    streamer=Streamer(),
-                    stopping_criteria=stopping_on(stop),
-                    pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
-                    **sampling,
-                )
-            self.prefix_cache.put(out.sequences[0].tolist(), out.past_key_values)
-        finally:
-            post(None)
+        inputs = {k: v.to(self._model.device) for k, v in inputs.items()}
+        sampling: dict[str, Any] = (
+            {"do_sample": True, "temperature": self.temperature, "top_p": 0.9}
+            if self.temperature > 0
+            else {"do_sample": False}
+        )
+        # `past_key_values` is the name that works across transformers 4.5x and 5.x.
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        ids = inputs["input_ids"][0].tolist()
+        cache, reused = self.prefix_cache.take(ids)
+        self.reused_tokens += reused
+        with torch.inference_mode():
+            out = self._model.generate(
+                **inputs,
+                past_key_values=cache if cache is not None else DynamicCache(),
+                return_dict_in_generate=True,
+                max_new_tokens=max_new_tokens,
+                repetition_penalty=1.1,
+                streamer=Streamer(),
+                stopping_criteria=stopping_on(stop),
+                pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
+                **sampling,
+            )
+        self.prefix_cache.put(out.sequences[0].tolist(), out.past_key_values)

@@ -1,26 +1,21 @@
-"""The event protocol on the data channel and the WebSocket: client messages parsed and checked,
-server messages encoded in pieces small enough for small-MTU paths.
+"""The event protocol on the data channel and the WebSocket, as code: one class per server event and
+per client event. Client messages are parsed and checked into their class; server events are
+encoded in pieces small enough for small-MTU paths.
 
-Vocabulary after the OpenAI Realtime API (see design.md). Server events larger than
-MAX_MESSAGE_BYTES travel as `message.chunk` pieces that the client joins back in order.
+Vocabulary after the OpenAI Realtime API. Server events larger than MAX_MESSAGE_BYTES travel as
+`message.chunk` pieces that the client joins back in order.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+from runtime.audio import SAMPLE_RATE
 
 MAX_MESSAGE_BYTES = 1100
-
-CLIENT_EVENT_TYPES = (
-    "ping",
-    "session.update",
-    "response.cancel",
-    "playback.position",
-    "conversation.item.create",
-)
 
 
 class EventError(ValueError):
@@ -32,70 +27,302 @@ class EventError(ValueError):
         self.message = message
 
 
+# ---- server events ----------------------------------------------------------------------------
+
+SERVER_EVENTS: dict[str, type[ServerEvent]] = {}
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    """A message from the server; `to_dict()` is its JSON form."""
+
+    type: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        SERVER_EVENTS[cls.type] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class SessionCreated(ServerEvent):
+    type = "session.created"
+    session: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SessionUpdated(ServerEvent):
+    type = "session.updated"
+    session: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SessionState(ServerEvent):
+    type = "session.state"
+    state: str
+
+
+@dataclass(frozen=True)
+class SessionSummary(ServerEvent):
+    """The session's counters so far (speculative starts, commits, cancels, responses, barge-ins)."""
+
+    type = "session.summary"
+    counters: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **self.counters}
+
+
+@dataclass(frozen=True)
+class SpeechStarted(ServerEvent):
+    type = "input_audio_buffer.speech_started"
+    item_id: str
+    audio_start_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechStopped(ServerEvent):
+    type = "input_audio_buffer.speech_stopped"
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class TranscriptionDelta(ServerEvent):
+    """A provisional transcript of the utterance so far; each replaces the one before."""
+
+    type = "conversation.item.input_audio_transcription.delta"
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True)
+class TranscriptionCompleted(ServerEvent):
+    type = "conversation.item.input_audio_transcription.completed"
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True)
+class ResponseCreated(ServerEvent):
+    type = "response.created"
+    response_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "response": {"id": self.response_id, "status": "in_progress"}}
+
+
+@dataclass(frozen=True)
+class ResponseTextDelta(ServerEvent):
+    type = "response.text.delta"
+    response_id: str
+    delta: str
+
+
+@dataclass(frozen=True)
+class ResponseAudioStarted(ServerEvent):
+    type = "response.audio.started"
+    response_id: str
+
+
+@dataclass(frozen=True)
+class ResponseDone(ServerEvent):
+    """The reply ended: `completed`, `interrupted` or `cancelled`, with the text the user heard."""
+
+    type = "response.done"
+    response_id: str
+    status: str
+    output_text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        response = {"id": self.response_id, "status": self.status, "output_text": self.output_text}
+        return {"type": self.type, "response": response}
+
+
+@dataclass(frozen=True)
+class MetricsTurn(ServerEvent):
+    """One turn's stage timings (endpoint_ms, asr_ms, lm_ttft_ms, tts_first_audio_ms, server_v2v_ms)."""
+
+    type = "metrics.turn"
+    response_id: str
+    speculative: bool
+    metrics: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "response_id": self.response_id, "speculative": self.speculative, **self.metrics}
+
+
+@dataclass(frozen=True)
+class Error(ServerEvent):
+    type = "error"
+    code: str
+    message: str
+    event_id: str | None = None  # the client event it answers, if that had one
+
+    def to_dict(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"type": "invalid_request_error", "code": self.code, "message": self.message}
+        if self.event_id is not None:
+            error["event_id"] = self.event_id
+        return {"type": self.type, "error": error}
+
+
+@dataclass(frozen=True)
+class MessageChunk(ServerEvent):
+    """A piece of a server event too large for one message; `count` pieces with one `id` join back."""
+
+    type = "message.chunk"
+    id: int
+    index: int
+    count: int
+    data: str
+
+
+# ---- client events ----------------------------------------------------------------------------
+
+CLIENT_EVENTS: dict[str, type[ClientEvent]] = {}
+
+
 @dataclass(frozen=True)
 class ClientEvent:
-    """A checked client message. `data` holds the type-specific fields, already validated."""
+    """A checked message from the client; `parse` checks one, `to_dict()` writes one (for clients)."""
 
-    type: str
-    data: dict[str, Any] = field(default_factory=dict)
+    type: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        CLIENT_EVENTS[cls.type] = cls
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any], event_id: str | None) -> ClientEvent:
+        return cls(event_id=event_id)  # type: ignore[call-arg]
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The type-specific fields."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "event_id"}
+
+    def to_dict(self) -> dict[str, Any]:
+        event_id = getattr(self, "event_id", None)
+        return {"type": self.type, **self.data, **({"event_id": event_id} if event_id is not None else {})}
+
+
+@dataclass(frozen=True)
+class Ping(ClientEvent):
+    """Keeps a WebRTC session alive: the server hangs up a client that stops sending events."""
+
+    type = "ping"
     event_id: str | None = None
 
 
-def error_event(code: str, message: str, event_id: str | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"type": "invalid_request_error", "code": code, "message": message}
-    if event_id is not None:
-        error["event_id"] = event_id
-    return {"type": "error", "error": error}
+@dataclass(frozen=True)
+class SessionUpdate(ClientEvent):
+    """Changes the session's settings (the profile says which: turn_detection, or delay_ms)."""
+
+    type = "session.update"
+    session: dict[str, Any]
+    event_id: str | None = None
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any], event_id: str | None) -> SessionUpdate:
+        session = msg.get("session")
+        if not isinstance(session, dict):
+            raise EventError("invalid_value", "session.update needs a 'session' object")
+        return cls(session, event_id)
 
 
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise EventError("invalid_value", f"{name} must be a number")
-    return float(value)
+@dataclass(frozen=True)
+class ResponseCancel(ClientEvent):
+    type = "response.cancel"
+    event_id: str | None = None
 
 
-def _check_session_update(msg: dict[str, Any]) -> dict[str, Any]:
-    session = msg.get("session")
-    if not isinstance(session, dict):
-        raise EventError("invalid_value", "session.update needs a 'session' object")
-    return {"session": session}
+@dataclass(frozen=True)
+class PlaybackPosition(ClientEvent):
+    """How much of the reply the client has played: what the user heard, if interrupted."""
+
+    type = "playback.position"
+    position_ms: float
+    response_id: str | None = None
+    event_id: str | None = None
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any], event_id: str | None) -> PlaybackPosition:
+        position = msg.get("position_ms")
+        if isinstance(position, bool) or not isinstance(position, (int, float)) or position != position:
+            raise EventError("invalid_value", "position_ms must be a number")
+        if position < 0:
+            raise EventError("invalid_value", "position_ms must be >= 0")
+        response_id = msg.get("response_id")
+        if response_id is not None and not isinstance(response_id, str):
+            raise EventError("invalid_value", "response_id must be a string")
+        return cls(float(position), response_id, event_id)
 
 
-def _check_playback_position(msg: dict[str, Any]) -> dict[str, Any]:
-    position = _number(msg.get("position_ms"), "position_ms")
-    if position < 0:
-        raise EventError("invalid_value", "position_ms must be >= 0")
-    response_id = msg.get("response_id")
-    if response_id is not None and not isinstance(response_id, str):
-        raise EventError("invalid_value", "response_id must be a string")
-    return {"position_ms": position, "response_id": response_id}
+@dataclass(frozen=True)
+class ConversationItemCreate(ClientEvent):
+    """A typed user message: answered at once, as a committed turn."""
+
+    type = "conversation.item.create"
+    text: str
+    event_id: str | None = None
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any], event_id: str | None) -> ConversationItemCreate:
+        item = msg.get("item")
+        if not isinstance(item, dict) or item.get("role", "user") != "user":
+            raise EventError("invalid_value", "conversation.item.create needs an 'item' with role 'user'")
+        content = item.get("content")
+        if not isinstance(content, list) or not content:
+            raise EventError("invalid_value", "item.content must be a non-empty list")
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "input_text" or not isinstance(part.get("text"), str):
+                raise EventError("invalid_value", "item.content parts must be {type: 'input_text', text: string}")
+            texts.append(part["text"])
+        text = " ".join(t.strip() for t in texts).strip()
+        if not text:
+            raise EventError("invalid_value", "item text is empty")
+        return cls(text, event_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": self.text}]}
+        return {"type": self.type, "item": item, **({"event_id": self.event_id} if self.event_id else {})}
 
 
-def _check_item_create(msg: dict[str, Any]) -> dict[str, Any]:
-    item = msg.get("item")
-    if not isinstance(item, dict) or item.get("role", "user") != "user":
-        raise EventError("invalid_value", "conversation.item.create needs an 'item' with role 'user'")
-    content = item.get("content")
-    if not isinstance(content, list) or not content:
-        raise EventError("invalid_value", "item.content must be a non-empty list")
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") != "input_text" or not isinstance(part.get("text"), str):
-            raise EventError("invalid_value", "item.content parts must be {type: 'input_text', text: string}")
-        texts.append(part["text"])
-    text = " ".join(t.strip() for t in texts).strip()
-    if not text:
-        raise EventError("invalid_value", "item text is empty")
-    return {"text": text}
+WS_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
-_CHECKS = {
-    "ping": lambda msg: {},
-    "session.update": _check_session_update,
-    "response.cancel": lambda msg: {},
-    "playback.position": _check_playback_position,
-    "conversation.item.create": _check_item_create,
-}
+@dataclass(frozen=True)
+class SessionStart:
+    """The first message on `/ws` (a handshake, not an event): the sample rates of the PCM16 audio
+    the client sends and wants back."""
+
+    type: ClassVar[str] = "session.start"
+    input_sample_rate: int
+    output_sample_rate: int = SAMPLE_RATE
+
+    @classmethod
+    def parse(cls, raw: str) -> SessionStart:
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            raise EventError("invalid_session_start", "the first message must be JSON text: session.start") from None
+        if not isinstance(msg, dict) or msg.get("type") != cls.type:
+            raise EventError(
+                "invalid_session_start", "the first message must be {type: 'session.start', input_sample_rate: N}"
+            )
+        rates = []
+        for key, default in (("input_sample_rate", None), ("output_sample_rate", SAMPLE_RATE)):
+            rate = msg.get(key, default)
+            if rate not in WS_SAMPLE_RATES or isinstance(rate, bool):
+                raise EventError("invalid_session_start", f"{key} must be one of {list(WS_SAMPLE_RATES)}")
+            rates.append(rate)
+        return cls(rates[0], rates[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **asdict(self)}
 
 
 def parse_client_event(raw: str | bytes) -> ClientEvent:
@@ -112,11 +339,11 @@ def parse_client_event(raw: str | bytes) -> ClientEvent:
     event_type = msg.get("type")
     if not isinstance(event_type, str):
         raise EventError("invalid_event", "message needs a string 'type'")
-    check = _CHECKS.get(event_type)
-    if check is None:
+    event_class = CLIENT_EVENTS.get(event_type)
+    if event_class is None:
         raise EventError("unknown_event", f"unknown event type {event_type!r}")
     event_id = msg.get("event_id")
-    return ClientEvent(event_type, check(msg), event_id if isinstance(event_id, str) else None)
+    return event_class.parse(msg, event_id if isinstance(event_id, str) else None)
 
 
 class EventEncoder:
@@ -128,8 +355,8 @@ class EventEncoder:
         self._limit = limit
         self._ids = itertools.count(1)
 
-    def encode(self, event: dict[str, Any]) -> list[str]:
-        text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    def encode(self, event: ServerEvent | dict[str, Any]) -> list[str]:
+        text = json.dumps(event.to_dict() if isinstance(event, ServerEvent) else event, ensure_ascii=False, separators=(",", ":"))
         if len(text.encode()) <= self._limit:
             return [text]
         chunk_id = next(self._ids)
@@ -137,11 +364,7 @@ class EventEncoder:
         budget = self._limit - len((self._ENVELOPE % (chunk_id, 99999, 99999)).encode())
         pieces = self._split(text, budget)
         return [
-            json.dumps(
-                {"type": "message.chunk", "id": chunk_id, "index": i, "count": len(pieces), "data": piece},
-                ensure_ascii=False,
-                separators=(",", ":"),
-            )
+            json.dumps(MessageChunk(chunk_id, i, len(pieces), piece).to_dict(), ensure_ascii=False, separators=(",", ":"))
             for i, piece in enumerate(pieces)
         ]
 
@@ -166,7 +389,7 @@ class ChunkJoiner:
 
     def feed(self, text: str) -> dict[str, Any] | None:
         message = json.loads(text)
-        if message.get("type") != "message.chunk":
+        if message.get("type") != MessageChunk.type:
             return message
         parts = self._parts.setdefault(message["id"], {})
         parts[message["index"]] = message["data"]

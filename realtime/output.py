@@ -9,7 +9,7 @@ import time
 import numpy as np
 import soxr
 
-from realtime.audio import FRAME_MS, to_float
+from runtime.audio import FRAME_MS, float_to_int16, to_float
 
 LATE_GAP_MS = 2 * FRAME_MS
 
@@ -33,11 +33,24 @@ class FrameClock:
         return self.index
 
 
+class Playout:
+    """One write's way out of the output: `started` is set once its first sample is sent;
+    `finished` once its last sample is sent, or once it was flushed (`flushed` then says so)."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start  # sample positions in the output's stream
+        self.end = end
+        self.started = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.flushed = False
+
+
 class PacedOutput:
     """Owns the agent audio waiting to be sent: a queue of PCM chunks cut into 20 ms frames on demand.
 
-    write() accepts int16 or float PCM at any rate; next_frame() returns exactly one frame, padded
-    with silence when the queue runs dry; flush() empties the queue so that the next frame is silence.
+    write() accepts int16 or float PCM at any rate and returns its Playout; next_frame() returns
+    exactly one frame, padded with silence when the queue runs dry; flush() empties the queue so
+    that the next frame is silence.
     """
 
     def __init__(self, sample_rate: int = 48000) -> None:
@@ -48,21 +61,20 @@ class PacedOutput:
         self._resamplers: dict[int, soxr.ResampleStream] = {}
         self.frames_sent = 0
         self.audio_frames_sent = 0
-        self.samples_flushed = 0
+        self._written = 0  # samples queued since the start, flushed ones included
+        self._sent = 0  # samples sent or flushed since the start
+        self._playouts: collections.deque[Playout] = collections.deque()
         # Pacing health: the longest wall-clock gap between two frames handed out, and how many
         # came over LATE_GAP_MS after the one before (the receiver's jitter buffer then runs dry).
         self.worst_gap_ms = 0.0
         self.late_frames = 0
         self._last_frame_at: float | None = None
-        self.audio_sent = asyncio.Event()  # set by each frame that carries audio; clear it to await the next
-        self.drained = asyncio.Event()  # set while nothing is queued
-        self.drained.set()
 
     @property
     def queued_ms(self) -> float:
         return 1000.0 * self._queued / self.sample_rate
 
-    def write(self, pcm: np.ndarray, sample_rate: int) -> None:
+    def write(self, pcm: np.ndarray, sample_rate: int) -> Playout:
         pcm = np.ascontiguousarray(to_float(pcm)).reshape(-1)
         if sample_rate != self.sample_rate:
             stream = self._resamplers.get(sample_rate)
@@ -71,13 +83,18 @@ class PacedOutput:
                     sample_rate, self.sample_rate, 1, dtype="float32"
                 )
             pcm = stream.resample_chunk(pcm)
+        playout = Playout(self._written, self._written)
+        self._playouts.append(playout)
         self._append(pcm)
+        return playout
 
     def _append(self, pcm: np.ndarray) -> None:
         if len(pcm):
             self._chunks.append(pcm)
             self._queued += len(pcm)
-            self.drained.clear()
+            self._written += len(pcm)
+            if self._playouts:  # a resampler's held-back tail belongs to the latest write
+                self._playouts[-1].end = self._written
 
     def _drain_resamplers(self) -> None:
         # A resampler holds back a few ms of filter delay; when the queue runs dry the stream has
@@ -92,9 +109,24 @@ class PacedOutput:
         self._chunks.clear()
         self._queued = 0
         self._resamplers.clear()
-        self.samples_flushed += dropped
-        self.drained.set()
+        self._sent = self._written
+        for playout in self._playouts:
+            playout.flushed = True
+            playout.finished.set()
+        self._playouts.clear()
         return dropped
+
+    def _advance(self, samples: int) -> None:
+        self._sent += samples
+        while self._playouts:
+            playout = self._playouts[0]
+            if self._sent > playout.start:
+                playout.started.set()
+            holding = len(self._playouts) == 1 and self._resamplers  # its tail is still in a resampler
+            if self._sent < playout.end or holding:
+                return
+            playout.finished.set()
+            self._playouts.popleft()
 
     def next_frame(self) -> np.ndarray:
         """Exactly one frame of int16 samples."""
@@ -121,7 +153,5 @@ class PacedOutput:
         self.frames_sent += 1
         if filled:
             self.audio_frames_sent += 1
-            self.audio_sent.set()
-        if not self._queued and not self._resamplers:
-            self.drained.set()
-        return (np.clip(out, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+        self._advance(filled)
+        return float_to_int16(out)

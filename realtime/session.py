@@ -15,8 +15,9 @@ from typing import Any, Awaitable, Callable, Coroutine, Protocol
 import numpy as np
 import structlog
 
-from realtime.events import ClientEvent, EventEncoder
+from realtime.events import ClientEvent, EventEncoder, ServerEvent
 from realtime.output import PacedOutput
+from runtime.tasks import TaskOwner
 
 log = structlog.get_logger()
 
@@ -38,10 +39,9 @@ class SessionIO:
     """The transport's side of a call, as the agent sees it."""
 
     session_id: str
-    transport: str
     frames: asyncio.Queue[np.ndarray]  # 20 ms frames of 16 kHz mono int16
     output: PacedOutput
-    emit: Callable[[dict[str, Any]], None]
+    emit: Callable[[ServerEvent], None]
 
 
 AgentFactory = Callable[[SessionIO], Agent]
@@ -64,24 +64,25 @@ class Session:
         self.close_reason: str | None = None
         self._send_text = send_text
         self._encoder = EventEncoder()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskOwner(self.id, self._task_failed)
         self._on_close: list[Callable[[], Awaitable[None]]] = []
         self.agent: Agent | None = None
         self.log = log.bind(session_id=self.id, transport=transport)
 
     @property
     def tasks(self) -> frozenset[asyncio.Task[Any]]:
-        return frozenset(self._tasks)
+        return self._tasks.tasks
 
     def io(self) -> SessionIO:
-        return SessionIO(self.id, self.transport, self.frames, self.output, self.emit)
+        return SessionIO(self.id, self.frames, self.output, self.emit)
 
     def start_agent(self, factory: AgentFactory) -> None:
         self.agent = factory(self.io())
-        self.spawn(self.agent.run(), "agent")
+        agent = self.spawn(self.agent.run(), "agent")
+        agent.add_done_callback(self._agent_done)
         self.log.info("session.started")
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: ServerEvent) -> None:
         if self._closing:
             return
         for text in self._encoder.encode(event):
@@ -99,20 +100,15 @@ class Session:
         self._on_close.append(callback)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=f"{self.id}:{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
+        return self._tasks.spawn(coro, name)
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled() or self._closing:
-            return
-        exc = task.exception()
-        if exc is not None:
+    def _task_failed(self, task: asyncio.Task[Any], exc: BaseException) -> None:
+        if not self._closing:
             self.log.error("session.task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
             self.request_close("task_failed")
-        elif task.get_name().endswith(":agent"):
+
+    def _agent_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is None and not self._closing:
             self.request_close("agent_finished")
 
     def request_close(self, reason: str) -> None:
@@ -128,11 +124,7 @@ class Session:
         self._closing = True
         self.close_reason = self.close_reason or reason
         self.close_requested.set()
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.aclose(keep=asyncio.current_task())
         for callback in self._on_close:
             try:
                 await callback()
@@ -165,7 +157,7 @@ class SessionRegistry:
     def __init__(self, max_sessions: int) -> None:
         self.max_sessions = max_sessions
         self._sessions: dict[str, Session] = {}
-        self._supervisors: set[asyncio.Task[None]] = set()
+        self._supervisors = TaskOwner("registry")
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -181,9 +173,7 @@ class SessionRegistry:
         self.check_capacity()
         self._sessions[session.id] = session
         session.on_close(self._forget(session.id))
-        supervisor = asyncio.create_task(self._supervise(session), name=f"{session.id}:supervisor")
-        self._supervisors.add(supervisor)
-        supervisor.add_done_callback(self._supervisors.discard)
+        self._supervisors.spawn(self._supervise(session), f"{session.id}:supervisor")
 
     async def _supervise(self, session: Session) -> None:
         await session.close_requested.wait()
@@ -197,4 +187,4 @@ class SessionRegistry:
 
     async def close_all(self, reason: str) -> None:
         await asyncio.gather(*(s.close(reason) for s in list(self._sessions.values())))
-        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        await asyncio.gather(*self._supervisors.tasks, return_exceptions=True)

@@ -19,10 +19,11 @@ from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
 from config import IceServer, ServerConfig
-from realtime.audio import FRAME_MS, InputFramer, frame_to_mono
-from realtime.events import EventError, error_event, parse_client_event
+from realtime.audio import InputFramer, frame_to_mono
+from realtime.events import Error, EventError, Ping, parse_client_event
 from realtime.output import FrameClock, PacedOutput
 from realtime.session import AgentFactory, Session, SessionRegistry
+from runtime.audio import FRAME_MS
 
 OUTPUT_RATE = 48000
 PENDING_EVENTS_LIMIT = 256  # events emitted before the data channel opens
@@ -146,9 +147,9 @@ class WebRTCSession(Session):
             event = parse_client_event(message)
         except EventError as exc:
             self.log.info("event.rejected", code=exc.code, reason=exc.message)
-            self.emit(error_event(exc.code, exc.message))
+            self.emit(Error(exc.code, exc.message))
             return
-        if event.type == "ping":
+        if isinstance(event, Ping):
             return
         if self.agent is not None:
             self.agent.on_client_event(event)

@@ -8,42 +8,20 @@ JSON events as text and paced 20 ms PCM16 mono frames at R2 (default 16000) as b
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 from aiohttp import WSMsgType, web
 
 from config import ServerConfig
-from realtime.audio import FRAME_MS, InputFramer, to_float
-from realtime.events import EventError, error_event, parse_client_event
+from realtime.audio import InputFramer
+from realtime.events import Error, EventError, Ping, SessionStart, parse_client_event
 from realtime.output import FrameClock, PacedOutput
 from realtime.session import AgentFactory, Session, SessionRegistry
+from runtime.audio import FRAME_MS, to_float
 
-SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 START_TIMEOUT_S = 10.0
 MAX_AUDIO_MESSAGE_S = 1.0
 OUTBOX_LIMIT = 250  # 5 s of frames: a client that stops reading is closed, not buffered forever
-
-
-class StartError(ValueError):
-    pass
-
-
-def parse_start(raw: str) -> tuple[int, int]:
-    """The (input, output) sample rates of a `session.start` message, or StartError."""
-    try:
-        msg = json.loads(raw)
-    except ValueError:
-        raise StartError("the first message must be JSON text: session.start") from None
-    if not isinstance(msg, dict) or msg.get("type") != "session.start":
-        raise StartError("the first message must be {type: 'session.start', input_sample_rate: N}")
-    rates = []
-    for key, default in (("input_sample_rate", None), ("output_sample_rate", 16000)):
-        rate = msg.get(key, default)
-        if rate not in SAMPLE_RATES or isinstance(rate, bool):
-            raise StartError(f"{key} must be one of {list(SAMPLE_RATES)}")
-        rates.append(rate)
-    return rates[0], rates[1]
 
 
 class WebSocketSession(Session):
@@ -79,7 +57,7 @@ class WebSocketSession(Session):
 
     def _reject(self, code: str, message: str) -> None:
         self.log.info("event.rejected", code=code, reason=message)
-        self.emit(error_event(code, message))
+        self.emit(Error(code, message))
 
     def on_audio(self, data: bytes) -> None:
         if len(data) % 2:
@@ -98,7 +76,7 @@ class WebSocketSession(Session):
         except EventError as exc:
             self._reject(exc.code, exc.message)
             return
-        if event.type != "ping" and self.agent is not None:
+        if not isinstance(event, Ping) and self.agent is not None:
             self.agent.on_client_event(event)
 
     async def _pace_audio(self) -> None:
@@ -120,15 +98,15 @@ async def serve_websocket(
         async with asyncio.timeout(START_TIMEOUT_S):
             first = await ws.receive()
         if first.type != WSMsgType.TEXT:
-            raise StartError("the first message must be JSON text: session.start")
-        input_rate, output_rate = parse_start(first.data)
-    except (StartError, TimeoutError) as exc:
+            raise EventError("invalid_session_start", "the first message must be JSON text: session.start")
+        start = SessionStart.parse(first.data)
+    except (EventError, TimeoutError) as exc:
         message = str(exc) or "no session.start within the time limit"
-        await ws.send_json(error_event("invalid_session_start", message))
+        await ws.send_json(Error("invalid_session_start", message).to_dict())
         await ws.close(code=1008, message=b"invalid session.start")
         return ws
 
-    session = WebSocketSession(ws, input_rate, output_rate)
+    session = WebSocketSession(ws, start.input_sample_rate, start.output_sample_rate)
     registry.add(session)
     session.start(factory)
     try:

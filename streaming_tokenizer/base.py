@@ -44,5 +44,3 @@ class StreamingTokenizer(Protocol):
 
     async def aclose(self) -> None: ...
 
-
-TokenizerFactory = Callable[[], StreamingTokenizer]

@@ -4,7 +4,7 @@ vq02 (linguistic, 16.7 Hz, 1024 codes): FunASR's streaming Paraformer encoder, r
 with the session's own encoder cache, each 512-d frame mapped to the nearest k-means centroid.
 vq06 (semantic, 25 Hz, 4096 codes): CosyVoice's `speech_tokenizer_v1.onnx` over 128-bin
 Whisper-style log-mel, run on fixed windows as soon as each fills, so that finalize() only computes
-the open tail. The two are interleaved 2:3 (one group per 120 ms). Formats: step-audio-formats.md.
+the open tail. The two are interleaved 2:3 (one group per 120 ms).
 """
 
 from __future__ import annotations
@@ -19,17 +19,16 @@ import numpy as np
 import soxr
 import structlog
 
-from models.workers import ModelWorker
-from realtime.audio import to_float
+from runtime.audio import SAMPLE_RATE as RATE
+from runtime.audio import to_float
+from runtime.audio_tokens import AUDIO_ID_BASE, VQ02_SIZE
+from runtime.tasks import TaskOwner
+from runtime.workers import ModelWorker
 from streaming_tokenizer.base import PartialCallback, UtteranceInput
 
 log = structlog.get_logger(__name__)
 
-RATE = 16000
 PARAFORMER_DIR = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
-VQ02_SIZE = 1024
-VQ06_SIZE = 4096
-AUDIO_ID_BASE = 65536
 # chunk_size [0, 4, 5]: 4 encoder frames of 60 ms per chunk, 5 frames (300 ms) of look-ahead.
 CHUNK_SIZE = (0, 4, 5)
 ENCODER_LOOK_BACK = 4
@@ -196,6 +195,10 @@ class StepAudioTokenizer:
         vq02 = self.linguistic_stream().flush(audio)
         return DualCodes(tuple(vq02), tuple(self.semantic_codes(audio)))
 
+    def audio_ids(self, audio: np.ndarray, rate: int) -> list[int]:
+        """Offline: one utterance's token IDs, as TTS-3B prompts carry a voice's audio."""
+        return self.tokenize(audio, rate).ids()
+
 
 class LinguisticStream:
     """One utterance's vq02 state: the Paraformer caches and the samples short of a whole chunk."""
@@ -254,8 +257,9 @@ class StepAudioStream:
         self._worker = worker
         self._window = max(VQ06_HOP_SAMPLES, int(window_s * RATE) // VQ06_HOP_SAMPLES * VQ06_HOP_SAMPLES)
         self._transcriber = transcriber
+        # finalize() redoes a failed pump's work and raises to the Controller; the log says why.
+        self._tasks = TaskOwner("stepaudio.tokenizer", _log_failure)
         self._pump: asyncio.Task[None] | None = None
-        self._stopped: set[asyncio.Task[None]] = set()  # cancelled pumps, awaited by aclose()
         self._reset()
 
     def _reset(self) -> None:
@@ -276,8 +280,7 @@ class StepAudioStream:
         self._reset()
         for frame in frames:
             self._append(frame)
-        self._pump = asyncio.get_running_loop().create_task(self._run_pump(), name="stepaudio.tokenizer.pump")
-        self._pump.add_done_callback(_log_failure)
+        self._pump = self._tasks.spawn(self._run_pump(), "pump")
         self._wake.set()
 
     def feed(self, frame: np.ndarray, voiced: bool) -> None:
@@ -354,18 +357,13 @@ class StepAudioStream:
         return UtteranceInput("", content, (lambda: transcriber(content)) if transcriber else None)
 
     def _stop_pump(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            self._stopped.add(self._pump)
-            self._pump.add_done_callback(self._stopped.discard)
-            self._pump = None
+        self._tasks.cancel(self._pump)
+        self._pump = None
 
     async def aclose(self) -> None:
         self._stop_pump()
-        await asyncio.gather(*self._stopped, return_exceptions=True)
+        await self._tasks.aclose()
 
 
-def _log_failure(task: asyncio.Task[None]) -> None:
-    # finalize() redoes the work and raises to the Controller; the log says why the pump stopped.
-    if not task.cancelled() and task.exception() is not None:
-        log.error("stepaudio.tokenizer_failed", error=repr(task.exception()))
+def _log_failure(task: asyncio.Task[None], exc: BaseException) -> None:
+    log.error("stepaudio.tokenizer_failed", error=repr(exc))

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from models.workers import ModelWorker
-from realtime.audio import to_float
+from runtime.audio import FRAME_MS, SAMPLE_RATE, to_float
+from runtime.tasks import TaskOwner
+from runtime.workers import ModelWorker
 from streaming_tokenizer.base import PartialCallback, UtteranceInput
-from vad.endpointer import FRAME_MS
 
 log = structlog.get_logger()
 
-SAMPLE_RATE = 16000
 DRAFT_MAX_FRAMES = 3000  # Whisper's whole window: 30 s of 10 ms feature frames
 DRAFT_MAX_SAMPLES = 28 * SAMPLE_RATE
 
@@ -91,6 +90,7 @@ class WhisperTokenizer:
         self._frames: list[np.ndarray] = []
         self._voiced_end = 0  # frames up to and including the last voiced one
         self._started_at = 0  # frame count the newest transcription started from
+        self._tasks = TaskOwner("asr")
         self._job: asyncio.Task[None] | None = None
         self._job_covers = 0
         self._result: tuple[int, str] | None = None  # (frames covered, text) of this utterance
@@ -132,7 +132,7 @@ class WhisperTokenizer:
         self._started_at = len(self._frames)
         self._job_covers = 0 if draft else len(self._frames)  # a draft is never the final
         audio = np.concatenate(self._frames)
-        self._job = asyncio.create_task(self._transcribe(audio, len(self._frames), self._utterance, draft))
+        self._job = self._tasks.spawn(self._transcribe(audio, len(self._frames), self._utterance, draft), "transcribe")
 
     async def _transcribe(self, audio: np.ndarray, covers: int, utterance: int, draft: bool) -> None:
         try:
@@ -162,6 +162,4 @@ class WhisperTokenizer:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._job is not None:
-            self._job.cancel()
-            await asyncio.gather(self._job, return_exceptions=True)
+        await self._tasks.aclose()

@@ -18,9 +18,18 @@ from realtime.server import REGISTRY, build_app
 from realtime.session import AgentFactory, SessionRegistry
 
 if TYPE_CHECKING:
-    from models.embedded import EmbeddedModels
+    from profiles.embedded import EmbeddedModels
 
 ROOT = Path(__file__).resolve().parent.parent
+TIERS = ("unit", "models", "browser")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test sits in exactly one tier, so that `-m unit` (make test-fast) leaves none out by accident."""
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            raise pytest.UsageError(f"{item.nodeid}: needs exactly one tier marker of {TIERS}, has {tiers}")
 
 
 @dataclass
@@ -73,11 +82,12 @@ async def start_server(tmp_path) -> AsyncIterator[ServerStarter]:
 def embedded_models() -> Iterator[EmbeddedModels]:
     """The embedded profile's real models, loaded once for the whole run (the LM's converted copy is
     cached in .cache/, so only the first run on a machine pays for the conversion)."""
-    from models.embedded import load_embedded
+    from profiles.embedded import load_embedded
+    from profiles.loaded import close_models
 
     models = asyncio.run(load_embedded(ModelConfig(), ROOT / ".cache"))
     yield models
-    asyncio.run(models.aclose())
+    asyncio.run(close_models(models))
 
 
 @pytest.fixture

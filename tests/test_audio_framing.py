@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from av import AudioFrame
 
-from realtime.audio import INPUT_FRAME_SAMPLES, InputFramer, frame_to_mono
+from realtime.audio import InputFramer, frame_to_mono
+from runtime.audio import FRAME_SAMPLES
 from realtime.output import PacedOutput
 from tests.signals import best_alignment
+
+pytestmark = pytest.mark.unit
 
 
 def sine(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
@@ -27,8 +30,8 @@ def test_identity_rate_keeps_every_sample_across_uneven_chunks():
         frames += framer.push(pcm[pos : pos + size], 16000)
         pos += size
     out = np.concatenate(frames)
-    assert all(len(f) == INPUT_FRAME_SAMPLES and f.dtype == np.int16 for f in frames)
-    assert len(out) == len(pcm) // INPUT_FRAME_SAMPLES * INPUT_FRAME_SAMPLES
+    assert all(len(f) == FRAME_SAMPLES and f.dtype == np.int16 for f in frames)
+    assert len(out) == len(pcm) // FRAME_SAMPLES * FRAME_SAMPLES
     expected = np.round(pcm[: len(out)] * 32767).astype(np.int16)
     assert np.array_equal(out, expected)
 
@@ -39,10 +42,10 @@ def test_48k_to_16k_has_no_drift_over_ten_minutes():
     frames = 0
     for _ in range(10 * 60 * 50):
         frames += len(framer.push(chunk, 48000))
-    produced = frames * INPUT_FRAME_SAMPLES
+    produced = frames * FRAME_SAMPLES
     expected = 10 * 60 * 16000
     # Only the resampler's fixed filter delay (plus one partial frame) may be missing: never growing.
-    assert expected - 2 * INPUT_FRAME_SAMPLES <= produced <= expected
+    assert expected - 2 * FRAME_SAMPLES <= produced <= expected
 
 
 def test_48k_stereo_frames_become_continuous_16k_mono():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import aiohttp
@@ -9,6 +11,8 @@ import numpy as np
 
 from bench.peer import ClientPeer
 from tests.signals import speechlike
+
+pytestmark = pytest.mark.unit
 
 VALID_LOOKING_SDP = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\n"
 

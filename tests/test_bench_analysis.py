@@ -16,6 +16,8 @@ from bench.analysis import (
 )
 from bench.metrics import word_error_rate
 
+pytestmark = pytest.mark.unit
+
 RATE = 16000
 
 

@@ -11,6 +11,8 @@ from bench.scenarios import RATE, Scenario, Utterance
 from config import LoopbackConfig
 from controller.loopback import LoopbackAgent
 
+pytestmark = pytest.mark.unit
+
 DELAY_MS = 1500
 
 

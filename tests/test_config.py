@@ -10,6 +10,8 @@ import pytest
 
 from config import ConfigError, IceServer, load_config
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

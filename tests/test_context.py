@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 import aiohttp
 
 from context.dialog import DialogContext, TranscriptStore, Turn, estimate_tokens, heard_text
+
+pytestmark = pytest.mark.unit
 
 
 def test_budget_evicts_oldest_turns_and_always_keeps_the_system_prompt():

@@ -13,10 +13,12 @@ from bench.peer import Notifier
 from config import TurnConfig
 from context.dialog import DialogContext, TranscriptStore
 from controller.controller import Controller, SessionModels, State
-from realtime.events import ClientEvent
+from realtime.events import ConversationItemCreate, PlaybackPosition, ResponseCancel, ServerEvent, SessionUpdate
 from realtime.output import PacedOutput
 from realtime.session import SessionIO
 from tests.fakes import SILENT, VOICED, CountingTokenizer, CuedLM, ScriptedDetector, ToneDecoder
+
+pytestmark = pytest.mark.unit
 
 
 @dataclass
@@ -70,11 +72,11 @@ def make_rig(tmp_path, hold: bool = False, config: TurnConfig | None = None) -> 
     events: list[dict] = []
     output = PacedOutput(48000)
 
-    def emit(event: dict) -> None:
-        events.append(event)
+    def emit(event: ServerEvent) -> None:
+        events.append(event.to_dict())
         notifier.notify()
 
-    io = SessionIO("sess_test", "test", asyncio.Queue(), output, emit)
+    io = SessionIO("sess_test", asyncio.Queue(), output, emit)
     lm, decoder, tokenizer = CuedLM(notifier, hold=hold), ToneDecoder(notifier), CountingTokenizer(notifier)
     store = TranscriptStore(tmp_path)
     context = DialogContext("You are terse.", max_tokens=500, store=store, session_id="sess_test")
@@ -188,7 +190,7 @@ async def test_barge_in_uses_the_clients_playback_position(rig):
     await rig.until(lambda: rig.of("response.audio.started"))
     response_id = rig.of("response.created")[0]["response"]["id"]
     rig.controller.on_client_event(
-        ClientEvent("playback.position", {"position_ms": 650.0, "response_id": response_id})
+        PlaybackPosition(position_ms=650.0, response_id=response_id)
     )
     rig.frames(True, 10)
     assert rig.of("response.done")[-1]["response"]["output_text"] == "one two three"
@@ -257,7 +259,7 @@ async def test_hang_up_in_every_state_leaves_no_task(tmp_path, target):
 
 async def test_session_update_changes_thresholds_live(rig):
     rig.controller.on_client_event(
-        ClientEvent("session.update", {"session": {"turn_detection": {"commit_ms": 400, "pause_ms": 200}}})
+        SessionUpdate({"turn_detection": {"commit_ms": 400, "pause_ms": 200}})
     )
     updated = rig.of("session.updated")[0]["session"]["turn_detection"]
     assert (updated["commit_ms"], updated["pause_ms"]) == (400, 200)
@@ -282,7 +284,7 @@ async def test_session_update_changes_thresholds_live(rig):
 )
 async def test_malformed_session_update_is_refused_and_changes_nothing(rig, session):
     before = rig.controller.config
-    rig.controller.on_client_event(ClientEvent("session.update", {"session": session}, event_id="evt_1"))
+    rig.controller.on_client_event(SessionUpdate(session, event_id="evt_1"))
     error = rig.of("error")[-1]["error"]
     assert error["code"] == "invalid_value" and error["event_id"] == "evt_1"
     assert rig.controller.config == before and not rig.of("session.updated")
@@ -290,14 +292,14 @@ async def test_malformed_session_update_is_refused_and_changes_nothing(rig, sess
 
 async def test_typed_message_gets_a_reply_and_cancel_stops_it(rig):
     rig.controller.on_client_event(
-        ClientEvent("conversation.item.create", {"text": "What time is it?"})
+        ConversationItemCreate("What time is it?")
     )
     await rig.until(lambda: rig.decoder.chunks >= 2)
     assert rig.lm.calls[0][-1].content == "What time is it?"
     # The turn is in the prompt once, though it was committed before the reply started.
     assert [m.role for m in rig.lm.calls[0]] == ["system", "user"]
     rig.play(3)
-    rig.controller.on_client_event(ClientEvent("response.cancel", {}))
+    rig.controller.on_client_event(ResponseCancel())
     assert rig.of("response.done")[-1]["response"]["status"] == "cancelled"
     assert rig.controller.state == State.LISTENING
     assert np.all(rig.output.next_frame() == 0)

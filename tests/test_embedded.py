@@ -12,10 +12,12 @@ from bench.metrics import normalize_words, word_error_rate
 from bench.peer import ClientPeer
 from config import AppConfig, ModelConfig, ServerConfig
 from context.dialog import TranscriptStore
-from controller.profiles import Profile
-from models.embedded import EmbeddedModels
+from profiles import Profile
+from profiles.embedded import EmbeddedModels
 from tests.signals import resample
 from tests.speech import espeak
+
+pytestmark = pytest.mark.models
 
 RATE = 48000
 QUESTION = "What is the capital of France?"
@@ -34,7 +36,7 @@ def agent_audio(peer: ClientPeer, since: float, until: float) -> np.ndarray:
 
 @pytest.fixture
 async def embedded_server(start_server, embedded_models: EmbeddedModels, tmp_path):
-    from controller.profiles import open_profile
+    from profiles import open_profile
 
     async def start(**overrides):
         config = AppConfig(server=ServerConfig(data_dir=tmp_path / "data"), models=embedded_models.config)

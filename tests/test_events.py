@@ -8,6 +8,8 @@ import pytest
 
 from realtime.events import MAX_MESSAGE_BYTES, ChunkJoiner, EventEncoder, EventError, parse_client_event
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("raw", "code"),

@@ -15,7 +15,9 @@ from aiohttp import web
 from models.base import Message
 from models.openai_lm import LMServiceError, OpenAICompatibleLM
 from models.transformers_lm import TransformersLM
-from models.workers import ModelWorker
+from runtime.workers import ModelWorker
+
+pytestmark = pytest.mark.models
 
 MESSAGES = [Message("system", "Be brief."), Message("user", "Hello there")]
 CHAT_TEMPLATE = (

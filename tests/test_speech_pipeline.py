@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bench.metrics import word_error_rate
-from models.embedded import EmbeddedModels, ModelPackageMissing, package_dir
+from profiles.embedded import EmbeddedModels
+from profiles.packages import ModelPackageMissing, package_dir
 from models.sentences import SpeechChunker, speakable
 from streaming_tokenizer.base import UtteranceInput
 from streaming_tokenizer.whisper import WhisperTokenizer
@@ -22,6 +23,7 @@ def chunk_all(deltas: list[str], **kwargs) -> list[str]:
     return out + chunker.flush()
 
 
+@pytest.mark.unit
 def test_chunker_cuts_at_sentence_ends_once_the_next_character_is_in():
     assert chunk_all(["Hello", " there.", " How", " are you?", " Fine"]) == ["Hello there.", "How are you?", "Fine"]
     chunker = SpeechChunker()
@@ -29,6 +31,7 @@ def test_chunker_cuts_at_sentence_ends_once_the_next_character_is_in():
     assert chunker.push("5 euros. And") == ["It costs 3.5 euros."]
 
 
+@pytest.mark.unit
 def test_chunker_cuts_long_clauses_early_for_the_first_piece():
     text = "Well, the first thing to know, before anything else, is that dragons, as a rule, do not like knights."
     pieces = chunk_all([word + " " for word in text.split()])
@@ -38,6 +41,7 @@ def test_chunker_cuts_long_clauses_early_for_the_first_piece():
     assert " ".join(pieces) == text
 
 
+@pytest.mark.unit
 def test_chunker_caps_pieces_without_punctuation_and_strips_markup():
     pieces = chunk_all([f"word{i} " for i in range(25)], max_words=10)
     assert [len(p.split()) for p in pieces] == [6, 10, 9]  # the first piece is cut sooner
@@ -45,6 +49,7 @@ def test_chunker_caps_pieces_without_punctuation_and_strips_markup():
     assert chunk_all(["*** ", "...", " "]) == []
 
 
+@pytest.mark.unit
 def test_chunker_cuts_chinese_at_its_own_punctuation():
     text = "你好，我是你的语音助手。今天天气不错，我们去公园散步吧！好"
     pieces = chunk_all(list(text))  # one character per delta, as an LM streams them
@@ -58,6 +63,7 @@ async def _deltas(text: str) -> AsyncIterator[str]:
         yield word + " "
 
 
+@pytest.mark.models
 async def test_piper_speaks_each_piece_with_its_text(embedded_models: EmbeddedModels):
     tts = embedded_models.tts
     text = "The capital of France is Paris. It is a lovely city, full of museums and small cafes by the river."
@@ -73,6 +79,7 @@ async def test_piper_speaks_each_piece_with_its_text(embedded_models: EmbeddedMo
     assert word_error_rate(chunks[0].text, heard) <= 0.35, heard
 
 
+@pytest.mark.models
 async def test_piper_closing_the_stream_drops_pending_text(embedded_models: EmbeddedModels):
     consumed: list[str] = []
 
@@ -119,6 +126,7 @@ def _frames(pcm: np.ndarray) -> list[tuple[np.ndarray, bool]]:
     return [(f, float(np.sqrt(np.mean((f / 32768.0) ** 2))) > 0.01) for f in frames]
 
 
+@pytest.mark.models
 async def test_whisper_partials_while_speaking_and_a_final_that_reuses_them(embedded_models: EmbeddedModels):
     text = "Please book a quiet table near the window tonight."
     speech = await _piper_16k(embedded_models, text)
@@ -147,6 +155,7 @@ async def test_whisper_partials_while_speaking_and_a_final_that_reuses_them(embe
         await tokenizer.aclose()
 
 
+@pytest.mark.unit
 def test_a_missing_model_package_names_the_package_and_the_command():
     with pytest.raises(ModelPackageMissing) as missing:
         package_dir("no_such_model_package", "no-such-model-package==1.0", "--no-deps")

@@ -18,15 +18,17 @@ import pytest
 from models.base import Message
 from models.stepaudio_chat import chat_prompt, served_chat, transcription_prompt, use_optimus_kernels
 from models.stepaudio_tts import guard_repetition, leading_tags, music_mode, tts_prompt_ids
-from models.workers import ModelWorker
+from runtime.workers import ModelWorker
 from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer
-from tests import stepaudio_tiny as tiny
+from bench import stepaudio_tiny as tiny
+
+pytestmark = pytest.mark.models
 
 
 def test_the_embedded_path_imports_nothing_of_the_stepaudio_extra():
     code = (
-        "import sys, run_server, controller.profiles, models.embedded, streaming_tokenizer.whisper;"
-        "bad = [m for m in ('funasr', 'cosyvoice', 'matcha', 'hyperpyyaml', 'models.stepaudio') if m in sys.modules];"
+        "import sys, run_server, profiles, profiles.embedded, streaming_tokenizer.whisper;"
+        "bad = [m for m in ('funasr', 'cosyvoice', 'matcha', 'hyperpyyaml', 'profiles.stepaudio') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -298,7 +300,7 @@ def tts(model_path, tokenizer):
     from models.stepaudio_tts import StepAudioTTS
 
     lm_worker, decoder_worker = ModelWorker("tts-lm-test"), ModelWorker("tts-decoder-test")
-    yield StepAudioTTS(model_path / "Step-Audio-TTS-3B", tokenizer, lm_worker, decoder_worker, max_seconds_per_char=0.1)
+    yield StepAudioTTS(model_path / "Step-Audio-TTS-3B", tokenizer.audio_ids, lm_worker, decoder_worker, max_seconds_per_char=0.1)
     lm_worker.close()
     decoder_worker.close()
 
@@ -473,7 +475,7 @@ async def test_a_call_runs_through_the_controller_and_hanging_up_frees_everythin
     from bench.peer import ClientPeer
     from config import AppConfig, ModelConfig, ServerConfig, StepAudioConfig
     from context.dialog import TranscriptStore
-    from controller.profiles import open_profile
+    from profiles import open_profile
     from tests.speech import espeak
 
     question = espeak("What is the weather like today?", 48000)
@@ -497,9 +499,9 @@ async def test_a_call_runs_through_the_controller_and_hanging_up_frees_everythin
         generations: list[tuple[int, object]] = []  # (max tokens, stop flag) of each TTS generation
         generate_now = models.tts.generate_now
 
-        def tracked(prompt, max_tokens, loop, out, stop):
+        def tracked(prompt, max_tokens, post, stop):
             generations.append((max_tokens, stop))
-            return generate_now(prompt, max_tokens, loop, out, stop)
+            return generate_now(prompt, max_tokens, post, stop)
 
         models.tts.generate_now = tracked
         server = await start_server(factory=profile.factory)
@@ -540,7 +542,7 @@ async def test_a_call_runs_through_the_controller_and_hanging_up_frees_everythin
 
 def test_voice_file_and_system_prompts_from_configuration(tts, model_path, tmp_path):
     from models.base import ModelSetupError
-    from models.stepaudio import read_clone, read_tts_prompts
+    from profiles.stepaudio import read_clone, read_tts_prompts
 
     wav = model_path / "Step-Audio-TTS-3B" / "speakers" / "Tingting_prompt.wav"
     (tmp_path / "voices").mkdir()

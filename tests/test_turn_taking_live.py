@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import time
 
 import numpy as np
@@ -14,6 +16,8 @@ from realtime.session import SessionIO
 from tests.fakes import CountingTokenizer, CuedLM, ToneDecoder
 from tests.speech import espeak
 from vad.engines import SileroDetector
+
+pytestmark = pytest.mark.models
 
 RATE = 48000
 

@@ -10,6 +10,8 @@ from vad.endpointer import Endpointer, Kind
 from vad.engines import SileroDetector, WebRtcDetector, make_detector
 from tests.speech import espeak
 
+pytestmark = pytest.mark.unit
+
 SILENCE = np.zeros(320, dtype=np.int16)
 
 
@@ -79,8 +81,8 @@ def test_endpointer_ignores_clicks_and_keeps_hysteresis():
 
 
 def test_endpointer_barge_in_minimum_is_separate():
-    endpointer = Endpointer(TurnConfig())
-    endpointer.min_speech_ms = 200
+    endpointer = Endpointer(TurnConfig(bargein_min_speech_ms=200))
+    endpointer.agent_speaking(True)
     events = run(endpointer, [0.9] * 9 + [0.0] * 5 + [0.9] * 10)
     # 9 voiced frames (180 ms) are not enough; the later 10 (200 ms) are, and the onset audio keeps
     # the prefix (the blip and the gap, 14 frames) plus the 10 voiced frames.

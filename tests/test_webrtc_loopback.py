@@ -12,6 +12,8 @@ from controller.loopback import JITTER_RESERVE_MS
 from bench.peer import ClientPeer, OfferRefused
 from tests.signals import segment_alignments, speechlike
 
+pytestmark = pytest.mark.unit
+
 
 async def test_signal_comes_back_after_the_delay(server):
     peer = ClientPeer(server.url)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import json
 
@@ -9,6 +11,8 @@ import aiohttp
 import numpy as np
 
 from tests.signals import best_alignment, resample, speechlike
+
+pytestmark = pytest.mark.unit
 
 
 async def next_event(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5) -> dict:

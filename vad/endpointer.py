@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from config import TurnConfig
+from runtime.audio import FRAME_MS
 
-FRAME_MS = 20
 HYSTERESIS = 0.15
 ONSET_GAP_FRAMES = 2  # unvoiced frames tolerated inside a speech onset before it is dropped
 RESUME_MS = 60  # voiced audio inside a pause that counts as the user speaking again
@@ -37,11 +37,12 @@ class Endpoint:
 
 
 class Endpointer:
-    """Owns one stream's endpointing state. `min_speech_ms` may be raised while the agent talks."""
+    """Owns one stream's endpointing state, including how long speech must last to count: longer
+    while the agent talks (`agent_speaking`), so that a barge-in is confirmed speech."""
 
     def __init__(self, config: TurnConfig) -> None:
         self.config = config
-        self.min_speech_ms = config.min_speech_ms
+        self._agent_speaking = False
         self._prefix: collections.deque[np.ndarray] = collections.deque(maxlen=self._prefix_frames())
         self._state = "idle"
         self._voiced = False
@@ -58,12 +59,14 @@ class Endpointer:
 
     def reconfigure(self, config: TurnConfig) -> None:
         self.config = config
-        self.min_speech_ms = config.min_speech_ms
         self._prefix = collections.deque(self._prefix, maxlen=self._prefix_frames())
 
+    def agent_speaking(self, speaking: bool) -> None:
+        self._agent_speaking = speaking
+
     @property
-    def in_speech(self) -> bool:
-        return self._state in ("speaking", "paused")
+    def min_speech_ms(self) -> int:
+        return self.config.bargein_min_speech_ms if self._agent_speaking else self.config.min_speech_ms
 
     def feed(self, frame: np.ndarray, probability: float) -> Endpoint | None:
         self._index += 1

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime
 import webrtcvad
 
-SAMPLE_RATE = 16000
+from runtime.audio import SAMPLE_RATE, to_float
 
 
 class SpeechDetector(Protocol):
@@ -66,7 +66,7 @@ class SileroDetector:
         self._last = 0.0
 
     def probability(self, frame: np.ndarray) -> float:
-        self._pending = np.concatenate((self._pending, frame.astype(np.float32) / 32768.0))
+        self._pending = np.concatenate((self._pending, to_float(frame)))
         while len(self._pending) >= self.WINDOW:
             window, self._pending = self._pending[: self.WINDOW], self._pending[self.WINDOW :]
             model_input = np.concatenate((self._context, window))[None, :]

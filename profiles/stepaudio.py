@@ -9,16 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from config import ModelConfig, StepAudioConfig, TurnConfig
-from controller.controller import SessionModels
-from models.base import LanguageModel, ModelSetupError
-from models.embedded import log_loaded, log_loading, package_dir
-from models.openai_lm import OpenAICompatibleLM
+from config import ModelConfig, StepAudioConfig
+from models.base import LanguageModel, ModelSetupError, SpeechDecoder
 from models.stepaudio_chat import local_chat, served_chat, transcribe
 from models.stepaudio_tts import StepAudioTTS
-from models.workers import ModelWorker
+from profiles.packages import log_loaded, log_loading, package_dir
+from runtime.workers import ModelWorker
 from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer
-from vad.engines import make_detector
 
 
 TOKENIZER_DIR, CHAT_DIR, TTS_DIR = "Step-Audio-Tokenizer", "Step-Audio-Chat", "Step-Audio-TTS-3B"
@@ -79,29 +76,21 @@ class StepAudioModels:
     tts: StepAudioTTS
     workers: tuple[ModelWorker, ...]
     config: StepAudioConfig
-    models: ModelConfig
+
+    @property
+    def lm(self) -> LanguageModel:
+        return self.chat
+
+    @property
+    def decoder(self) -> SpeechDecoder:
+        return self.tts
 
     async def transcribe(self, audio_text: str) -> str:
         return await transcribe(self.chat, audio_text)
 
-    def session_tokenizer(self, transcribe: bool) -> StepAudioStream:
-        return StepAudioStream(
-            self.tokenizer, self.workers[0], self.config.vq06_window_s, self.transcribe if transcribe else None
-        )
-
-    def for_session(self, turn: TurnConfig) -> SessionModels:
-        return SessionModels(
-            make_detector(turn.vad, turn.webrtc_aggressiveness),
-            self.session_tokenizer(self.config.transcribe),
-            self.chat,
-            self.tts,
-        )
-
-    async def aclose(self) -> None:
-        if isinstance(self.chat, OpenAICompatibleLM):
-            await self.chat.aclose()
-        for worker in self.workers:
-            worker.close()
+    def session_tokenizer(self) -> StepAudioStream:
+        transcriber = self.transcribe if self.config.transcribe else None
+        return StepAudioStream(self.tokenizer, self.workers[0], self.config.vq06_window_s, transcriber)
 
 
 async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAudioModels:
@@ -143,7 +132,7 @@ async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAu
         tts = await tts_worker.run(
             StepAudioTTS,
             root / TTS_DIR,
-            tokenizer,
+            tokenizer.audio_ids,
             tts_worker,
             decoder_worker,
             device,
@@ -158,4 +147,4 @@ async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAu
         for worker in workers:
             worker.close()
         raise
-    return StepAudioModels(tokenizer, chat, tts, workers, config, models)
+    return StepAudioModels(tokenizer, chat, tts, workers, config)

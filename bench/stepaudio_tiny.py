@@ -2,7 +2,7 @@
 
 The real weights cannot be had on these machines; these stand in for them so that the real loaders
 and the real streaming code run end to end. Shapes are tiny, keys and file names are the real ones
-(step-audio-formats.md). Used by the tests and by `bench/stepaudio_smoke.py`.
+(the README's stepaudio section). Used by the tests and by `bench/stepaudio_smoke.py`.
 """
 
 from __future__ import annotations

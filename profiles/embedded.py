@@ -3,44 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import structlog
 
-from config import ModelConfig, TurnConfig
-from controller.controller import SessionModels
-from models.base import LanguageModel, Message
+from config import ModelConfig
+from models.base import LanguageModel, Message, SpeechDecoder
 from models.openai_lm import OpenAICompatibleLM
 from models.piper_tts import PiperDecoder
 from models.transformers_lm import TransformersLM, convert_gguf
-from models.workers import ModelWorker
+from profiles.packages import log_loaded, log_loading, package_dir
+from runtime.audio import SAMPLE_RATE
+from runtime.workers import ModelWorker
 from streaming_tokenizer.whisper import WhisperEngine, WhisperTokenizer
 from vad.engines import make_detector
 
-log = structlog.get_logger()
-
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelPackageMissing(RuntimeError):
-    """A model package is not installed; the message names it and the command that installs it."""
-
-
-def package_dir(module: str, package: str, pip_args: str = "", profile: str = "embedded") -> Path:
-    """Where an installed package's files are, found without importing it (some run code on import)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        install = f"pip install {pip_args + ' ' if pip_args else ''}{package}"
-        raise ModelPackageMissing(
-            f"the {profile} profile needs the Python package {package}: install it with `{install}` "
-            "(or run `make run`, which installs everything)"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def whisper_model_dir() -> Path:
@@ -69,28 +49,12 @@ class EmbeddedModels:
     workers: tuple[ModelWorker, ...]
     config: ModelConfig
 
-    def for_session(self, turn: TurnConfig) -> SessionModels:
-        return SessionModels(
-            make_detector(turn.vad, turn.webrtc_aggressiveness),
-            WhisperTokenizer(self.asr, self.config.asr_partial_ms),
-            self.lm,
-            self.tts,
-        )
+    @property
+    def decoder(self) -> SpeechDecoder:
+        return self.tts
 
-    async def aclose(self) -> None:
-        if isinstance(self.lm, OpenAICompatibleLM):
-            await self.lm.aclose()
-        for worker in self.workers:
-            worker.close()
-
-
-def log_loading(name: str, **fields: object) -> float:
-    log.info("models.loading", model=name, **fields)
-    return time.monotonic()
-
-
-def log_loaded(name: str, started: float) -> None:
-    log.info("models.loaded", model=name, seconds=round(time.monotonic() - started, 2))
+    def session_tokenizer(self) -> WhisperTokenizer:
+        return WhisperTokenizer(self.asr, self.config.asr_partial_ms)
 
 
 def load_lm(config: ModelConfig, cache_dir: Path, worker: ModelWorker) -> LanguageModel:
@@ -119,7 +83,7 @@ async def load_embedded(config: ModelConfig, data_dir: Path) -> EmbeddedModels:
         make_detector("silero")  # loads the shared Silero session now, not in the first call
         started = log_loading("asr", path=str(model_dir))
         asr = await asr_worker.run(WhisperEngine, model_dir, config.threads, asr_worker)
-        await asr.transcribe(np.zeros(16000, dtype=np.int16))
+        await asr.transcribe(np.zeros(SAMPLE_RATE, dtype=np.int16))
         log_loaded("asr", started)
 
         started = log_loading("tts", path=str(voice))

@@ -1,0 +1,237 @@
+"""One reply: from the finalized utterance through the LM and the speech decoder to the output."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import AsyncGenerator, Callable
+
+import structlog
+
+from context.dialog import DialogContext, Turn, heard_text
+from context.exchange import Exchange
+from models.base import LanguageModel, Message, SpeechChunk, SpeechDecoder
+from realtime.events import ResponseAudioStarted, ResponseCreated, ResponseTextDelta, TranscriptionCompleted
+from realtime.output import Playout
+from realtime.session import SessionIO
+from runtime.audio import FRAME_MS
+from runtime.tasks import TaskOwner
+from streaming_tokenizer.base import StreamingTokenizer, UtteranceInput
+from vad.engines import SpeechDetector
+
+log = structlog.get_logger()
+
+
+@dataclass
+class SessionModels:
+    """The model handles one session uses (each holds that session's state, if any)."""
+
+    detector: SpeechDetector
+    tokenizer: StreamingTokenizer
+    lm: LanguageModel
+    decoder: SpeechDecoder
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1)
+
+
+class Reply:
+    """Owns one reply: its tasks (generation, the audio-start watcher, a transcript made beside it),
+    the text and speech held back until the commit, what has gone out, and its history entries.
+
+    A speculative reply is prepared at a pause and either committed (the held speech plays at once)
+    or cancelled (nothing of it is ever heard or stored). A committed reply completes, or is
+    interrupted: then only what the user heard is kept. `on_end(reply, status, text)` is called
+    once, when it completes or when it ends without anything to say.
+    """
+
+    def __init__(
+        self,
+        reply_id: str,
+        item_id: str,
+        speculative: bool,
+        io: SessionIO,
+        models: SessionModels,
+        context: DialogContext,
+        tasks: TaskOwner,
+        on_end: Callable[[Reply, str, str], None],
+        preset: UtteranceInput | None = None,
+    ) -> None:
+        self.id = reply_id
+        self.item_id = item_id
+        self.speculative = speculative
+        self.preset = preset  # a typed user message: no transcription needed
+        self.user: UtteranceInput | None = None
+        self.text = ""
+        self.timings: dict[str, float] = {}
+        self.client_position_ms: float | None = None
+        self._io = io
+        self._models = models
+        self._context = context
+        self._tasks = tasks
+        self._on_end = on_end
+        self._exchange = Exchange(context, item_id, hold_reply=preset is None)
+        self._committed = asyncio.Event()
+        self._ended = False
+        self._pending_deltas: list[str] = []
+        self._pending_chunks: list[SpeechChunk] = []
+        self._played: list[tuple[str, float]] = []  # (text, ms) written to the output
+        self._first_playout: asyncio.Future[Playout] = asyncio.get_running_loop().create_future()
+        self._last_playout: Playout | None = None
+        self._audio_base = 0  # output.audio_frames_sent at the commit: every audio frame after it is ours
+        self._voice_end_at = 0.0
+        self._watcher: asyncio.Task[None] | None = None
+        self._transcriber: asyncio.Task[None] | None = None
+        self._generation = tasks.spawn(self._generate(), f"response:{reply_id}")
+
+    @property
+    def committed(self) -> bool:
+        return self._committed.is_set()
+
+    def runs(self, task: asyncio.Task[object]) -> bool:
+        """Whether `task` is this reply's generation."""
+        return task is self._generation
+
+    # ---- what the controller decides --------------------------------------------------------
+
+    def commit(self, turn: int, voice_end_at: float) -> None:
+        """Play what is ready and everything that follows; `voice_end_at` is when the user's speech
+        ended (monotonic clock), for the server's voice-to-voice time."""
+        self.timings["turn"] = turn
+        self._voice_end_at = voice_end_at
+        self._audio_base = self._io.output.audio_frames_sent
+        self._committed.set()
+        self._io.emit(ResponseCreated(self.id))
+        self._record_user()
+        for delta in self._pending_deltas:
+            self._io.emit(ResponseTextDelta(self.id, delta))
+        for chunk in self._pending_chunks:
+            self._play(chunk)
+        self._pending_deltas.clear()
+        self._pending_chunks.clear()
+        self._watcher = self._tasks.spawn(self._watch_audio_start(), f"audio-start:{self.id}")
+
+    def cancel(self) -> None:
+        """Drop a speculation: the utterance goes on, so its transcript is moot too."""
+        self._ended = True
+        self._stop()
+        self._tasks.cancel(self._transcriber)
+
+    def interrupt(self, status: str, client_buffer_ms: float) -> str:
+        """End now (`status`: interrupted or cancelled): silence at once, cancel the work, keep what
+        the user heard; returns that text."""
+        self._ended = True
+        self._io.output.flush()
+        self._stop()
+        heard = heard_text(self._played, self._heard_ms(client_buffer_ms))
+        if heard:
+            self._exchange.add_reply(Turn("assistant", heard, status, self.id))
+        return heard
+
+    def _stop(self) -> None:
+        self._tasks.cancel(self._generation)
+        self._tasks.cancel(self._watcher)
+
+    def _heard_ms(self, client_buffer_ms: float) -> float:
+        sent_ms = float((self._io.output.audio_frames_sent - self._audio_base) * FRAME_MS)
+        if self.client_position_ms is not None:
+            return min(self.client_position_ms, sent_ms)
+        return max(0.0, sent_ms - client_buffer_ms)
+
+    # ---- the pipeline -----------------------------------------------------------------------
+
+    async def _generate(self) -> None:
+        started = time.monotonic()
+        if self.preset is not None:
+            self.user = self.preset
+        else:
+            self.user = await self._models.tokenizer.finalize()
+            self.timings["asr_ms"] = _ms(time.monotonic() - started)
+        if self.user.empty:
+            await self._committed.wait()
+            self._record_user()
+            self._end("cancelled", "")
+            return
+        # The prompt first: recording the turn adds it to the history (when already committed),
+        # and the prompt must carry it once, as `pending_user`.
+        messages = self._context.messages(pending_user=self.user.lm_content or self.user.text)
+        if self.user.transcribe is not None:
+            self._transcriber = self._tasks.spawn(self._transcribe(), f"transcript:{self.id}")
+        self._record_user()
+        # Both generators are closed here, whatever ends the reply: a cancel lands in only one of
+        # them, and the LM stops generating only when its stream is closed.
+        async with aclosing(self._text_stream(messages)) as text:
+            async with aclosing(self._models.decoder.synthesize(text)) as speech:
+                async for chunk in speech:
+                    if "tts_first_audio_ms" not in self.timings:
+                        self.timings["tts_first_audio_ms"] = _ms(time.monotonic() - self.timings["_first_delta"])
+                    if self.committed:
+                        self._play(chunk)
+                    else:
+                        self._pending_chunks.append(chunk)
+        await self._committed.wait()
+        if self._last_playout is not None:
+            await self._last_playout.finished.wait()
+        if self._ended:
+            return
+        text = self.text.strip()
+        self._exchange.add_reply(Turn("assistant", text, "completed", self.id))
+        self._end("completed", text)
+
+    def _end(self, status: str, text: str) -> None:
+        if not self._ended:
+            self._ended = True
+            self._on_end(self, status, text)
+
+    async def _text_stream(self, messages: list[Message]) -> AsyncGenerator[str, None]:
+        lm_start = time.monotonic()
+        async with aclosing(self._models.lm.stream(messages)) as deltas:
+            async for delta in deltas:
+                if "_first_delta" not in self.timings:
+                    self.timings["_first_delta"] = time.monotonic()
+                    self.timings["lm_ttft_ms"] = _ms(time.monotonic() - lm_start)
+                self.text += delta
+                if self.committed:
+                    self._io.emit(ResponseTextDelta(self.id, delta))
+                else:
+                    self._pending_deltas.append(delta)
+                yield delta
+
+    def _play(self, chunk: SpeechChunk) -> None:
+        playout = self._io.output.write(chunk.pcm, chunk.sample_rate)
+        if not self._first_playout.done():
+            self._first_playout.set_result(playout)
+        self._last_playout = playout
+        self._played.append((chunk.text, chunk.duration_ms))
+
+    async def _watch_audio_start(self) -> None:
+        await (await self._first_playout).started.wait()
+        self.timings["server_v2v_ms"] = _ms(time.monotonic() - self._voice_end_at)
+        self._io.emit(ResponseAudioStarted(self.id))
+
+    async def _transcribe(self) -> None:
+        user = self.user
+        assert user is not None and user.transcribe is not None
+        try:
+            text = await user.transcribe()
+        except Exception as exc:  # the history then keeps the LM content; the reply goes on
+            log.warning("controller.transcript_failed", item_id=self.item_id, error=repr(exc))
+            text = ""
+        self.user = replace(user, text=text, transcribe=None)
+        self._record_user()
+
+    def _record_user(self) -> None:
+        """Store and announce the user's turn once it is both committed and transcribed."""
+        user = self.user
+        if self._exchange.user_recorded or user is None or not self.committed:
+            return
+        if user.transcribe is not None:  # the transcript is on its way
+            return
+        if self.preset is None:
+            self._io.emit(TranscriptionCompleted(self.item_id, user.text))
+        # Without a transcript (a tokenizer that gives only LM content), the history keeps that.
+        text = user.text if user.text.strip() else user.lm_content or ""
+        self._exchange.add_user(None if user.empty else text)

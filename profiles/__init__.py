@@ -1,0 +1,63 @@
+"""Wiring: which engines each profile (embedded, loopback, stepaudio) builds from the configuration,
+and the agent it hands each session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from config import AppConfig
+from context.dialog import DialogContext, TranscriptStore
+from controller.controller import Controller
+from profiles.loaded import LoadedModels, close_models, for_session
+from realtime.session import AgentFactory, SessionIO
+
+if TYPE_CHECKING:
+    from profiles.embedded import EmbeddedModels
+
+
+@dataclass
+class Profile:
+    """Owns what a profile loaded at startup; aclose() frees it when the server stops."""
+
+    name: str
+    factory: AgentFactory
+    aclose: Callable[[], Awaitable[None]]
+    models: LoadedModels | None = None  # what it loaded, for tests and diagnostics
+
+
+async def _nothing() -> None:
+    return None
+
+
+def conversation(config: AppConfig, store: TranscriptStore, models: LoadedModels) -> AgentFactory:
+    """The factory of a talking profile's agent: a Controller over the profile's models, with the
+    session's own history."""
+
+    def agent(io: SessionIO) -> Controller:
+        context = DialogContext(config.models.system_prompt, config.models.history_tokens, store, io.session_id)
+        return Controller(io, for_session(models, config.turn), context, config.turn, config.profile)
+
+    return agent
+
+
+async def open_profile(
+    config: AppConfig, store: TranscriptStore, models: EmbeddedModels | None = None
+) -> Profile:
+    """Load what the profile needs; `models`, when given, are already loaded and stay their owner's."""
+    if config.profile == "loopback":
+        from profiles.loopback import loopback
+
+        return Profile("loopback", loopback(config.loopback), _nothing)
+    if config.profile == "embedded":
+        from profiles.embedded import load_embedded
+
+        loaded = models or await load_embedded(config.models, config.server.data_dir)
+        owned = models is None
+        return Profile("embedded", conversation(config, store, loaded), (lambda: close_models(loaded)) if owned else _nothing, loaded)
+    if config.profile == "stepaudio":
+        from profiles.stepaudio import load_stepaudio
+
+        stepaudio = await load_stepaudio(config.stepaudio, config.models)
+        return Profile("stepaudio", conversation(config, store, stepaudio), lambda: close_models(stepaudio), stepaudio)
+    raise ValueError(f"unknown profile {config.profile!r}")

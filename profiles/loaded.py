@@ -1,0 +1,44 @@
+"""What every profile that talks loads once per server, and hands each session."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from config import TurnConfig
+from controller.controller import SessionModels
+from models.base import LanguageModel, SpeechDecoder
+from models.openai_lm import OpenAICompatibleLM
+from runtime.workers import ModelWorker
+from streaming_tokenizer.base import StreamingTokenizer
+from vad.engines import make_detector
+
+
+class LoadedModels(Protocol):
+    """The shared models of a profile and the worker threads they run in."""
+
+    workers: tuple[ModelWorker, ...]
+
+    @property
+    def lm(self) -> LanguageModel: ...
+
+    @property
+    def decoder(self) -> SpeechDecoder: ...
+
+    def session_tokenizer(self) -> StreamingTokenizer:
+        """A new tokenizer for one session (it holds that session's state)."""
+        ...
+
+
+def for_session(models: LoadedModels, turn: TurnConfig) -> SessionModels:
+    """One session's handles: its own detector and tokenizer, the shared LM and decoder."""
+    return SessionModels(
+        make_detector(turn.vad, turn.webrtc_aggressiveness), models.session_tokenizer(), models.lm, models.decoder
+    )
+
+
+async def close_models(models: LoadedModels) -> None:
+    """Free what the profile loaded: the LM's connection, if it has one, and every worker thread."""
+    if isinstance(models.lm, OpenAICompatibleLM):
+        await models.lm.aclose()
+    for worker in models.workers:
+        worker.close()

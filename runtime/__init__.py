@@ -1,0 +1,1 @@
+"""Shared primitives every room uses; this package imports nothing of the project's own."""
