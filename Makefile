@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 # Installs the Debian packages in PACKAGES that are not installed yet.
 PACKAGES ?= $(TEST_SYSTEM_PACKAGES)
 system-packages:
-	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
 		echo "installing Debian packages:$$missing"; \
