@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 ENV_PREFIX = "VOICE_AGENT_"
 PROFILES = ("embedded", "loopback", "stepaudio")
+ASR_ENGINES = ("moonshine", "whisper")
 ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
 
 
@@ -133,16 +134,19 @@ DEFAULT_SYSTEM_PROMPT = (
 class ModelConfig:
     """The embedded profile's models: which LM answers, how it is prompted, how hard they work."""
 
-    lm: str = "embedded"  # "embedded", "openai" or "hf:<directory>"
+    asr: str = "moonshine"  # or "whisper"
+    lm: str = "embedded"  # "embedded" (llama.cpp), "openai" or "hf:<directory>" (transformers)
     lm_url: str = "http://127.0.0.1:8000/v1"
     lm_model: str = "default"
     lm_api_key_env: str = "OPENAI_API_KEY"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_new_tokens: int = 60
+    max_sentences: int = 2  # a reply ends with its second sentence; 0: no limit
     temperature: float = 0.0
     history_tokens: int = 600
     asr_partial_ms: int = 500
-    threads: int = 2
+    lm_slots: int = 4  # generations the embedded LM runs at once, in one batch
+    threads: int = field(default_factory=lambda: os.cpu_count() or 2)  # for all the models together
 
     @property
     def hf_path(self) -> Path | None:
@@ -340,16 +344,19 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--commit-ms", int, "silence that ends the turn and plays the reply (default 750)"),
     _Flag("--bargein-min-speech-ms", int, "speech needed to interrupt the agent (default 200)"),
     _Flag("--client-buffer-ms", int, "agent audio assumed buffered at the client when it reports no position (default 120)"),
-    _Flag("--lm", _lm_backend, "embedded profile's LM: embedded (SmolLM2 on the CPU), openai (--lm-url) or hf:<directory>"),
+    _Flag("--asr", _choice(ASR_ENGINES), "embedded profile's ASR: moonshine (Moonshine tiny-en) or whisper (Whisper tiny.en); default moonshine"),
+    _Flag("--lm", _lm_backend, "embedded profile's LM: embedded (SmolLM2 in llama.cpp), openai (--lm-url) or hf:<directory> (transformers)"),
     _Flag("--lm-url", _http_url, "OpenAI-compatible API base URL for --lm openai (default http://127.0.0.1:8000/v1)"),
     _Flag("--lm-model", _non_empty, "model name sent to --lm-url (default 'default')"),
     _Flag("--lm-api-key-env", _non_empty, "environment variable holding the --lm-url API key (default OPENAI_API_KEY)"),
     _Flag("--system-prompt", _non_empty, "the LM's system prompt (default: a short spoken-style prompt)"),
     _Flag("--max-new-tokens", _positive_int, "longest reply in tokens (default 60)"),
+    _Flag("--max-sentences", _non_negative_int, "a reply ends with this sentence; 0 for no limit (default 2)"),
     _Flag("--temperature", _temperature, "LM sampling temperature; 0 is greedy (default 0)"),
     _Flag("--history-tokens", _positive_int, "dialog history the LM sees, in tokens (default 600)"),
     _Flag("--asr-partial-ms", _positive_int, "new speech between partial transcripts (default 500)"),
-    _Flag("--model-threads", _positive_int, "CPU threads each model may use (default 2)"),
+    _Flag("--model-threads", _positive_int, "CPU threads the models share: the LM gets all but one, ASR and speech one each (default: the machine's cores)"),
+    _Flag("--lm-slots", _positive_int, "embedded LM: replies generated at once, in one batch (default 4)"),
     _Flag("--model-path", _existing_dir, "stepaudio profile: directory holding the Step-Audio model directories"),
     _Flag("--stepaudio-chat", _choice(("local", "served")), "stepaudio profile: Chat in this process, or served at --lm-url (default local)"),
     _Flag("--stepaudio-device", _non_empty, "stepaudio profile: torch device for tokenizer and TTS (default auto)"),

@@ -192,10 +192,9 @@ async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--cache-dir", type=Path, default=Path("data"), help="where the converted LM is cached")
     args = parser.parse_args(argv)
     print("loading models ...", flush=True)
-    models = await load_embedded(ModelConfig(), args.cache_dir)
+    models = await load_embedded(ModelConfig())
     try:
         results: dict[str, Any] = {}
         for name, stage in (("asr", asr_stage), ("lm", lm_stage), ("tts", tts_stage)):

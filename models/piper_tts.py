@@ -22,11 +22,21 @@ class PiperDecoder:
     goes on producing the next. Closing the stream (a cancel) drops every piece not yet spoken.
     """
 
-    def __init__(self, model: Path, config: Path, worker: ModelWorker) -> None:
+    def __init__(self, model: Path, config: Path, worker: ModelWorker, threads: int = 1) -> None:
+        import json
+
+        import onnxruntime
         from piper import PiperVoice, SynthesisConfig
+        from piper.config import PiperConfig
 
         self.worker = worker
-        self._voice = PiperVoice.load(str(model), config_path=str(config))
+        # PiperVoice.load() gives ONNX Runtime every core, spinning while idle: bounded here instead.
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        self._voice = PiperVoice(config=PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8"))), session=session)
         self._syn_config = SynthesisConfig(volume=OUTPUT_GAIN)
         self.sample_rate = self._voice.config.sample_rate
 

@@ -1,8 +1,13 @@
-"""Cutting streamed LM text into pieces a speech decoder can start on early."""
+"""Streamed LM text for speech: cut into pieces a speech decoder can start on early, and ended
+after a few sentences."""
 
 from __future__ import annotations
 
 import re
+from contextlib import aclosing
+from typing import AsyncGenerator
+
+from models.base import LanguageModel, Message
 
 # CJK sentence ends need no space after them (Step-Audio speaks Chinese first).
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"')\]]*\s|[\u3002\uff01\uff1f]+[\u201d\u300d\uff09]*|\n+")
@@ -78,3 +83,29 @@ class SpeechChunker:
 
 def _words(text: str) -> int:
     return len(re.findall(rf"[{_CJK}]|[^\s{_CJK}]+", text))
+
+
+class SpokenReplies:
+    """Wraps an LM so that each reply ends with its `max_sentences`-th sentence: a spoken answer
+    stays short, and the LM stops generating there instead of running to its token limit."""
+
+    def __init__(self, lm: LanguageModel, max_sentences: int) -> None:
+        self.lm = lm
+        self.max_sentences = max_sentences
+
+    async def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncGenerator[str, None]:
+        text, passed, scanned, sentences = "", 0, 0, 0
+        async with aclosing(self.lm.stream(messages, max_new_tokens)) as deltas:
+            async for delta in deltas:
+                text += delta
+                # A sentence end counts once the character after it is in ("3.5" is no end).
+                while end := _SENTENCE_END.search(text, scanned):
+                    scanned, sentences = end.end(), sentences + 1
+                    if sentences == self.max_sentences:
+                        last = text[:scanned].rstrip()
+                        if len(last) > passed:
+                            yield last[passed:]
+                        return
+                if len(text) > passed:
+                    yield text[passed:]
+                    passed = len(text)

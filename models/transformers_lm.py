@@ -1,10 +1,9 @@
-"""Local causal LMs through transformers: any saved model directory, or a GGUF converted once."""
+"""Local causal LMs through transformers: any saved model directory (`--lm hf:<directory>`), or
+Step-Audio-Chat with its own modeling code."""
 
 from __future__ import annotations
 
 import functools
-import json
-import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -18,38 +17,6 @@ from runtime.bridge import Post, thread_stream
 from runtime.workers import ModelWorker
 
 log = structlog.get_logger()
-
-
-def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
-    """The GGUF dequantized into a transformers directory under cache_dir, converted on first use.
-
-    transformers cannot save a model it loaded from GGUF, so the weights move into a model built
-    from the same config; the directory is written aside and renamed, so a crash leaves no half.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    stamp = {"source": gguf.name, "bytes": gguf.stat().st_size}
-    target = cache_dir / gguf.stem
-    if (target / "source.json").is_file() and json.loads((target / "source.json").read_text()) == stamp:
-        return target
-    log.info("lm.converting", gguf=str(gguf), target=str(target))
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / "source.json").write_text(json.dumps(stamp))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    return target
 
 
 class PrefixCache:

@@ -52,7 +52,7 @@ async def open_profile(
     if config.profile == "embedded":
         from profiles.embedded import load_embedded
 
-        loaded = models or await load_embedded(config.models, config.server.data_dir)
+        loaded = models or await load_embedded(config.models)
         owned = models is None
         return Profile("embedded", conversation(config, store, loaded), (lambda: close_models(loaded)) if owned else _nothing, loaded)
     if config.profile == "stepaudio":

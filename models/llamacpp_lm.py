@@ -1,0 +1,119 @@
+"""A GGUF LM in llama.cpp (the prebuilt `xllamacpp` wheel): one context whose parallel slots serve
+every call at once (continuous batching), each slot keeping its conversation's prompt cached."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncGenerator
+
+import structlog
+
+from models.base import Message
+from runtime.bridge import Post, thread_stream
+from runtime.workers import ModelWorker
+
+log = structlog.get_logger()
+
+REPEAT_PENALTY = 1.1  # greedy decoding of a small model loops without it
+PROMPT_CACHE_MIB = 64  # prompts kept in host memory for slots that lost theirs (llama.cpp's default is 8 GiB)
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused a request or failed in it; the message is its own."""
+
+
+@dataclass
+class PromptUse:
+    """How one generation's prompt was evaluated: `cached` tokens came from a slot's cache, only
+    `evaluated` ones went through the model."""
+
+    cached: int = 0
+    evaluated: int = 0
+
+
+class LlamaCppLM:
+    """Owns one llama.cpp server context for a GGUF file. `parallel` generations run at once in
+    one batch; each waits in a thread of `worker` (it only blocks there: llama.cpp computes in its
+    own threads, `threads` of them). A new prompt goes to the slot that already holds the longest
+    part of it, so a dialog's next turn evaluates only what is new. Closing a stream stops its
+    generation at the next token."""
+
+    def __init__(
+        self,
+        gguf: Path,
+        worker: ModelWorker,
+        max_new_tokens: int,
+        temperature: float,
+        threads: int,
+        parallel: int,
+        context_per_slot: int = 2048,
+    ) -> None:
+        import xllamacpp
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(gguf)
+        params.n_parallel = parallel
+        params.n_ctx = context_per_slot * parallel
+        params.cpuparams.n_threads = threads
+        params.cpuparams_batch.n_threads = threads
+        # Busy-waiting compute threads would take the core the event loop needs to send audio.
+        params.cpuparams.poll = 0
+        params.cpuparams_batch.poll = 0
+        params.cache_ram_mib = PROMPT_CACHE_MIB
+        params.n_threads_http = 1  # its HTTP listener (127.0.0.1, a free port) is not used
+        params.hostnames = ["127.0.0.1"]
+        params.port = 0
+        params.warmup = True
+        params.verbosity = -1
+        self.worker = worker
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.parallel = parallel
+        self.last_prompt = PromptUse()  # of the latest generation that finished its prompt
+        self._server = xllamacpp.Server(params)
+
+    def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncGenerator[str, None]:
+        request = {
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "stream": True,
+            "max_tokens": max_new_tokens or self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": 0.9,
+            "repeat_penalty": REPEAT_PENALTY,
+            "cache_prompt": True,
+            "timings_per_token": True,
+        }
+        return thread_stream(self.worker, functools.partial(self.generate_now, request))
+
+    def generate_now(self, request: dict[str, Any], post: Post[str], stop: threading.Event) -> None:
+        """Blocking: one streamed chat completion, posting each text delta; ends at the first token
+        after `stop` is set."""
+        failure: list[str] = []
+        prompt = PromptUse()
+
+        def on_chunk(chunk: dict[str, Any]) -> bool:
+            if stop.is_set():
+                return True  # llama.cpp drops the generation when its stream is let go
+            if "error" in chunk or "choices" not in chunk:
+                failure.append(str(chunk.get("error", chunk)))
+                return True
+            timings = chunk.get("timings")
+            if timings and not prompt.evaluated and not prompt.cached:
+                prompt.cached, prompt.evaluated = timings.get("cache_n", 0), timings.get("prompt_n", 0)
+                self.last_prompt = PromptUse(prompt.cached, prompt.evaluated)
+            for choice in chunk["choices"]:
+                delta = (choice.get("delta") or {}).get("content")
+                if delta:
+                    post(delta)
+            return False
+
+        self._server.handle_chat_completions(request, on_chunk)
+        if failure:
+            raise LlamaCppError(failure[0])
+
+    async def aclose(self) -> None:
+        """Stop llama.cpp's threads and free the model; call it once no generation is running."""
+        self._server = None  # type: ignore[assignment]

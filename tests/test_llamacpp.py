@@ -1,0 +1,93 @@
+"""The embedded LM in llama.cpp, on the real SmolLM2 GGUF: parallel slots, prompt reuse, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+
+import pytest
+
+from bench.peer import Notifier
+from models.base import Message
+from models.llamacpp_lm import LlamaCppLM
+from profiles.embedded import smollm2_gguf
+from runtime.workers import ModelWorker
+
+pytestmark = pytest.mark.models
+
+SYSTEM = Message("system", "You are a friendly voice assistant. Answer in one or two short sentences.")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    worker = ModelWorker("llamacpp-test", threads=4)
+    model = worker.submit(LlamaCppLM, smollm2_gguf(), worker, 40, 0.0, 2, 4).result()
+    yield model
+    worker.close()
+    asyncio.run(model.aclose())
+
+
+async def _reply(lm: LlamaCppLM, messages: list[Message], marks: dict[str, float], tag: str, tokens: int = 40) -> str:
+    text = ""
+    async with aclosing(lm.stream(messages, tokens)) as deltas:
+        async for delta in deltas:
+            marks.setdefault(f"{tag}_first", time.monotonic())
+            text += delta
+    marks[f"{tag}_done"] = time.monotonic()
+    return text
+
+
+async def test_two_calls_generate_at_the_same_time(lm):
+    marks: dict[str, float] = {}
+    story = [SYSTEM, Message("user", "Tell me a long story about a dragon and a knight.")]
+    question = [SYSTEM, Message("user", "What colour is the sky?")]
+    long, short = await asyncio.gather(_reply(lm, story, marks, "a", 40), _reply(lm, question, marks, "b", 40))
+    assert long.strip() and short.strip()
+    # Neither waited for the other to finish: each had started before the other was done.
+    assert marks["a_first"] < marks["b_done"] and marks["b_first"] < marks["a_done"], marks
+
+
+async def test_the_next_turn_evaluates_only_the_new_tokens(lm):
+    first = [SYSTEM, Message("user", "What is the capital of France?")]
+    reply = await _reply(lm, first, {}, "first")
+    first_prompt = lm.last_prompt.cached + lm.last_prompt.evaluated
+    second = [*first, Message("assistant", reply), Message("user", "And what is the capital of Germany?")]
+    await _reply(lm, second, {}, "second")
+    use = lm.last_prompt
+    # Everything up to the end of the first prompt came from the slot's cache; only the reply and
+    # the new question went through the model.
+    assert use.cached >= first_prompt - 1, use
+    assert 0 < use.evaluated <= use.cached + use.evaluated - first_prompt + 1, use
+
+
+async def test_closing_the_stream_stops_generation_within_a_token(lm, monkeypatch):
+    notifier = Notifier()
+    loop = asyncio.get_running_loop()
+    generated: list[int] = []
+    original = lm.generate_now
+
+    def counting(request, post, stop):
+        count = 0
+
+        def post_counted(delta):
+            nonlocal count
+            count += 1
+            post(delta)
+
+        try:
+            original(request, post_counted, stop)
+        finally:
+            generated.append(count)
+            loop.call_soon_threadsafe(notifier.notify)
+
+    monkeypatch.setattr(lm, "generate_now", counting)
+    story = [SYSTEM, Message("user", "Tell me a very long story about the sea, with many details.")]
+    received = 0
+    async with aclosing(lm.stream(story, 200)) as deltas:
+        async for _ in deltas:
+            received += 1
+            if received == 3:
+                break
+    await notifier.wait_for(lambda: generated, timeout=10)
+    assert generated[0] <= received + 1, generated  # stopped at the next token, not at 200
