@@ -11,8 +11,9 @@ _NUMBERS = {
 
 
 def normalize_words(text: str) -> list[str]:
-    """Lower case, no punctuation, small numbers spelled out: "It's 7." -> ["its", "seven"]."""
-    words = re.sub(r"[^\w\s']", " ", text.lower()).replace("'", "").split()
+    """Lower case, no punctuation, hyphenated words joined, small numbers spelled out:
+    "It's 7 to-night." -> ["its", "seven", "tonight"]."""
+    words = re.sub(r"[^\w\s']", " ", text.lower().replace("-", "")).replace("'", "").split()
     return [_NUMBERS.get(word, word) for word in words]
 
 

@@ -50,7 +50,10 @@ class LlamaCppLM:
         threads: int,
         parallel: int,
         context_per_slot: int = 2048,
+        busy_wait: bool = False,
     ) -> None:
+        """`busy_wait` keeps llama.cpp's default of compute threads that poll for work (measured
+        by bench/loop_lag.py: they take the core the event loop needs)."""
         import xllamacpp
 
         params = xllamacpp.CommonParams()
@@ -59,9 +62,9 @@ class LlamaCppLM:
         params.n_ctx = context_per_slot * parallel
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
-        # Busy-waiting compute threads would take the core the event loop needs to send audio.
-        params.cpuparams.poll = 0
-        params.cpuparams_batch.poll = 0
+        if not busy_wait:
+            params.cpuparams.poll = 0
+            params.cpuparams_batch.poll = 0
         params.cache_ram_mib = PROMPT_CACHE_MIB
         params.n_threads_http = 1  # its HTTP listener (127.0.0.1, a free port) is not used
         params.hostnames = ["127.0.0.1"]

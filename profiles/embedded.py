@@ -119,6 +119,7 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
         asr_dir = whisper_model_dir() if config.asr == "whisper" else moonshine_model_dir()
         voice, voice_config = piper_voice_files()
         if config.lm == "embedded":
+            package_dir("xllamacpp", "xllamacpp")
             smollm2_gguf()
 
         make_detector("silero")  # loads the shared Silero session now, not in the first call

@@ -9,12 +9,14 @@ import re
 import aioice.ice
 from aiortc import (
     MediaStreamTrack,
+    RTCRtpReceiver,
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
     RTCPeerConnection,
     RTCSessionDescription,
 )
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
@@ -27,6 +29,17 @@ from runtime.audio import FRAME_MS
 
 OUTPUT_RATE = 48000
 PENDING_EVENTS_LIMIT = 256  # events emitted before the data channel opens
+
+
+# aiortc holds each received audio frame until 4 more have come (80 ms), as a player would to ride
+# out network jitter. The server plays nothing: it analyses frames as they come, so one frame of
+# look-ahead (still enough to put a reordered packet back in place) saves 60 ms of every turn.
+INPUT_PREFETCH_FRAMES = 1
+
+
+def analyse_without_playout_delay(receiver: RTCRtpReceiver) -> None:
+    # aiortc has no setting for it: its receiver's private jitter buffer is replaced before media flows.
+    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=INPUT_PREFETCH_FRAMES)  # type: ignore[attr-defined]
 
 
 def use_loopback_ice_only() -> None:
@@ -128,6 +141,7 @@ class WebRTCSession(Session):
         await pc.setRemoteDescription(offer)
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "audio":
+                analyse_without_playout_delay(transceiver.receiver)
                 pc.addTrack(self.track)
                 break
         else:

@@ -17,6 +17,10 @@ from streaming_tokenizer.base import PartialCallback, UtteranceInput
 
 log = structlog.get_logger()
 
+# Silence kept after the last voiced frame (the VAD's own hangover adds ~100 ms more): longer
+# trailing silence makes the engines invent a word ("You", "Thank you").
+TAIL_FRAMES = 2
+
 
 class TranscriptionEngine(Protocol):
     """An ASR model shared by every session, transcribing whole utterances in its worker."""
@@ -83,10 +87,14 @@ class StreamingTranscriber:
     def _covered(self) -> bool:
         return self._result is not None and self._result[0] >= self._voiced_end
 
+    def _speech(self) -> np.ndarray:
+        """The utterance so far, without the silence after its last voiced frame."""
+        return np.concatenate(self._frames[: self._voiced_end + TAIL_FRAMES])
+
     def _start(self, draft: bool) -> None:
         self._started_at = len(self._frames)
         self._job_covers = 0 if draft else len(self._frames)  # a draft is never the final
-        audio = np.concatenate(self._frames)
+        audio = self._speech()
         self._job = self._tasks.spawn(self._transcribe(audio, len(self._frames), self._utterance, draft), "transcribe")
 
     async def _transcribe(self, audio: np.ndarray, covers: int, utterance: int, draft: bool) -> None:
@@ -111,7 +119,7 @@ class StreamingTranscriber:
         if self._result is not None and self._covered():
             return UtteranceInput(self._result[1])
         covers = len(self._frames)
-        text = await self._engine.transcribe(np.concatenate(self._frames)) if self._frames else ""
+        text = await self._engine.transcribe(self._speech()) if self._frames else ""
         self._result = (covers, text)
         return UtteranceInput(text)
 

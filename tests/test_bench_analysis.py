@@ -85,3 +85,9 @@ def test_false_starts_and_cutoffs_are_agent_sound_inside_a_window():
     assert sounded_between(heard, 0.0, 3.0)  # a clip still playing until 3.0 s was cut off
     assert not sounded_between(heard, 0.0, 2.4)  # the agent waited for the clip's end
     assert not sounded_between(heard, 4.2, 6.0)  # noise played after the reply: no false start
+
+
+def test_word_error_rate_joins_hyphenated_words():
+    assert word_error_rate("Thank you, goodbye.", "Thank you, good-bye.") == 0.0
+    assert word_error_rate("at seven tonight", "At 7 to-night!") == 0.0
+    assert word_error_rate("good bye", "goodbye") == 1.0  # two words are not one

@@ -187,3 +187,48 @@ async def test_spoken_replies_end_with_the_last_allowed_sentence_and_stop_the_lm
     words_left = len(reply.split()) - len(spoken.split())
     # The LM was closed as soon as the sentence after the last one began, not run to its end.
     assert lm.yielded <= len(spoken.split()) + 1 and (lm.cancelled == 1) == (words_left > 1)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("module", "package"), [("moonshine_voice", "moonshine-voice==0.0.73"), ("xllamacpp", "xllamacpp")])
+def test_the_server_stops_with_one_line_when_a_model_package_is_missing(module, package):
+    import subprocess
+    import sys
+
+    # The package is hidden from the lookup the server makes before loading anything.
+    code = (
+        "import importlib.util, sys; real = importlib.util.find_spec; "
+        f"importlib.util.find_spec = lambda name, *a: None if name == {module!r} else real(name, *a); "
+        "import run_server; sys.exit(run_server.main(['--port', '0']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and package in lines[0] and "pip install" in lines[0], result.stderr
+
+
+@pytest.mark.unit
+async def test_the_engine_hears_the_utterance_without_its_trailing_silence():
+    from runtime.workers import ModelWorker
+    from streaming_tokenizer.transcriber import TAIL_FRAMES
+
+    class LengthEngine:
+        """Answers with the number of 20 ms frames it was given."""
+
+        def __init__(self) -> None:
+            self.worker = ModelWorker("length")
+
+        async def transcribe(self, pcm: np.ndarray, draft: bool = False) -> str:
+            return str(len(pcm) // 320)
+
+    engine = LengthEngine()
+    tokenizer = StreamingTranscriber(engine, partial_ms=10_000, settle_ms=10_000)
+    voiced, silent = np.full(320, 1000, dtype=np.int16), np.zeros(320, dtype=np.int16)
+    tokenizer.begin((silent,) * 5)  # the endpointer's prefix: kept, it comes before the speech
+    for frame, is_voiced in [(voiced, True)] * 10 + [(silent, False)] * 30:
+        tokenizer.feed(frame, is_voiced)
+    try:
+        assert (await tokenizer.finalize()).text == str(5 + 10 + TAIL_FRAMES)
+    finally:
+        await tokenizer.aclose()
+        engine.worker.close()
