@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
-# chromium + chromium-driver: the browser test; espeak-ng: speech the tests synthesize.
+# chromium + chromium-driver (its /usr/bin/chromedriver): the browser test; espeak-ng: speech the
+# tests synthesize.
 TEST_SYSTEM_PACKAGES := chromium chromium-driver espeak-ng
 
 .PHONY: run test test-fast bench imports system-packages
