@@ -76,11 +76,15 @@ class TurnConfig:
 
     vad: str = "silero"
     webrtc_aggressiveness: int = 2
+    type: str = "vad"  # "vad": commit after commit_ms of silence; "semantic": see min/max_commit_ms
+    eagerness: str = "medium"  # semantic: how readily a pause counts as the end ("low", "medium", "high")
     threshold: float = 0.5
     min_speech_ms: int = 150
     prefix_padding_ms: int = 300
     pause_ms: int = 250
     commit_ms: int = 750
+    min_commit_ms: int = 250  # semantic: silence before a turn judged complete is committed
+    max_commit_ms: int = 2000  # semantic: silence that commits a turn judged unfinished
     bargein_min_speech_ms: int = 200
     client_buffer_ms: int = 120
 
@@ -91,24 +95,45 @@ class TurnConfig:
         "prefix_padding_ms": (0, 2000),
         "pause_ms": (60, 5000),
         "commit_ms": (100, 10000),
+        "min_commit_ms": (60, 5000),
+        "max_commit_ms": (200, 10000),
         "bargein_min_speech_ms": (20, 5000),
         "client_buffer_ms": (0, 2000),
     }
 
+    CHOICES = {"type": ("vad", "semantic"), "eagerness": ("low", "medium", "high")}
+
     def updated(self, changes: dict[str, Any]) -> "TurnConfig":
         """A copy with `changes` applied, or ValueError naming the first bad field."""
         for key, value in changes.items():
+            if key in self.CHOICES:
+                if value not in self.CHOICES[key]:
+                    raise ValueError(f"turn_detection.{key} must be one of {list(self.CHOICES[key])}")
+                continue
             if key not in self.LIMITS:
-                raise ValueError(f"unknown turn_detection field {key!r}; known: {sorted(self.LIMITS)}")
+                raise ValueError(f"unknown turn_detection field {key!r}; known: {sorted([*self.CHOICES, *self.LIMITS])}")
             low, high = self.LIMITS[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ValueError(f"turn_detection.{key} must be a number in [{low}, {high}]")
             if key != "threshold" and value != int(value):
                 raise ValueError(f"turn_detection.{key} must be a whole number of ms")
-        merged = dataclasses.replace(self, **{k: (v if k == "threshold" else int(v)) for k, v in changes.items()})
+        merged = dataclasses.replace(
+            self, **{k: (v if k in ("threshold", *self.CHOICES) else int(v)) for k, v in changes.items()}
+        )
         if merged.commit_ms <= merged.pause_ms:
             raise ValueError("turn_detection.commit_ms must be greater than pause_ms")
+        if merged.max_commit_ms <= max(merged.pause_ms, merged.min_commit_ms):
+            raise ValueError("turn_detection.max_commit_ms must be greater than pause_ms and min_commit_ms")
         return merged
+
+    @property
+    def semantic(self) -> bool:
+        return self.type == "semantic"
+
+    @property
+    def commit_after_ms(self) -> int:
+        """Silence that commits a turn whatever it sounds like."""
+        return self.max_commit_ms if self.semantic else self.commit_ms
 
     def with_session(self, session: dict[str, Any]) -> "TurnConfig":
         """A copy changed by a `session.update`'s `session` object, or ValueError saying what is wrong."""
@@ -121,7 +146,7 @@ class TurnConfig:
         return self.updated(changes)
 
     def public(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("vad", *self.LIMITS)}
+        return {k: getattr(self, k) for k in ("vad", *self.CHOICES, *self.LIMITS)}
 
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -341,7 +366,11 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--min-speech-ms", int, "speech needed to start a turn (default 150)"),
     _Flag("--prefix-padding-ms", int, "audio kept before the speech onset (default 300)"),
     _Flag("--pause-ms", int, "silence that starts a speculative reply (default 250)"),
-    _Flag("--commit-ms", int, "silence that ends the turn and plays the reply (default 750)"),
+    _Flag("--commit-ms", int, "silence that ends the turn and plays the reply, --turn-detection vad (default 750)"),
+    _Flag("--turn-detection", _choice(("vad", "semantic")), "vad: commit after --commit-ms of silence; semantic: an end-of-turn model and a text check decide (default vad)"),
+    _Flag("--eagerness", _choice(("low", "medium", "high")), "semantic: how readily a pause ends the turn (default medium)"),
+    _Flag("--min-commit-ms", int, "semantic: silence before a turn judged complete is committed (default 250)"),
+    _Flag("--max-commit-ms", int, "semantic: silence that commits a turn judged unfinished (default 2000)"),
     _Flag("--bargein-min-speech-ms", int, "speech needed to interrupt the agent (default 200)"),
     _Flag("--client-buffer-ms", int, "agent audio assumed buffered at the client when it reports no position (default 120)"),
     _Flag("--asr", _choice(ASR_ENGINES), "embedded profile's ASR: moonshine (Moonshine tiny-en) or whisper (Whisper tiny.en); default moonshine"),
@@ -422,6 +451,7 @@ def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | Non
         webrtc_aggressiveness=int(values.get("webrtc_aggressiveness", TurnConfig.webrtc_aggressiveness)),
     )
     thresholds = {k: values[k] for k in TurnConfig.LIMITS if k in values}
+    thresholds |= {k: values[flag] for k, flag in (("type", "turn_detection"), ("eagerness", "eagerness")) if flag in values}
     try:
         turn = turn.updated(thresholds)
     except ValueError as exc:

@@ -13,7 +13,7 @@ import enum
 import itertools
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ import structlog
 from config import TurnConfig
 from context.dialog import DialogContext
 from controller.reply import Reply, SessionModels
+from controller.turn_end import TurnJudge, Verdict
 from realtime.events import (
     ClientEvent,
     ConversationItemCreate,
@@ -82,18 +83,22 @@ class Controller:
         self.io = io
         self.models = models
         self.context = context
-        self.config = config
         self.profile = profile
+        self.log = log.bind(session_id=io.session_id)
+        if config.semantic and models.turn_end is None:
+            self.log.warning("controller.no_turn_model", profile=profile, using="vad")
+            config = replace(config, type="vad")
+        self.config = config
         self.endpointer = Endpointer(config)
         self.state = State.LISTENING
         self.counters = Counters()
         self.response: Reply | None = None
         self._tasks = TaskOwner(io.session_id, self._task_failed)
+        self.judge = TurnJudge(models.turn_end, self._tasks) if models.turn_end is not None else None
         self._item_id = ""
         self._turns = itertools.count(1)
         self._last_voiced_at = 0.0
         self._frame_index = -1
-        self.log = log.bind(session_id=io.session_id)
 
     # ---- the frame loop -------------------------------------------------------------------
 
@@ -117,16 +122,44 @@ class Controller:
             self._on_speech_started(endpoint)
         elif self.state in (State.USER_SPEAKING, State.USER_PAUSED):
             self.models.tokenizer.feed(frame, voiced)
-        if endpoint is None or endpoint.kind == Kind.SPEECH_STARTED:
+            if self.judge is not None:
+                self.judge.feed(frame)
+        if endpoint is None:
+            if self.state == State.USER_PAUSED and self.config.semantic:
+                self._judge_pause()
+            return
+        if endpoint.kind == Kind.SPEECH_STARTED:
             return
         if endpoint.kind == Kind.PAUSED:
             self._set_state(State.USER_PAUSED)
             self._start_reply(speculative=True)
+            if self.config.semantic:
+                self.judge.pause()  # type: ignore[union-attr]
+                self._judge_pause()
         elif endpoint.kind == Kind.RESUMED:
             self._set_state(State.USER_SPEAKING)
             self._cancel_speculation()
+            if self.judge is not None:
+                self.judge.resume()
         elif endpoint.kind == Kind.COMMITTED:
-            self._on_commit(endpoint)
+            self._on_commit(endpoint, "timeout" if self.config.semantic else "vad")
+
+    def _judge_pause(self) -> None:
+        """Semantic turn detection, at each silent frame of a pause: a turn judged complete is
+        committed after `min_commit_ms` of silence, one that might go on halfway to
+        `max_commit_ms`; else the endpointer commits it at `max_commit_ms`."""
+        judge, silence_ms, config = self.judge, self.endpointer.silence_ms, self.config
+        assert judge is not None
+        reply = self.response
+        transcript = reply.user.text if reply is not None and reply.user is not None else None
+        judge.step(silence_ms, transcript)
+        verdict = judge.verdict(config.eagerness)
+        wait_ms = {
+            Verdict.COMPLETE: config.min_commit_ms,
+            Verdict.UNSURE: (config.min_commit_ms + config.max_commit_ms) // 2,
+        }.get(verdict)
+        if wait_ms is not None and silence_ms >= wait_ms:
+            self._on_commit(self.endpointer.commit_now(), f"semantic:{verdict}")
 
     # ---- transitions ----------------------------------------------------------------------
 
@@ -147,6 +180,12 @@ class Controller:
         else:
             self._item_id = "item_" + uuid.uuid4().hex[:12]
             self.models.tokenizer.begin(endpoint.audio, self._partial_emitter(self._item_id))
+        if self.judge is not None:
+            if continuing:
+                for frame in endpoint.audio:
+                    self.judge.feed(frame)
+            else:
+                self.judge.begin(endpoint.audio)
         self._set_state(State.USER_SPEAKING)
         onset_ms = (endpoint.frame_index + 1 - len(endpoint.audio)) * FRAME_MS
         self.io.emit(SpeechStarted(self._item_id, onset_ms))
@@ -172,7 +211,7 @@ class Controller:
 
         return emit
 
-    def _on_commit(self, endpoint: Endpoint) -> None:
+    def _on_commit(self, endpoint: Endpoint, rule: str) -> None:
         self.io.emit(SpeechStopped(self._item_id, (endpoint.last_voiced_index + 1) * FRAME_MS))
         reply = self.response
         if reply is None or reply.committed:
@@ -180,6 +219,11 @@ class Controller:
         else:
             self.counters.speculative_commits += 1
         reply.timings["endpoint_ms"] = (endpoint.frame_index - endpoint.last_voiced_index) * FRAME_MS
+        reply.turn["commit_rule"] = rule
+        if self.config.semantic and self.judge is not None:
+            for name, score in (("eot_audio", self.judge.scores.audio), ("eot_text", self.judge.scores.text)):
+                if score is not None:
+                    reply.turn[name] = round(score, 3)
         self._commit(reply)
 
     def _start_reply(self, speculative: bool, preset: UtteranceInput | None = None) -> Reply:
@@ -228,7 +272,8 @@ class Controller:
         if self.state == State.RESPONDING:
             self._set_state(State.LISTENING)
         self.io.emit(ResponseDone(reply.id, status, text))
-        metrics = {k: v for k, v in reply.timings.items() if not k.startswith("_")}
+        metrics: dict[str, float | str] = {k: v for k, v in reply.timings.items() if not k.startswith("_")}
+        metrics |= reply.turn
         self.io.emit(MetricsTurn(reply.id, reply.speculative, metrics))
         self.io.emit(SessionSummary(asdict(self.counters)))
         self.log.info("controller.turn", response_id=reply.id, status=status, **metrics)
@@ -257,6 +302,8 @@ class Controller:
     def _update_session(self, event: SessionUpdate) -> None:
         try:
             config = self.config.with_session(event.session)
+            if config.semantic and self.judge is None:
+                raise ValueError(f"turn_detection.type semantic: the {self.profile} profile has no end-of-turn model")
         except ValueError as exc:
             self.io.emit(Error("invalid_value", str(exc), event.event_id))
             return

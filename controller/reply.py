@@ -12,6 +12,7 @@ import structlog
 
 from context.dialog import DialogContext, Turn, heard_text
 from context.exchange import Exchange
+from controller.turn_end import TurnEndScorers
 from models.base import LanguageModel, Message, SpeechChunk, SpeechDecoder
 from realtime.events import ResponseAudioStarted, ResponseCreated, ResponseTextDelta, TranscriptionCompleted
 from realtime.output import Playout
@@ -32,6 +33,7 @@ class SessionModels:
     tokenizer: StreamingTokenizer
     lm: LanguageModel
     decoder: SpeechDecoder
+    turn_end: TurnEndScorers | None = None  # what `turn_detection: semantic` judges with
 
 
 def _ms(seconds: float) -> float:
@@ -67,6 +69,7 @@ class Reply:
         self.user: UtteranceInput | None = None
         self.text = ""
         self.timings: dict[str, float] = {}
+        self.turn: dict[str, float | str] = {}  # how the turn was ended: rule and end-of-turn scores
         self.client_position_ms: float | None = None
         self._io = io
         self._models = models

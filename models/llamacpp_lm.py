@@ -4,6 +4,7 @@ every call at once (continuous batching), each slot keeping its conversation's p
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,15 @@ class LlamaCppLM:
         self._server.handle_chat_completions(request, on_chunk)
         if failure:
             raise LlamaCppError(failure[0])
+
+    async def next_token_probabilities(self, prompt: str, top: int = 30) -> dict[str, float]:
+        """The probabilities of the `top` likeliest tokens after a raw `prompt` (no chat template)."""
+        request = {"prompt": prompt, "max_tokens": 1, "n_probs": top, "temperature": 0, "cache_prompt": True}
+        answer = await self.worker.run(self._server.handle_completions, request)
+        if "choices" not in answer:
+            raise LlamaCppError(str(answer.get("error", answer)))
+        candidates = answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        return {c["token"]: math.exp(c["logprob"]) for c in candidates}
 
     async def aclose(self) -> None:
         """Stop llama.cpp's threads and free the model; call it once no generation is running."""

@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from config import ModelConfig
+from controller.turn_end import TurnEndScorers
 from models.base import LanguageModel, Message, SpeechDecoder
 from models.llamacpp_lm import LlamaCppLM
 from models.openai_lm import OpenAICompatibleLM
 from models.piper_tts import PiperDecoder
 from models.sentences import SpokenReplies
 from models.transformers_lm import TransformersLM
+from models.turn_text import TextTurnEnd
 from profiles.packages import log_loaded, log_loading, package_dir
 from runtime.audio import SAMPLE_RATE
 from runtime.workers import ModelWorker
@@ -24,6 +26,7 @@ from streaming_tokenizer.moonshine import MoonshineEngine
 from streaming_tokenizer.transcriber import StreamingTranscriber, TranscriptionEngine
 from streaming_tokenizer.whisper import WhisperEngine
 from vad.engines import make_detector
+from vad.turn_end import SmartTurn
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -36,6 +39,11 @@ def whisper_model_dir() -> Path:
 def moonshine_model_dir() -> Path:
     # 0.0.73 exactly: later releases no longer carry the weights.
     return package_dir("moonshine_voice", "moonshine-voice==0.0.73") / "assets" / "tiny-en"
+
+
+def smart_turn_model() -> Path:
+    # Only this data file of pipecat-ai is used; the Makefile installs the wheel with --no-deps.
+    return package_dir("pipecat", "pipecat-ai==1.14.0", "--no-deps") / "audio" / "turn" / "smart_turn" / "data" / "smart-turn-v3.2-cpu.onnx"
 
 
 def smollm2_gguf() -> Path:
@@ -58,6 +66,7 @@ class EmbeddedModels:
     tts: PiperDecoder
     workers: tuple[ModelWorker, ...]
     config: ModelConfig
+    turn_end: TurnEndScorers | None = None
 
     @property
     def reply_lm(self) -> LanguageModel:
@@ -113,11 +122,13 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
     # threads, created in there, inherit the workers' lower priority.
     lm_waiters = config.lm_slots if config.lm == "embedded" else 1
     asr_worker, lm_worker, tts_worker = ModelWorker("asr"), ModelWorker("lm", lm_waiters), ModelWorker("tts")
-    workers = (asr_worker, lm_worker, tts_worker)
+    turn_worker = ModelWorker("turn-end")
+    workers = (asr_worker, lm_worker, tts_worker, turn_worker)
     try:
         # Look every package up first: a missing one fails before any loading.
         asr_dir = whisper_model_dir() if config.asr == "whisper" else moonshine_model_dir()
         voice, voice_config = piper_voice_files()
+        turn_model = smart_turn_model()
         if config.lm == "embedded":
             package_dir("xllamacpp", "xllamacpp")
             smollm2_gguf()
@@ -140,8 +151,14 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
                 async for _ in warmup:
                     break
         log_loaded("lm", started)
+
+        started = log_loading("turn-end", path=str(turn_model))
+        smart_turn = await turn_worker.run(SmartTurn, turn_model, turn_worker)
+        await smart_turn.score(np.zeros(SAMPLE_RATE, dtype=np.int16))
+        text_check = TextTurnEnd(lm, config.system_prompt).score if isinstance(lm, LlamaCppLM) else None
+        log_loaded("turn-end", started)
     except BaseException:
         for worker in workers:
             worker.close()
         raise
-    return EmbeddedModels(asr, lm, tts, workers, config)
+    return EmbeddedModels(asr, lm, tts, workers, config, TurnEndScorers(smart_turn.score, text_check))

@@ -6,6 +6,7 @@ from typing import Protocol
 
 from config import TurnConfig
 from controller.controller import SessionModels
+from controller.turn_end import TurnEndScorers
 from models.base import LanguageModel, SpeechDecoder
 from models.llamacpp_lm import LlamaCppLM
 from models.openai_lm import OpenAICompatibleLM
@@ -18,6 +19,7 @@ class LoadedModels(Protocol):
     """The shared models of a profile and the worker threads they run in."""
 
     workers: tuple[ModelWorker, ...]
+    turn_end: TurnEndScorers | None  # what semantic turn detection judges with, if anything
 
     @property
     def lm(self) -> LanguageModel:
@@ -40,7 +42,11 @@ class LoadedModels(Protocol):
 def for_session(models: LoadedModels, turn: TurnConfig) -> SessionModels:
     """One session's handles: its own detector and tokenizer, the shared LM and decoder."""
     return SessionModels(
-        make_detector(turn.vad, turn.webrtc_aggressiveness), models.session_tokenizer(), models.reply_lm, models.decoder
+        make_detector(turn.vad, turn.webrtc_aggressiveness),
+        models.session_tokenizer(),
+        models.reply_lm,
+        models.decoder,
+        models.turn_end,
     )
 
 

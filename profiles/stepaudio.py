@@ -76,6 +76,7 @@ class StepAudioModels:
     tts: StepAudioTTS
     workers: tuple[ModelWorker, ...]
     config: StepAudioConfig
+    turn_end: None = None  # no end-of-turn model: turn detection is `vad`
 
     @property
     def lm(self) -> LanguageModel:

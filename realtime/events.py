@@ -143,12 +143,13 @@ class ResponseDone(ServerEvent):
 
 @dataclass(frozen=True)
 class MetricsTurn(ServerEvent):
-    """One turn's stage timings (endpoint_ms, asr_ms, lm_ttft_ms, tts_first_audio_ms, server_v2v_ms)."""
+    """One turn's stage timings (endpoint_ms, asr_ms, lm_ttft_ms, tts_first_audio_ms, server_v2v_ms)
+    and how the turn was ended (commit_rule; eot_audio and eot_text, the end-of-turn scores)."""
 
     type = "metrics.turn"
     response_id: str
     speculative: bool
-    metrics: dict[str, float]
+    metrics: dict[str, float | str]
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, "response_id": self.response_id, "speculative": self.speculative, **self.metrics}

@@ -67,7 +67,7 @@ def rig(tmp_path) -> Rig:
     return make_rig(tmp_path)
 
 
-def make_rig(tmp_path, hold: bool = False, config: TurnConfig | None = None) -> Rig:
+def make_rig(tmp_path, hold: bool = False, config: TurnConfig | None = None, turn_end=None) -> Rig:
     notifier = Notifier()
     events: list[dict] = []
     output = PacedOutput(48000)
@@ -81,7 +81,7 @@ def make_rig(tmp_path, hold: bool = False, config: TurnConfig | None = None) -> 
     store = TranscriptStore(tmp_path)
     context = DialogContext("You are terse.", max_tokens=500, store=store, session_id="sess_test")
     controller = Controller(
-        io, SessionModels(ScriptedDetector(), tokenizer, lm, decoder), context, config or TurnConfig(), "test"
+        io, SessionModels(ScriptedDetector(), tokenizer, lm, decoder, turn_end), context, config or TurnConfig(), "test"
     )
     return Rig(controller, output, lm, decoder, tokenizer, notifier, store, events)
 

@@ -132,7 +132,23 @@ class Endpointer:
             return None
         self._resume = 0
         self._silence += 1
-        if self._silence * FRAME_MS >= self.config.commit_ms:
+        if self._silence * FRAME_MS >= self.config.commit_after_ms:
             self._state = "idle"
             return self._event(Kind.COMMITTED)
         return None
+
+    @property
+    def paused(self) -> bool:
+        return self._state == "paused"
+
+    @property
+    def silence_ms(self) -> int:
+        """Silence since the last voiced frame, in the pause under way."""
+        return self._silence * FRAME_MS if self.paused else 0
+
+    def commit_now(self) -> Endpoint:
+        """End the paused turn at this frame (the end-of-turn judge found it complete)."""
+        if not self.paused:
+            raise RuntimeError("only a paused turn can be committed")
+        self._state = "idle"
+        return self._event(Kind.COMMITTED)

@@ -1,0 +1,122 @@
+"""Semantic end-of-turn detection: is the user done at this pause, or only hesitating?"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from runtime.audio import FRAME_MS
+from runtime.tasks import TaskOwner
+
+# eagerness -> (text score that ends the turn, text score below which it goes on, audio score that
+# ends the turn when the text says neither). The text check is the surer of the two: on synthetic
+# voices the audio model is swayed by intonation both ways.
+EAGERNESS = {"low": (0.3, 0.02, 0.7), "medium": (0.1, 0.01, 0.5), "high": (0.03, 0.003, 0.3)}
+RESCORE_MS = 500  # the audio is scored again after this much more silence
+AUDIO_FRAMES = 8000 // FRAME_MS  # the audio model reads the last 8 s
+
+
+@dataclass(frozen=True)
+class TurnEndScorers:
+    """What a profile can judge an end of turn with: the audio of the utterance and its transcript
+    (either may be missing). Each returns P(the turn is complete)."""
+
+    audio: Callable[[np.ndarray], Awaitable[float]] | None = None
+    text: Callable[[str], Awaitable[float | None]] | None = None
+
+
+@dataclass
+class TurnScores:
+    audio: float | None = None
+    text: float | None = None
+
+
+class Verdict(enum.StrEnum):
+    COMPLETE = "complete"  # commit after min_commit_ms of silence
+    UNSURE = "unsure"  # the text could end here: commit halfway to max_commit_ms
+    UNFINISHED = "unfinished"  # wait for max_commit_ms
+    UNKNOWN = "unknown"  # the scores are not in yet
+
+
+def turn_verdict(scores: TurnScores, eagerness: str, text_expected: bool) -> Verdict:
+    """The verdict on a pause's scores. `text_expected`: a text score is on its way (or the
+    transcript is still coming); the audio alone decides only when no text will come."""
+    ends, goes_on, audio_ends = EAGERNESS[eagerness]
+    if scores.text is not None:
+        if scores.text >= ends:
+            return Verdict.COMPLETE
+        if scores.text < goes_on:
+            return Verdict.UNFINISHED
+    elif text_expected:
+        return Verdict.UNKNOWN
+    if scores.audio is None:
+        return Verdict.UNKNOWN
+    if scores.audio < audio_ends:
+        return Verdict.UNFINISHED
+    return Verdict.COMPLETE if scores.text is None else Verdict.UNSURE
+
+
+class TurnJudge:
+    """Owns one session's end-of-turn judgement: the recent audio of the utterance and the scores
+    of the pause under way (the audio scored at the pause and again as the silence grows, the
+    transcript once the ASR has it). The Controller asks `verdict()` at each silent frame."""
+
+    def __init__(self, scorers: TurnEndScorers, tasks: TaskOwner) -> None:
+        self._scorers = scorers
+        self._tasks = tasks
+        self._audio: collections.deque[np.ndarray] = collections.deque(maxlen=AUDIO_FRAMES)
+        self.scores = TurnScores()
+        self._pending: list[asyncio.Task[None]] = []
+        self._audio_scored_at: int | None = None  # silence (ms) when the audio was last scored
+        self._text_asked = False
+        self._text_done = False
+
+    def begin(self, frames: tuple[np.ndarray, ...]) -> None:
+        self._audio.clear()
+        self._audio.extend(frames)
+
+    def feed(self, frame: np.ndarray) -> None:
+        self._audio.append(frame)
+
+    def pause(self) -> None:
+        self.resume()
+
+    def resume(self) -> None:
+        """Speech again: this pause's scores are moot."""
+        for task in self._pending:
+            self._tasks.cancel(task)
+        self._pending = []
+        self.scores = TurnScores()
+        self._audio_scored_at = None
+        self._text_asked = False
+        self._text_done = False
+
+    def step(self, silence_ms: int, transcript: str | None) -> None:
+        """Start what is due at this silent frame: an audio score, the text score."""
+        if self._scorers.audio is not None and (
+            self._audio_scored_at is None or silence_ms - self._audio_scored_at >= RESCORE_MS
+        ):
+            self._audio_scored_at = silence_ms
+            self._start("audio", self._scorers.audio(np.concatenate(self._audio)))
+        if self._scorers.text is not None and transcript is not None and not self._text_asked:
+            self._text_asked = True
+            self._start("text", self._scorers.text(transcript))
+
+    def _start(self, kind: str, score: Awaitable[float | None]) -> None:
+        scores = self.scores
+
+        async def run() -> None:
+            value = await score
+            if scores is self.scores:  # the scores of a pause that ended are dropped with it
+                setattr(scores, kind, value)
+                self._text_done = self._text_done or kind == "text"
+
+        self._pending.append(self._tasks.spawn(run(), f"turn-end:{kind}"))
+
+    def verdict(self, eagerness: str) -> Verdict:
+        return turn_verdict(self.scores, eagerness, self._scorers.text is not None and not self._text_done)
