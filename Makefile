@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 # chromium + chromium-driver (its /usr/bin/chromedriver): the browser test; espeak-ng: speech the
-# tests synthesize.
+# tests and the harness's second voice synthesize.
 TEST_SYSTEM_PACKAGES := chromium chromium-driver espeak-ng
 
 .PHONY: run test test-fast bench imports system-packages
@@ -45,7 +45,7 @@ test-fast: $(STAMP) system-packages
 
 # The harness: a local server on the embedded profile (free port, loopback ICE), the standard
 # suite and the concurrency sweep, then the summary table (results under bench/results/).
-bench: $(STAMP)
+bench: $(STAMP) system-packages
 	$(PY) -m bench --local $(ARGS)
 
 # The import graph between the project's rooms, and any import against the layers.

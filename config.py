@@ -76,7 +76,7 @@ class TurnConfig:
 
     vad: str = "silero"
     webrtc_aggressiveness: int = 2
-    type: str = "vad"  # "vad": commit after commit_ms of silence; "semantic": see min/max_commit_ms
+    type: str = "semantic"  # "semantic": see min/max_commit_ms; "vad": commit after commit_ms of silence
     eagerness: str = "medium"  # semantic: how readily a pause counts as the end ("low", "medium", "high")
     threshold: float = 0.5
     min_speech_ms: int = 150
@@ -367,7 +367,7 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--prefix-padding-ms", int, "audio kept before the speech onset (default 300)"),
     _Flag("--pause-ms", int, "silence that starts a speculative reply (default 250)"),
     _Flag("--commit-ms", int, "silence that ends the turn and plays the reply, --turn-detection vad (default 750)"),
-    _Flag("--turn-detection", _choice(("vad", "semantic")), "vad: commit after --commit-ms of silence; semantic: an end-of-turn model and a text check decide (default vad)"),
+    _Flag("--turn-detection", _choice(("vad", "semantic")), "semantic: an end-of-turn model and a text check decide (the default); vad: commit after --commit-ms of silence"),
     _Flag("--eagerness", _choice(("low", "medium", "high")), "semantic: how readily a pause ends the turn (default medium)"),
     _Flag("--min-commit-ms", int, "semantic: silence before a turn judged complete is committed (default 250)"),
     _Flag("--max-commit-ms", int, "semantic: silence that commits a turn judged unfinished (default 2000)"),

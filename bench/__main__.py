@@ -25,7 +25,7 @@ import aiohttp
 
 from bench import report
 from bench.harness import DEFAULT_OFFER_PATH, Transcribe, as_rows, run_sessions
-from bench.scenarios import Scenario, Voice, builtin, load_manifest
+from bench.scenarios import EspeakVoice, Scenario, Voice, builtin, load_manifest
 from realtime.webrtc import use_loopback_ice_only
 
 STANDARD = "single,multi,pause,bargein,noise,silence"
@@ -108,7 +108,7 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[i
     if urlparse(url).hostname in ("127.0.0.1", "localhost"):
         use_loopback_ice_only()  # aioice skips loopback addresses unless told; a local server needs them
     print("preparing scenarios ...", flush=True)
-    scenarios = builtin(Voice())
+    scenarios = builtin(Voice(), EspeakVoice())
     chosen: list[Scenario] = [scenarios[name] for name in args.scenarios.split(",") if name]
     chosen += [load_manifest(path) for path in args.manifest]
     swept = [scenarios[name] for name in args.sweep_scenarios.split(",") if name]

@@ -51,6 +51,7 @@ class TurnResult:
     bargein_stop_ms: float | None = None
     false_cutoff: bool = False
     false_start: bool = False
+    split_turn: bool = False  # the server made more than one user turn of this utterance
     user_wer: float | None = None
     reply_text: str = ""
     reply_wer: float | None = None
@@ -198,6 +199,8 @@ class SessionRun:
 
     @staticmethod
     def _read_events(result: TurnResult, events: list[dict[str, Any]]) -> None:
+        items = {e["item_id"] for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"}
+        result.split_turn = len(items) > 1
         for event in events:
             kind = event["type"]
             if kind == "conversation.item.input_audio_transcription.completed" and result.text:

@@ -36,8 +36,25 @@ def summarize(by_level: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
             "metrics": {m: stats(values(rows, m)) for m in CLIENT_METRICS + SERVER_METRICS},
             "false_starts": sum(r["false_start"] for r in rows),
             "false_cutoffs": sum(r["false_cutoff"] for r in rows),
+            "split_turns": sum(r.get("split_turn", False) for r in rows),
             "underruns": run["underruns"],
+            "scenarios": by_scenario(rows),
             **{k: run[k] for k in ("cpu_percent_per_session", "rss_mb") if k in run},
+        }
+    return out
+
+
+def by_scenario(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per scenario: turns, false cut-offs, split turns, and client_v2v p50."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["scenario"] for r in rows):
+        mine = [r for r in rows if r["scenario"] == name]
+        v2v = stats(values(mine, "client_v2v_ms"))
+        out[name] = {
+            "turns": len(mine),
+            "false_cutoffs": sum(r["false_cutoff"] for r in mine),
+            "split_turns": sum(r.get("split_turn", False) for r in mine),
+            "client_v2v_p50": v2v["p50"] if v2v else None,
         }
     return out
 
@@ -49,10 +66,18 @@ def markdown(summary: dict[int, dict[str, Any]]) -> str:
         for metric, s in block["metrics"].items():
             if s:
                 lines.append(f"| {metric} | {s['n']} | {s['p50']} | {s['p90']} | {s['p95']} | {s['max']} |")
-        extra = f"false starts {block['false_starts']}, false cut-offs {block['false_cutoffs']}, output underruns {block['underruns']}"
+        extra = (
+            f"false starts {block['false_starts']}, false cut-offs {block['false_cutoffs']}, "
+            f"split turns {block['split_turns']}, output underruns {block['underruns']}"
+        )
         if "cpu_percent_per_session" in block:
             extra += f", server CPU {block['cpu_percent_per_session']} % per session, RSS {block['rss_mb']} MB"
         lines += ["", extra, ""]
+        if len(block["scenarios"]) > 1:
+            lines += ["| scenario | turns | false cut-offs | split turns | client_v2v p50 |", "|---|---|---|---|---|"]
+            for name, s in block["scenarios"].items():
+                lines.append(f"| {name} | {s['turns']} | {s['false_cutoffs']} | {s['split_turns']} | {s['client_v2v_p50']} |")
+            lines.append("")
     return "\n".join(lines)
 
 

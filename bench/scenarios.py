@@ -9,11 +9,12 @@ agent's audio).
 from __future__ import annotations
 
 import json
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from bench.speech import read_wav
 
 RATE = 16000
 
@@ -37,12 +38,7 @@ def load_manifest(path: Path) -> Scenario:
     manifest = json.loads(path.read_text())
     turns = []
     for turn in manifest["turns"]:
-        with wave.open(str(path.parent / turn["wav"]), "rb") as wav:
-            if wav.getsampwidth() != 2:
-                raise ValueError(f"{turn['wav']}: 16-bit PCM WAV expected")
-            pcm = np.frombuffer(wav.readframes(wav.getnframes()), "<i2").astype(np.float32) / 32768
-            pcm = pcm.reshape(-1, wav.getnchannels()).mean(axis=1)
-            rate = wav.getframerate()
+        pcm, rate = read_wav(path.parent / turn["wav"])
         if rate != RATE:
             import soxr
 
@@ -77,12 +73,62 @@ class Voice:
         return soxr.resample(pcm, self._voice.config.sample_rate, RATE).astype(np.float32)
 
 
+class EspeakVoice:
+    """espeak-ng's English voice (the Debian package), a second speaker for the clips."""
+
+    def say(self, text: str) -> np.ndarray:
+        from bench.speech import espeak
+
+        return espeak(text, RATE) * 0.7
+
+
 def _silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * RATE), dtype=np.float32)
 
 
-def builtin(voice: Voice) -> dict[str, Scenario]:
+def _speech_only(pcm: np.ndarray) -> np.ndarray:
+    """The clip from its first sound to its last: the engines pad each phrase with silence."""
+    from bench.analysis import speech_segments
+
+    segments = speech_segments(pcm, RATE)
+    return pcm[int(segments[0][0] * RATE) : int(segments[-1][1] * RATE)] if segments else pcm
+
+
+def hesitation(voice: Voice | EspeakVoice, start: str, rest: str, pause_s: float) -> Utterance:
+    """One sentence with a real `pause_s` of silence after its unfinished start."""
+    pcm = np.concatenate([_speech_only(voice.say(start)), _silence(pause_s), _speech_only(voice.say(rest))])
+    return Utterance(f"{start} {rest}", np.concatenate([pcm, _silence(0.3)]))
+
+
+# (start, rest, pause in seconds): each start is unfinished on its own.
+HESITATIONS = (
+    ("I want to book a table", "for two people tomorrow evening.", 0.8),
+    ("Can you tell me", "what the weather will be like tomorrow?", 0.6),
+    ("I was wondering if", "you could recommend a good restaurant.", 1.0),
+    ("Please remind me to", "call my mother at six.", 0.9),
+    ("What is the best way to", "get to the train station?", 0.7),
+    ("I need to buy", "some milk and bread on the way home.", 1.2),
+    ("Could you explain how", "a rainbow is formed?", 0.5),
+    ("My favourite book is", "The Hobbit by Tolkien.", 0.8),
+    ("Set an alarm for", "seven in the morning.", 1.1),
+    ("How long does it take to", "boil an egg?", 0.6),
+)
+QUESTIONS = (
+    "What is the capital of France?",
+    "How is the weather today?",
+    "What time is it?",
+    "Can you recommend a good book?",
+    "Where is the nearest pharmacy?",
+    "How do I make a cup of tea?",
+    "Who wrote Romeo and Juliet?",
+    "Thank you, goodbye.",
+)
+
+
+def builtin(voice: Voice, second: EspeakVoice | None = None) -> dict[str, Scenario]:
+    """The built-in scenarios; `hesitate` and `complete` alternate `voice` and `second`."""
     say = voice.say
+    voices = (voice, second or voice)
     noise = (0.02 * np.random.default_rng(7).standard_normal(3 * RATE)).astype(np.float32)
     paused = np.concatenate([say("Please book a table for two"), _silence(0.4), say("at seven tonight.")])
     return {
@@ -102,6 +148,14 @@ def builtin(voice: Voice) -> dict[str, Scenario]:
             ),
         ),
         "pause": Scenario("pause", (Utterance("Please book a table for two at seven tonight.", paused),)),
+        "hesitate": Scenario(
+            "hesitate",
+            tuple(hesitation(voices[i % 2], *parts) for i, parts in enumerate(HESITATIONS)),
+        ),
+        "complete": Scenario(
+            "complete",
+            tuple(Utterance(text, voices[i % 2].say(text)) for i, text in enumerate(QUESTIONS)),
+        ),
         "noise": Scenario("noise", (Utterance("", noise, expect_reply=False),)),
         "silence": Scenario("silence", (Utterance("", _silence(3.0), expect_reply=False),)),
     }

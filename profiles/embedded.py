@@ -29,6 +29,8 @@ from vad.engines import make_detector
 from vad.turn_end import SmartTurn
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TURN_TEXT_SLOTS = 2  # end-of-turn text checks at once (each is one prompt and one token)
+TURN_TEXT_CONTEXT = 512  # tokens per slot: the system prompt and one transcript
 
 
 def whisper_model_dir() -> Path:
@@ -67,6 +69,11 @@ class EmbeddedModels:
     workers: tuple[ModelWorker, ...]
     config: ModelConfig
     turn_end: TurnEndScorers | None = None
+    turn_lm: LlamaCppLM | None = None  # the text check's own small context: it must not queue behind replies
+
+    @property
+    def engines(self) -> tuple[LanguageModel, ...]:
+        return (self.lm,) if self.turn_lm is None else (self.lm, self.turn_lm)
 
     @property
     def reply_lm(self) -> LanguageModel:
@@ -122,8 +129,8 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
     # threads, created in there, inherit the workers' lower priority.
     lm_waiters = config.lm_slots if config.lm == "embedded" else 1
     asr_worker, lm_worker, tts_worker = ModelWorker("asr"), ModelWorker("lm", lm_waiters), ModelWorker("tts")
-    turn_worker = ModelWorker("turn-end")
-    workers = (asr_worker, lm_worker, tts_worker, turn_worker)
+    turn_worker, turn_text_worker = ModelWorker("turn-end"), ModelWorker("turn-text", TURN_TEXT_SLOTS)
+    workers = (asr_worker, lm_worker, tts_worker, turn_worker, turn_text_worker)
     try:
         # Look every package up first: a missing one fails before any loading.
         asr_dir = whisper_model_dir() if config.asr == "whisper" else moonshine_model_dir()
@@ -155,10 +162,17 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
         started = log_loading("turn-end", path=str(turn_model))
         smart_turn = await turn_worker.run(SmartTurn, turn_model, turn_worker)
         await smart_turn.score(np.zeros(SAMPLE_RATE, dtype=np.int16))
-        text_check = TextTurnEnd(lm, config.system_prompt).score if isinstance(lm, LlamaCppLM) else None
+        turn_lm, text_check = None, None
+        if isinstance(lm, LlamaCppLM):
+            # The same GGUF in a second, small context: a pause's text check never waits for a slot
+            # that replies hold (with 8 calls they all are, and every turn then waited 2 s).
+            turn_lm = await turn_text_worker.run(
+                LlamaCppLM, smollm2_gguf(), turn_text_worker, 1, 0.0, 1, TURN_TEXT_SLOTS, TURN_TEXT_CONTEXT
+            )
+            text_check = TextTurnEnd(turn_lm, config.system_prompt).score
         log_loaded("turn-end", started)
     except BaseException:
         for worker in workers:
             worker.close()
         raise
-    return EmbeddedModels(asr, lm, tts, workers, config, TurnEndScorers(smart_turn.score, text_check))
+    return EmbeddedModels(asr, lm, tts, workers, config, TurnEndScorers(smart_turn.score, text_check), turn_lm)

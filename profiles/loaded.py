@@ -23,7 +23,7 @@ class LoadedModels(Protocol):
 
     @property
     def lm(self) -> LanguageModel:
-        """The LM engine (freed at the end)."""
+        """The LM engine that writes the replies."""
         ...
 
     @property
@@ -33,6 +33,11 @@ class LoadedModels(Protocol):
 
     @property
     def decoder(self) -> SpeechDecoder: ...
+
+    @property
+    def engines(self) -> tuple[LanguageModel, ...]:
+        """The LM engines it loaded (freed at the end)."""
+        ...
 
     def session_tokenizer(self) -> StreamingTokenizer:
         """A new tokenizer for one session (it holds that session's state)."""
@@ -51,8 +56,9 @@ def for_session(models: LoadedModels, turn: TurnConfig) -> SessionModels:
 
 
 async def close_models(models: LoadedModels) -> None:
-    """Free what the profile loaded: every worker thread, then the LM's connection or context."""
+    """Free what the profile loaded: every worker thread, then the LMs' connections or contexts."""
     for worker in models.workers:
         worker.close()
-    if isinstance(models.lm, (OpenAICompatibleLM, LlamaCppLM)):
-        await models.lm.aclose()
+    for engine in models.engines:
+        if isinstance(engine, (OpenAICompatibleLM, LlamaCppLM)):
+            await engine.aclose()

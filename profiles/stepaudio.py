@@ -87,6 +87,10 @@ class StepAudioModels:
         return self.chat
 
     @property
+    def engines(self) -> tuple[LanguageModel, ...]:
+        return (self.chat,)
+
+    @property
     def decoder(self) -> SpeechDecoder:
         return self.tts
 

@@ -24,7 +24,9 @@ class MoonshineEngine:
         from moonshine_voice.transcriber import Transcriber
 
         self.worker = worker
-        self._transcriber = Transcriber(str(model_dir), ModelArch.TINY)
+        # vad_threshold 0: one utterance is one segment. Moonshine's own segmenter otherwise cuts a
+        # fraction of a second of near-silence off the start and hears a word in it ("You").
+        self._transcriber = Transcriber(str(model_dir), ModelArch.TINY, options={"vad_threshold": "0"})
 
     def transcribe_now(self, pcm: np.ndarray, draft: bool = False) -> str:
         """Blocking: 16 kHz int16 or float PCM to text (no draft mode: a draft is the same work).

@@ -17,7 +17,7 @@ from runtime.audio import SAMPLE_RATE
 from realtime.events import ClientEvent
 from realtime.session import SessionIO
 from tests.signals import envelope_alignment
-from tests.speech import espeak, write_wav
+from bench.speech import espeak, write_wav
 
 pytestmark = pytest.mark.browser
 

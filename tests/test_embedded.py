@@ -15,7 +15,7 @@ from context.dialog import TranscriptStore
 from profiles import Profile
 from profiles.embedded import EmbeddedModels
 from tests.signals import resample
-from tests.speech import espeak
+from bench.speech import espeak
 
 pytestmark = pytest.mark.models
 

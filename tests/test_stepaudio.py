@@ -476,7 +476,7 @@ async def test_a_call_runs_through_the_controller_and_hanging_up_frees_everythin
     from config import AppConfig, ModelConfig, ServerConfig, StepAudioConfig
     from context.dialog import TranscriptStore
     from profiles import open_profile
-    from tests.speech import espeak
+    from bench.speech import espeak
 
     question = espeak("What is the weather like today?", 48000)
     config = AppConfig(

@@ -14,7 +14,7 @@ from context.dialog import DialogContext
 from controller.controller import Controller, SessionModels
 from realtime.session import SessionIO
 from tests.fakes import CountingTokenizer, CuedLM, ToneDecoder
-from tests.speech import espeak
+from bench.speech import espeak
 from vad.engines import SileroDetector
 
 pytestmark = pytest.mark.models

@@ -8,9 +8,11 @@ import pytest
 from config import TurnConfig
 from vad.endpointer import Endpointer, Kind
 from vad.engines import SileroDetector, WebRtcDetector, make_detector
-from tests.speech import espeak
+from bench.speech import espeak
 
 pytestmark = pytest.mark.unit
+
+VAD = TurnConfig(type="vad")  # the fixed silence timer (semantic detection commits through the Controller)
 
 SILENCE = np.zeros(320, dtype=np.int16)
 
@@ -61,7 +63,7 @@ def run(endpointer: Endpointer, probabilities: list[float]) -> list[tuple[int, K
 
 
 def test_endpointer_timeline_with_pause_resume_and_commit():
-    events = run(Endpointer(TurnConfig()), [0] * 20 + [0.9] * 30 + [0.1] * 15 + [0.9] * 5 + [0.1] * 40)
+    events = run(Endpointer(VAD), [0] * 20 + [0.9] * 30 + [0.1] * 15 + [0.9] * 5 + [0.1] * 40)
     assert events == [
         (27, Kind.SPEECH_STARTED, 15 + 8),  # 150 ms of speech, with 300 ms of prefix
         (62, Kind.PAUSED, 0),  # 13 silent frames >= 250 ms
@@ -72,10 +74,10 @@ def test_endpointer_timeline_with_pause_resume_and_commit():
 
 
 def test_endpointer_ignores_clicks_and_keeps_hysteresis():
-    endpointer = Endpointer(TurnConfig())
+    endpointer = Endpointer(VAD)
     assert run(endpointer, [0.9, 0.9, 0, 0, 0, 0] * 5) == []  # 40 ms blips never reach 150 ms
     # 0.4 is below the threshold but above threshold - 0.15: speech stays speech.
-    events = run(Endpointer(TurnConfig()), [0.9] * 10 + [0.4] * 60 + [0.2] * 40)
+    events = run(Endpointer(VAD), [0.9] * 10 + [0.4] * 60 + [0.2] * 40)
     assert [k for _, k, _ in events] == [Kind.SPEECH_STARTED, Kind.PAUSED, Kind.COMMITTED]
     assert events[1][0] == 70 + 12
 

@@ -1,4 +1,4 @@
-"""Speech synthesized at test time (espeak-ng), written as WAV files for clients and browsers."""
+"""Speech for tests and bench clips: espeak-ng synthesis, and 16-bit WAV files read and written."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import wave
 from pathlib import Path
 
 import numpy as np
-
-from tests.signals import resample
+import soxr
 
 
 def espeak(text: str, rate: int = 16000) -> np.ndarray:
@@ -21,12 +20,14 @@ def espeak(text: str, rate: int = 16000) -> np.ndarray:
         path = Path(tmp) / "speech.wav"
         subprocess.run(["espeak-ng", "-w", str(path), text], check=True, timeout=60)
         pcm, native_rate = read_wav(path)
-    return resample(pcm, native_rate, rate)
+    return pcm if native_rate == rate else soxr.resample(pcm, native_rate, rate).astype(np.float32)
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """Mono float32 and the rate of a 16-bit PCM WAV file (channels averaged)."""
     with wave.open(str(path), "rb") as wav:
-        assert wav.getsampwidth() == 2, "16-bit WAV expected"
+        if wav.getsampwidth() != 2:
+            raise ValueError(f"{path}: 16-bit PCM WAV expected")
         data = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768
         data = data.reshape(-1, wav.getnchannels()).mean(axis=1)
         return data, wav.getframerate()
