@@ -192,17 +192,18 @@ class Controller:
 
     def _barge_in(self) -> bool:
         """The user speaks over the reply: stop it. Returns whether this speech continues the
-        committed utterance instead (it came before the utterance was even tokenized: the commit
-        was too early, and one utterance must stay one user turn). A transcript made beside the
-        reply does not count: the reply was already under way."""
+        committed utterance instead: it came before the user heard any of the reply, so the
+        commit was too early, and one utterance must stay one user turn."""
         reply = self.response
-        continuing = reply is not None and reply.preset is None and reply.user is None
-        self._interrupt("interrupted")
-        if continuing:
+        if reply is not None and reply.nothing_heard(self.config.client_buffer_ms):
+            self.response = None
+            reply.merge()
+            self._finish(reply, "interrupted", "")
             self.counters.late_resumes += 1
-        else:
-            self.counters.bargeins += 1
-        return continuing
+            return True
+        self._interrupt("interrupted")
+        self.counters.bargeins += 1
+        return False
 
     def _partial_emitter(self, item_id: str) -> PartialCallback:
         def emit(partial: UtteranceInput) -> None:

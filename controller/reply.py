@@ -79,6 +79,10 @@ class Reply:
         self._exchange = Exchange(context, item_id, hold_reply=preset is None)
         self._committed = asyncio.Event()
         self._ended = False
+        self._announced = False  # the user's transcript was sent to the client
+        # The user's turn goes into the history once it is final: when they hear the reply, or it
+        # ends. Until then speech that resumes continues the same utterance (merge()).
+        self._user_final = preset is not None
         self._pending_deltas: list[str] = []
         self._pending_chunks: list[SpeechChunk] = []
         self._played: list[tuple[str, float]] = []  # (text, ms) written to the output
@@ -123,12 +127,23 @@ class Reply:
         self._stop()
         self._tasks.cancel(self._transcriber)
 
+    def nothing_heard(self, client_buffer_ms: float) -> bool:
+        """Whether the user has heard none of this reply yet (a committed turn can still go on)."""
+        return self.preset is None and self._heard_ms(client_buffer_ms) <= 0
+
+    def merge(self) -> None:
+        """The user went on before hearing anything: drop this reply and keep nothing of the turn,
+        which continues as the same utterance (one user turn, transcribed whole, answered anew)."""
+        self._io.output.flush()
+        self.cancel()
+
     def interrupt(self, status: str, client_buffer_ms: float) -> str:
         """End now (`status`: interrupted or cancelled): silence at once, cancel the work, keep what
         the user heard; returns that text."""
         self._ended = True
         self._io.output.flush()
         self._stop()
+        self._user_is_final()
         heard = heard_text(self._played, self._heard_ms(client_buffer_ms))
         if heard:
             self._exchange.add_reply(Turn("assistant", heard, status, self.id))
@@ -187,6 +202,7 @@ class Reply:
     def _end(self, status: str, text: str) -> None:
         if not self._ended:
             self._ended = True
+            self._user_is_final()
             self._on_end(self, status, text)
 
     async def _text_stream(self, messages: list[Message]) -> AsyncGenerator[str, None]:
@@ -214,6 +230,7 @@ class Reply:
         await (await self._first_playout).started.wait()
         self.timings["server_v2v_ms"] = _ms(time.monotonic() - self._voice_end_at)
         self._io.emit(ResponseAudioStarted(self.id))
+        self._user_is_final()
 
     async def _transcribe(self) -> None:
         user = self.user
@@ -226,15 +243,22 @@ class Reply:
         self.user = replace(user, text=text, transcribe=None)
         self._record_user()
 
+    def _user_is_final(self) -> None:
+        self._user_final = True
+        self._record_user()
+
     def _record_user(self) -> None:
-        """Store and announce the user's turn once it is both committed and transcribed."""
+        """Announce the user's turn once it is committed and transcribed, and store it once it is
+        also final."""
         user = self.user
-        if self._exchange.user_recorded or user is None or not self.committed:
+        if user is None or not self.committed or user.transcribe is not None:  # a transcript is on its way
             return
-        if user.transcribe is not None:  # the transcript is on its way
+        if not self._announced:
+            self._announced = True
+            if self.preset is None:
+                self._io.emit(TranscriptionCompleted(self.item_id, user.text))
+        if self._exchange.user_recorded or not self._user_final:
             return
-        if self.preset is None:
-            self._io.emit(TranscriptionCompleted(self.item_id, user.text))
         # Without a transcript (a tokenizer that gives only LM content), the history keeps that.
         text = user.text if user.text.strip() else user.lm_content or ""
         self._exchange.add_user(None if user.empty else text)

@@ -368,3 +368,24 @@ def test_transcript_store_refuses_path_tricks(tmp_path):
     assert store.read("../../etc/passwd") is None
     store.append("sess_a", {"role": "user", "text": "hi"})
     assert json.loads((tmp_path / "sessions" / "sess_a.jsonl").read_text())["text"] == "hi"
+
+
+async def test_speech_resuming_before_the_reply_is_heard_continues_the_same_utterance(rig):
+    rig.frames(True, 25)
+    rig.frames(False, 38)  # committed
+    first = await rig.until(lambda: rig.of("conversation.item.input_audio_transcription.completed"))
+    await rig.until(lambda: rig.decoder.chunks >= 1)  # the reply is ready, but nothing went out yet
+    assert rig.output.audio_frames_sent == 0
+    rig.frames(True, 10)  # the user goes on: a hesitation the commit mistook for the end
+    assert rig.controller.state == State.USER_SPEAKING
+    assert rig.controller.counters.late_resumes == 1 and rig.controller.counters.bargeins == 0
+    assert rig.controller.context.turns == []  # the first half never became a turn of its own
+    rig.frames(False, 38)
+    await rig.play_until_done()
+    completed = rig.of("conversation.item.input_audio_transcription.completed")
+    assert len(completed) == 2 and completed[0]["item_id"] == completed[1]["item_id"] == first[0]["item_id"]
+    turns = rig.controller.context.turns
+    assert [t.role for t in turns] == ["user", "assistant"]
+    # One user turn, transcribed whole: both parts and the pause between them.
+    assert turns[0].text == completed[1]["transcript"] and int(turns[0].text.split()[2]) >= 25 + 38 + 10
+    assert len(rig.lm.calls) == 2 and rig.lm.calls[1][-1].content == turns[0].text
