@@ -133,14 +133,14 @@ class Controller:
         if endpoint.kind == Kind.PAUSED:
             self._set_state(State.USER_PAUSED)
             self._start_reply(speculative=True)
-            if self.config.semantic:
-                self.judge.pause()  # type: ignore[union-attr]
+            if self.config.semantic and self.judge is not None:  # semantic implies a judge
+                self.judge.reset()
                 self._judge_pause()
         elif endpoint.kind == Kind.RESUMED:
             self._set_state(State.USER_SPEAKING)
             self._cancel_speculation()
             if self.judge is not None:
-                self.judge.resume()
+                self.judge.reset()
         elif endpoint.kind == Kind.COMMITTED:
             self._on_commit(endpoint, "timeout" if self.config.semantic else "vad")
 

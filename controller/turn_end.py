@@ -83,11 +83,8 @@ class TurnJudge:
     def feed(self, frame: np.ndarray) -> None:
         self._audio.append(frame)
 
-    def pause(self) -> None:
-        self.resume()
-
-    def resume(self) -> None:
-        """Speech again: this pause's scores are moot."""
+    def reset(self) -> None:
+        """A new pause, or speech again: the last pause's scores are moot."""
         for task in self._pending:
             self._tasks.cancel(task)
         self._pending = []

@@ -70,7 +70,6 @@ def segment_alignments(
     """(envelope correlation, lag in ms) of each `segment_ms` piece of `reference`, each searched for in
     `received` at lags inside `search_ms`. Unlike one global alignment this survives a short gap
     (a late packet) inside the received copy: only the piece that holds the gap scores low."""
-    hop = rate * hop_ms // 1000
     ref_env, rec_env = loudness(reference, rate, hop_ms), loudness(received, rate, hop_ms)
     per_segment = segment_ms // hop_ms
     first, last = (int(ms // hop_ms) for ms in search_ms)

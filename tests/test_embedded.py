@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 from bench.metrics import normalize_words, word_error_rate
 from bench.peer import ClientPeer
-from config import AppConfig, ModelConfig, ServerConfig
+from config import AppConfig, ServerConfig
 from context.dialog import TranscriptStore
 from profiles import Profile
 from profiles.embedded import EmbeddedModels
