@@ -86,6 +86,11 @@ class TurnConfig:
     min_commit_ms: int = 250  # semantic: silence before a turn judged complete is committed
     max_commit_ms: int = 2000  # semantic: silence that commits a turn judged unfinished
     bargein_min_speech_ms: int = 200
+    # Speech over the agent: this much voiced audio pauses its audio at once; speech confirmed as
+    # such (bargein_min_speech_ms) that stays shorter than backchannel_max_ms and holds no words
+    # but a backchannel ("mm-hmm", "okay") lets it resume. 0: every confirmed speech is a barge-in.
+    agent_pause_ms: int = 40
+    backchannel_max_ms: int = 1000
     client_buffer_ms: int = 120
 
     # Per-session limits for session.update: (low, high) inclusive.
@@ -98,6 +103,8 @@ class TurnConfig:
         "min_commit_ms": (60, 5000),
         "max_commit_ms": (200, 10000),
         "bargein_min_speech_ms": (20, 5000),
+        "agent_pause_ms": (20, 5000),
+        "backchannel_max_ms": (0, 5000),
         "client_buffer_ms": (0, 2000),
     }
 
@@ -372,6 +379,8 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--min-commit-ms", int, "semantic: silence before a turn judged complete is committed (default 250)"),
     _Flag("--max-commit-ms", int, "semantic: silence that commits a turn judged unfinished (default 2000)"),
     _Flag("--bargein-min-speech-ms", int, "speech needed to interrupt the agent (default 200)"),
+    _Flag("--agent-pause-ms", int, "voiced audio over the agent that pauses its audio until the sound proves a turn or not (default 40)"),
+    _Flag("--backchannel-max-ms", int, "speech over the agent shorter than this, with no words or only a backchannel ('mm-hmm'), lets it resume; 0: never (default 1000)"),
     _Flag("--client-buffer-ms", int, "agent audio assumed buffered at the client when it reports no position (default 120)"),
     _Flag("--asr", _choice(ASR_ENGINES), "embedded profile's ASR: moonshine (Moonshine tiny-en) or whisper (Whisper tiny.en); default moonshine"),
     _Flag("--lm", _lm_backend, "embedded profile's LM: embedded (SmolLM2 in llama.cpp), openai (--lm-url) or hf:<directory> (transformers)"),

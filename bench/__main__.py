@@ -28,7 +28,7 @@ from bench.harness import DEFAULT_OFFER_PATH, Transcribe, as_rows, run_sessions
 from bench.scenarios import EspeakVoice, Scenario, Voice, builtin, load_manifest
 from realtime.webrtc import use_loopback_ice_only
 
-STANDARD = "single,multi,pause,bargein,noise,silence"
+STANDARD = "single,multi,pause,bargein,backchannel,noise,silence"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -57,6 +57,7 @@ class TurnResult:
     reply_wer: float | None = None
     status: str | None = None
     interrupted_reply: bool = False  # a barge-in turn: the reply it spoke over reported `interrupted`
+    reply_continued: bool | None = None  # a backchannel or noise spoken over a reply: did it go on?
     server: dict[str, Any] = field(default_factory=dict)  # the server's metrics.turn, if it sends one
     timeline: dict[str, float] = field(default_factory=dict)  # seconds from the session's start
 
@@ -122,8 +123,12 @@ class SessionRun:
         speech_end_at = clip_at + (end or 0.0)
 
         if not utterance.expect_reply:
+            spoken_over = utterance.when == "bargein"
+            if spoken_over:
+                result.reply_continued = await self._reply_continued(events_before, clip_end_at)
             await self._until(clip_end_at + NO_REPLY_WAIT_S)
-            replied = sounded_between(self.heard(), clip_at, time.monotonic())
+            # Over a reply that goes on, only a new reply is a false start, not the audio.
+            replied = not spoken_over and sounded_between(self.heard(), clip_at, time.monotonic())
             created = any(e["type"] == "response.created" for e in peer.events[events_before:])
             result.false_start = replied or created
             return result
@@ -149,6 +154,27 @@ class SessionRun:
             **({"reply_start": round(reply_at - self.started, 3)} if reply_at else {}),
         }
         return result
+
+    async def _reply_continued(self, events_before: int, clip_end_at: float) -> bool:
+        """Whether the reply a backchannel was spoken over went on: it ended `completed` (from the
+        server's events), or, for a server that sends none, it was still audible a while after."""
+        peer = self.peer
+        if not peer.expect_events:
+            await self._until(clip_end_at + QUIET_AFTER_REPLY_S + 0.5)
+            return sounded_between(self.heard(), clip_end_at + 0.5, time.monotonic())
+        created = [e for e in peer.events[:events_before] if e["type"] == "response.created"]
+        if not created:
+            return False
+        reply_id = created[-1]["response"]["id"]
+
+        def done() -> dict[str, Any] | None:
+            return next((e for e in peer.events if e["type"] == "response.done" and e["response"]["id"] == reply_id), None)
+
+        try:
+            event = await peer.changed.wait_for(done, REPLY_TIMEOUT_S)
+        except TimeoutError:
+            return False
+        return bool(event["response"]["status"] == "completed")
 
     async def _previous_reply_arrived(self) -> None:
         """Wait until the last reply's audio has stopped arriving: the server says a reply is done

@@ -45,16 +45,21 @@ def summarize(by_level: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 def by_scenario(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per scenario: turns, false cut-offs, split turns, and client_v2v p50."""
+    """Per scenario: turns, false starts, false cut-offs, split turns, replies that went on under a
+    backchannel (of those spoken over), client_v2v p50 and bargein_stop_ms p95."""
     out: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["scenario"] for r in rows):
         mine = [r for r in rows if r["scenario"] == name]
-        v2v = stats(values(mine, "client_v2v_ms"))
+        v2v, stop = stats(values(mine, "client_v2v_ms")), stats(values(mine, "bargein_stop_ms"))
+        spoken_over = [r["reply_continued"] for r in mine if r.get("reply_continued") is not None]
         out[name] = {
             "turns": len(mine),
+            "false_starts": sum(r["false_start"] for r in mine),
             "false_cutoffs": sum(r["false_cutoff"] for r in mine),
             "split_turns": sum(r.get("split_turn", False) for r in mine),
+            "replies_continued": f"{sum(spoken_over)}/{len(spoken_over)}" if spoken_over else "",
             "client_v2v_p50": v2v["p50"] if v2v else None,
+            "bargein_stop_p95": stop["p95"] if stop else None,
         }
     return out
 
@@ -74,9 +79,13 @@ def markdown(summary: dict[int, dict[str, Any]]) -> str:
             extra += f", server CPU {block['cpu_percent_per_session']} % per session, RSS {block['rss_mb']} MB"
         lines += ["", extra, ""]
         if len(block["scenarios"]) > 1:
-            lines += ["| scenario | turns | false cut-offs | split turns | client_v2v p50 |", "|---|---|---|---|---|"]
+            lines += [
+                "| scenario | turns | false starts | false cut-offs | split turns | replies continued | client_v2v p50 | bargein_stop p95 |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for name, s in block["scenarios"].items():
-                lines.append(f"| {name} | {s['turns']} | {s['false_cutoffs']} | {s['split_turns']} | {s['client_v2v_p50']} |")
+                cells = (s["turns"], s["false_starts"], s["false_cutoffs"], s["split_turns"], s["replies_continued"], s["client_v2v_p50"], s["bargein_stop_p95"])
+                lines.append(f"| {name} | " + " | ".join("" if c is None else str(c) for c in cells) + " |")
             lines.append("")
     return "\n".join(lines)
 

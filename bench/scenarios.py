@@ -3,7 +3,8 @@
 A manifest is JSON: `{"name", "turns": [{"wav", "text", "when", "bargein_after_ms",
 "expect_reply"}]}`, with `wav` relative to the manifest. `when` is `after_reply` (speak once the
 agent has finished, or at once for the first turn) or `bargein` (speak `bargein_after_ms` into the
-agent's audio).
+agent's audio). A `bargein` turn with `expect_reply: false` is a backchannel or a noise: the
+reply it is spoken over should go on.
 """
 
 from __future__ import annotations
@@ -86,6 +87,17 @@ def _silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * RATE), dtype=np.float32)
 
 
+def cough(seed: int = 0) -> np.ndarray:
+    """Two cough-like bursts: noise with a sharp attack and a fast decay, no pitch."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(0.22 * RATE)) / RATE
+    bursts = []
+    for loudness in (0.5, 0.35):
+        noise = np.convolve(rng.standard_normal(len(t)), np.ones(4) / 4, mode="same")  # duller than white
+        bursts += [loudness * noise * np.minimum(1.0, t / 0.01) * np.exp(-t / 0.06), _silence(0.12)]
+    return np.concatenate(bursts).astype(np.float32)
+
+
 def _speech_only(pcm: np.ndarray) -> np.ndarray:
     """The clip from its first sound to its last: the engines pad each phrase with silence."""
     from bench.analysis import speech_segments
@@ -125,8 +137,40 @@ QUESTIONS = (
 )
 
 
+# (a request with a long answer, what the user says into it)
+BARGEINS = (
+    ("Tell me a long story about a dragon.", "Wait, stop please."),
+    ("Describe the city of Paris in detail.", "Sorry, can I ask something else?"),
+    ("Explain how a car engine works.", "Hold on, that is enough."),
+    ("Tell me about the history of Rome.", "Stop, I have a question."),
+    ("What can you tell me about the ocean?", "Actually, never mind."),
+)
+BACKCHANNELS = (
+    ("Tell me about the moon.", "Mm-hmm."),
+    ("Describe a typical day of a farmer.", "Okay."),
+    ("Tell me a story about a cat.", None),  # a cough
+    ("Explain how rain forms.", "Yeah."),
+    ("What do you know about elephants?", "Uh-huh."),
+    ("Tell me about the history of tea.", "I see."),
+)
+
+
+def spoken_over(voices: tuple[Voice | EspeakVoice, ...], pairs: tuple[tuple[str, str | None], ...], turn: bool) -> tuple[Utterance, ...]:
+    """Each request, then what is said into its reply: a turn (`turn`, a barge-in) or not."""
+    turns: list[Utterance] = []
+    for i, (request, over) in enumerate(pairs):
+        voice = voices[i % len(voices)]
+        pcm = cough(i) if over is None else _speech_only(voice.say(over))
+        turns += [
+            Utterance(request, voice.say(request)),
+            Utterance(over or "", np.concatenate([pcm, _silence(0.3)]), "bargein", 1500 if turn else 1000, turn),
+        ]
+    return tuple(turns)
+
+
 def builtin(voice: Voice, second: EspeakVoice | None = None) -> dict[str, Scenario]:
-    """The built-in scenarios; `hesitate` and `complete` alternate `voice` and `second`."""
+    """The built-in scenarios; `hesitate`, `complete`, `bargein` and `backchannel` alternate
+    `voice` and `second`."""
     say = voice.say
     voices = (voice, second or voice)
     noise = (0.02 * np.random.default_rng(7).standard_normal(3 * RATE)).astype(np.float32)
@@ -140,13 +184,8 @@ def builtin(voice: Voice, second: EspeakVoice | None = None) -> dict[str, Scenar
                 for text in ("Hello, who am I talking to?", "Can you recommend a good book?", "Thank you, goodbye.")
             ),
         ),
-        "bargein": Scenario(
-            "bargein",
-            (
-                Utterance("Tell me a long story about a dragon.", say("Tell me a long story about a dragon.")),
-                Utterance("Wait, stop please.", say("Wait, stop please."), when="bargein", bargein_after_ms=1500),
-            ),
-        ),
+        "bargein": Scenario("bargein", spoken_over(voices, BARGEINS, turn=True)),
+        "backchannel": Scenario("backchannel", spoken_over(voices, BACKCHANNELS, turn=False)),
         "pause": Scenario("pause", (Utterance("Please book a table for two at seven tonight.", paused),)),
         "hesitate": Scenario(
             "hesitate",

@@ -2,8 +2,10 @@
 
 LISTENING -> USER_SPEAKING -> USER_PAUSED -> RESPONDING -> LISTENING. At a pause a reply is
 prepared speculatively (transcript, LM, speech into a buffer, nothing played); speech resuming
-cancels it; the commit plays the buffer at once. Confirmed user speech while RESPONDING is a
-barge-in. What a reply does is `Reply`'s; when and whether is decided here.
+cancels it; the commit plays the buffer at once. A sound over the agent pauses its audio at
+once; confirmed speech is a barge-in unless it stays short and holds no words but a backchannel
+("mm-hmm"): then the reply resumes where it paused. What a reply does is `Reply`'s; when and
+whether is decided here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import structlog
 
 from config import TurnConfig
 from context.dialog import DialogContext
+from controller.backchannel import is_backchannel
 from controller.reply import Reply, SessionModels
 from controller.turn_end import TurnJudge, Verdict
 from realtime.events import (
@@ -65,12 +68,13 @@ class Counters:
     speculative_cancels: int = 0
     responses: int = 0
     bargeins: int = 0
+    resumes: int = 0  # speech over the agent that proved not a turn: the reply played on
     late_resumes: int = 0  # speech right after a commit, before its transcript: one utterance continued
 
 
 class Controller:
-    """Owns one session's turn-taking: the endpointer, the state, the current reply, and every task
-    the session's replies start."""
+    """Owns one session's turn-taking: the endpointer, the state, the current reply (and one held
+    paused while speech over it is judged), and every task the session's replies start."""
 
     def __init__(
         self,
@@ -93,6 +97,9 @@ class Controller:
         self.state = State.LISTENING
         self.counters = Counters()
         self.response: Reply | None = None
+        self._held: Reply | None = None  # paused by speech that may prove a backchannel
+        self._held_at = 0  # the frame at which that speech was confirmed
+        self._held_check: asyncio.Task[None] | None = None
         self._tasks = TaskOwner(io.session_id, self._task_failed)
         self.judge = TurnJudge(models.turn_end, self._tasks) if models.turn_end is not None else None
         self._item_id = ""
@@ -124,25 +131,39 @@ class Controller:
             self.models.tokenizer.feed(frame, voiced)
             if self.judge is not None:
                 self.judge.feed(frame)
+        if self.state == State.RESPONDING:
+            self._pause_on_onset()
+        elif self._held is not None and self.state == State.USER_SPEAKING:
+            held_ms = (self._frame_index - self._held_at) * FRAME_MS + self.config.bargein_min_speech_ms
+            if held_ms >= self.config.backchannel_max_ms:  # too long for a backchannel
+                self._end_held("interrupted", bargein=True)
         if endpoint is None:
-            if self.state == State.USER_PAUSED and self.config.semantic:
+            if self.state == State.USER_PAUSED and self.config.semantic and self._held is None:
                 self._judge_pause()
             return
         if endpoint.kind == Kind.SPEECH_STARTED:
             return
         if endpoint.kind == Kind.PAUSED:
             self._set_state(State.USER_PAUSED)
-            self._start_reply(speculative=True)
-            if self.config.semantic and self.judge is not None:  # semantic implies a judge
-                self.judge.reset()
-                self._judge_pause()
+            if self._held is not None:
+                self._held_check = self._tasks.spawn(self._judge_interruption(self._held), f"interruption:{self._held.id}")
+            else:
+                self._speculate()
         elif endpoint.kind == Kind.RESUMED:
             self._set_state(State.USER_SPEAKING)
             self._cancel_speculation()
+            self._tasks.cancel(self._held_check)  # judged again at the next pause, on more speech
             if self.judge is not None:
                 self.judge.reset()
         elif endpoint.kind == Kind.COMMITTED:
+            self._end_held("interrupted", bargein=True)
             self._on_commit(endpoint, "timeout" if self.config.semantic else "vad")
+
+    def _speculate(self) -> None:
+        self._start_reply(speculative=True)
+        if self.config.semantic and self.judge is not None:  # semantic implies a judge
+            self.judge.reset()
+            self._judge_pause()
 
     def _judge_pause(self) -> None:
         """Semantic turn detection, at each silent frame of a pause: a turn judged complete is
@@ -191,9 +212,10 @@ class Controller:
         self.io.emit(SpeechStarted(self._item_id, onset_ms))
 
     def _barge_in(self) -> bool:
-        """The user speaks over the reply: stop it. Returns whether this speech continues the
-        committed utterance instead: it came before the user heard any of the reply, so the
-        commit was too early, and one utterance must stay one user turn."""
+        """The user speaks over the reply: hold it, paused, until the speech proves a turn or a
+        backchannel (or stop it now, with `backchannel_max_ms` 0). Returns whether this speech
+        continues the committed utterance instead: it came before the user heard any of the
+        reply, so the commit was too early, and one utterance must stay one user turn."""
         reply = self.response
         if reply is not None and reply.nothing_heard(self.config.client_buffer_ms):
             self.response = None
@@ -201,9 +223,59 @@ class Controller:
             self._finish(reply, "interrupted", "")
             self.counters.late_resumes += 1
             return True
+        if reply is not None and self.config.backchannel_max_ms > 0:
+            reply.pause()
+            self.response, self._held, self._held_at = None, reply, self._frame_index
+            return False
         self._interrupt("interrupted")
         self.counters.bargeins += 1
         return False
+
+    def _pause_on_onset(self) -> None:
+        """A sound over the agent silences it at once; one too short to be speech (a click, a
+        cough) lets it play on."""
+        reply = self.response
+        if reply is None or not reply.committed:
+            return
+        onset_ms = self.endpointer.onset_ms
+        if onset_ms >= self.config.agent_pause_ms:
+            reply.pause()
+        elif onset_ms == 0 and reply.paused:
+            reply.resume()
+
+    async def _judge_interruption(self, held: Reply) -> None:
+        """At the first pause of the speech over `held`: a backchannel or no words resumes it;
+        anything else is a barge-in, and the speech is the user's next turn."""
+        try:
+            user = await self.models.tokenizer.finalize()
+            text: str | None = user.text if user.transcribe is None else await user.transcribe()
+        except Exception as exc:  # unheard speech is taken for a turn, as without this check
+            self.log.warning("controller.interruption_unheard", error=repr(exc))
+            text = None
+        if self._held is not held:
+            return
+        self._held_check = None  # this task: ending the held reply must not cancel it
+        if text is not None and is_backchannel(text):
+            self._held = None
+            self.response = held
+            self.endpointer.dismiss()
+            self.counters.resumes += 1
+            self.log.info("controller.resumed", response_id=held.id, item_id=self._item_id, transcript=text)
+            held.resume(self._item_id, text)
+            self._set_state(State.RESPONDING)
+        else:
+            self._end_held("interrupted", bargein=True)
+            self._speculate()
+
+    def _end_held(self, status: str, bargein: bool = False) -> None:
+        """End the held reply, if any, keeping what was heard before its pause."""
+        held, self._held = self._held, None
+        self._tasks.cancel(self._held_check)
+        self._held_check = None
+        if held is None:
+            return
+        self.counters.bargeins += bargein
+        self._finish(held, status, held.interrupt(status, self.config.client_buffer_ms))
 
     def _partial_emitter(self, item_id: str) -> PartialCallback:
         def emit(partial: UtteranceInput) -> None:
@@ -267,6 +339,9 @@ class Controller:
     def _reply_ended(self, reply: Reply, status: str, text: str) -> None:
         if self.response is reply:
             self.response = None
+        if self._held is reply:  # all of it had gone out before the pause
+            self._held = None
+            self._tasks.cancel(self._held_check)
         self._finish(reply, status, text)
 
     def _finish(self, reply: Reply, status: str, text: str) -> None:
@@ -285,15 +360,18 @@ class Controller:
         if isinstance(event, SessionUpdate):
             self._update_session(event)
         elif isinstance(event, ResponseCancel):
-            if self.response is not None and self.response.committed:
+            if self._held is not None:
+                self._end_held("cancelled")
+            elif self.response is not None and self.response.committed:
                 self._interrupt("cancelled")
             else:
                 self._cancel_speculation()
         elif isinstance(event, PlaybackPosition):
-            reply = self.response
+            reply = self._held or self.response
             if reply is not None and event.response_id in (None, reply.id):
                 reply.client_position_ms = event.position_ms
         elif isinstance(event, ConversationItemCreate):
+            self._end_held("interrupted")
             if self.state == State.RESPONDING:
                 self._interrupt("interrupted")
             self._cancel_speculation()
@@ -322,6 +400,8 @@ class Controller:
         self.io.emit(Error("server_error", "the reply failed; see the server log"))
         if self.response is not None and self.response.runs(task):
             self._interrupt("cancelled")
+        elif self._held is not None and self._held.runs(task):
+            self._end_held("cancelled")
 
     @property
     def tasks(self) -> frozenset[asyncio.Task[Any]]:

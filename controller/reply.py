@@ -14,7 +14,14 @@ from context.dialog import DialogContext, Turn, heard_text
 from context.exchange import Exchange
 from controller.turn_end import TurnEndScorers
 from models.base import LanguageModel, Message, SpeechChunk, SpeechDecoder
-from realtime.events import ResponseAudioStarted, ResponseCreated, ResponseTextDelta, TranscriptionCompleted
+from realtime.events import (
+    ResponseAudioPaused,
+    ResponseAudioResumed,
+    ResponseAudioStarted,
+    ResponseCreated,
+    ResponseTextDelta,
+    TranscriptionCompleted,
+)
 from realtime.output import Playout
 from realtime.session import SessionIO
 from runtime.audio import FRAME_MS
@@ -45,8 +52,9 @@ class Reply:
     the text and speech held back until the commit, what has gone out, and its history entries.
 
     A speculative reply is prepared at a pause and either committed (the held speech plays at once)
-    or cancelled (nothing of it is ever heard or stored). A committed reply completes, or is
-    interrupted: then only what the user heard is kept. `on_end(reply, status, text)` is called
+    or cancelled (nothing of it is ever heard or stored). A committed reply may be paused (a sound
+    over it: silent, its audio kept) and resumed. It completes, or is interrupted: then only what
+    the user heard is kept. `on_end(reply, status, text)` is called
     once, when it completes or when it ends without anything to say.
     """
 
@@ -78,6 +86,7 @@ class Reply:
         self._on_end = on_end
         self._exchange = Exchange(context, item_id, hold_reply=preset is None)
         self._committed = asyncio.Event()
+        self.paused = False
         self._ended = False
         self._announced = False  # the user's transcript was sent to the client
         # The user's turn goes into the history once it is final: when they hear the reply, or it
@@ -121,6 +130,20 @@ class Reply:
         self._pending_chunks.clear()
         self._watcher = self._tasks.spawn(self._watch_audio_start(), f"audio-start:{self.id}")
 
+    def pause(self) -> None:
+        """Silence from the next frame on, keeping what is queued and what is still to come."""
+        if not self.paused:
+            self.paused = True
+            self._io.output.pause()
+            self._io.emit(ResponseAudioPaused(self.id))
+
+    def resume(self, item_id: str | None = None, transcript: str = "") -> None:
+        """Play on from where the pause began; `item_id` names the speech that was not a turn."""
+        if self.paused:
+            self.paused = False
+            self._io.output.resume()
+            self._io.emit(ResponseAudioResumed(self.id, item_id, transcript))
+
     def cancel(self) -> None:
         """Drop a speculation: the utterance goes on, so its transcript is moot too."""
         self._ended = True
@@ -134,20 +157,24 @@ class Reply:
     def merge(self) -> None:
         """The user went on before hearing anything: drop this reply and keep nothing of the turn,
         which continues as the same utterance (one user turn, transcribed whole, answered anew)."""
-        self._io.output.flush()
+        self._flush()
         self.cancel()
 
     def interrupt(self, status: str, client_buffer_ms: float) -> str:
         """End now (`status`: interrupted or cancelled): silence at once, cancel the work, keep what
         the user heard; returns that text."""
         self._ended = True
-        self._io.output.flush()
+        self._flush()
         self._stop()
         self._user_is_final()
         heard = heard_text(self._played, self._heard_ms(client_buffer_ms))
         if heard:
             self._exchange.add_reply(Turn("assistant", heard, status, self.id))
         return heard
+
+    def _flush(self) -> None:
+        self.paused = False  # a flush ends the output's pause too
+        self._io.output.flush()
 
     def _stop(self) -> None:
         self._tasks.cancel(self._generation)
@@ -202,6 +229,9 @@ class Reply:
     def _end(self, status: str, text: str) -> None:
         if not self._ended:
             self._ended = True
+            if self.paused:  # everything had gone out before the pause: nothing to hold back
+                self.paused = False
+                self._io.output.resume()
             self._user_is_final()
             self._on_end(self, status, text)
 

@@ -128,6 +128,25 @@ class ResponseAudioStarted(ServerEvent):
 
 
 @dataclass(frozen=True)
+class ResponseAudioPaused(ServerEvent):
+    """The user made a sound over the reply: its audio is silent, kept, until it resumes or ends."""
+
+    type = "response.audio.paused"
+    response_id: str
+
+
+@dataclass(frozen=True)
+class ResponseAudioResumed(ServerEvent):
+    """The sound was not a turn: the reply plays on from where it paused. `item_id` and
+    `transcript` name the speech heard meanwhile (a backchannel such as "mm-hmm"), if any."""
+
+    type = "response.audio.resumed"
+    response_id: str
+    item_id: str | None = None
+    transcript: str = ""
+
+
+@dataclass(frozen=True)
 class ResponseDone(ServerEvent):
     """The reply ended: `completed`, `interrupted` or `cancelled`, with the text the user heard."""
 

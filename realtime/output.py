@@ -50,7 +50,8 @@ class PacedOutput:
 
     write() accepts int16 or float PCM at any rate and returns its Playout; next_frame() returns
     exactly one frame, padded with silence when the queue runs dry; flush() empties the queue so
-    that the next frame is silence.
+    that the next frame is silence; pause() makes every frame silence, keeping the queue, until
+    resume() or flush().
     """
 
     def __init__(self, sample_rate: int = 48000) -> None:
@@ -64,6 +65,7 @@ class PacedOutput:
         self._written = 0  # samples queued since the start, flushed ones included
         self._sent = 0  # samples sent or flushed since the start
         self._playouts: collections.deque[Playout] = collections.deque()
+        self.paused = False
         # Pacing health: the longest wall-clock gap between two frames handed out, and how many
         # came over LATE_GAP_MS after the one before (the receiver's jitter buffer then runs dry).
         self.worst_gap_ms = 0.0
@@ -103,8 +105,15 @@ class PacedOutput:
             self._append(stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
         self._resamplers.clear()
 
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
     def flush(self) -> int:
-        """Drop everything queued; returns the number of samples dropped."""
+        """Drop everything queued and end a pause; returns the number of samples dropped."""
+        self.paused = False
         dropped = self._queued
         self._chunks.clear()
         self._queued = 0
@@ -136,6 +145,9 @@ class PacedOutput:
             self.worst_gap_ms = max(self.worst_gap_ms, gap_ms)
             self.late_frames += gap_ms > LATE_GAP_MS
         self._last_frame_at = now
+        self.frames_sent += 1
+        if self.paused:
+            return np.zeros(self.frame_samples, dtype=np.int16)
         if self._queued < self.frame_samples and self._resamplers:
             self._drain_resamplers()
         out = np.zeros(self.frame_samples, dtype=np.float32)
@@ -150,7 +162,6 @@ class PacedOutput:
             else:
                 self._chunks[0] = chunk[take:]
         self._queued -= filled
-        self.frames_sent += 1
         if filled:
             self.audio_frames_sent += 1
         self._advance(filled)

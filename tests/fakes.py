@@ -33,6 +33,7 @@ class CountingTokenizer:
         # When set: the transcript comes later, once this event is set (a transcript made beside
         # the reply, as the stepaudio profile's is).
         self.transcript_gate: asyncio.Event | None = None
+        self.transcript: str | None = None  # when set: every utterance is transcribed as this
         self.transcribing = 0
         self.frames = 0
         self.finalized: list[int] = []
@@ -61,7 +62,7 @@ class CountingTokenizer:
                 return f"utterance of {frames} frames"
 
             return UtteranceInput("", content, transcribe)
-        return UtteranceInput(f"utterance of {self.frames} frames")
+        return UtteranceInput(self.transcript if self.transcript is not None else f"utterance of {self.frames} frames")
 
     async def aclose(self) -> None:
         self.closed = True

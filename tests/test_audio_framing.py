@@ -107,3 +107,21 @@ def test_flush_makes_the_next_frame_silent_and_reports_what_it_dropped():
     assert np.all(out.next_frame() == 0)
     out.write(sine(200, 0.1, 48000), 48000)
     assert np.abs(out.next_frame()).max() > 0
+
+
+async def test_pause_silences_the_next_frame_and_keeps_every_sample_for_resume():
+    out = PacedOutput(48000)
+    playout = out.write(np.full(3 * 960, 0.5, dtype=np.float32), 48000)
+    assert np.all(out.next_frame() == 16384)
+    out.pause()
+    assert all(np.all(out.next_frame() == 0) for _ in range(5))
+    assert out.queued_ms == pytest.approx(40) and not playout.finished.is_set()
+    out.resume()
+    assert np.all(out.next_frame() == 16384) and np.all(out.next_frame() == 16384)
+    assert playout.finished.is_set() and not playout.flushed
+    assert (out.frames_sent, out.audio_frames_sent) == (8, 3)
+    out.write(np.full(960, 0.5, dtype=np.float32), 48000)
+    out.pause()
+    out.flush()  # a flush ends the pause
+    out.write(np.full(960, 0.5, dtype=np.float32), 48000)
+    assert np.all(out.next_frame() == 16384)

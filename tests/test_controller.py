@@ -158,41 +158,125 @@ async def test_pause_then_commit_plays_the_buffer_at_once_with_one_lm_call(rig):
     assert len(rig.lm.calls) == 1 and rig.controller.counters.speculative_commits == 1
 
 
-async def test_barge_in_keeps_only_what_was_heard(rig):
-    rig.lm.reply = "one two three four five six seven eight nine ten"
+async def spoken_over(rig: Rig, reply: str = "one two three four five six seven eight nine ten") -> None:
+    """A turn whose 2 s reply is ready, 1.5 s of it sent."""
+    rig.lm.reply = reply
     rig.frames(True, 30)
     rig.frames(False, 38)
-    await rig.until(lambda: rig.decoder.chunks == 10)
-    rig.play(75)  # 1.5 s of the 2 s reply went out
+    await rig.until(lambda: rig.decoder.chunks == len(reply.split()))
+    rig.play(75)
     await rig.until(lambda: rig.of("response.audio.started"))
-    rig.frames(True, 9)  # 180 ms: below the barge-in minimum (200 ms)
+
+
+async def test_barge_in_keeps_only_what_was_heard(rig):
+    await spoken_over(rig)
+    rig.frames(True, 1)  # 20 ms: not yet enough to pause the agent (40 ms)
+    assert np.any(rig.output.next_frame())
+    rig.frames(True, 1)
+    assert rig.of("response.audio.paused") and np.all(rig.output.next_frame() == 0)  # silent at once
+    rig.frames(True, 7)  # 180 ms: below the barge-in minimum (200 ms)
     assert rig.controller.state == State.RESPONDING
     rig.frames(True, 1)
     assert rig.controller.state == State.USER_SPEAKING
-    assert np.all(rig.output.next_frame() == 0)  # flushed: the next frame is silence
+    assert not rig.of("response.done")  # held, paused: it might be a backchannel
+    rig.frames(True, 39)  # 980 ms of speech: still could be one
+    assert not rig.of("response.done")
+    rig.frames(True, 1)  # over backchannel_max_ms (1000): a barge-in
     done = rig.of("response.done")[-1]["response"]
     assert done["status"] == "interrupted"
-    # 1500 ms sent minus the 120 ms the client is assumed to buffer: 1380 ms = 6 words of 200 ms.
-    assert done["output_text"] == "one two three four five six"
+    # 1520 ms sent (one more frame before the pause) minus the 120 ms the client is assumed to
+    # buffer: 1400 ms = 7 words of 200 ms.
+    assert done["output_text"] == "one two three four five six seven"
+    assert np.all(rig.output.next_frame() == 0)  # flushed
     assistant = rig.controller.context.turns[-1]
     assert (assistant.role, assistant.status, assistant.text) == ("assistant", "interrupted", done["output_text"])
-    assert rig.controller.counters.bargeins == 1
+    assert rig.controller.counters.bargeins == 1 and rig.controller.counters.resumes == 0
     # The interrupting speech is kept: the new utterance starts with its onset audio.
-    assert rig.tokenizer.frames >= 10
+    assert rig.tokenizer.frames >= 50
+
+
+async def test_without_backchannels_confirmed_speech_is_a_barge_in_at_once(tmp_path):
+    rig = make_rig(tmp_path, config=TurnConfig(type="vad", backchannel_max_ms=0))
+    await spoken_over(rig)
+    rig.frames(True, 10)
+    assert rig.controller.state == State.USER_SPEAKING
+    assert rig.of("response.done")[-1]["response"]["status"] == "interrupted"
+    assert rig.controller.counters.bargeins == 1
+
+
+async def test_a_click_over_the_agent_pauses_it_and_it_plays_on(rig):
+    await spoken_over(rig)
+    rig.frames(True, 2)
+    assert np.all(rig.output.next_frame() == 0)
+    rig.frames(False, 3)  # too short to be speech: the onset is dropped
+    assert rig.of("response.audio.resumed")[-1] == {
+        "type": "response.audio.resumed", "response_id": rig.of("response.created")[0]["response"]["id"],
+        "item_id": None, "transcript": "",
+    }
+    assert np.any(rig.output.next_frame())
+    done = await rig.play_until_done()
+    assert done["response"]["output_text"] == rig.lm.reply
+    assert rig.controller.counters.bargeins == 0
+
+
+async def test_a_backchannel_over_the_agent_lets_it_resume_where_it_paused(rig):
+    await spoken_over(rig)
+    sent = rig.output.audio_frames_sent
+    rig.tokenizer.transcript = "Mm-hmm."
+    rig.frames(True, 20)  # 400 ms of speech: confirmed, held
+    assert rig.controller.state == State.USER_SPEAKING
+    rig.frames(False, 13)  # its pause: judged
+    resumed = await rig.until(lambda: rig.of("response.audio.resumed"))
+    item = rig.of("input_audio_buffer.speech_started")[-1]["item_id"]
+    assert (resumed[0]["item_id"], resumed[0]["transcript"]) == (item, "Mm-hmm.")
+    assert rig.controller.state == State.RESPONDING
+    assert rig.output.audio_frames_sent == sent  # nothing went out while paused, nothing was dropped
+    assert np.any(rig.output.next_frame())
+    rig.frames(False, 100)  # the silence after it commits nothing: it was not a turn
+    assert len(rig.of("response.created")) == 1
+    done = await rig.play_until_done()
+    assert done["response"]["output_text"] == rig.lm.reply
+    assert [(t.role, t.status) for t in rig.controller.context.turns] == [("user", "completed"), ("assistant", "completed")]
+    counters = rig.controller.counters
+    assert (counters.resumes, counters.bargeins, counters.responses) == (1, 0, 1)
+    assert not rig.of("conversation.item.input_audio_transcription.completed")[1:]
+
+
+async def test_words_over_the_agent_are_a_barge_in_at_their_pause(rig):
+    await spoken_over(rig)
+    rig.tokenizer.transcript = "Okay, but what about Paris?"
+    rig.frames(True, 20)
+    rig.frames(False, 13)
+    done = await rig.until(lambda: rig.of("response.done"))
+    assert done[0]["response"]["status"] == "interrupted"
+    assert rig.controller.counters.bargeins == 1 and rig.controller.state == State.USER_PAUSED
+    rig.frames(False, 25)  # the new utterance is answered as usual
+    await rig.play_until_done()
+    turns = rig.controller.context.turns
+    assert [(t.role, t.status) for t in turns] == [
+        ("user", "completed"), ("assistant", "interrupted"), ("user", "completed"), ("assistant", "completed")
+    ]
+    assert turns[2].text == "Okay, but what about Paris?"
+    # The new reply's prompt already holds what was heard of the interrupted one.
+    assert rig.lm.calls[-1][-2].content == turns[1].text
+
+
+async def test_cancel_while_speech_is_judged_ends_the_held_reply(rig):
+    await spoken_over(rig)
+    rig.frames(True, 20)
+    rig.controller.on_client_event(ResponseCancel())
+    assert rig.of("response.done")[-1]["response"]["status"] == "cancelled"
+    assert rig.controller.counters.bargeins == 0
+    assert np.all(rig.output.next_frame() == 0)
 
 
 async def test_barge_in_uses_the_clients_playback_position(rig):
-    rig.lm.reply = "one two three four five six seven eight nine ten"
-    rig.frames(True, 30)
-    rig.frames(False, 38)
-    await rig.until(lambda: rig.decoder.chunks == 10)
-    rig.play(75)
-    await rig.until(lambda: rig.of("response.audio.started"))
+    await spoken_over(rig)
     response_id = rig.of("response.created")[0]["response"]["id"]
     rig.controller.on_client_event(
         PlaybackPosition(position_ms=650.0, response_id=response_id)
     )
-    rig.frames(True, 10)
+    rig.frames(True, 60)
     assert rig.of("response.done")[-1]["response"]["output_text"] == "one two three"
 
 
@@ -341,7 +425,7 @@ async def test_barge_in_before_the_transcript_keeps_the_history_in_order(rig):
     rig.frames(False, 38)
     await rig.until(lambda: rig.decoder.chunks >= 2)
     rig.play(30)  # 600 ms of the reply heard
-    rig.frames(True, 20)  # the user talks over it before the transcript is back
+    rig.frames(True, 60)  # the user talks over it (1.2 s) before the transcript is back
     assert rig.of("response.done")[-1]["response"]["status"] == "interrupted"
     assert rig.controller.context.turns == []  # the reply's turn waits for the user's
     gate.set()
@@ -389,3 +473,18 @@ async def test_speech_resuming_before_the_reply_is_heard_continues_the_same_utte
     # One user turn, transcribed whole: both parts and the pause between them.
     assert turns[0].text == completed[1]["transcript"] and int(turns[0].text.split()[2]) >= 25 + 38 + 10
     assert len(rig.lm.calls) == 2 and rig.lm.calls[1][-1].content == turns[0].text
+
+
+async def test_hang_up_while_speech_over_the_agent_is_judged_leaves_no_task(tmp_path):
+    rig = make_rig(tmp_path)
+    runner = asyncio.create_task(rig.controller.run())
+    await spoken_over(rig)
+    rig.tokenizer.transcript_gate = asyncio.Event()  # the judging transcript never comes
+    rig.frames(True, 20)
+    rig.frames(False, 13)
+    await rig.until(lambda: rig.tokenizer.transcribing == 1)
+    assert any("interruption:" in t.get_name() for t in rig.controller.tasks)
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    assert not rig.controller.tasks

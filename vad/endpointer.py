@@ -138,6 +138,11 @@ class Endpointer:
         return None
 
     @property
+    def onset_ms(self) -> int:
+        """Voiced audio of a speech onset not yet confirmed (0 when none is under way)."""
+        return self._onset_voiced * FRAME_MS if self._state == "onset" else 0
+
+    @property
     def paused(self) -> bool:
         return self._state == "paused"
 
@@ -145,6 +150,11 @@ class Endpointer:
     def silence_ms(self) -> int:
         """Silence since the last voiced frame, in the pause under way."""
         return self._silence * FRAME_MS if self.paused else 0
+
+    def dismiss(self) -> None:
+        """Forget the paused speech: it was not a turn (a backchannel over the agent)."""
+        if self._state == "paused":
+            self._state = "idle"
 
     def commit_now(self) -> Endpoint:
         """End the paused turn at this frame (the end-of-turn judge found it complete)."""

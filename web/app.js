@@ -12,20 +12,22 @@ const call = {
   chunks: new Map(),
   sessionId: null,
   turns: new Map(),
-  playback: null, // {responseId, audibleSince} for the reply now playing
+  playback: null, // {responseId, audibleSince, pausedMs, pausedAt} for the reply now playing
   agentLevel: 0,
 };
 
 const AUDIBLE_LEVEL = 0.01;
 
 // The server cuts its history at what we actually played: report it while a reply plays. The
-// position counts from when the reply first became audible here.
+// position counts from when the reply first became audible here, less the time it was paused.
 function reportPlayback() {
   const p = call.playback;
   if (!p) return;
-  if (p.audibleSince === null && call.agentLevel > AUDIBLE_LEVEL) p.audibleSince = performance.now();
+  const now = performance.now();
+  if (p.audibleSince === null && call.agentLevel > AUDIBLE_LEVEL) p.audibleSince = now;
   if (p.audibleSince !== null) {
-    send({ type: "playback.position", response_id: p.responseId, position_ms: Math.round(performance.now() - p.audibleSince) });
+    const paused = p.pausedMs + (p.pausedAt === null ? 0 : now - p.pausedAt);
+    send({ type: "playback.position", response_id: p.responseId, position_ms: Math.round(now - p.audibleSince - paused) });
   }
 }
 
@@ -110,8 +112,27 @@ function onServerEvent(event) {
       turnElement(event.item_id, "user").classList.add("partial");
       break;
     case "response.audio.started":
-      call.playback = { responseId: event.response_id, audibleSince: null };
+      call.playback = { responseId: event.response_id, audibleSince: null, pausedMs: 0, pausedAt: null };
       break;
+    case "response.audio.paused":
+      if (call.playback && call.playback.pausedAt === null) call.playback.pausedAt = performance.now();
+      setAgentState("paused, listening");
+      break;
+    case "response.audio.resumed": {
+      const p = call.playback;
+      if (p && p.pausedAt !== null) {
+        p.pausedMs += performance.now() - p.pausedAt;
+        p.pausedAt = null;
+      }
+      if (event.item_id) { // that speech was not a turn: show it as a backchannel
+        const el = turnElement(event.item_id, "user");
+        el.classList.remove("partial");
+        el.classList.add("backchannel");
+        el.textContent = event.transcript || "(a sound)";
+      }
+      setAgentState("responding");
+      break;
+    }
     case "conversation.item.input_audio_transcription.delta": {
       const el = turnElement(event.item_id, "user");
       el.classList.add("partial");

@@ -1,0 +1,25 @@
+"""What a listener says to keep the speaker going ("mm-hmm", "okay", "I see"): not a turn of its own."""
+
+from __future__ import annotations
+
+import re
+
+# Single words, as ASR engines spell them ("Mm-hmm" splits at the hyphen into two of these).
+WORDS = frozenset(
+    "mm mmm mhm mmhmm hm hmm uh huh uhhuh ah oh okay ok yeah yes yep yup right sure alright cool wow".split()
+)
+PHRASES = re.compile(r"\b(i see|got it|all right|go on)\b")
+MAX_WORDS = 4
+
+
+def _fragment(token: str) -> bool:
+    """A piece the ASR made of a sound it could not read ("H.", "We'"), not a word."""
+    return (len(token) == 1 and token not in "ia") or token.endswith("'")
+
+
+def is_backchannel(transcript: str) -> bool:
+    """Whether `transcript` holds no words, or only a listener's acknowledgement (at most
+    MAX_WORDS): the speaker should go on."""
+    tokens = re.findall(r"[a-z']+", transcript.lower().replace("-", " "))
+    words = PHRASES.sub(" ", " ".join(t for t in tokens if not _fragment(t))).split()
+    return len(words) <= MAX_WORDS and all(word in WORDS for word in words)

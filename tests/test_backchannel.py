@@ -1,0 +1,25 @@
+"""Which transcripts of speech over the agent are a listener's acknowledgement, not a turn."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.backchannel import is_backchannel
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    "transcript",
+    ["", "  ", "Mm-hmm.", "Uh-huh, yeah.", "Okay.", "OK", "Yeah, right.", "I see, I see.", "Got it.", "Hmm", "H.", "We'"],
+)
+def test_acknowledgements_and_unreadable_sounds_are_backchannels(transcript):
+    assert is_backchannel(transcript)
+
+
+@pytest.mark.parametrize(
+    "transcript",
+    ["Stop.", "No.", "Wait, stop please.", "Okay, but what about Paris?", "I", "It's", "Yeah yeah yeah yeah yeah", "You"],
+)
+def test_words_that_say_something_are_a_turn(transcript):
+    assert not is_backchannel(transcript)
