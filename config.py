@@ -81,7 +81,9 @@ class TurnConfig:
     threshold: float = 0.5
     min_speech_ms: int = 150
     prefix_padding_ms: int = 300
-    pause_ms: int = 250
+    pause_ms: int = 250  # vad: silence that starts the speculative reply
+    # semantic: the same, sooner, so that a reply is ready when a turn judged complete is committed
+    semantic_pause_ms: int = 120
     commit_ms: int = 750
     min_commit_ms: int = 250  # semantic: silence before a turn judged complete is committed
     max_commit_ms: int = 2000  # semantic: silence that commits a turn judged unfinished
@@ -99,6 +101,7 @@ class TurnConfig:
         "min_speech_ms": (20, 2000),
         "prefix_padding_ms": (0, 2000),
         "pause_ms": (60, 5000),
+        "semantic_pause_ms": (60, 5000),
         "commit_ms": (100, 10000),
         "min_commit_ms": (60, 5000),
         "max_commit_ms": (200, 10000),
@@ -129,13 +132,18 @@ class TurnConfig:
         )
         if merged.commit_ms <= merged.pause_ms:
             raise ValueError("turn_detection.commit_ms must be greater than pause_ms")
-        if merged.max_commit_ms <= max(merged.pause_ms, merged.min_commit_ms):
-            raise ValueError("turn_detection.max_commit_ms must be greater than pause_ms and min_commit_ms")
+        if merged.max_commit_ms <= max(merged.semantic_pause_ms, merged.min_commit_ms):
+            raise ValueError("turn_detection.max_commit_ms must be greater than semantic_pause_ms and min_commit_ms")
         return merged
 
     @property
     def semantic(self) -> bool:
         return self.type == "semantic"
+
+    @property
+    def pause_after_ms(self) -> int:
+        """Silence that makes a pause: the speculative reply starts."""
+        return self.semantic_pause_ms if self.semantic else self.pause_ms
 
     @property
     def commit_after_ms(self) -> int:
@@ -372,7 +380,8 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--threshold", float, "speech probability threshold (default 0.5)"),
     _Flag("--min-speech-ms", int, "speech needed to start a turn (default 150)"),
     _Flag("--prefix-padding-ms", int, "audio kept before the speech onset (default 300)"),
-    _Flag("--pause-ms", int, "silence that starts a speculative reply (default 250)"),
+    _Flag("--pause-ms", int, "silence that starts a speculative reply, --turn-detection vad (default 250)"),
+    _Flag("--semantic-pause-ms", int, "silence that starts a speculative reply, --turn-detection semantic (default 120)"),
     _Flag("--commit-ms", int, "silence that ends the turn and plays the reply, --turn-detection vad (default 750)"),
     _Flag("--turn-detection", _choice(("vad", "semantic")), "semantic: an end-of-turn model and a text check decide (the default); vad: commit after --commit-ms of silence"),
     _Flag("--eagerness", _choice(("low", "medium", "high")), "semantic: how readily a pause ends the turn (default medium)"),

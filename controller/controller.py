@@ -11,6 +11,7 @@ whether is decided here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import itertools
 import time
@@ -50,6 +51,8 @@ from streaming_tokenizer.base import PartialCallback, UtteranceInput
 from vad.endpointer import Endpoint, Endpointer, Kind
 
 __all__ = ["Controller", "SessionModels", "State"]
+
+ARRIVALS_KEPT = 10_000 // FRAME_MS + 1  # the longest commit delay a session can set
 
 log = structlog.get_logger()
 
@@ -104,7 +107,7 @@ class Controller:
         self.judge = TurnJudge(models.turn_end, self._tasks) if models.turn_end is not None else None
         self._item_id = ""
         self._turns = itertools.count(1)
-        self._last_voiced_at = 0.0
+        self._arrivals: collections.deque[float] = collections.deque(maxlen=ARRIVALS_KEPT)  # of the latest frames
         self._frame_index = -1
 
     # ---- the frame loop -------------------------------------------------------------------
@@ -122,9 +125,8 @@ class Controller:
         self._frame_index += 1
         probability = self.models.detector.probability(frame)
         endpoint = self.endpointer.feed(frame, probability)
+        self._arrivals.append(time.monotonic())
         voiced = self.endpointer.last_voiced_index == self._frame_index
-        if voiced:
-            self._last_voiced_at = time.monotonic()
         if endpoint is not None and endpoint.kind == Kind.SPEECH_STARTED:
             self._on_speech_started(endpoint)
         elif self.state in (State.USER_SPEAKING, State.USER_PAUSED):
@@ -326,7 +328,14 @@ class Controller:
     def _commit(self, reply: Reply) -> None:
         self.counters.responses += 1
         self._set_state(State.RESPONDING)
-        reply.commit(next(self._turns), self._last_voiced_at)
+        reply.commit(next(self._turns), self._voice_end_at())
+
+    def _voice_end_at(self) -> float:
+        """When the user's last voiced frame came in (monotonic clock)."""
+        if not self._arrivals:  # a typed message before any audio
+            return time.monotonic()
+        back = self._frame_index - self.endpointer.last_voiced_index
+        return self._arrivals[-1 - min(back, len(self._arrivals) - 1)]
 
     def _interrupt(self, status: str) -> None:
         """End the committed reply now, keeping only what was heard."""

@@ -18,6 +18,7 @@ from runtime.tasks import TaskOwner
 # voices the audio model is swayed by intonation both ways.
 EAGERNESS = {"low": (0.3, 0.02, 0.7), "medium": (0.1, 0.01, 0.5), "high": (0.03, 0.003, 0.3)}
 RESCORE_MS = 500  # the audio is scored again after this much more silence
+AUDIO_AFTER_MS = 500  # with a text check, the audio is first scored after this much silence
 AUDIO_FRAMES = 8000 // FRAME_MS  # the audio model reads the last 8 s
 
 
@@ -94,8 +95,13 @@ class TurnJudge:
         self._text_done = False
 
     def step(self, silence_ms: int, transcript: str | None) -> None:
-        """Start what is due at this silent frame: an audio score, the text score."""
-        if self._scorers.audio is not None and (
+        """Start what is due at this silent frame: the text score, an audio score. With a text
+        check the audio is first scored after AUDIO_AFTER_MS of silence: the text decides most
+        turns sooner, the audio matters only where the text could end or go on (a commit halfway
+        to max_commit_ms), and scored at the pause it would take the CPU from the speculative
+        reply."""
+        first_at = 0 if self._scorers.text is None else AUDIO_AFTER_MS
+        if self._scorers.audio is not None and silence_ms >= first_at and (
             self._audio_scored_at is None or silence_ms - self._audio_scored_at >= RESCORE_MS
         ):
             self._audio_scored_at = silence_ms

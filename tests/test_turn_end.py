@@ -86,8 +86,9 @@ async def test_a_finished_turn_is_committed_after_the_minimum_silence(tmp_path):
     frames = await _pause_until(rig, 120)
     # 300 ms (15 frames) at the least; the scores take a few frames to come in.
     assert 15 <= frames <= 20, frames
-    # The speculative transcript (30 voiced frames and the 13 silent ones up to the pause), scored once.
-    assert scores.texts == ["utterance of 43 frames"]
+    # The speculative transcript (30 voiced frames and the 6 silent ones up to the pause, 120 ms
+    # in semantic mode), scored once.
+    assert scores.texts == ["utterance of 36 frames"]
     done = await rig.play_until_done()
     metrics = rig.of("metrics.turn")[-1]
     assert metrics["commit_rule"] == "semantic:complete" and metrics["eot_text"] == 0.6
@@ -101,9 +102,19 @@ async def test_an_unfinished_turn_waits_for_the_maximum_silence(tmp_path):
     rig.frames(True, 30)
     frames = await _pause_until(rig, 120)
     assert frames == 100  # 2000 ms: the endpointer's fallback
-    assert rig.of("metrics.turn") == [] and scores.audio_calls == 4  # re-scored at 0, 0.5, 1, 1.5 s
+    assert rig.of("metrics.turn") == [] and scores.audio_calls == 3  # scored at 0.5, 1 and 1.5 s
     await rig.play_until_done()
     assert rig.of("metrics.turn")[-1]["commit_rule"] == "timeout"
+
+
+@pytest.mark.unit
+async def test_with_a_text_check_the_audio_is_scored_only_in_a_longer_pause(tmp_path):
+    scores = ScriptedScores(audio=0.9, text=0.6)
+    rig = _semantic_rig(tmp_path, scores)
+    rig.frames(True, 30)
+    assert await _pause_until(rig, 120) <= 20  # committed on the text alone
+    await rig.play_until_done()
+    assert scores.audio_calls == 0 and "eot_audio" not in rig.of("metrics.turn")[-1]
 
 
 @pytest.mark.unit

@@ -82,6 +82,14 @@ def test_endpointer_ignores_clicks_and_keeps_hysteresis():
     assert events[1][0] == 70 + 12
 
 
+def test_a_silence_begins_where_the_speech_probability_began_to_fall():
+    # 0.45 then 0.4: under the threshold, not yet silence; 0.1 makes it one, which began at the 0.45.
+    events = run(Endpointer(VAD), [0.9] * 20 + [0.45, 0.4] + [0.1] * 40)
+    paused, committed = events[1], events[2]
+    assert (paused[1], paused[0]) == (Kind.PAUSED, 20 + 12)  # the 13th frame after the last voiced one
+    assert (committed[1], committed[0]) == (Kind.COMMITTED, 20 + 37)
+
+
 def test_endpointer_barge_in_minimum_is_separate():
     endpointer = Endpointer(TurnConfig(bargein_min_speech_ms=200))
     endpointer.agent_speaking(True)

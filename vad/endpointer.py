@@ -1,8 +1,10 @@
 """The endpointer: speech probabilities in, turn events out (started, paused, resumed, committed).
 
 Hysteresis: a frame counts as voiced at `threshold` and as silent only below `threshold - 0.15`;
-in between it keeps the previous class. Durations count 20 ms frames, so the same audio always
-gives the same events.
+in between it keeps the previous class. A silence, once it is one, began at the first frame under
+`threshold` if the probability fell from there within FALL_FRAMES: the user stopped as it began
+to fall. (A longer stretch in between is quiet speech.)
+Durations count 20 ms frames, so the same audio always gives the same events.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from runtime.audio import FRAME_MS
 HYSTERESIS = 0.15
 ONSET_GAP_FRAMES = 2  # unvoiced frames tolerated inside a speech onset before it is dropped
 RESUME_MS = 60  # voiced audio inside a pause that counts as the user speaking again
+FALL_FRAMES = 3  # the longest fall of the speech probability that is still the end of speech
 
 
 class Kind(enum.StrEnum):
@@ -52,6 +55,7 @@ class Endpointer:
         self._silence = 0
         self._resume = 0
         self._index = -1
+        self._under = 0  # consecutive frames under the threshold
         self.last_voiced_index = -1
 
     def _prefix_frames(self) -> int:
@@ -72,9 +76,12 @@ class Endpointer:
         self._index += 1
         threshold = self.config.threshold
         if probability >= threshold:
-            self._voiced = True
-        elif probability < threshold - HYSTERESIS:
-            self._voiced = False
+            self._voiced, self._under = True, 0
+        else:
+            self._under += 1
+            if probability < threshold - HYSTERESIS and self._voiced:
+                self._voiced = False
+                self.last_voiced_index = self._index - (self._under if self._under <= FALL_FRAMES else 1)
         if self._voiced:
             self.last_voiced_index = self._index
         handler = {
@@ -117,8 +124,8 @@ class Endpointer:
         if self._voiced:
             self._silence = 0
             return None
-        self._silence += 1
-        if self._silence * FRAME_MS >= self.config.pause_ms:
+        self._silence = self._index - self.last_voiced_index
+        if self._silence * FRAME_MS >= self.config.pause_after_ms:
             self._state, self._resume = "paused", 0
             return self._event(Kind.PAUSED)
         return None
