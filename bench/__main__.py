@@ -12,19 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
-import sys
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import urlparse
 
-import aiohttp
-
 from bench import report
+from bench.local import local_server
 from bench.harness import DEFAULT_OFFER_PATH, Transcribe, as_rows, run_sessions
+from bench.peer import BROWSER_PLAYOUT_FRAMES
 from bench.scenarios import EspeakVoice, Scenario, Voice, builtin, load_manifest
 from realtime.webrtc import use_loopback_ice_only
 
@@ -50,6 +46,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="ours: this server (events, transcripts, stages); plain: any server answering an HTTP offer "
         "with {sdp, type} (e.g. Pipecat's SmallWebRTC), measured from its audio alone",
     )
+    parser.add_argument(
+        "--playout-frames",
+        type=int,
+        default=BROWSER_PLAYOUT_FRAMES,
+        help=f"received frames the client holds before playing one (default {BROWSER_PLAYOUT_FRAMES}, a browser's "
+        "30 ms measured by bench.browser_jitter; 4 is aiortc's own, as in runs before 2026-11-25)",
+    )
     parser.add_argument("--server-pid", type=int, help="pid of the server, for its CPU and memory per session")
     parser.add_argument("--no-asr", action="store_true", help="skip transcribing the agent's audio")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -64,36 +67,6 @@ def transcriber() -> Transcribe:
     worker = ModelWorker("bench-asr")
     engine = worker.submit(WhisperEngine, whisper_model_dir(), 1, worker).result()
     return engine.transcribe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@asynccontextmanager
-async def local_server(profile: str) -> AsyncIterator[tuple[str, int]]:
-    port = free_port()
-    command = [sys.executable, "run_server.py", "--port", str(port), "--loopback-ice", "--profile", profile, "--max-sessions", "32"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(600):  # model loading: a first start converts the LM (about 40 s)
-                if server.poll() is not None:
-                    raise SystemExit(f"the server exited: {server.stderr.read() if server.stderr else ''}")
-                try:
-                    async with http.get(f"{url}/healthz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.5)  # polling a process that reports nothing else
-        yield url, server.pid
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def process_usage(pid: int) -> tuple[float, float]:
@@ -121,7 +94,9 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[i
         plays = chosen if level == 1 else swept
         before = process_usage(pid) if pid else None
         started = time.monotonic()
-        results, holes = await run_sessions(url, plays, level, transcribe, args.offer_path, args.signaling == "ours", args.transport)
+        results, holes = await run_sessions(
+            url, plays, level, transcribe, args.offer_path, args.signaling == "ours", args.transport, args.playout_frames
+        )
         run: dict[str, Any] = {"turns": as_rows(results), "underruns": holes}
         if pid and before:
             cpu, rss = process_usage(pid)

@@ -26,8 +26,8 @@ from bench.analysis import (
     underruns,
 )
 from bench.metrics import word_error_rate
+from bench.peer import BROWSER_PLAYOUT_FRAMES, ClientPeer
 from bench.peer import RATE as PEER_RATE
-from bench.peer import ClientPeer
 from bench.scenarios import RATE, Scenario, Utterance
 from bench.ws_peer import WsPeer
 
@@ -81,10 +81,13 @@ class SessionRun:
     """Owns one call: its peer, and the turns it measured."""
 
     def __init__(
-        self, url: str, index: int, transcribe: Transcribe | None, offer_path: str, events: bool, transport: str
+        self, url: str, index: int, transcribe: Transcribe | None, offer_path: str, events: bool, transport: str,
+        playout_frames: int = BROWSER_PLAYOUT_FRAMES,
     ) -> None:
         self.peer: ClientPeer | WsPeer = (
-            WsPeer(url) if transport == "ws" else ClientPeer(url, offer_path=offer_path, events=events)
+            WsPeer(url)
+            if transport == "ws"
+            else ClientPeer(url, offer_path=offer_path, events=events, playout_frames=playout_frames)
         )
         self.heard = HeardLog(self.peer)
         self.index = index
@@ -251,6 +254,7 @@ async def run_sessions(
     offer_path: str = DEFAULT_OFFER_PATH,
     events: bool = True,
     transport: str = "webrtc",
+    playout_frames: int = BROWSER_PLAYOUT_FRAMES,
 ) -> tuple[list[TurnResult], int]:
     """`sessions` calls at once, each playing every scenario in turn (a fresh call per scenario).
     Returns every turn and the output underruns counted over all calls."""
@@ -260,7 +264,7 @@ async def run_sessions(
     async def one(index: int) -> None:
         nonlocal holes
         for scenario in scenarios:
-            run = SessionRun(url, index, transcribe, offer_path, events, transport)
+            run = SessionRun(url, index, transcribe, offer_path, events, transport, playout_frames)
             try:
                 await run.play(scenario)
             finally:

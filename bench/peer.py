@@ -17,10 +17,13 @@ from aiortc.mediastreams import MediaStreamError
 from realtime.audio import frame_to_mono
 from realtime.events import ChunkJoiner, ClientEvent, Ping
 from realtime.output import PacedOutput
-from realtime.webrtc import PacedAudioTrack
+from realtime.webrtc import PacedAudioTrack, hold_received_frames
 from runtime.tasks import TaskOwner
 
 RATE = 48000
+# A browser's playout delay on a loopback call: headless Chromium's jitter buffer held 30 ms
+# (`python -m bench.browser_jitter`), aiortc's own holds 4 frames (80 ms). Two frames, 40 ms.
+BROWSER_PLAYOUT_FRAMES = 2
 
 
 @dataclass
@@ -57,11 +60,18 @@ class ClientPeer:
     """One call to the server over WebRTC. Owns its peer connection and its ping and recorder tasks."""
 
     def __init__(
-        self, base_url: str, *, ping_interval_s: float | None = 1.0, offer_path: str = "/api/offer", events: bool = True
+        self,
+        base_url: str,
+        *,
+        ping_interval_s: float | None = 1.0,
+        offer_path: str = "/api/offer",
+        events: bool = True,
+        playout_frames: int = BROWSER_PLAYOUT_FRAMES,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.offer_path = offer_path
         self.expect_events = events  # another server may answer the offer but never open `events`
+        self.playout_frames = playout_frames  # received frames held before one is played
         self.mic = PacedOutput(RATE)
         self.pc = RTCPeerConnection()
         self.session_id: str | None = None
@@ -86,6 +96,9 @@ class ClientPeer:
                     raise OfferRefused(response.status, body)
         self.session_id = body.get("session_id") or body.get("pc_id") or ""
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind == "audio":
+                hold_received_frames(transceiver.receiver, self.playout_frames)
         if self._ping_interval_s:
             self._tasks.spawn(self._ping(), "ping")  # pings only once `events` is open, if it ever opens
         if self.expect_events:

@@ -37,9 +37,10 @@ PENDING_EVENTS_LIMIT = 256  # events emitted before the data channel opens
 INPUT_PREFETCH_FRAMES = 1
 
 
-def analyse_without_playout_delay(receiver: RTCRtpReceiver) -> None:
+def hold_received_frames(receiver: RTCRtpReceiver, frames: int) -> None:
+    """Make `receiver` hand on each audio frame once `frames` more have come (aiortc: 4)."""
     # aiortc has no setting for it: its receiver's private jitter buffer is replaced before media flows.
-    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=INPUT_PREFETCH_FRAMES)  # type: ignore[attr-defined]
+    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=frames)  # type: ignore[attr-defined]
 
 
 def use_loopback_ice_only() -> None:
@@ -141,7 +142,7 @@ class WebRTCSession(Session):
         await pc.setRemoteDescription(offer)
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "audio":
-                analyse_without_playout_delay(transceiver.receiver)
+                hold_received_frames(transceiver.receiver, INPUT_PREFETCH_FRAMES)
                 pc.addTrack(self.track)
                 break
         else:

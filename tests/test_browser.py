@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.browser import CHROMEDRIVER, CHROMIUM, chromium
 from bench.peer import Notifier
 from config import LoopbackConfig
 from controller.loopback import LoopbackAgent
@@ -21,8 +22,6 @@ from bench.speech import espeak, write_wav
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 ECHO_DELAY_MS = 4000
 TEXT = "Hello there. This is the browser calling the voice agent server."
 
@@ -62,24 +61,6 @@ class TapAgent:
 
     def on_client_event(self, event: ClientEvent) -> None:
         self._inner.on_client_event(event)
-
-
-def chromium(fake_mic: Path, profile_dir: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={fake_mic}", "--allow-loopback-in-peer-connection",
-        "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required",
-        f"--user-data-dir={profile_dir}",
-    ):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
 async def test_browser_call_reaches_the_server_and_hangs_up(start_server, tmp_path):

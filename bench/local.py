@@ -1,0 +1,42 @@
+"""A server of this project started for one measurement: a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def local_server(profile: str) -> AsyncIterator[tuple[str, int]]:
+    port = free_port()
+    command = [sys.executable, "run_server.py", "--port", str(port), "--loopback-ice", "--profile", profile, "--max-sessions", "32"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):  # model loading: a first start converts the LM (about 40 s)
+                if server.poll() is not None:
+                    raise SystemExit(f"the server exited: {server.stderr.read() if server.stderr else ''}")
+                try:
+                    async with http.get(f"{url}/healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.5)  # polling a process that reports nothing else
+        yield url, server.pid
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
