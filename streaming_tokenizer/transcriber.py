@@ -39,10 +39,11 @@ class StreamingTranscriber:
     speaks, each `partial_ms` of new audio starts a quick draft of the utterance so far (only when
     the worker is idle: partials never delay anyone's final); `settle_ms` into a silence, a full
     transcription starts eagerly. finalize() waits for that one when it covers the last voiced
-    frame, so the transcript is usually ready before the endpointer even asks.
+    frame, so the transcript is usually ready before the endpointer even asks (60 ms: done by the
+    120 ms pause at which semantic turn detection starts its speculative reply).
     """
 
-    def __init__(self, engine: TranscriptionEngine, partial_ms: int = 500, settle_ms: int = 100) -> None:
+    def __init__(self, engine: TranscriptionEngine, partial_ms: int = 500, settle_ms: int = 60) -> None:
         self._engine = engine
         self._partial_frames = max(1, partial_ms // FRAME_MS)
         self._settle_frames = max(1, settle_ms // FRAME_MS)
