@@ -26,7 +26,7 @@ async def local_server(profile: str) -> AsyncIterator[tuple[str, int]]:
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(600):  # model loading: a first start converts the LM (about 40 s)
+            for _ in range(600):  # up to 5 minutes of model loading (a few seconds here)
                 if server.poll() is not None:
                     raise SystemExit(f"the server exited: {server.stderr.read() if server.stderr else ''}")
                 try:
