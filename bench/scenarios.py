@@ -153,6 +153,9 @@ BACKCHANNELS = (
     ("What do you know about elephants?", "Uh-huh."),
     ("Tell me about the history of tea.", "I see."),
 )
+# How the speech engines are made to say what a listener says: given "Mm-hmm" both read the letters
+# (espeak-ng phonemizes it [ɛmɛmhəm], "em-em-hum"), given "Um-hum" they hum [ʌmhʌm].
+SPOKEN_AS = {"Mm-hmm.": "Um-hum."}
 
 
 def spoken_over(voices: tuple[Voice | EspeakVoice, ...], pairs: tuple[tuple[str, str | None], ...], turn: bool) -> tuple[Utterance, ...]:
@@ -160,7 +163,7 @@ def spoken_over(voices: tuple[Voice | EspeakVoice, ...], pairs: tuple[tuple[str,
     turns: list[Utterance] = []
     for i, (request, over) in enumerate(pairs):
         voice = voices[i % len(voices)]
-        pcm = cough(i) if over is None else _speech_only(voice.say(over))
+        pcm = cough(i) if over is None else _speech_only(voice.say(SPOKEN_AS.get(over, over)))
         turns += [
             Utterance(request, voice.say(request)),
             Utterance(over or "", np.concatenate([pcm, _silence(0.3)]), "bargein", 1500 if turn else 1000, turn),

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 
-# Single words, as ASR engines spell them ("Mm-hmm" splits at the hyphen into two of these).
+# Single words, as ASR engines spell them ("Mm-hmm" splits at the hyphen into two of these). Fillers
+# are in: on their own they say nothing to answer.
 WORDS = frozenset(
-    "mm mmm mhm mmhmm hm hmm uh huh uhhuh ah oh okay ok yeah yes yep yup right sure alright cool wow".split()
+    "mm mmm mhm mmhmm hm hmm uh huh hu uhhuh um umm er erm ah oh okay ok yeah yes yep yup right sure alright cool wow".split()
 )
+# Words that carry nothing to answer on their own: what a small ASR makes of a hum or a short
+# acknowledgement heard at its first pause (Moonshine: "I'm um." for "mm-hmm", "I. C.." for "I see").
+FUNCTION_WORDS = frozenset("i i'm a an the and so then it it's that this in of to".split())
 PHRASES = re.compile(r"\b(i see|got it|all right|go on)\b")
 MAX_WORDS = 4
 
@@ -19,7 +23,7 @@ def _fragment(token: str) -> bool:
 
 def is_backchannel(transcript: str) -> bool:
     """Whether `transcript` holds no words, or only a listener's acknowledgement (at most
-    MAX_WORDS): the speaker should go on."""
+    MAX_WORDS, no word that says something): the speaker should go on."""
     tokens = re.findall(r"[a-z']+", transcript.lower().replace("-", " "))
     words = PHRASES.sub(" ", " ".join(t for t in tokens if not _fragment(t))).split()
-    return len(words) <= MAX_WORDS and all(word in WORDS for word in words)
+    return len(words) <= MAX_WORDS and all(word in WORDS or word in FUNCTION_WORDS for word in words)

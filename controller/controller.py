@@ -266,6 +266,7 @@ class Controller:
             held.resume(self._item_id, text)
             self._set_state(State.RESPONDING)
         else:
+            self.log.info("controller.interrupted", response_id=held.id, transcript=text)
             self._end_held("interrupted", bargein=True)
             self._speculate()
 

@@ -48,8 +48,10 @@ def _silero_session() -> onnxruntime.InferenceSession:
 class SileroDetector:
     """Silero VAD (the ONNX model shipped in the silero-vad package) over 512-sample windows.
 
-    The recurrent state and the 64-sample context carry across windows; a 20 ms frame's probability
-    is that of the latest window that ended in or before it.
+    The recurrent state and the 64-sample context carry across consecutive windows. A 20 ms frame
+    that does not end on a window's end is also scored on the 512 samples ending with it, from the
+    state as it stands (which that score does not change): its probability is then up to date
+    instead of up to 28 ms old, which is what a barge-in waits on.
     """
 
     WINDOW = 512
@@ -63,19 +65,26 @@ class SileroDetector:
         self._state = np.zeros((2, 1, 128), dtype=np.float32)
         self._context = np.zeros(self.CONTEXT, dtype=np.float32)
         self._pending = np.zeros(0, dtype=np.float32)
-        self._last = 0.0
+        self._recent = np.zeros(self.CONTEXT + self.WINDOW, dtype=np.float32)
+
+    def _run(self, model_input: np.ndarray) -> tuple[float, np.ndarray]:
+        out, state = self._session.run(
+            None, {"input": model_input[None, :], "state": self._state, "sr": np.array(SAMPLE_RATE, dtype=np.int64)}
+        )
+        return float(out[0, 0]), state
 
     def probability(self, frame: np.ndarray) -> float:
-        self._pending = np.concatenate((self._pending, to_float(frame)))
+        samples = to_float(frame)
+        self._recent = np.concatenate((self._recent, samples))[-(self.CONTEXT + self.WINDOW) :]
+        self._pending = np.concatenate((self._pending, samples))
+        probability = None
         while len(self._pending) >= self.WINDOW:
             window, self._pending = self._pending[: self.WINDOW], self._pending[self.WINDOW :]
-            model_input = np.concatenate((self._context, window))[None, :]
-            out, self._state = self._session.run(
-                None, {"input": model_input, "state": self._state, "sr": np.array(SAMPLE_RATE, dtype=np.int64)}
-            )
+            probability, self._state = self._run(np.concatenate((self._context, window)))
             self._context = window[-self.CONTEXT :]
-            self._last = float(out[0, 0])
-        return self._last
+        if len(self._pending) or probability is None:
+            probability, _ = self._run(self._recent)
+        return probability
 
 
 def make_detector(engine: str, aggressiveness: int = 2) -> SpeechDetector:
