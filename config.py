@@ -93,6 +93,9 @@ class TurnConfig:
     # but a backchannel ("mm-hmm", "okay") lets it resume. 0: every confirmed speech is a barge-in.
     agent_pause_ms: int = 40
     backchannel_max_ms: int = 1000
+    # Speech that starts before the user has heard this much of a reply continues their utterance:
+    # the commit cut into a hesitation; the reply is dropped and the whole utterance answered anew.
+    merge_heard_ms: int = 500
     client_buffer_ms: int = 120
 
     # Per-session limits for session.update: (low, high) inclusive.
@@ -108,6 +111,7 @@ class TurnConfig:
         "bargein_min_speech_ms": (20, 5000),
         "agent_pause_ms": (20, 5000),
         "backchannel_max_ms": (0, 5000),
+        "merge_heard_ms": (0, 5000),
         "client_buffer_ms": (0, 2000),
     }
 
@@ -389,6 +393,7 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--max-commit-ms", int, "semantic: silence that commits a turn judged unfinished (default 2000)"),
     _Flag("--bargein-min-speech-ms", int, "speech needed to interrupt the agent (default 200)"),
     _Flag("--agent-pause-ms", int, "voiced audio over the agent that pauses its audio until the sound proves a turn or not (default 40)"),
+    _Flag("--merge-heard-ms", int, "speech that starts before the user heard this much of a reply continues their utterance (default 500)"),
     _Flag("--backchannel-max-ms", int, "speech over the agent shorter than this, with no words or only a backchannel ('mm-hmm'), lets it resume; 0: never (default 1000)"),
     _Flag("--client-buffer-ms", int, "agent audio assumed buffered at the client when it reports no position (default 120)"),
     _Flag("--asr", _choice(ASR_ENGINES), "embedded profile's ASR: moonshine (Moonshine tiny-en) or whisper (Whisper tiny.en); default moonshine"),

@@ -72,7 +72,7 @@ class Counters:
     responses: int = 0
     bargeins: int = 0
     resumes: int = 0  # speech over the agent that proved not a turn: the reply played on
-    late_resumes: int = 0  # speech right after a commit, before its transcript: one utterance continued
+    late_resumes: int = 0  # speech soon after a commit (the reply barely heard): one utterance continued
 
 
 class Controller:
@@ -216,10 +216,11 @@ class Controller:
     def _barge_in(self) -> bool:
         """The user speaks over the reply: hold it, paused, until the speech proves a turn or a
         backchannel (or stop it now, with `backchannel_max_ms` 0). Returns whether this speech
-        continues the committed utterance instead: it came before the user heard any of the
-        reply, so the commit was too early, and one utterance must stay one user turn."""
+        continues the committed utterance instead: it came before the user heard `merge_heard_ms`
+        of the reply, so the commit cut into a hesitation, and one utterance must stay one user
+        turn."""
         reply = self.response
-        if reply is not None and reply.nothing_heard(self.config.client_buffer_ms):
+        if reply is not None and reply.cut_in():
             self.response = None
             reply.merge()
             self._finish(reply, "interrupted", "")
@@ -329,7 +330,7 @@ class Controller:
     def _commit(self, reply: Reply) -> None:
         self.counters.responses += 1
         self._set_state(State.RESPONDING)
-        reply.commit(next(self._turns), self._voice_end_at())
+        reply.commit(next(self._turns), self._voice_end_at(), self.config.merge_heard_ms, self.config.client_buffer_ms)
 
     def _voice_end_at(self) -> float:
         """When the user's last voiced frame came in (monotonic clock)."""

@@ -89,8 +89,9 @@ class Reply:
         self.paused = False
         self._ended = False
         self._announced = False  # the user's transcript was sent to the client
-        # The user's turn goes into the history once it is final: when they hear the reply, or it
-        # ends. Until then speech that resumes continues the same utterance (merge()).
+        # The user's turn goes into the history once it is final: when they have heard
+        # `merge_heard_ms` of the reply, or it ends. Until then speech that resumes continues the
+        # same utterance (merge()).
         self._user_final = preset is not None
         self._pending_deltas: list[str] = []
         self._pending_chunks: list[SpeechChunk] = []
@@ -99,6 +100,8 @@ class Reply:
         self._last_playout: Playout | None = None
         self._audio_base = 0  # output.audio_frames_sent at the commit: every audio frame after it is ours
         self._voice_end_at = 0.0
+        self._merge_heard_ms = 0.0
+        self._client_buffer_ms = 0.0
         self._watcher: asyncio.Task[None] | None = None
         self._transcriber: asyncio.Task[None] | None = None
         self._generation = tasks.spawn(self._generate(), f"response:{reply_id}")
@@ -113,11 +116,13 @@ class Reply:
 
     # ---- what the controller decides --------------------------------------------------------
 
-    def commit(self, turn: int, voice_end_at: float) -> None:
+    def commit(self, turn: int, voice_end_at: float, merge_heard_ms: float, client_buffer_ms: float) -> None:
         """Play what is ready and everything that follows; `voice_end_at` is when the user's speech
-        ended (monotonic clock), for the server's voice-to-voice time."""
+        ended (monotonic clock), for the server's voice-to-voice time; until the user has heard
+        `merge_heard_ms` of it (the client holding `client_buffer_ms`), their turn can go on."""
         self.timings["turn"] = turn
         self._voice_end_at = voice_end_at
+        self._merge_heard_ms, self._client_buffer_ms = merge_heard_ms, client_buffer_ms
         self._audio_base = self._io.output.audio_frames_sent
         self._committed.set()
         self._io.emit(ResponseCreated(self.id))
@@ -150,13 +155,15 @@ class Reply:
         self._stop()
         self._tasks.cancel(self._transcriber)
 
-    def nothing_heard(self, client_buffer_ms: float) -> bool:
-        """Whether the user has heard none of this reply yet (a committed turn can still go on)."""
-        return self.preset is None and self._heard_ms(client_buffer_ms) <= 0
+    def cut_in(self) -> bool:
+        """Whether the user's turn can still go on: they have heard less than `merge_heard_ms` of
+        this reply, so speech now means the commit cut into a hesitation."""
+        return not self._user_final and self._heard_ms(self._client_buffer_ms) < self._merge_heard_ms
 
     def merge(self) -> None:
-        """The user went on before hearing anything: drop this reply and keep nothing of the turn,
-        which continues as the same utterance (one user turn, transcribed whole, answered anew)."""
+        """The user went on after hearing little or nothing: drop this reply and keep nothing of
+        the turn, which continues as the same utterance (one user turn, transcribed whole,
+        answered anew)."""
         self._flush()
         self.cancel()
 
@@ -260,6 +267,8 @@ class Reply:
         await (await self._first_playout).started.wait()
         self.timings["server_v2v_ms"] = _ms(time.monotonic() - self._voice_end_at)
         self._io.emit(ResponseAudioStarted(self.id))
+        while (left_ms := self._merge_heard_ms - self._heard_ms(self._client_buffer_ms)) > 0:
+            await asyncio.sleep(left_ms / 1000)  # a timer: heard audio stops growing while paused
         self._user_is_final()
 
     async def _transcribe(self) -> None:

@@ -424,7 +424,7 @@ async def test_barge_in_before_the_transcript_keeps_the_history_in_order(rig):
     rig.frames(True, 40)
     rig.frames(False, 38)
     await rig.until(lambda: rig.decoder.chunks >= 2)
-    rig.play(30)  # 600 ms of the reply heard
+    rig.play(40)  # 800 ms of the reply sent, 680 ms heard: past the 500 ms that would continue the turn
     rig.frames(True, 60)  # the user talks over it (1.2 s) before the transcript is back
     assert rig.of("response.done")[-1]["response"]["status"] == "interrupted"
     assert rig.controller.context.turns == []  # the reply's turn waits for the user's
@@ -473,6 +473,25 @@ async def test_speech_resuming_before_the_reply_is_heard_continues_the_same_utte
     # One user turn, transcribed whole: both parts and the pause between them.
     assert turns[0].text == completed[1]["transcript"] and int(turns[0].text.split()[2]) >= 25 + 38 + 10
     assert len(rig.lm.calls) == 2 and rig.lm.calls[1][-1].content == turns[0].text
+
+
+async def test_speech_soon_after_the_reply_starts_continues_the_same_utterance(rig):
+    rig.frames(True, 25)
+    rig.frames(False, 38)  # committed
+    first = await rig.until(lambda: rig.of("conversation.item.input_audio_transcription.completed"))
+    await rig.until(lambda: rig.decoder.chunks >= 2)
+    rig.play(25)  # 500 ms sent, 380 ms heard: the commit cut into a hesitation
+    rig.frames(True, 10)
+    assert rig.controller.state == State.USER_SPEAKING
+    assert rig.controller.counters.late_resumes == 1 and rig.controller.counters.bargeins == 0
+    dropped = rig.of("response.done")[-1]["response"]
+    assert (dropped["status"], dropped["output_text"]) == ("interrupted", "")
+    assert rig.controller.context.turns == [] and np.all(rig.output.next_frame() == 0)
+    rig.frames(False, 38)
+    await rig.play_until_done()
+    completed = rig.of("conversation.item.input_audio_transcription.completed")
+    assert [c["item_id"] for c in completed] == [first[0]["item_id"]] * 2
+    assert [t.role for t in rig.controller.context.turns] == ["user", "assistant"]
 
 
 async def test_hang_up_while_speech_over_the_agent_is_judged_leaves_no_task(tmp_path):
