@@ -52,8 +52,12 @@ class ServerConfig:
     loopback_ice: bool = False
     max_sessions: int = 16
     max_body_bytes: int = 64 * 1024
-    ping_timeout_s: float = 3.0
-    connect_timeout_s: float = 20.0
+    ping_timeout_s: float = 3.0  # a client that sends data-channel pings: quiet this long ends the call
+    media_timeout_s: float = 5.0  # any other: no audio and no message this long ends the call
+    connect_timeout_s: float = 5.0  # an offer's slot is held this long for the peer's first audio or message
+    auth_token: str | None = None  # when set, /api/* and /ws need it as a bearer token
+    allowed_origins: tuple[str, ...] = ()  # pages elsewhere than this server that may use it
+    offers_per_minute: int = 20  # per client address
     data_dir: Path = Path("data")
 
 
@@ -235,6 +239,8 @@ class AppConfig:
         for server in out["server"]["ice_servers"]:
             if server.get("credential"):
                 server["credential"] = "***"
+        if out["server"]["auth_token"]:
+            out["server"]["auth_token"] = "***"
         return json.loads(json.dumps(out, default=str))
 
 
@@ -372,11 +378,16 @@ _FLAGS: tuple[_Flag, ...] = (
         repeat=True,
     ),
     _Flag("--loopback-ice", _bool, "offer only 127.0.0.1 ICE candidates", switch=True),
+    _Flag("--auth-token", _non_empty, "require this bearer token on /api/* and /ws (the page takes it as #token=...); prefer the environment variable"),
+    _Flag("--allowed-origin", _non_empty, "a web origin other than this server's own whose pages may use it (e.g. https://app.example.com); repeatable", repeat=True),
+    _Flag("--offers-per-minute", _positive_int, "offers one client address may make in a minute before HTTP 429 (default 20)"),
     _Flag("--cert", _existing_file, "TLS certificate (PEM) to serve HTTPS"),
     _Flag("--key", _existing_file, "TLS private key (PEM) to serve HTTPS"),
     _Flag("--max-sessions", _positive_int, "simultaneous sessions before HTTP 503 (default 16)"),
     _Flag("--max-body-bytes", _positive_int, "largest accepted request body (default 65536)"),
-    _Flag("--ping-timeout-s", _positive_float, "close a session this long without a client ping (default 3)"),
+    _Flag("--ping-timeout-s", _positive_float, "close a call that sent data-channel pings after this long without audio or a message (default 3)"),
+    _Flag("--media-timeout-s", _positive_float, "close a call that sends no pings after this long without audio or a message (default 5)"),
+    _Flag("--connect-timeout-s", _positive_float, "free an answered offer's slot if no audio or message came in this long (default 5)"),
     _Flag("--data-dir", Path, "where session transcripts are written (default ./data)"),
     _Flag("--loopback-delay-ms", _non_negative_int, "loopback profile: echo delay (default 1000)"),
     _Flag("--vad", _choice(VAD_ENGINES), "speech detector: silero or webrtc (default silero)"),
@@ -467,6 +478,7 @@ def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | Non
     server = ServerConfig(
         **{k: v for k, v in values.items() if k in server_fields},
         ice_servers=tuple(values.get("ice_server", ())),
+        allowed_origins=tuple(values.get("allowed_origin", ())),
     )
     loopback = LoopbackConfig(delay_ms=values.get("loopback_delay_ms", LoopbackConfig.delay_ms))
     turn = TurnConfig(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from bench import report
 from bench.local import local_server
 from bench.harness import DEFAULT_OFFER_PATH, Transcribe, as_rows, run_sessions
 from bench.peer import BROWSER_PLAYOUT_FRAMES
+from bench.process import process_usage
 from bench.scenarios import EspeakVoice, Scenario, Voice, builtin, load_manifest
 from realtime.webrtc import use_loopback_ice_only
 
@@ -67,14 +67,6 @@ def transcriber() -> Transcribe:
     worker = ModelWorker("bench-asr")
     engine = worker.submit(WhisperEngine, whisper_model_dir(), 1, worker).result()
     return engine.transcribe
-
-
-def process_usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds used, resident MB) of a Linux process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
-    return cpu, rss / 1024
 
 
 async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[int, dict[str, Any]]:

@@ -19,9 +19,12 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def local_server(profile: str) -> AsyncIterator[tuple[str, int]]:
+async def local_server(profile: str, *args: str) -> AsyncIterator[tuple[str, int]]:
+    """The server's URL and pid; `args` are more command-line flags."""
     port = free_port()
-    command = [sys.executable, "run_server.py", "--port", str(port), "--loopback-ice", "--profile", profile, "--max-sessions", "32"]
+    command = [
+        sys.executable, "run_server.py", "--port", str(port), "--loopback-ice", "--profile", profile, "--max-sessions", "32", *args
+    ]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

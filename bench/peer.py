@@ -13,6 +13,7 @@ import aiohttp
 import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame
 
 from realtime.audio import frame_to_mono
 from realtime.events import ChunkJoiner, ClientEvent, Ping
@@ -56,6 +57,16 @@ class Notifier:
             return result
 
 
+class SilentTrack(MediaStreamTrack):
+    """An audio track that never yields a frame: its sender sends no RTP at all."""
+
+    kind = "audio"
+
+    async def recv(self) -> AudioFrame:
+        await asyncio.Event().wait()
+        raise MediaStreamError
+
+
 class ClientPeer:
     """One call to the server over WebRTC. Owns its peer connection and its ping and recorder tasks."""
 
@@ -66,11 +77,16 @@ class ClientPeer:
         ping_interval_s: float | None = 1.0,
         offer_path: str = "/api/offer",
         events: bool = True,
+        data_channel: bool = True,
         playout_frames: int = BROWSER_PLAYOUT_FRAMES,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.offer_path = offer_path
-        self.expect_events = events  # another server may answer the offer but never open `events`
+        self.headers = headers or {}  # e.g. the server's bearer token
+        # Another server may answer the offer but never open `events`; a plain client (OBS, a SIP
+        # gateway) opens no data channel at all.
+        self.expect_events = events and data_channel
         self.playout_frames = playout_frames  # received frames held before one is played
         self.mic = PacedOutput(RATE)
         self.pc = RTCPeerConnection()
@@ -78,11 +94,13 @@ class ClientPeer:
         self.events: list[dict[str, Any]] = []
         self.received: list[ReceivedFrame] = []
         self._ping_interval_s = ping_interval_s
+        self._pinger: asyncio.Task[None] | None = None
         self._joiner = ChunkJoiner()
         self._tasks = TaskOwner("peer")
         self.changed = Notifier()
-        self.channel = self.pc.createDataChannel("events")
-        self.channel.on("message", self._on_message)
+        self.channel = self.pc.createDataChannel("events") if data_channel else None
+        if self.channel is not None:
+            self.channel.on("message", self._on_message)
         self.pc.addTrack(PacedAudioTrack(self.mic))
         self.pc.on("track", self._on_track)
 
@@ -90,7 +108,7 @@ class ClientPeer:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{self.base_url}{self.offer_path}", json=offer) as response:
+            async with http.post(f"{self.base_url}{self.offer_path}", json=offer, headers=self.headers) as response:
                 body = await response.json()
                 if response.status != 200:
                     raise OfferRefused(response.status, body)
@@ -99,14 +117,15 @@ class ClientPeer:
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio":
                 hold_received_frames(transceiver.receiver, self.playout_frames)
-        if self._ping_interval_s:
-            self._tasks.spawn(self._ping(), "ping")  # pings only once `events` is open, if it ever opens
+        if self._ping_interval_s and self.channel is not None:
+            self._pinger = self._tasks.spawn(self._ping(), "ping")  # pings only once `events` is open, if it ever opens
         if self.expect_events:
-            await self.changed.wait_for(lambda: self.channel.readyState == "open", timeout)
+            await self.changed.wait_for(lambda: self.channel is not None and self.channel.readyState == "open", timeout)
         return self.session_id
 
     def send(self, event: ClientEvent | dict[str, Any] | str) -> None:
         """A client event; a dict or a string goes as it is (tests send malformed ones)."""
+        assert self.channel is not None, "this peer has no data channel"
         if isinstance(event, ClientEvent):
             event = event.to_dict()
         self.channel.send(event if isinstance(event, str) else json.dumps(event))
@@ -114,7 +133,15 @@ class ClientPeer:
     def speak(self, pcm: np.ndarray, sample_rate: int) -> None:
         self.mic.write(pcm, sample_rate)
 
+    def go_quiet(self) -> None:
+        """Send nothing more, without hanging up: a client that froze or lost its network."""
+        self._tasks.cancel(self._pinger)
+        for sender in self.pc.getSenders():
+            if sender.track is not None and sender.track.kind == "audio":
+                sender.replaceTrack(SilentTrack())
+
     async def _ping(self) -> None:
+        assert self.channel is not None
         while True:
             if self.channel.readyState == "open":
                 self.send(Ping())

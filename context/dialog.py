@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import structlog
+
 from models.base import Message
 
+log = structlog.get_logger()
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -40,10 +44,13 @@ class TranscriptStore:
         return self.root / f"{session_id}.jsonl"
 
     def append(self, session_id: str, record: dict[str, Any]) -> None:
-        # One line written and flushed per completed turn: a crash loses at most the turn in flight.
+        # One line written and fsync'd per turn, before the reply's response.done is sent: a crash,
+        # even of the machine, loses at most the turn in flight.
         self.root.mkdir(parents=True, exist_ok=True)
         with self.path(session_id).open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def read(self, session_id: str) -> list[dict[str, Any]] | None:
         try:
@@ -52,7 +59,14 @@ class TranscriptStore:
             return None
         if not path.exists():
             return None
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line torn by a crash mid-write: the turns before it still count
+                if line.strip():
+                    log.warning("transcript.torn_line", session_id=session_id, chars=len(line))
+        return records
 
 
 class DialogContext:

@@ -298,9 +298,12 @@ class Controller:
         reply.timings["endpoint_ms"] = (endpoint.frame_index - endpoint.last_voiced_index) * FRAME_MS
         reply.turn["commit_rule"] = rule
         if self.config.semantic and self.judge is not None:
-            for name, score in (("eot_audio", self.judge.scores.audio), ("eot_text", self.judge.scores.text)):
+            scores = self.judge.scores
+            for name, score in (("eot_audio", scores.audio), ("eot_text", scores.text)):
                 if score is not None:
                     reply.turn[name] = round(score, 3)
+            if scores.question:
+                reply.turn["eot_question"] = True
         self._commit(reply)
 
     def _start_reply(self, speculative: bool, preset: UtteranceInput | None = None) -> Reply:

@@ -35,24 +35,30 @@ class TurnEndScorers:
 class TurnScores:
     audio: float | None = None
     text: float | None = None
+    question: bool = False  # the ASR ended the transcript with a question mark
 
 
 class Verdict(enum.StrEnum):
     COMPLETE = "complete"  # commit after min_commit_ms of silence
-    UNSURE = "unsure"  # the text could end here: commit halfway to max_commit_ms
+    UNSURE = "unsure"  # the text could end here, the ASR heard no question: commit halfway to max_commit_ms
     UNFINISHED = "unfinished"  # wait for max_commit_ms
     UNKNOWN = "unknown"  # the scores are not in yet
 
 
 def turn_verdict(scores: TurnScores, eagerness: str, text_expected: bool) -> Verdict:
     """The verdict on a pause's scores. `text_expected`: a text score is on its way (or the
-    transcript is still coming); the audio alone decides only when no text will come."""
+    transcript is still coming); the audio alone decides only when no text will come. Where the
+    words could end or go on, a question mark settles it: the ASR writes one from the audio
+    of the words, not only from their order, and a finished question so often leaves room for more
+    ("Can you recommend a good book ... for a child?") that the text check is unsure of it."""
     ends, goes_on, audio_ends = EAGERNESS[eagerness]
     if scores.text is not None:
         if scores.text >= ends:
             return Verdict.COMPLETE
         if scores.text < goes_on:
             return Verdict.UNFINISHED
+        if scores.question:
+            return Verdict.COMPLETE
     elif text_expected:
         return Verdict.UNKNOWN
     if scores.audio is None:
@@ -108,6 +114,7 @@ class TurnJudge:
             self._start("audio", self._scorers.audio(np.concatenate(self._audio)))
         if self._scorers.text is not None and transcript is not None and not self._text_asked:
             self._text_asked = True
+            self.scores.question = transcript.rstrip().endswith("?")
             self._start("text", self._scorers.text(transcript))
 
     def _start(self, kind: str, score: Awaitable[float | None]) -> None:

@@ -163,7 +163,7 @@ class ResponseDone(ServerEvent):
 @dataclass(frozen=True)
 class MetricsTurn(ServerEvent):
     """One turn's stage timings (endpoint_ms, asr_ms, lm_ttft_ms, tts_first_audio_ms, server_v2v_ms)
-    and how the turn was ended (commit_rule; eot_audio and eot_text, the end-of-turn scores)."""
+    and how the turn was ended (commit_rule; eot_audio and eot_text, the end-of-turn scores; eot_question)."""
 
     type = "metrics.turn"
     response_id: str
@@ -327,7 +327,7 @@ class SessionStart:
     def parse(cls, raw: str) -> SessionStart:
         try:
             msg = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             raise EventError("invalid_session_start", "the first message must be JSON text: session.start") from None
         if not isinstance(msg, dict) or msg.get("type") != cls.type:
             raise EventError(
@@ -336,7 +336,7 @@ class SessionStart:
         rates = []
         for key, default in (("input_sample_rate", None), ("output_sample_rate", SAMPLE_RATE)):
             rate = msg.get(key, default)
-            if rate not in WS_SAMPLE_RATES or isinstance(rate, bool):
+            if type(rate) is not int or rate not in WS_SAMPLE_RATES:  # not 16000.0, not True
                 raise EventError("invalid_session_start", f"{key} must be one of {list(WS_SAMPLE_RATES)}")
             rates.append(rate)
         return cls(rates[0], rates[1])

@@ -5,6 +5,7 @@ Every refusal is JSON `{"error": {"code", "message"}}` with a fitting status.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 from typing import Any, Protocol
@@ -13,7 +14,8 @@ import structlog
 from aiohttp import web
 from aiortc import RTCSessionDescription
 
-from config import AppConfig
+from config import AppConfig, ServerConfig
+from realtime.access import PROTECTED_PREFIXES, OfferRate, origin_allowed, token_matches
 from realtime.events import MAX_MESSAGE_BYTES
 from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry
 from realtime.webrtc import open_webrtc_session, use_loopback_ice_only
@@ -50,6 +52,25 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         raise
 
 
+def access_control(config: ServerConfig) -> Any:
+    """The middleware that guards the API: the token when one is set, the browser's origin, and
+    the offer rate of each address."""
+    offers = OfferRate(config.offers_per_minute)
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith(PROTECTED_PREFIXES):
+            if config.auth_token and not token_matches(request, config.auth_token):
+                return json_error(401, "unauthorized", "this server needs its token: 'Authorization: Bearer <token>'")
+            if not origin_allowed(request, config.allowed_origins):
+                return json_error(403, "forbidden_origin", f"pages at {request.headers['Origin']} may not use this server")
+            if request.path == "/api/offer" and not offers.allow(request.remote or ""):
+                return json_error(429, "too_many_offers", f"at most {offers.per_minute} offers a minute from one address")
+        return await handler(request)
+
+    return check
+
+
 class Routes:
     """The request handlers of one app, bound to its configuration, registry and agent factory."""
 
@@ -65,8 +86,9 @@ class Routes:
         return web.FileResponse(WEB_DIR / "index.html")
 
     async def healthz(self, request: web.Request) -> web.Response:
+        # tasks: every asyncio task of the server, for leak checks (bench.soak)
         return web.json_response(
-            {"status": "ok", "profile": self.config.profile, "sessions": len(self.registry)}
+            {"status": "ok", "profile": self.config.profile, "sessions": len(self.registry), "tasks": len(asyncio.all_tasks())}
         )
 
     async def client_config(self, request: web.Request) -> web.Response:
@@ -86,7 +108,7 @@ class Routes:
             return json_error(415, "unsupported_media_type", "send the offer as application/json")
         try:
             body = await request.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             return json_error(400, "invalid_json", f"body is not valid JSON: {exc}")
         if not isinstance(body, dict) or not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
             return json_error(400, "invalid_offer", "body must be {sdp: string, type: 'offer'}")
@@ -120,7 +142,7 @@ class Routes:
 def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptSource) -> web.Application:
     if config.server.loopback_ice:
         use_loopback_ice_only()
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[errors_as_json])
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[errors_as_json, access_control(config.server)])
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
     registry = SessionRegistry(config.server.max_sessions)
     app[REGISTRY] = registry

@@ -128,6 +128,13 @@ class Session:
         for callback in self._on_close:
             try:
                 await callback()
+            except asyncio.CancelledError as exc:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                # A part cancelled from inside (aiohttp's shared drain future, cancelled with a
+                # blocked writer): the teardown must still finish and the session leave the registry.
+                self.log.warning("session.teardown_failed", error=repr(exc))
             except Exception as exc:  # teardown must go on whatever one part does
                 self.log.warning("session.teardown_failed", error=repr(exc))
         self.output.flush()

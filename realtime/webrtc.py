@@ -95,7 +95,8 @@ class WebRTCSession(Session):
     def __init__(self, config: ServerConfig) -> None:
         self._channel: RTCDataChannel | None = None
         self._pending: list[str] = []
-        self._ping = asyncio.Event()
+        self._alive = asyncio.Event()  # set by every received audio frame and client message
+        self._pings = False  # the client sends data-channel pings (and so promises one a second)
         self._config = config
         super().__init__("webrtc", PacedOutput(OUTPUT_RATE), self._send_text)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=_rtc_ice_servers(config.ice_servers)))
@@ -120,7 +121,7 @@ class WebRTCSession(Session):
             self._channel = channel
             channel.on("message", self._on_message)
             channel.on("close", lambda: self.request_close("datachannel_closed"))
-            self._ping.set()
+            self._alive.set()
             if channel.readyState == "open":
                 self._flush_pending()
             else:
@@ -157,7 +158,7 @@ class WebRTCSession(Session):
             self._send_text(text)
 
     def _on_message(self, message: str | bytes) -> None:
-        self._ping.set()
+        self._alive.set()
         try:
             event = parse_client_event(message)
         except EventError as exc:
@@ -165,6 +166,7 @@ class WebRTCSession(Session):
             self.emit(Error(exc.code, exc.message))
             return
         if isinstance(event, Ping):
+            self._pings = True
             return
         if self.agent is not None:
             self.agent.on_client_event(event)
@@ -177,21 +179,27 @@ class WebRTCSession(Session):
             except MediaStreamError:
                 self.request_close("track_ended")
                 return
+            self._alive.set()
             for out in framer.push(frame_to_mono(frame), frame.sample_rate):
                 self.push_frame(out)
 
     async def _watchdog(self) -> None:
-        """Close the session when the client goes quiet: no data channel in time, then no ping."""
-        timeout = self._config.connect_timeout_s
+        """Close the session when the peer shows no life: no audio and no message within
+        `connect_timeout_s` of the answer, then for `media_timeout_s` (`ping_timeout_s` once the
+        client sends pings). Any client keeps a call up by sending audio; pings are optional."""
+        timeout, reason = self._config.connect_timeout_s, "connect_timeout"
         while True:
             try:
                 async with asyncio.timeout(timeout):
-                    await self._ping.wait()
+                    await self._alive.wait()
             except TimeoutError:
-                self.request_close("ping_timeout" if self._channel else "connect_timeout")
+                self.request_close(reason)
                 return
-            self._ping.clear()
-            timeout = self._config.ping_timeout_s
+            self._alive.clear()
+            if self._pings:
+                timeout, reason = self._config.ping_timeout_s, "ping_timeout"
+            else:
+                timeout, reason = self._config.media_timeout_s, "media_timeout"
 
     async def _teardown(self) -> None:
         self.track.stop()

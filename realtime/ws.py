@@ -8,6 +8,7 @@ JSON events as text and paced 20 ms PCM16 mono frames at R2 (default 16000) as b
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -16,19 +17,24 @@ from config import ServerConfig
 from realtime.audio import InputFramer
 from realtime.events import Error, EventError, Ping, SessionStart, parse_client_event
 from realtime.output import FrameClock, PacedOutput
-from realtime.session import AgentFactory, Session, SessionRegistry
+from realtime.session import AgentFactory, Session, SessionLimitReached, SessionRegistry
 from runtime.audio import FRAME_MS, to_float
 
 START_TIMEOUT_S = 10.0
 MAX_AUDIO_MESSAGE_S = 1.0
 OUTBOX_LIMIT = 250  # 5 s of frames: a client that stops reading is closed, not buffered forever
+# The kernel's share of that bound: left to itself it grows a socket's send buffer to megabytes,
+# a minute of audio that a client which stopped reading would hold before the outbox even fills.
+SEND_BUFFER_BYTES = 64 * 1024
+CLOSE_TIMEOUT_S = 2.0  # a closing handshake with a client that does not read cannot finish
 
 
 class WebSocketSession(Session):
     """A Session carried by one WebSocket."""
 
-    def __init__(self, ws: web.WebSocketResponse, input_rate: int, output_rate: int) -> None:
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, input_rate: int, output_rate: int) -> None:
         self._ws = ws
+        self._transport = transport
         # One ordered outbox for events and audio, drained by a single writer task.
         self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
         super().__init__("websocket", PacedOutput(output_rate), self._send)
@@ -86,7 +92,13 @@ class WebSocketSession(Session):
             self._send(self.output.next_frame().astype("<i2").tobytes())
 
     async def _teardown(self) -> None:
-        await self._ws.close()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._ws.close()
+        except TimeoutError:
+            self.log.info("session.close_unacknowledged")
+            if self._transport is not None:
+                self._transport.abort()
 
 
 async def serve_websocket(
@@ -94,6 +106,9 @@ async def serve_websocket(
 ) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=config.ping_timeout_s, max_msg_size=config.max_body_bytes * 4)
     await ws.prepare(request)
+    transport = request.transport
+    if transport is not None and (sock := transport.get_extra_info("socket")) is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
             first = await ws.receive()
@@ -106,8 +121,13 @@ async def serve_websocket(
         await ws.close(code=1008, message=b"invalid session.start")
         return ws
 
-    session = WebSocketSession(ws, start.input_sample_rate, start.output_sample_rate)
-    registry.add(session)
+    session = WebSocketSession(ws, transport, start.input_sample_rate, start.output_sample_rate)
+    try:
+        registry.add(session)  # others may have filled the server since the upgrade
+    except SessionLimitReached as exc:
+        await ws.send_json(Error("session_limit", str(exc)).to_dict())
+        await ws.close(code=1013, message=b"session limit reached")
+        return ws
     session.start(factory)
     try:
         async for msg in ws:

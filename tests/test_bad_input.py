@@ -14,6 +14,7 @@ from tests.signals import speechlike
 
 pytestmark = pytest.mark.unit
 
+DEEP = "[" * 30000 + "]" * 30000  # JSON nested deeper than Python's parser goes, under the body limit
 VALID_LOOKING_SDP = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\n"
 
 
@@ -41,6 +42,7 @@ async def test_bad_requests_leave_a_healthy_call_alone(server):
             (dict(json={"sdp": VALID_LOOKING_SDP + "a=" + "x" * 70000, "type": "offer"}), 413, "body_too_large"),
             (dict(data="sdp=1", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415,
              "unsupported_media_type"),
+            (dict(data=DEEP, headers={"Content-Type": "application/json"}), 400, "invalid_json"),
         ]
         for kwargs, status, code in cases:
             got_status, body = await post(http, offer_url, **kwargs)
@@ -56,10 +58,16 @@ async def test_bad_requests_leave_a_healthy_call_alone(server):
             assert error["error"]["code"] == "invalid_session_start"
             closing = await ws.receive(timeout=5)
             assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-        async with http.ws_connect(f"{server.url}/ws") as ws:
-            await ws.send_str(json.dumps({"type": "session.start", "input_sample_rate": 12345}))
-            error = await ws.receive_json(timeout=5)
-            assert "input_sample_rate" in error["error"]["message"]
+        for start, field in (
+            ({"type": "session.start", "input_sample_rate": 12345}, "input_sample_rate"),
+            ({"type": "session.start", "input_sample_rate": 16000, "output_sample_rate": 16000.0}, "output_sample_rate"),
+            (DEEP, "session.start"),
+        ):
+            async with http.ws_connect(f"{server.url}/ws") as ws:
+                await ws.send_str(start if isinstance(start, str) else json.dumps(start))
+                error = await ws.receive_json(timeout=5)
+                assert error["error"]["code"] == "invalid_session_start" and field in error["error"]["message"]
+                assert (await ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
 
     # Bad messages on the healthy call's own data channel get error events and change nothing.
     healthy.send("{oops")

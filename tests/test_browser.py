@@ -78,11 +78,11 @@ async def test_browser_call_reaches_the_server_and_hangs_up(start_server, tmp_pa
         taps.append(TapAgent(io))
         return taps[-1]
 
-    server = await start_server(factory=factory)
+    server = await start_server(factory=factory, auth_token="s3cret")  # the page passes it on (the other test has none)
     driver = await asyncio.to_thread(chromium, fake_mic, tmp_path / "profile")
     try:
         def call() -> str:
-            driver.get(server.url)
+            driver.get(server.url + "/#token=s3cret")
             driver.find_element(By.ID, "call").click()
             WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "connection").text == "connected")
             return driver.find_element(By.TAG_NAME, "body").get_attribute("data-session-id")

@@ -447,6 +447,15 @@ async def test_a_cancelled_speculation_cancels_its_transcript(tmp_path):
     assert transcripts[0].cancelled()
 
 
+def test_a_line_torn_by_a_crash_leaves_the_turns_before_it_readable(tmp_path):
+    store = TranscriptStore(tmp_path)
+    store.append("sess_a", {"role": "user", "text": "hi"})
+    store.append("sess_a", {"role": "assistant", "text": "hello"})
+    with store.path("sess_a").open("ab") as f:
+        f.write(b'{"role": "user", "text": "how ar\xe2')  # killed mid-write, mid-character
+    assert [r["text"] for r in store.read("sess_a")] == ["hi", "hello"]
+
+
 def test_transcript_store_refuses_path_tricks(tmp_path):
     store = TranscriptStore(tmp_path)
     assert store.read("../../etc/passwd") is None

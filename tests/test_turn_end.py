@@ -57,6 +57,8 @@ async def _pause_until(rig: Rig, limit_frames: int) -> int:
         (TurnScores(audio=0.99, text=0.001), True, Verdict.UNFINISHED),
         (TurnScores(audio=0.9, text=0.05), True, Verdict.UNSURE),  # could end here: wait longer
         (TurnScores(audio=0.2, text=0.05), True, Verdict.UNFINISHED),
+        (TurnScores(audio=None, text=0.05, question=True), True, Verdict.COMPLETE),  # the ASR heard a question
+        (TurnScores(audio=None, text=0.005, question=True), True, Verdict.UNFINISHED),  # "Can you tell me?"
         (TurnScores(audio=0.9, text=None), True, Verdict.UNKNOWN),  # the text score is coming
         (TurnScores(audio=0.9, text=None), False, Verdict.COMPLETE),  # no text check: audio alone
         (TurnScores(audio=None, text=None), False, Verdict.UNKNOWN),
@@ -122,6 +124,20 @@ async def test_a_turn_that_might_go_on_waits_halfway(tmp_path):
     rig = _semantic_rig(tmp_path, ScriptedScores(audio=0.9, text=0.05))
     rig.frames(True, 30)
     assert await _pause_until(rig, 120) == 58  # the first frame at or past (300 + 2000) / 2 ms
+
+
+@pytest.mark.unit
+async def test_the_judge_notes_a_question_mark_with_the_transcript():
+    from controller.turn_end import TurnJudge
+    from runtime.tasks import TaskOwner
+
+    tasks = TaskOwner("test")
+    for transcript, question in (("Can you recommend a good book?", True), ("My favourite book is.", False)):
+        judge = TurnJudge(ScriptedScores(audio=0.9, text=0.05).scorers(), tasks)
+        judge.step(120, transcript)
+        await asyncio.gather(*tasks.tasks)
+        assert (judge.scores.text, judge.scores.question) == (0.05, question)
+        assert judge.verdict("medium") == (Verdict.COMPLETE if question else Verdict.UNKNOWN)
 
 
 @pytest.mark.unit

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import numpy as np
 import pytest
+from aiortc import RTCPeerConnection
 
 from controller.loopback import JITTER_RESERVE_MS
 from bench.peer import ClientPeer, OfferRefused
@@ -59,16 +61,48 @@ async def test_signal_comes_back_after_the_delay(server):
     assert leftovers == []
 
 
-async def test_a_client_that_stops_pinging_is_closed(start_server):
-    server = await start_server(ping_timeout_s=0.5)
-    peer = ClientPeer(server.url, ping_interval_s=None)
+async def test_a_client_that_stops_pinging_and_sending_is_closed(start_server):
+    server = await start_server(ping_timeout_s=0.5, media_timeout_s=30)
+    peer = ClientPeer(server.url, ping_interval_s=0.1)
     session_id = await peer.connect()
     session = server.registry.get(session_id)
+    await peer.changed.wait_for(lambda: len(peer.received) >= 10, timeout=5)  # 200 ms in: pings sent
+    peer.go_quiet()  # froze: no pings, no audio, no hang-up
     await asyncio.wait_for(session.closed.wait(), 5)
-    assert session.close_reason == "ping_timeout"
+    assert session.close_reason == "ping_timeout"  # a pinging client is missed sooner than media_timeout_s
     assert len(server.registry) == 0 and not session.tasks
     await peer.close()
 
+
+async def test_a_call_without_a_data_channel_lives_on_its_audio(start_server):
+    server = await start_server(media_timeout_s=0.5, ping_timeout_s=0.3)
+    peer = ClientPeer(server.url, data_channel=False)  # as OBS or a SIP gateway: audio, no pings
+    session_id = await peer.connect()
+    session = server.registry.get(session_id)
+    peer.speak(speechlike(3.0, 48000), 48000)
+    await peer.wait_audio(voiced_seconds=1.5, timeout=10)  # its echo, past several timeouts
+    assert not session.close_requested.is_set()
+    peer.go_quiet()
+    await asyncio.wait_for(session.closed.wait(), 5)
+    assert session.close_reason == "media_timeout"
+    assert len(server.registry) == 0 and not session.tasks
+    await peer.close()
+
+
+async def test_an_offer_that_never_connects_frees_its_slot(start_server):
+    server = await start_server(max_sessions=1, connect_timeout_s=0.5)
+    ghost = RTCPeerConnection()
+    ghost.addTransceiver("audio")
+    await ghost.setLocalDescription(await ghost.createOffer())
+    async with aiohttp.ClientSession() as http:  # the answer is never applied: nothing ever connects
+        async with http.post(f"{server.url}/api/offer", json={"sdp": ghost.localDescription.sdp, "type": "offer"}) as r:
+            session = server.registry.get((await r.json())["session_id"])
+    await asyncio.wait_for(session.closed.wait(), 5)
+    assert session.close_reason == "connect_timeout" and len(server.registry) == 0
+    caller = ClientPeer(server.url)
+    await caller.connect()  # the slot is free again
+    await caller.close()
+    await ghost.close()
 
 async def test_session_limit_answers_503(start_server):
     server = await start_server(max_sessions=1)

@@ -71,3 +71,39 @@ async def test_websocket_respects_the_session_limit(start_server):
                                                               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
                 assert r.status == 503
                 assert (await r.json())["error"]["code"] == "session_limit"
+
+
+async def test_a_session_start_past_the_limit_is_refused_clearly(start_server):
+    # Both upgrades find room; the first session.start takes it, the second gets a clear refusal.
+    server = await start_server(max_sessions=1)
+    start = json.dumps({"type": "session.start", "input_sample_rate": 16000})
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{server.url}/ws") as first, http.ws_connect(f"{server.url}/ws") as second:
+            await first.send_str(start)
+            assert (await next_event(first))["type"] == "session.created"
+            await second.send_str(start)
+            assert (await next_event(second))["error"]["code"] == "session_limit"
+            closing = await second.receive(timeout=5)
+            assert (closing.type, second.close_code) == (aiohttp.WSMsgType.CLOSE, 1013)
+            assert len(server.registry) == 1
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(start_server):
+    server = await start_server()
+    start = {"type": "session.start", "input_sample_rate": 16000, "output_sample_rate": 48000}
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{server.url}/ws")
+        await ws.send_str(json.dumps(start))
+        created = await next_event(ws)  # the last thing this client reads
+        session = server.registry.get(created["session"]["id"])
+        silence = bytes(640)
+        async with asyncio.timeout(40):
+            while not session.closed.is_set():  # it keeps sending, 20 ms of audio at a time
+                await ws.send_bytes(silence)
+                try:
+                    await asyncio.wait_for(session.closed.wait(), 0.02)
+                except TimeoutError:
+                    pass
+        assert session.close_reason == "client_too_slow"
+        assert len(server.registry) == 0 and not session.tasks
+        await ws.close()

@@ -17,6 +17,9 @@ const call = {
 };
 
 const AUDIBLE_LEVEL = 0.01;
+// A server started with --auth-token is opened as /#token=...: the fragment never leaves the browser.
+const TOKEN = new URLSearchParams(location.hash.slice(1)).get("token");
+const AUTH = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
 
 // The server cuts its history at what we actually played: report it while a reply plays. The
 // position counts from when the reply first became audible here, less the time it was paused.
@@ -213,7 +216,11 @@ async function startCall() {
   setConnection("connecting");
   let config;
   try {
-    const response = await fetch("/api/config");
+    const response = await fetch("/api/config", { headers: AUTH });
+    if (response.status === 401) {
+      showError("This server needs its token: open this page as /#token=YOUR_TOKEN.");
+      return endCall("failed");
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     config = await response.json();
   } catch (err) {
@@ -261,7 +268,7 @@ async function startCall() {
   try {
     response = await fetch("/api/offer", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...AUTH },
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer" }),
     });
   } catch (err) {

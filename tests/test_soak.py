@@ -1,0 +1,25 @@
+"""A three-minute soak (`python -m bench.soak` runs it for an hour): every question answered, and
+nothing of any call left in the server once they all hung up."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.local import local_server
+from bench.soak import soak, write
+
+pytestmark = pytest.mark.models
+
+
+async def test_three_minutes_of_calls_leave_nothing_behind(tmp_path):
+    async with local_server("embedded") as (url, pid):
+        result = await soak(url, pid, sessions=2, minutes=3, sample_s=5)
+    print(write(result, tmp_path / "soak"))
+    assert result.unanswered == 0 and result.turns >= 2 * 10
+    before, after = result.before, result.after
+    assert before is not None and after is not None
+    assert after.sessions == 0
+    assert after.tasks <= before.tasks, (before, after)
+    assert after.holdings.threads <= before.holdings.threads, (before, after)
+    assert after.holdings.fds <= before.holdings.fds, (before, after)
+    assert (tmp_path / "soak" / "soak.png").exists()
