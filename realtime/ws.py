@@ -22,7 +22,6 @@ from runtime.audio import FRAME_MS, to_float
 
 START_TIMEOUT_S = 10.0
 MAX_AUDIO_MESSAGE_S = 1.0
-OUTBOX_LIMIT = 250  # 5 s of frames: a client that stops reading is closed, not buffered forever
 # The kernel's share of that bound: left to itself it grows a socket's send buffer to megabytes,
 # a minute of audio that a client which stopped reading would hold before the outbox even fills.
 SEND_BUFFER_BYTES = 64 * 1024
@@ -32,13 +31,16 @@ CLOSE_TIMEOUT_S = 2.0  # a closing handshake with a client that does not read ca
 class WebSocketSession(Session):
     """A Session carried by one WebSocket."""
 
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, input_rate: int, output_rate: int) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, start: SessionStart, send_queue_s: float
+    ) -> None:
         self._ws = ws
         self._transport = transport
-        # One ordered outbox for events and audio, drained by a single writer task.
-        self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
-        super().__init__("websocket", PacedOutput(output_rate), self._send)
-        self.input_rate = input_rate
+        # One ordered outbox for events and audio, drained by a single writer task; a client that
+        # stops reading is closed once `send_queue_s` of frames wait in it, not buffered forever.
+        self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=max(1, round(send_queue_s * 1000 / FRAME_MS)))
+        super().__init__("websocket", PacedOutput(start.output_sample_rate), self._send)
+        self.input_rate = start.input_sample_rate
         self._framer = InputFramer()
         self.on_close(self._teardown)
 
@@ -121,7 +123,7 @@ async def serve_websocket(
         await ws.close(code=1008, message=b"invalid session.start")
         return ws
 
-    session = WebSocketSession(ws, transport, start.input_sample_rate, start.output_sample_rate)
+    session = WebSocketSession(ws, transport, start, config.ws_send_queue_s)
     try:
         registry.add(session)  # others may have filled the server since the upgrade
     except SessionLimitReached as exc:

@@ -75,12 +75,12 @@ async def test_a_client_that_stops_pinging_and_sending_is_closed(start_server):
 
 
 async def test_a_call_without_a_data_channel_lives_on_its_audio(start_server):
-    server = await start_server(media_timeout_s=0.5, ping_timeout_s=0.3)
+    server = await start_server(media_timeout_s=0.3, ping_timeout_s=0.2, connect_timeout_s=0.3)
     peer = ClientPeer(server.url, data_channel=False)  # as OBS or a SIP gateway: audio, no pings
     session_id = await peer.connect()
     session = server.registry.get(session_id)
-    peer.speak(speechlike(3.0, 48000), 48000)
-    await peer.wait_audio(voiced_seconds=1.5, timeout=10)  # its echo, past several timeouts
+    peer.speak(speechlike(1.5, 48000), 48000)
+    await peer.wait_audio(voiced_seconds=0.6, timeout=10)  # its echo (300 ms late), past every timeout
     assert not session.close_requested.is_set()
     peer.go_quiet()
     await asyncio.wait_for(session.closed.wait(), 5)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 import asyncio
+import base64
 import json
+import os
+import socket
+import struct
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -88,22 +93,60 @@ async def test_a_session_start_past_the_limit_is_refused_clearly(start_server):
             assert len(server.registry) == 1
 
 
+async def raw_websocket(url: str, window_bytes: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket client made by hand, with a small receive window: one that can stop reading
+    altogether (aiohttp's own client keeps reading into its buffers)."""
+    parts = urlsplit(url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window_bytes)
+    sock.connect((parts.hostname, parts.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked, final client frame (RFC 6455)."""
+    mask = os.urandom(4)
+    size = len(payload)
+    header = bytes([0x80 | opcode]) + (
+        bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + struct.pack("!H", size)
+    )
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def server_frame(reader: asyncio.StreamReader) -> bytes:
+    """The payload of the server's next frame (unmasked, final)."""
+    first, second = await reader.readexactly(2)
+    size = second & 0x7F
+    if size == 126:
+        (size,) = struct.unpack("!H", await reader.readexactly(2))
+    elif size == 127:
+        (size,) = struct.unpack("!Q", await reader.readexactly(8))
+    return await reader.readexactly(size)
+
+
 async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(start_server):
-    server = await start_server()
+    server = await start_server(ws_send_queue_s=0.2)
+    reader, writer = await raw_websocket(f"{server.url}/ws", window_bytes=4096)
     start = {"type": "session.start", "input_sample_rate": 16000, "output_sample_rate": 48000}
-    async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(f"{server.url}/ws")
-        await ws.send_str(json.dumps(start))
-        created = await next_event(ws)  # the last thing this client reads
-        session = server.registry.get(created["session"]["id"])
-        silence = bytes(640)
-        async with asyncio.timeout(40):
-            while not session.closed.is_set():  # it keeps sending, 20 ms of audio at a time
-                await ws.send_bytes(silence)
-                try:
-                    await asyncio.wait_for(session.closed.wait(), 0.02)
-                except TimeoutError:
-                    pass
-        assert session.close_reason == "client_too_slow"
-        assert len(server.registry) == 0 and not session.tasks
-        await ws.close()
+    writer.write(client_frame(0x1, json.dumps(start).encode()))
+    created = json.loads(await asyncio.wait_for(server_frame(reader), 5))  # the last thing it reads
+    session = server.registry.get(created["session"]["id"])
+    silence = client_frame(0x2, bytes(640))
+    async with asyncio.timeout(30):  # it keeps sending, 20 ms of audio at a time, and never reads
+        while not session.closed.is_set():
+            writer.write(silence)
+            try:
+                await asyncio.wait_for(session.closed.wait(), 0.02)
+            except TimeoutError:
+                pass
+    assert session.close_reason == "client_too_slow"
+    assert len(server.registry) == 0 and not session.tasks
+    writer.close()
