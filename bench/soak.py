@@ -3,8 +3,8 @@
     python -m bench.soak --local --sessions 8 --minutes 60
     python -m bench.soak --url http://127.0.0.1:8080 --server-pid PID --sessions 4 --minutes 10
 
-Each session is one WebRTC call that asks one question after another until the time is up, then
-hangs up. Before the calls (after one warm-up call) and every few seconds during them, the
+Each session is a caller who asks three questions in a WebRTC call, hangs up and calls again,
+until the time is up. Before the calls (after one warm-up round) and every few seconds during them, the
 server's resident memory, threads and open files are read from /proc, and its asyncio tasks from
 `/healthz`; again once every call has hung up. Results: soak.json, soak.md and soak.png.
 """
@@ -34,8 +34,10 @@ from runtime.tasks import TaskOwner
 PEER_RATE = 48000
 REPLY_TIMEOUT_S = 60.0
 THINK_S = 1.0  # the caller's pause between a reply's end and the next question
+TURNS_PER_CALL = 3  # then the caller hangs up and calls again
 WARM_UP_FRACTION = 0.3  # the memory slope is fitted after this share of the run
 SETTLE_TIMEOUT_S = 30.0
+LOCAL_ARGS = ("--offers-per-minute", "1000")  # every caller calls again every ~20 s from 127.0.0.1
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Sample:
 class SoakResult:
     sessions: int
     minutes: float
+    calls: int = 0  # after the warm-up round
     turns: int = 0
     unanswered: int = 0  # questions without a completed reply within REPLY_TIMEOUT_S
     before: Sample | None = None
@@ -70,6 +73,7 @@ class SoakResult:
         return {
             "sessions": self.sessions,
             "minutes": self.minutes,
+            "calls": self.calls,
             "turns": self.turns,
             "unanswered": self.unanswered,
             "rss_mb_per_hour": slope,
@@ -103,6 +107,7 @@ class Soak:
             # kept for later calls, not leaked.
             await self._calls(time.monotonic() + 5)
             self.result.before = await self._settled(http)
+            self.result.calls = 0
             self._began = time.monotonic()
             tasks = TaskOwner("soak")
             tasks.spawn(self._sample_every(http), "sampler")
@@ -116,17 +121,25 @@ class Soak:
     async def _calls(self, deadline: float) -> None:
         async with asyncio.TaskGroup() as calls:
             for index in range(self.result.sessions):
-                calls.create_task(self._call(deadline, index))
+                calls.create_task(self._session(deadline, index))
 
-    async def _call(self, deadline: float, index: int) -> None:
-        """One call that asks question after question until `deadline`, then hangs up."""
+    async def _session(self, deadline: float, index: int) -> None:
+        """Call after call, TURNS_PER_CALL questions each, until `deadline`: whatever a call
+        leaves behind adds up with the calls."""
+        turn = index
+        while time.monotonic() < deadline:
+            await self._call(deadline, turn)
+            turn += TURNS_PER_CALL
+
+    async def _call(self, deadline: float, first: int) -> None:
         peer = ClientPeer(self.url)
+        self.result.calls += 1
         try:
             await peer.connect()
-            turn = index
-            while time.monotonic() < deadline:
+            for turn in range(first, first + TURNS_PER_CALL):
+                if time.monotonic() >= deadline:
+                    break
                 peer.speak(self._questions[turn % len(self._questions)], PEER_RATE)
-                turn += 1
                 try:
                     await peer.wait_event(
                         "response.done", timeout=REPLY_TIMEOUT_S, predicate=lambda e: e["response"]["status"] == "completed"
@@ -134,7 +147,6 @@ class Soak:
                     self.result.turns += 1
                 except TimeoutError:
                     self.result.unanswered += 1
-                peer.received.clear()  # an hour of received audio would fill the client's memory
                 peer.events.clear()
                 await asyncio.sleep(THINK_S)  # the caller's pause, not a wait for an event
         finally:
@@ -171,7 +183,7 @@ def write(result: SoakResult, out: Path) -> str:
     left = summary["left_after_hang_up"]
     text = (
         f"### Soak: {result.sessions} sessions, {result.minutes} min\n\n"
-        f"turns answered {result.turns}, unanswered {result.unanswered}; "
+        f"calls {result.calls}, turns answered {result.turns}, unanswered {result.unanswered}; "
         f"RSS slope after warm-up {summary['rss_mb_per_hour']} MB/h "
         f"({summary['rss_mb_per_session_hour']} MB per session-hour)\n\n"
         f"after every call hung up, beyond the baseline: threads {left['threads']:+d}, open files {left['fds']:+d}, "
@@ -231,7 +243,7 @@ async def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     out = args.out / ("soak-" + time.strftime("%Y%m%d-%H%M%S"))
     if args.local:
-        async with local_server("embedded") as (url, pid):
+        async with local_server("embedded", *LOCAL_ARGS) as (url, pid):
             result = await soak(url, pid, args.sessions, args.minutes, args.sample_s)
     else:
         result = await soak(args.url, args.server_pid, args.sessions, args.minutes, args.sample_s)

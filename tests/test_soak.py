@@ -6,20 +6,22 @@ from __future__ import annotations
 import pytest
 
 from bench.local import local_server
-from bench.soak import soak, write
+from bench.soak import LOCAL_ARGS, soak, write
 
 pytestmark = pytest.mark.models
 
 
 async def test_three_minutes_of_calls_leave_nothing_behind(tmp_path):
-    async with local_server("embedded") as (url, pid):
+    async with local_server("embedded", *LOCAL_ARGS) as (url, pid):
         result = await soak(url, pid, sessions=2, minutes=3, sample_s=5)
     print(write(result, tmp_path / "soak"))
-    assert result.unanswered == 0 and result.turns >= 2 * 10
+    assert result.unanswered == 0 and result.turns >= 2 * 10 and result.calls >= 10
     before, after = result.before, result.after
     assert before is not None and after is not None
     assert after.sessions == 0
     assert after.tasks <= before.tasks, (before, after)
-    assert after.holdings.threads <= before.holdings.threads, (before, after)
     assert after.holdings.fds <= before.holdings.fds, (before, after)
+    # Pools that grow on demand up to a bound (asyncio's executor: 6 threads here) may add a
+    # thread or two; a thread left by every call would add one per call (10 or more).
+    assert after.holdings.threads <= before.holdings.threads + 2, (before, after)
     assert (tmp_path / "soak" / "soak.png").exists()
