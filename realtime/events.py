@@ -65,6 +65,15 @@ class SessionState(ServerEvent):
 
 
 @dataclass(frozen=True)
+class SessionClosed(ServerEvent):
+    """The server ends the call (`reason`: server_shutdown, media_timeout, client_too_slow, ...);
+    the last event of a session, sent before its transport closes."""
+
+    type = "session.closed"
+    reason: str
+
+
+@dataclass(frozen=True)
 class SessionSummary(ServerEvent):
     """The session's counters so far (speculative starts, commits, cancels, responses, barge-ins)."""
 

@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Protocol
 import numpy as np
 import structlog
 
-from realtime.events import ClientEvent, EventEncoder, ServerEvent
+from realtime.events import ClientEvent, EventEncoder, ServerEvent, SessionClosed
 from realtime.output import PacedOutput
 from runtime.tasks import TaskOwner
 
@@ -121,8 +121,9 @@ class Session:
         if self._closing:
             await self.closed.wait()
             return
-        self._closing = True
         self.close_reason = self.close_reason or reason
+        self.emit(SessionClosed(self.close_reason))  # the last event: the teardown lets it go out
+        self._closing = True
         self.close_requested.set()
         await self._tasks.aclose(keep=asyncio.current_task())
         for callback in self._on_close:

@@ -29,6 +29,7 @@ from runtime.audio import FRAME_MS
 
 OUTPUT_RATE = 48000
 PENDING_EVENTS_LIMIT = 256  # events emitted before the data channel opens
+DRAIN_TIMEOUT_S = 1.0  # at hang-up, for the last events to leave
 
 
 # aiortc holds each received audio frame until 4 more have come (80 ms), as a player would to ride
@@ -203,7 +204,22 @@ class WebRTCSession(Session):
 
     async def _teardown(self) -> None:
         self.track.stop()
+        await self._drain_events()
         await self.pc.close()
+
+    async def _drain_events(self) -> None:
+        """Let the queued events (session.closed last) reach the network: closing the peer drops
+        what SCTP still holds."""
+        channel = self._channel
+        if channel is None or channel.readyState != "open" or channel.bufferedAmount == 0:
+            return
+        drained = asyncio.Event()
+        channel.once("bufferedamountlow", drained.set)
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                await drained.wait()
+        except TimeoutError:
+            self.log.info("session.events_undelivered", bytes=channel.bufferedAmount)
 
 
 async def open_webrtc_session(

@@ -93,9 +93,20 @@ class WebSocketSession(Session):
             await clock.tick()
             self._send(self.output.next_frame().astype("<i2").tobytes())
 
+    async def _send_left_events(self) -> None:
+        """The writer is gone: send the events it left (session.closed last), not the audio."""
+        try:
+            while not self._outbox.empty():
+                message = self._outbox.get_nowait()
+                if isinstance(message, str):
+                    await self._ws.send_str(message)
+        except ConnectionError:  # the client went first
+            pass
+
     async def _teardown(self) -> None:
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._send_left_events()
                 await self._ws.close()
         except TimeoutError:
             self.log.info("session.close_unacknowledged")

@@ -1,7 +1,10 @@
-"""A crash loses no completed turn: the server is killed with SIGKILL right after a reply ends."""
+"""A crash loses no completed turn (SIGKILL right after a reply ends), and a shutdown (SIGTERM)
+tells every call why it ends."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 
@@ -10,14 +13,18 @@ import pytest
 
 from bench.local import local_server
 from bench.peer import ClientPeer
+from realtime.webrtc import use_loopback_ice_only
 
-pytestmark = pytest.mark.models
+@pytest.fixture(autouse=True)
+def loopback_client() -> None:
+    use_loopback_ice_only()  # the servers here listen on 127.0.0.1 only; so must this client
 
 
 def typed(text: str) -> dict:
     return {"type": "conversation.item.create", "item": {"role": "user", "content": [{"type": "input_text", "text": text}]}}
 
 
+@pytest.mark.models
 async def test_every_completed_turn_survives_a_sigkill(tmp_path):
     data_dir = str(tmp_path / "data")
     questions = ("What is the capital of France?", "And what is the capital of Italy?")
@@ -42,3 +49,26 @@ async def test_every_completed_turn_survives_a_sigkill(tmp_path):
         ("user", questions[0]), ("assistant", answers[0]), ("user", questions[1]), ("assistant", answers[1])
     ]
     assert all(t["status"] == "completed" for t in turns)
+
+
+@pytest.mark.unit
+async def test_sigterm_ends_every_call_with_a_last_event(tmp_path):
+    async with local_server("loopback", "--data-dir", str(tmp_path / "data")) as (url, pid):
+        peer = ClientPeer(url)
+        await peer.connect()
+        await peer.wait_event("session.created")
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(f"{url}/ws") as ws:
+                await ws.send_str(json.dumps({"type": "session.start", "input_sample_rate": 16000}))
+                assert (await ws.receive_json(timeout=5))["type"] == "session.created"
+                os.kill(pid, signal.SIGTERM)
+                closed = await peer.wait_event("session.closed", timeout=10)
+                assert closed["reason"] == "server_shutdown"
+                async with asyncio.timeout(10):
+                    async for message in ws:  # its audio, then the last event, then the close
+                        if message.type == aiohttp.WSMsgType.TEXT and json.loads(message.data)["type"] == "session.closed":
+                            assert json.loads(message.data)["reason"] == "server_shutdown"
+                            break
+                    else:
+                        raise AssertionError("the WebSocket closed without session.closed")
+        await peer.close()

@@ -111,6 +111,9 @@ function onServerEvent(event) {
     case "session.state":
       setAgentState(event.state.replace("_", " "));
       break;
+    case "session.closed":
+      showError(`The server ended the call (${event.reason.replaceAll("_", " ")}).`);
+      break;
     case "input_audio_buffer.speech_started":
       turnElement(event.item_id, "user").classList.add("partial");
       break;
