@@ -58,6 +58,7 @@ class ServerConfig:
     auth_token: str | None = None  # when set, /api/* and /ws need it as a bearer token
     allowed_origins: tuple[str, ...] = ()  # pages elsewhere than this server that may use it
     offers_per_minute: int = 20  # per client address
+    pending_offers_per_address: int = 4  # answered offers not connected yet, per client address
     ws_send_queue_s: float = 5.0  # /ws: messages a client has not read, beyond the socket's buffer
     data_dir: Path = Path("data")
 
@@ -382,6 +383,7 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--auth-token", _non_empty, "require this bearer token on /api/* and /ws (the page takes it as #token=...); prefer the environment variable"),
     _Flag("--allowed-origin", _non_empty, "a web origin other than this server's own whose pages may use it (e.g. https://app.example.com); repeatable", repeat=True),
     _Flag("--ws-send-queue-s", _positive_float, "/ws: close a client that leaves this much audio unread beyond a 64 KiB socket buffer (default 5)"),
+    _Flag("--pending-offers-per-address", _positive_int, "answered offers from one address that may wait to connect at once before HTTP 429 (default 4)"),
     _Flag("--offers-per-minute", _positive_int, "offers one client address may make in a minute before HTTP 429 (default 20)"),
     _Flag("--cert", _existing_file, "TLS certificate (PEM) to serve HTTPS"),
     _Flag("--key", _existing_file, "TLS private key (PEM) to serve HTTPS"),

@@ -23,7 +23,9 @@ async def local_server(profile: str, *args: str) -> AsyncIterator[tuple[str, int
     """The server's URL and pid; `args` are more command-line flags."""
     port = free_port()
     command = [
-        sys.executable, "run_server.py", "--port", str(port), "--loopback-ice", "--profile", profile, "--max-sessions", "32", *args
+        sys.executable, "run_server.py", "--port", str(port), "--loopback-ice", "--profile", profile, "--max-sessions", "32",
+        # One client address opens every call of a run, many at once and again and again.
+        "--pending-offers-per-address", "32", "--offers-per-minute", "1000", *args
     ]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

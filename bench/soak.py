@@ -37,7 +37,6 @@ THINK_S = 1.0  # the caller's pause between a reply's end and the next question
 TURNS_PER_CALL = 3  # then the caller hangs up and calls again
 WARM_UP_FRACTION = 0.3  # the memory slope is fitted after this share of the run
 SETTLE_TIMEOUT_S = 30.0
-LOCAL_ARGS = ("--offers-per-minute", "1000")  # every caller calls again every ~20 s from 127.0.0.1
 
 
 @dataclass
@@ -243,7 +242,7 @@ async def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     out = args.out / ("soak-" + time.strftime("%Y%m%d-%H%M%S"))
     if args.local:
-        async with local_server("embedded", *LOCAL_ARGS) as (url, pid):
+        async with local_server("embedded") as (url, pid):
             result = await soak(url, pid, args.sessions, args.minutes, args.sample_s)
     else:
         result = await soak(args.url, args.server_pid, args.sessions, args.minutes, args.sample_s)

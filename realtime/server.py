@@ -18,7 +18,7 @@ from config import AppConfig, ServerConfig
 from realtime.access import PROTECTED_PREFIXES, OfferRate, origin_allowed, token_matches
 from realtime.events import MAX_MESSAGE_BYTES
 from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry
-from realtime.webrtc import open_webrtc_session, use_loopback_ice_only
+from realtime.webrtc import TooManyPendingOffers, open_webrtc_session, use_loopback_ice_only
 from realtime.ws import serve_websocket
 
 log = structlog.get_logger()
@@ -116,10 +116,16 @@ class Routes:
             return json_error(400, "invalid_sdp", "the SDP offer has no audio section")
         try:
             session, answer = await open_webrtc_session(
-                RTCSessionDescription(sdp=body["sdp"], type="offer"), self.config.server, self.registry, self.factory
+                RTCSessionDescription(sdp=body["sdp"], type="offer"),
+                self.config.server,
+                self.registry,
+                self.factory,
+                request.remote,
             )
         except SessionLimitReached as exc:
             return json_error(503, "session_limit", str(exc))
+        except TooManyPendingOffers as exc:
+            return json_error(429, "too_many_pending_offers", str(exc))
         except Exception as exc:  # aiortc raises assorted errors for SDP it cannot use
             return json_error(400, "invalid_sdp", f"cannot use this SDP offer: {exc}")
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})

@@ -10,7 +10,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, Protocol
+from typing import Any, Awaitable, Callable, Coroutine, Iterator, Protocol
 
 import numpy as np
 import structlog
@@ -68,6 +68,8 @@ class Session:
         self._on_close: list[Callable[[], Awaitable[None]]] = []
         self.agent: Agent | None = None
         self.log = log.bind(session_id=self.id, transport=transport)
+        self.remote_address: str | None = None  # the client's, for limits per address
+        self.pending = False  # answered, but the peer has shown no life yet (WebRTC)
 
     @property
     def tasks(self) -> frozenset[asyncio.Task[Any]]:
@@ -170,8 +172,15 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
+
+    def pending_from(self, address: str | None) -> int:
+        """Sessions opened from `address` whose peer has not shown life yet."""
+        return sum(1 for s in self._sessions.values() if s.pending and s.remote_address == address)
 
     def check_capacity(self) -> None:
         if len(self._sessions) >= self.max_sessions:

@@ -197,6 +197,7 @@ class WebRTCSession(Session):
                 self.request_close(reason)
                 return
             self._alive.clear()
+            self.pending = False
             if self._pings:
                 timeout, reason = self._config.ping_timeout_s, "ping_timeout"
             else:
@@ -222,17 +223,31 @@ class WebRTCSession(Session):
             self.log.info("session.events_undelivered", bytes=channel.bufferedAmount)
 
 
-async def open_webrtc_session(
-    offer: RTCSessionDescription, config: ServerConfig, registry: SessionRegistry, factory: AgentFactory
-) -> tuple[WebRTCSession, RTCSessionDescription]:
-    """Answer an offer with a new registered session.
+class TooManyPendingOffers(RuntimeError):
+    pass
 
-    Raises SessionLimitReached when full, and any error of the offer's own after closing the session.
+
+async def open_webrtc_session(
+    offer: RTCSessionDescription,
+    config: ServerConfig,
+    registry: SessionRegistry,
+    factory: AgentFactory,
+    address: str | None = None,
+) -> tuple[WebRTCSession, RTCSessionDescription]:
+    """Answer an offer from `address` with a new registered session.
+
+    Raises SessionLimitReached when full, TooManyPendingOffers when `address` already holds
+    `pending_offers_per_address` sessions that never showed life, and any error of the offer's own
+    after closing the session.
     """
     registry.check_capacity()
+    pending = registry.pending_from(address)
+    if pending >= config.pending_offers_per_address:
+        raise TooManyPendingOffers(f"{pending} offers from this address have not connected yet")
     if config.loopback_ice:
         offer = RTCSessionDescription(sdp=keep_loopback_candidates(offer.sdp), type=offer.type)
     session = WebRTCSession(config)
+    session.remote_address, session.pending = address, True
     registry.add(session)
     try:
         answer = await session.answer(offer)

@@ -143,3 +143,22 @@ async def test_flush_silences_the_very_next_frame(server):
     session.output.flush()
     assert np.all(session.output.next_frame() == 0)
     await peer.close()
+
+
+async def test_one_address_may_hold_only_a_few_offers_that_never_connect(start_server):
+    server = await start_server(pending_offers_per_address=2, connect_timeout_s=1.0)
+    ghosts = [RTCPeerConnection() for _ in range(3)]
+    statuses = []
+    async with aiohttp.ClientSession() as http:
+        for ghost in ghosts:  # offers whose answers are never applied
+            ghost.addTransceiver("audio")
+            await ghost.setLocalDescription(await ghost.createOffer())
+            async with http.post(f"{server.url}/api/offer", json={"sdp": ghost.localDescription.sdp, "type": "offer"}) as r:
+                statuses.append((r.status, (await r.json()).get("error", {}).get("code")))
+    assert statuses == [(200, None), (200, None), (429, "too_many_pending_offers")]
+    await asyncio.wait_for(asyncio.gather(*(s.closed.wait() for s in server.registry)), 5)
+    caller = ClientPeer(server.url)  # once they timed out, the address may call
+    await caller.connect()
+    await caller.close()
+    for ghost in ghosts:
+        await ghost.close()
