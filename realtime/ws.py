@@ -22,8 +22,8 @@ from runtime.audio import FRAME_MS, to_float
 
 START_TIMEOUT_S = 10.0
 MAX_AUDIO_MESSAGE_S = 1.0
-# The kernel's share of that bound: left to itself it grows a socket's send buffer to megabytes,
-# a minute of audio that a client which stopped reading would hold before the outbox even fills.
+# The kernel's share of what a client may leave unread (the outbox holds the rest): left to itself
+# it grows a socket's send buffer to megabytes, a minute of audio held before the outbox even fills.
 SEND_BUFFER_BYTES = 64 * 1024
 CLOSE_TIMEOUT_S = 2.0  # a closing handshake with a client that does not read cannot finish
 
