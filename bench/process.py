@@ -18,28 +18,14 @@ def _status(pid: int, key: str) -> int:
     return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(key))
 
 
-def thread_names(pid: int) -> dict[str, int]:
-    """How many threads of a process bear each name, digits dropped ("asyncio_3" -> "asyncio_")."""
-    names: dict[str, int] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip().rstrip("0123456789")
-        except FileNotFoundError:  # the thread ended while being listed
-            continue
-        names[name] = names.get(name, 0) + 1
-    return names
-
-
 @dataclass(frozen=True)
 class Holdings:
-    """A process's resident memory (MB), threads (by name) and open file descriptors at one moment."""
+    """A process's resident memory (MB), threads and open file descriptors at one moment."""
 
     rss_mb: float
     threads: int
     fds: int
-    names: dict[str, int]
 
     @classmethod
     def of(cls, pid: int) -> Holdings:
-        names = thread_names(pid)
-        return cls(round(_status(pid, "VmRSS") / 1024, 1), sum(names.values()), len(os.listdir(f"/proc/{pid}/fd")), names)
+        return cls(round(_status(pid, "VmRSS") / 1024, 1), _status(pid, "Threads"), len(os.listdir(f"/proc/{pid}/fd")))
