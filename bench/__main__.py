@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from bench import report
 from bench.local import local_server
 from bench.harness import DEFAULT_OFFER_PATH, Transcribe, as_rows, run_sessions
+from bench.impair import Impairment
 from bench.peer import BROWSER_PLAYOUT_FRAMES
 from bench.process import process_usage
 from bench.scenarios import EspeakVoice, Scenario, Voice, builtin, load_manifest
@@ -53,6 +54,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"received frames the client holds before playing one (default {BROWSER_PLAYOUT_FRAMES}, a browser's "
         "30 ms measured by bench.browser_jitter; 4 is aiortc's own, as in runs before 2026-11-25)",
     )
+    parser.add_argument(
+        "--impair",
+        type=Impairment.parse,
+        help='a bad network for every call, e.g. "loss=10%%,delay=50ms,jitter=20ms,mtu=1280": each call\'s media '
+        "and events go through a UDP relay on 127.0.0.1 that drops, delays, jitters and size-caps them both ways",
+    )
     parser.add_argument("--server-pid", type=int, help="pid of the server, for its CPU and memory per session")
     parser.add_argument("--no-asr", action="store_true", help="skip transcribing the agent's audio")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -86,10 +93,13 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[i
         plays = chosen if level == 1 else swept
         before = process_usage(pid) if pid else None
         started = time.monotonic()
-        results, holes = await run_sessions(
-            url, plays, level, transcribe, args.offer_path, args.signaling == "ours", args.transport, args.playout_frames
+        results, totals = await run_sessions(
+            url, plays, level, transcribe, args.offer_path, args.signaling == "ours", args.transport, args.playout_frames,
+            args.impair,
         )
-        run: dict[str, Any] = {"turns": as_rows(results), "underruns": holes}
+        run: dict[str, Any] = {"turns": as_rows(results), **totals.as_dict()}
+        if args.impair:
+            run["impairment"] = str(args.impair)
         if pid and before:
             cpu, rss = process_usage(pid)
             run["cpu_percent_per_session"] = round(100 * (cpu - before[0]) / (time.monotonic() - started) / level, 1)

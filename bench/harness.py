@@ -25,6 +25,7 @@ from bench.analysis import (
     speech_segments,
     underruns,
 )
+from bench.impair import Direction, Impairment
 from bench.metrics import word_error_rate
 from bench.peer import BROWSER_PLAYOUT_FRAMES, ClientPeer
 from bench.peer import RATE as PEER_RATE
@@ -83,11 +84,12 @@ class SessionRun:
     def __init__(
         self, url: str, index: int, transcribe: Transcribe | None, offer_path: str, events: bool, transport: str,
         playout_frames: int = BROWSER_PLAYOUT_FRAMES,
+        impairment: Impairment | None = None,
     ) -> None:
         self.peer: ClientPeer | WsPeer = (
             WsPeer(url)
             if transport == "ws"
-            else ClientPeer(url, offer_path=offer_path, events=events, playout_frames=playout_frames)
+            else ClientPeer(url, offer_path=offer_path, events=events, playout_frames=playout_frames, impairment=impairment)
         )
         self.heard = HeardLog(self.peer)
         self.index = index
@@ -249,33 +251,59 @@ class SessionRun:
         await self.peer.close()
 
 
+@dataclass
+class CallTotals:
+    """What the calls of one run add up to, beyond their turns."""
+
+    underruns: int = 0  # holes in the received audio
+    event_stalls: int = 0  # pings whose pong took over a second (WebRTC with events)
+    to_server: Direction = field(default_factory=Direction)  # datagrams through an impairment relay
+    to_client: Direction = field(default_factory=Direction)
+
+    def add(self, run: SessionRun) -> None:
+        self.underruns += run.underruns()
+        peer = run.peer
+        if isinstance(peer, ClientPeer):
+            self.event_stalls += peer.event_stalls()
+            if peer.relay is not None:
+                for mine, theirs in ((self.to_server, peer.relay.stats.to_server), (self.to_client, peer.relay.stats.to_client)):
+                    mine.sent += theirs.sent
+                    mine.lost += theirs.lost
+                    mine.too_big += theirs.too_big
+                    mine.largest = max(mine.largest, theirs.largest)
+
+    def as_dict(self) -> dict[str, Any]:
+        network = {"to_server": self.to_server.as_dict(), "to_client": self.to_client.as_dict()}
+        return {"underruns": self.underruns, "event_stalls": self.event_stalls, "network": network}
+
+
 async def run_sessions(
     url: str, scenarios: list[Scenario], sessions: int, transcribe: Transcribe | None,
     offer_path: str = DEFAULT_OFFER_PATH,
     events: bool = True,
     transport: str = "webrtc",
     playout_frames: int = BROWSER_PLAYOUT_FRAMES,
-) -> tuple[list[TurnResult], int]:
-    """`sessions` calls at once, each playing every scenario in turn (a fresh call per scenario).
-    Returns every turn and the output underruns counted over all calls."""
+    impairment: Impairment | None = None,
+) -> tuple[list[TurnResult], CallTotals]:
+    """`sessions` calls at once, each playing every scenario in turn (a fresh call per scenario),
+    each through its own relay with `impairment` if given. Returns every turn and the totals."""
     results: list[TurnResult] = []
-    holes = 0
+    totals = CallTotals()
 
     async def one(index: int) -> None:
-        nonlocal holes
         for scenario in scenarios:
-            run = SessionRun(url, index, transcribe, offer_path, events, transport, playout_frames)
+            run = SessionRun(url, index, transcribe, offer_path, events, transport, playout_frames, impairment)
             try:
                 await run.play(scenario)
             finally:
                 results.extend(run.results)
-                holes += run.underruns()
+                totals.add(run)
                 await run.close()
 
     async with asyncio.TaskGroup() as group:
         for index in range(sessions):
             group.create_task(one(index))
-    return results, holes
+    return results, totals
 
 
 def as_rows(results: list[TurnResult]) -> list[dict[str, Any]]:

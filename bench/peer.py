@@ -4,6 +4,7 @@ recorded with arrival times, the server's events, and the data-channel ping."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -15,10 +16,13 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
+from bench.impair import Impairment, UdpRelay
 from realtime.audio import frame_to_mono
 from realtime.events import ChunkJoiner, ClientEvent, Ping
 from realtime.output import PacedOutput
-from realtime.webrtc import PacedAudioTrack, hold_received_frames
+from realtime import opus, sctp
+from realtime.opus import hold_received_frames
+from realtime.webrtc import PacedAudioTrack
 from runtime.tasks import TaskOwner
 
 RATE = 48000
@@ -80,6 +84,7 @@ class ClientPeer:
         data_channel: bool = True,
         playout_frames: int = BROWSER_PLAYOUT_FRAMES,
         headers: dict[str, str] | None = None,
+        impairment: Impairment | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.offer_path = offer_path
@@ -89,11 +94,17 @@ class ClientPeer:
         self.expect_events = events and data_channel
         self.playout_frames = playout_frames  # received frames held before one is played
         self.mic = PacedOutput(RATE)
+        opus.install()  # as a browser: FEC sent, losses concealed,
+        sctp.install()  # and data-channel retransmission on Chromium's timers
         self.pc = RTCPeerConnection()
         self.session_id: str | None = None
         self.events: list[dict[str, Any]] = []
         self.received: list[ReceivedFrame] = []
         self._ping_interval_s = ping_interval_s
+        self._pings_sent: dict[str, float] = {}
+        self.ping_round_trips: list[tuple[float, float]] = []  # (sent at, seconds to its pong)
+        self.pongs: set[str] = set()  # the event_ids the server's pongs answered
+        self.relay = UdpRelay(impairment) if impairment is not None else None  # the media path goes through it
         self._pinger: asyncio.Task[None] | None = None
         self._joiner = ChunkJoiner()
         self._tasks = TaskOwner("peer")
@@ -107,13 +118,17 @@ class ClientPeer:
     async def connect(self, timeout: float = 10.0) -> str:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        if self.relay is not None:
+            await self.relay.start()
+            offer["sdp"] = self.relay.steer_offer(offer["sdp"])
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{self.base_url}{self.offer_path}", json=offer, headers=self.headers) as response:
                 body = await response.json()
                 if response.status != 200:
                     raise OfferRefused(response.status, body)
         self.session_id = body.get("session_id") or body.get("pc_id") or ""
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+        sdp = body["sdp"] if self.relay is None else self.relay.steer_answer(body["sdp"])
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=body["type"]))
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio":
                 hold_received_frames(transceiver.receiver, self.playout_frames)
@@ -123,12 +138,12 @@ class ClientPeer:
             await self.changed.wait_for(lambda: self.channel is not None and self.channel.readyState == "open", timeout)
         return self.session_id
 
-    def send(self, event: ClientEvent | dict[str, Any] | str) -> None:
-        """A client event; a dict or a string goes as it is (tests send malformed ones)."""
+    def send(self, event: ClientEvent | dict[str, Any] | str | bytes) -> None:
+        """A client event; a dict, a string or bytes go as they are (tests send malformed ones)."""
         assert self.channel is not None, "this peer has no data channel"
         if isinstance(event, ClientEvent):
             event = event.to_dict()
-        self.channel.send(event if isinstance(event, str) else json.dumps(event))
+        self.channel.send(event if isinstance(event, (str, bytes)) else json.dumps(event))
 
     def speak(self, pcm: np.ndarray, sample_rate: int) -> None:
         self.mic.write(pcm, sample_rate)
@@ -142,14 +157,28 @@ class ClientPeer:
 
     async def _ping(self) -> None:
         assert self.channel is not None
-        while True:
+        for number in itertools.count():
             if self.channel.readyState == "open":
-                self.send(Ping())
+                event_id = f"ping_{number}"
+                self._pings_sent[event_id] = time.monotonic()
+                self.send(Ping(event_id=event_id))
             await asyncio.sleep(self._ping_interval_s)
+
+    def event_stalls(self, over_s: float = 1.0) -> int:
+        """Pings whose pong took longer than `over_s`, or has not come though it is that late."""
+        late = sum(1 for _, seconds in self.ping_round_trips if seconds > over_s)
+        answered = {sent for sent, _ in self.ping_round_trips}
+        now = time.monotonic()
+        return late + sum(1 for sent in self._pings_sent.values() if sent not in answered and now - sent > over_s)
 
     def _on_message(self, text: str) -> None:
         event = self._joiner.feed(text)
-        if event is not None:
+        if event is not None and event["type"] == "pong":
+            self.pongs.add(str(event.get("event_id")))
+            sent = self._pings_sent.get(event.get("event_id") or "")
+            if sent is not None:
+                self.ping_round_trips.append((sent, time.monotonic() - sent))
+        elif event is not None:
             event["_received"] = time.monotonic()
             self.events.append(event)
             self.changed.notify()
@@ -192,3 +221,5 @@ class ClientPeer:
     async def close(self) -> None:
         await self._tasks.aclose()
         await self.pc.close()
+        if self.relay is not None:
+            self.relay.close()

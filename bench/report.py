@@ -38,10 +38,17 @@ def summarize(by_level: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
             "false_cutoffs": sum(r["false_cutoff"] for r in rows),
             "split_turns": sum(r.get("split_turn", False) for r in rows),
             "underruns": run["underruns"],
+            "replies_heard": replies_heard(rows),
             "scenarios": by_scenario(rows),
-            **{k: run[k] for k in ("cpu_percent_per_session", "rss_mb") if k in run},
+            **{k: run[k] for k in ("event_stalls", "network", "impairment", "cpu_percent_per_session", "rss_mb") if k in run},
         }
     return out
+
+
+def replies_heard(rows: list[dict[str, Any]]) -> str:
+    """Of the turns that wait for a reply (they have a timeline), those whose reply was heard."""
+    waiting = [r for r in rows if r.get("timeline")]
+    return f"{sum(r['client_v2v_ms'] is not None for r in waiting)}/{len(waiting)}"
 
 
 def by_scenario(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -73,8 +80,18 @@ def markdown(summary: dict[int, dict[str, Any]]) -> str:
                 lines.append(f"| {metric} | {s['n']} | {s['p50']} | {s['p90']} | {s['p95']} | {s['max']} |")
         extra = (
             f"false starts {block['false_starts']}, false cut-offs {block['false_cutoffs']}, "
-            f"split turns {block['split_turns']}, output underruns {block['underruns']}"
+            f"split turns {block['split_turns']}, replies heard {block['replies_heard']}, output underruns {block['underruns']}"
         )
+        if "event_stalls" in block:
+            extra += f", event stalls over 1 s {block['event_stalls']}"
+        if "impairment" in block:
+            net = block["network"]
+            sent = sum(d["sent"] + d["lost"] + d["too_big"] for d in net.values())
+            lost = sum(d["lost"] for d in net.values())
+            extra += (
+                f"; network {block['impairment']}: {lost}/{sent} datagrams lost, "
+                f"{sum(d['too_big'] for d in net.values())} over the MTU, largest {max(d['largest'] for d in net.values())} bytes"
+            )
         if "cpu_percent_per_session" in block:
             extra += f", server CPU {block['cpu_percent_per_session']} % per session, RSS {block['rss_mb']} MB"
         lines += ["", extra, ""]

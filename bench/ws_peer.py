@@ -24,6 +24,7 @@ class WsPeer:
         self.mic = PacedOutput(RATE)
         self.events: list[dict[str, Any]] = []
         self.received: list[ReceivedFrame] = []
+        self.pongs: set[str] = set()  # the event_ids the server's pongs answered
         self.changed = Notifier()
         self.session_id = ""
         self.expect_events = True
@@ -45,6 +46,14 @@ class WsPeer:
     def _created(self) -> dict[str, Any] | None:
         return next((e for e in self.events if e["type"] == "session.created"), None)
 
+    async def send(self, message: str | bytes) -> None:
+        """A text message, or binary (which the server takes as audio), as it is."""
+        assert self._ws is not None
+        if isinstance(message, str):
+            await self._ws.send_str(message)
+        else:
+            await self._ws.send_bytes(message)
+
     def speak(self, pcm: np.ndarray, sample_rate: int) -> None:
         self.mic.write(pcm, sample_rate)
 
@@ -63,7 +72,9 @@ class WsPeer:
                 self.received.append(ReceivedFrame(time.monotonic(), pcm))
             elif message.type == aiohttp.WSMsgType.TEXT:
                 event = self._joiner.feed(message.data)
-                if event is not None:
+                if event is not None and event["type"] == "pong":
+                    self.pongs.add(str(event.get("event_id")))
+                elif event is not None:
                     event["_received"] = time.monotonic()
                     self.events.append(event)
             self.changed.notify()

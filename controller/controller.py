@@ -422,6 +422,9 @@ class Controller:
         return self._tasks.tasks
 
     async def _shutdown(self) -> None:
+        # A hang-up (or a caller gone silent) mid-reply keeps what was heard, as a barge-in does.
+        self._end_held("interrupted")
+        self._interrupt("interrupted")
         await self._tasks.aclose()
         await self.models.tokenizer.aclose()
         self.log.info("controller.summary", state=self.state.value, **asdict(self.counters))

@@ -184,6 +184,14 @@ class MetricsTurn(ServerEvent):
 
 
 @dataclass(frozen=True)
+class Pong(ServerEvent):
+    """Answers a `ping` at once: the client measures the event path's round trip (and sees a stall)."""
+
+    type = "pong"
+    event_id: str | None = None  # the ping's
+
+
+@dataclass(frozen=True)
 class Error(ServerEvent):
     type = "error"
     code: str
@@ -239,7 +247,7 @@ class ClientEvent:
 
 @dataclass(frozen=True)
 class Ping(ClientEvent):
-    """Keeps a WebRTC session alive: the server hangs up a client that stops sending events."""
+    """Optional: a client that pings each second is missed sooner when it goes silent; answered by `pong`."""
 
     type = "ping"
     event_id: str | None = None

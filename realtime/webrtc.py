@@ -9,20 +9,21 @@ import re
 import aioice.ice
 from aiortc import (
     MediaStreamTrack,
-    RTCRtpReceiver,
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
     RTCPeerConnection,
     RTCSessionDescription,
 )
-from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
 from av import AudioFrame
 
 from config import IceServer, ServerConfig
 from realtime.audio import InputFramer, frame_to_mono
-from realtime.events import Error, EventError, Ping, parse_client_event
+from realtime import opus, sctp
+from realtime.events import Error, EventError, Ping, Pong, parse_client_event
+from realtime.opus import hold_received_frames
 from realtime.output import FrameClock, PacedOutput
 from realtime.session import AgentFactory, Session, SessionRegistry
 from runtime.audio import FRAME_MS
@@ -36,12 +37,6 @@ DRAIN_TIMEOUT_S = 1.0  # at hang-up, for the last events to leave
 # out network jitter. The server plays nothing: it analyses frames as they come, so one frame of
 # look-ahead (still enough to put a reordered packet back in place) saves 60 ms of every turn.
 INPUT_PREFETCH_FRAMES = 1
-
-
-def hold_received_frames(receiver: RTCRtpReceiver, frames: int) -> None:
-    """Make `receiver` hand on each audio frame once `frames` more have come (aiortc: 4)."""
-    # aiortc has no setting for it: its receiver's private jitter buffer is replaced before media flows.
-    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=frames)  # type: ignore[attr-defined]
 
 
 def use_loopback_ice_only() -> None:
@@ -61,6 +56,22 @@ def keep_loopback_candidates(sdp: str) -> str:
             continue
         lines.append(line)
     return "\r\n".join(lines) + "\r\n"
+
+
+def check_offer(sdp: str) -> None:
+    """Raise ValueError for an offer aiortc would accept and then fail on in the background: every
+    media section needs a mid of its own, and a BUNDLE group may name only those."""
+    description = SessionDescription.parse(sdp)
+    mids = [media.rtp.muxId for media in description.media]
+    if not any(media.kind == "audio" for media in description.media):
+        raise ValueError("the offer has no audio section")
+    if any(not mid for mid in mids):
+        raise ValueError("every media section needs an a=mid")
+    if len(set(mids)) != len(mids):
+        raise ValueError("media sections share an a=mid")
+    for group in description.group:
+        if group.semantic == "BUNDLE" and not set(group.items) <= set(mids):
+            raise ValueError("the BUNDLE group names a mid that no media section has")
 
 
 class PacedAudioTrack(MediaStreamTrack):
@@ -99,6 +110,8 @@ class WebRTCSession(Session):
         self._alive = asyncio.Event()  # set by every received audio frame and client message
         self._pings = False  # the client sends data-channel pings (and so promises one a second)
         self._config = config
+        opus.install()
+        sctp.install()
         super().__init__("webrtc", PacedOutput(OUTPUT_RATE), self._send_text)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=_rtc_ice_servers(config.ice_servers)))
         self.track = PacedAudioTrack(self.output)
@@ -168,6 +181,7 @@ class WebRTCSession(Session):
             return
         if isinstance(event, Ping):
             self._pings = True
+            self.emit(Pong(event.event_id))
             return
         if self.agent is not None:
             self.agent.on_client_event(event)
@@ -244,6 +258,7 @@ async def open_webrtc_session(
     pending = registry.pending_from(address)
     if pending >= config.pending_offers_per_address:
         raise TooManyPendingOffers(f"{pending} offers from this address have not connected yet")
+    check_offer(offer.sdp)
     if config.loopback_ice:
         offer = RTCSessionDescription(sdp=keep_loopback_candidates(offer.sdp), type=offer.type)
     session = WebRTCSession(config)

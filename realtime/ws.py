@@ -15,7 +15,7 @@ from aiohttp import WSMsgType, web
 
 from config import ServerConfig
 from realtime.audio import InputFramer
-from realtime.events import Error, EventError, Ping, SessionStart, parse_client_event
+from realtime.events import Error, EventError, Ping, Pong, SessionStart, parse_client_event
 from realtime.output import FrameClock, PacedOutput
 from realtime.session import AgentFactory, Session, SessionLimitReached, SessionRegistry
 from runtime.audio import FRAME_MS, to_float
@@ -84,7 +84,9 @@ class WebSocketSession(Session):
         except EventError as exc:
             self._reject(exc.code, exc.message)
             return
-        if not isinstance(event, Ping) and self.agent is not None:
+        if isinstance(event, Ping):
+            self.emit(Pong(event.event_id))
+        elif self.agent is not None:
             self.agent.on_client_event(event)
 
     async def _pace_audio(self) -> None:

@@ -27,7 +27,7 @@ async def test_harness_measures_the_echo_delay_and_writes_a_report(start_server,
     """`events=False` is `--signaling plain`: another server, measured from its audio alone."""
     server = await start_server(factory=lambda io: LoopbackAgent(io, LoopbackConfig(delay_ms=DELAY_MS)))
     scenario = Scenario("echo", (Utterance("", clip()),))
-    results, holes = await run_sessions(
+    results, totals = await run_sessions(
         server.url, [scenario], 1, transcribe=None, events=events, transport=transport
     )
     assert len(results) == 1
@@ -38,7 +38,7 @@ async def test_harness_measures_the_echo_delay_and_writes_a_report(start_server,
     assert turn.client_v2v_ms is not None and DELAY_MS - 1000 <= turn.client_v2v_ms <= DELAY_MS - 1000 + 600
     assert not turn.false_cutoff and not turn.false_start
 
-    by_level = {1: {"turns": as_rows(results), "underruns": holes}}
+    by_level = {1: {"turns": as_rows(results), **totals.as_dict()}}
     text = report.write(by_level, tmp_path / "out")
     assert "| client_v2v_ms | 1 |" in text
     assert (tmp_path / "out" / "latency_cdf.png").stat().st_size > 1000

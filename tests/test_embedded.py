@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -122,3 +123,30 @@ async def _transcript(url: str, session_id: str) -> list[dict]:
         async with http.get(f"{url}/api/sessions/{session_id}/transcript") as response:
             assert response.status == 200
             return (await response.json())["turns"]
+
+
+async def test_a_caller_who_vanishes_mid_reply_leaves_a_whole_history(embedded_server):
+    """The network drops mid-reply (no hang-up, nothing more arrives): the call ends on its media
+    timeout, and the transcript keeps the question and what of the reply was heard."""
+    request = trimmed(espeak("Tell me a long story about a brave knight and a dragon.", RATE))
+    server = await embedded_server(media_timeout_s=1.0)
+    peer = ClientPeer(server.url, ping_interval_s=None)
+    try:
+        session_id = await peer.connect()
+        session = server.registry.get(session_id)
+        await peer.changed.wait_for(lambda: peer.received, timeout=5)
+        peer.speak(request, RATE)
+        started = await peer.wait_event("response.audio.started", timeout=60)
+        await peer.changed.wait_for(lambda: peer.received[-1].arrival > started["_received"] + 1.0, timeout=10)
+        peer.go_quiet()
+        await asyncio.wait_for(session.closed.wait(), 10)
+    finally:
+        await peer.close()
+    assert session.close_reason == "media_timeout"
+    assert not session.tasks and server.registry.get(session_id) is None
+    spoken = "".join(e["delta"] for e in peer.events if e["type"] == "response.text.delta")
+    transcript = await _transcript(server.url, session_id)
+    assert [t["role"] for t in transcript] == ["user", "assistant"], transcript
+    assert word_error_rate("tell me a long story about a brave knight and a dragon", transcript[0]["text"]) < 0.5
+    heard, said = normalize_words(transcript[1]["text"]), normalize_words(spoken)
+    assert transcript[1]["status"] != "completed" and 0 < len(heard) < len(said) and heard == said[: len(heard)], (heard, said)

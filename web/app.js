@@ -101,6 +101,7 @@ function addMetricsRow(m) {
 }
 
 function onServerEvent(event) {
+  if (event.type === "pong") return; // one a second: not worth a line in the log
   logEvent("←", event);
   switch (event.type) {
     case "session.created":
