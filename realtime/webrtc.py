@@ -59,15 +59,16 @@ def keep_loopback_candidates(sdp: str) -> str:
 
 
 def check_offer(sdp: str) -> None:
-    """Raise ValueError for an offer aiortc would accept and then fail on in the background: every
-    media section needs a mid of its own, and a BUNDLE group may name only those."""
+    """Raise ValueError for an offer aiortc would accept and then fail on in the background: media
+    sections have a mid of their own each (or, as in offers from before BUNDLE, none has one), and a
+    BUNDLE group names only those."""
     description = SessionDescription.parse(sdp)
     mids = [media.rtp.muxId for media in description.media]
     if not any(media.kind == "audio" for media in description.media):
         raise ValueError("the offer has no audio section")
-    if any(not mid for mid in mids):
-        raise ValueError("every media section needs an a=mid")
-    if len(set(mids)) != len(mids):
+    if any(mids) and not all(mids):
+        raise ValueError("some media sections have an a=mid and some have none")
+    if any(mids) and len(set(mids)) != len(mids):
         raise ValueError("media sections share an a=mid")
     for group in description.group:
         if group.semantic == "BUNDLE" and not set(group.items) <= set(mids):

@@ -112,3 +112,13 @@ async def test_mutated_offers_are_answered_or_refused_cleanly(start_server):
     finally:
         loop.set_exception_handler(previous)
     assert unhandled == [], [c.get("message") for c in unhandled]
+
+
+async def test_an_offer_from_before_bundle_is_still_answered(server):
+    """No a=mid and no BUNDLE group (older gateways): not refused by the checks above."""
+    offer = await real_offer()
+    legacy = "\r\n".join(line for line in offer.split("\r\n") if not line.startswith(("a=mid:", "a=group:BUNDLE")))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.url}/api/offer", json={"sdp": legacy, "type": "offer"}) as response:
+            body = await response.json()
+    assert response.status == 200 and "m=audio" in body["sdp"], body
