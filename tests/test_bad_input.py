@@ -87,3 +87,24 @@ async def test_bad_requests_leave_a_healthy_call_alone(server):
     assert np.sqrt(np.mean(recent**2)) > 0.005
     assert len(server.registry) == 1 and not session.closed.is_set()
     await healthy.close()
+
+
+async def test_a_text_message_that_is_not_utf8_gets_an_error_and_the_call_goes_on(server):
+    """Browsers cannot send one; another client can, and aiortc used to end the call on it."""
+    from aiortc.rtcsctptransport import WEBRTC_STRING
+
+    peer = ClientPeer(server.url, ping_interval_s=None)
+    try:
+        session_id = await peer.connect()
+        channel = peer.channel
+        assert channel is not None
+        transport = channel.transport
+        transport._data_channel_queue.append((channel, WEBRTC_STRING, b'{"type": "\xff\xfe"}'))
+        await transport._data_channel_flush()
+        error = await peer.wait_event("error", timeout=5)
+        assert error["error"]["code"] == "invalid_json"
+        peer.send({"type": "ping", "event_id": "still_there"})
+        await peer.changed.wait_for(lambda: "still_there" in peer.pongs, timeout=5)
+        assert not server.registry.get(session_id).closed.is_set()
+    finally:
+        await peer.close()
