@@ -16,6 +16,7 @@ import fractions
 from pathlib import Path
 from typing import Any
 
+import aiortc.codecs
 import aiortc.rtcrtpreceiver
 import aiortc.rtcrtpsender
 import av
@@ -34,6 +35,7 @@ PACKET_SAMPLES = 960  # 20 ms: what browsers and aiortc send
 MAX_CONCEALED_SAMPLES = 10 * PACKET_SAMPLES  # a longer hole is a pause of the sender, not a loss
 _PLC_CHUNK = 5760  # libopus conceals at most 120 ms a call
 EXPECTED_LOSS_PERCENT = 10  # what the encoder spends FEC bits for
+OPUS_FMTP = {"minptime": 10, "useinbandfec": 1}  # as browsers describe their Opus
 
 
 def _load_libopus() -> ctypes.CDLL:
@@ -136,9 +138,14 @@ def _codec_encoder(codec: Any) -> Any:
 
 
 def install() -> None:
-    """Make every aiortc peer of this process send FEC and decode with concealment."""
+    """Make every aiortc peer of this process send FEC, decode with concealment, and say in its
+    offers and answers that it takes FEC (`useinbandfec=1`): a browser sends FEC only to a peer
+    that says so, and aiortc's descriptions say nothing."""
     aiortc.rtcrtpreceiver.get_decoder = _codec_decoder  # type: ignore[attr-defined]
     aiortc.rtcrtpsender.get_encoder = _codec_encoder  # type: ignore[attr-defined]
+    for codec in aiortc.codecs.CODECS["audio"]:
+        if codec.mimeType.lower() == "audio/opus":
+            codec.parameters.update(OPUS_FMTP)
 
 
 class AudioJitterBuffer:

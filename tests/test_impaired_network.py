@@ -158,3 +158,15 @@ async def test_a_call_through_loss_jitter_and_a_small_mtu(server):
         assert session.frames_received >= 0.85 * session.output.frames_sent
     finally:
         await peer.close()
+
+
+async def test_the_answer_asks_the_browser_for_fec(server):
+    """A browser adds FEC to its Opus only for a peer whose description says it takes it."""
+    peer = ClientPeer(server.url)
+    try:
+        await peer.connect()
+        answer = peer.pc.remoteDescription.sdp
+    finally:
+        await peer.close()
+    opus_pt = next(line.split()[0].split(":")[1] for line in answer.splitlines() if "opus/48000" in line)
+    assert f"a=fmtp:{opus_pt} minptime=10;useinbandfec=1" in answer.splitlines(), answer
