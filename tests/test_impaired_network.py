@@ -4,6 +4,7 @@ concealing decoder, and a real call through 10 % loss, jitter and a 1280-byte MT
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from aiortc.codecs.opus import OpusEncoder
 from aiortc.rtp import RtpPacket
 from av import AudioFrame
 
+from bench.analysis import speech_end
 from bench.impair import Impairment, UdpRelay
+from controller.loopback import MAX_JITTER_RESERVE_MS
 from bench.peer import ClientPeer
 from realtime.opus import PACKET_SAMPLES, AudioJitterBuffer, ConcealingOpusDecoder, FecOpusEncoder
 from tests.signals import speechlike
@@ -137,20 +140,30 @@ def test_decoder_fills_lost_packets_and_rebuilds_them_from_fec():
 
 async def test_a_call_through_loss_jitter_and_a_small_mtu(server):
     """10 % of datagrams lost each way, 50 +- 20 ms (so reordered), none over 1280 bytes: the call
-    comes up, events and pongs flow, the echo comes back whole and on time."""
-    peer = ClientPeer(server.url, ping_interval_s=0.2, impairment=Impairment.parse("loss=10%,delay=50ms,jitter=20ms,mtu=1280"))
+    comes up, events and pongs flow, the echo comes back whole and without the delay a waiting
+    jitter buffer adds (aiortc's: 300 ms a side after the first loss)."""
+    network = Impairment.parse("loss=10%,delay=50ms,jitter=20ms,mtu=1280")
+    peer = ClientPeer(server.url, ping_interval_s=0.2, impairment=network)
     try:
         session_id = await peer.connect(timeout=20)
         await peer.wait_event("session.created", timeout=10)
         await peer.changed.wait_for(lambda: peer.received, timeout=10)
         frames_before = len(peer.received)
-        peer.speak(speechlike(3.0, 48000), 48000)
-        await peer.wait_audio(voiced_seconds=1.0, timeout=20)  # the loopback profile's echo
+        signal = speechlike(4.0, 48000)
+        spoken_until = time.monotonic() + speech_end(signal, 48000)
+        peer.speak(signal, 48000)
+        await peer.changed.wait_for(lambda: time.monotonic() > spoken_until + 2.0, timeout=20)
         await peer.changed.wait_for(lambda: len(peer.ping_round_trips) >= 10, timeout=20)
         session = server.registry.get(session_id)
         stats = peer.relay.stats
         assert stats.to_server.lost > 0 and stats.to_client.lost > 0, stats  # the network really was bad
         assert stats.to_server.too_big == 0 and stats.to_client.too_big == 0, stats  # every datagram fits 1280 bytes
+        # The echo's end: the loopback delay, its playout reserve at most, the network both ways, and
+        # room for a loaded machine; a buffer that waits for lost packets was 400-600 ms later here.
+        echo_ends = max(f.arrival for f in peer.received if np.sqrt(np.mean(f.pcm**2)) > 0.01)
+        one_way_ms = (network.delay_s + network.jitter_s) * 1000
+        bound_ms = server.config.loopback.delay_ms + MAX_JITTER_RESERVE_MS + 2 * one_way_ms + 300
+        assert (echo_ends - spoken_until) * 1000 < bound_ms
         # Concealment keeps both ends' audio continuous: as many 20 ms frames as the time that passed.
         arrivals = [f.arrival for f in peer.received[frames_before:]]
         expected = (arrivals[-1] - arrivals[0]) * 50
