@@ -17,6 +17,7 @@ from aiortc import RTCSessionDescription
 from config import AppConfig, ServerConfig
 from realtime.access import PROTECTED_PREFIXES, OfferRate, origin_allowed, token_matches
 from realtime.events import MAX_MESSAGE_BYTES
+from realtime.prometheus import CONTENT_TYPE, ServerMetrics
 from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry
 from realtime.webrtc import TooManyPendingOffers, open_webrtc_session, use_loopback_ice_only
 from realtime.ws import serve_websocket
@@ -32,12 +33,30 @@ class TranscriptSource(Protocol):
 
 
 REGISTRY = web.AppKey("registry", SessionRegistry)
+METRICS = web.AppKey("metrics", ServerMetrics)
+ERROR_CODE = web.ResponseKey("error_code", str)  # a refusal's code, kept on its response for the metrics
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:
     log.info("http.refused", status=status, code=code, reason=message)
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    response = web.json_response({"error": {"code": code, "message": message}}, status=status)
+    response[ERROR_CODE] = code
+    return response
+
+
+def count_refusals(metrics: ServerMetrics) -> Any:
+    """The outermost middleware: each refusal, whichever layer made it, counted by its code."""
+
+    @web.middleware
+    async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        code = response.get(ERROR_CODE)
+        if code is not None:
+            metrics.refused(code)
+        return response
+
+    return count
 
 
 @web.middleware
@@ -130,6 +149,9 @@ class Routes:
             return json_error(400, "invalid_sdp", f"cannot use this SDP offer: {exc}")
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE})
+
     async def transcript(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]
         turns = self.transcripts.read(session_id)
@@ -148,13 +170,18 @@ class Routes:
 def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptSource) -> web.Application:
     if config.server.loopback_ice:
         use_loopback_ice_only()
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[errors_as_json, access_control(config.server)])
+    metrics = ServerMetrics()
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[count_refusals(metrics), errors_as_json, access_control(config.server)],
+    )
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
-    registry = SessionRegistry(config.server.max_sessions)
-    app[REGISTRY] = registry
+    registry = SessionRegistry(config.server.max_sessions, metrics)
+    app[REGISTRY], app[METRICS] = registry, metrics
     routes = Routes(config, registry, factory, transcripts)
     app.router.add_get("/", routes.index)
     app.router.add_get("/healthz", routes.healthz)
+    app.router.add_get("/metrics", routes.metrics)
     app.router.add_get("/api/config", routes.client_config)
     app.router.add_post("/api/offer", routes.offer)
     app.router.add_get("/ws", routes.websocket)

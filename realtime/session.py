@@ -66,6 +66,7 @@ class Session:
         self._encoder = EventEncoder()
         self._tasks = TaskOwner(self.id, self._task_failed)
         self._on_close: list[Callable[[], Awaitable[None]]] = []
+        self._observers: list[Callable[[ServerEvent], None]] = []
         self.agent: Agent | None = None
         self.log = log.bind(session_id=self.id, transport=transport)
         self.remote_address: str | None = None  # the client's, for limits per address
@@ -84,9 +85,15 @@ class Session:
         agent.add_done_callback(self._agent_done)
         self.log.info("session.started")
 
+    def watch(self, observer: Callable[[ServerEvent], None]) -> None:
+        """Have `observer` see every event this session emits."""
+        self._observers.append(observer)
+
     def emit(self, event: ServerEvent) -> None:
         if self._closing:
             return
+        for observer in self._observers:
+            observer(event)
         for text in self._encoder.encode(event):
             self._send_text(text)
 
@@ -157,6 +164,16 @@ class Session:
         self.closed.set()
 
 
+class SessionWatcher(Protocol):
+    """Told of every session the registry holds, and of each event it emits (the server's metrics)."""
+
+    def opened(self, session: Session) -> None: ...
+
+    def event(self, session: Session, event: ServerEvent) -> None: ...
+
+    def closed(self, session: Session) -> None: ...
+
+
 class SessionLimitReached(RuntimeError):
     pass
 
@@ -164,8 +181,9 @@ class SessionLimitReached(RuntimeError):
 class SessionRegistry:
     """All live sessions, bounded by max_sessions; a session leaves it when it closes."""
 
-    def __init__(self, max_sessions: int) -> None:
+    def __init__(self, max_sessions: int, watcher: SessionWatcher | None = None) -> None:
         self.max_sessions = max_sessions
+        self._watcher = watcher
         self._sessions: dict[str, Session] = {}
         self._supervisors = TaskOwner("registry")
 
@@ -189,6 +207,10 @@ class SessionRegistry:
     def add(self, session: Session) -> None:
         self.check_capacity()
         self._sessions[session.id] = session
+        if self._watcher is not None:
+            watcher = self._watcher
+            watcher.opened(session)
+            session.watch(lambda event: watcher.event(session, event))
         session.on_close(self._forget(session.id))
         self._supervisors.spawn(self._supervise(session), f"{session.id}:supervisor")
 
@@ -198,7 +220,9 @@ class SessionRegistry:
 
     def _forget(self, session_id: str) -> Callable[[], Awaitable[None]]:
         async def forget() -> None:
-            self._sessions.pop(session_id, None)
+            session = self._sessions.pop(session_id, None)
+            if session is not None and self._watcher is not None:
+                self._watcher.closed(session)
 
         return forget
 

@@ -7,6 +7,7 @@ import concurrent.futures
 import functools
 import os
 import threading
+import weakref
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -33,7 +34,10 @@ class ModelWorker:
     optional work (a partial transcript) can give way to work someone waits on.
     """
 
+    _live: "weakref.WeakSet[ModelWorker]" = weakref.WeakSet()
+
     def __init__(self, name: str, threads: int = 1) -> None:
+        ModelWorker._live.add(self)
         self.name = name
         self.threads = threads
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -41,6 +45,12 @@ class ModelWorker:
         )
         self._lock = threading.Lock()
         self._busy = 0
+        self._closed = False
+
+    @classmethod
+    def live(cls) -> list[ModelWorker]:
+        """The workers of this process that are not closed (for metrics)."""
+        return [worker for worker in list(cls._live) if not worker._closed]
 
     @property
     def busy(self) -> int:
@@ -62,4 +72,5 @@ class ModelWorker:
 
     def close(self) -> None:
         """Drop queued calls and wait for the running ones (each stops within one model step)."""
+        self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)

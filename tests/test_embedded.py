@@ -15,6 +15,7 @@ from context.dialog import TranscriptStore
 from profiles import Profile
 from profiles.embedded import EmbeddedModels
 from tests.signals import resample
+from tests.test_metrics import scrape
 from bench.speech import espeak
 
 pytestmark = pytest.mark.models
@@ -83,6 +84,14 @@ async def test_spoken_question_gets_a_spoken_answer(embedded_server, whisper_eng
     metrics = await peer.wait_event("metrics.turn")
     assert {"asr_ms", "lm_ttft_ms", "tts_first_audio_ms", "server_v2v_ms"} <= set(metrics)
     await peer.close()
+
+    # What a Prometheus scraper sees of that turn.
+    samples = await scrape(server.url)
+    assert samples[("voice_agent_turns_total", (("status", "completed"),))] == 1
+    assert samples[("voice_agent_responses_total", ())] == 1
+    for stage in ("asr_ms", "lm_ttft_ms", "tts_first_audio_ms", "server_v2v_ms"):
+        assert samples[("voice_agent_stage_seconds_count", (("stage", stage),))] == 1
+    assert any(name == "voice_agent_model_queue_depth" for name, _ in samples)
 
 
 async def test_barge_in_truncates_the_reply_in_the_history(embedded_server, embedded_models):
