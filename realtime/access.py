@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 RATE_WINDOW_S = 60.0
-PROTECTED_PREFIXES = ("/api/", "/ws", "/metrics")  # the page and its files stay public: they hold no data
+PROTECTED_PREFIXES = ("/api/", "/ws", "/v1/", "/metrics")  # the page and its files stay public: they hold no data
 
 
 def token_given(request: web.Request) -> str:

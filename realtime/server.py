@@ -17,6 +17,7 @@ from aiortc import RTCSessionDescription
 from config import AppConfig, ServerConfig
 from realtime.access import PROTECTED_PREFIXES, OfferRate, origin_allowed, token_matches
 from realtime.events import MAX_MESSAGE_BYTES
+from realtime.openai_realtime import serve_openai_realtime
 from realtime.prometheus import CONTENT_TYPE, ServerMetrics
 from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry
 from realtime.webrtc import TooManyPendingOffers, open_webrtc_session, use_loopback_ice_only
@@ -160,11 +161,18 @@ class Routes:
         return web.json_response({"session_id": session_id, "turns": turns})
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
+        return await self._upgrade(request, serve_websocket)
+
+    async def openai_realtime(self, request: web.Request) -> web.StreamResponse:
+        return await self._upgrade(request, serve_openai_realtime)
+
+    async def _upgrade(self, request: web.Request, serve: Any) -> web.StreamResponse:
+        """A WebSocket transport, or a plain 503 before the upgrade when the server is full."""
         try:
             self.registry.check_capacity()
         except SessionLimitReached as exc:
             return json_error(503, "session_limit", str(exc))
-        return await serve_websocket(request, self.config.server, self.registry, self.factory)
+        return await serve(request, self.config.server, self.registry, self.factory)
 
 
 def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptSource) -> web.Application:
@@ -185,6 +193,7 @@ def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptS
     app.router.add_get("/api/config", routes.client_config)
     app.router.add_post("/api/offer", routes.offer)
     app.router.add_get("/ws", routes.websocket)
+    app.router.add_get("/v1/realtime", routes.openai_realtime)
     app.router.add_get("/api/sessions/{session_id}/transcript", routes.transcript)
     app.router.add_static("/web/", WEB_DIR)
 

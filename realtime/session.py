@@ -94,8 +94,12 @@ class Session:
             return
         for observer in self._observers:
             observer(event)
-        for text in self._encoder.encode(event):
+        for text in self._encode(event):
             self._send_text(text)
+
+    def _encode(self, event: ServerEvent) -> list[str]:
+        """The messages that carry `event` on this transport (ours: its JSON, in pieces if large)."""
+        return self._encoder.encode(event)
 
     def push_frame(self, frame: np.ndarray) -> None:
         self.frames_received += 1

@@ -32,14 +32,19 @@ class WebSocketSession(Session):
     """A Session carried by one WebSocket."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, start: SessionStart, send_queue_s: float
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        start: SessionStart,
+        send_queue_s: float,
+        name: str = "websocket",
     ) -> None:
         self._ws = ws
         self._transport = transport
         # One ordered outbox for events and audio, drained by a single writer task; a client that
         # stops reading is closed once `send_queue_s` of frames wait in it, not buffered forever.
         self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=max(1, round(send_queue_s * 1000 / FRAME_MS)))
-        super().__init__("websocket", PacedOutput(start.output_sample_rate), self._send)
+        super().__init__(name, PacedOutput(start.output_sample_rate), self._send)
         self.input_rate = start.input_sample_rate
         self._framer = InputFramer()
         self.on_close(self._teardown)
@@ -66,6 +71,9 @@ class WebSocketSession(Session):
     def _reject(self, code: str, message: str) -> None:
         self.log.info("event.rejected", code=code, reason=message)
         self.emit(Error(code, message))
+
+    def on_binary(self, data: bytes) -> None:
+        self.on_audio(data)
 
     def on_audio(self, data: bytes) -> None:
         if len(data) % 2:
@@ -116,14 +124,44 @@ class WebSocketSession(Session):
                 self._transport.abort()
 
 
+def prepare_socket(request: web.Request) -> asyncio.Transport | None:
+    """The request's transport, its send buffer bounded (see SEND_BUFFER_BYTES)."""
+    transport = request.transport
+    if transport is not None and (sock := transport.get_extra_info("socket")) is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    return transport
+
+
+async def hold(
+    ws: web.WebSocketResponse, session: WebSocketSession, registry: SessionRegistry, factory: AgentFactory
+) -> None:
+    """Register `session` (or refuse it, the server being full), run it on the socket's messages
+    until either side ends it, and close it."""
+    try:
+        registry.add(session)  # others may have filled the server since the upgrade
+    except SessionLimitReached as exc:
+        await ws.send_json(Error("session_limit", str(exc)).to_dict())
+        await ws.close(code=1013, message=b"session limit reached")
+        return
+    session.start(factory)
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                session.on_binary(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                session.on_text(msg.data)
+            if session.close_requested.is_set():
+                break
+    finally:
+        await session.close(session.close_reason or "hangup")
+
+
 async def serve_websocket(
     request: web.Request, config: ServerConfig, registry: SessionRegistry, factory: AgentFactory
 ) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=config.ping_timeout_s, max_msg_size=config.max_body_bytes * 4)
     await ws.prepare(request)
-    transport = request.transport
-    if transport is not None and (sock := transport.get_extra_info("socket")) is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    transport = prepare_socket(request)
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
             first = await ws.receive()
@@ -135,23 +173,5 @@ async def serve_websocket(
         await ws.send_json(Error("invalid_session_start", message).to_dict())
         await ws.close(code=1008, message=b"invalid session.start")
         return ws
-
-    session = WebSocketSession(ws, transport, start, config.ws_send_queue_s)
-    try:
-        registry.add(session)  # others may have filled the server since the upgrade
-    except SessionLimitReached as exc:
-        await ws.send_json(Error("session_limit", str(exc)).to_dict())
-        await ws.close(code=1013, message=b"session limit reached")
-        return ws
-    session.start(factory)
-    try:
-        async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                session.on_audio(msg.data)
-            elif msg.type == WSMsgType.TEXT:
-                session.on_text(msg.data)
-            if session.close_requested.is_set():
-                break
-    finally:
-        await session.close(session.close_reason or "hangup")
+    await hold(ws, WebSocketSession(ws, transport, start, config.ws_send_queue_s), registry, factory)
     return ws

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from profiles import Profile
 from profiles.embedded import EmbeddedModels
 from tests.signals import resample
 from tests.test_metrics import scrape
+from tests.test_openai_realtime import client as realtime_client
 from bench.speech import espeak
 
 pytestmark = pytest.mark.models
@@ -159,3 +161,64 @@ async def test_a_caller_who_vanishes_mid_reply_leaves_a_whole_history(embedded_s
     assert word_error_rate("tell me a long story about a brave knight and a dragon", transcript[0]["text"]) < 0.5
     heard, said = normalize_words(transcript[1]["text"]), normalize_words(spoken)
     assert transcript[1]["status"] != "completed" and 0 < len(heard) < len(said) and heard == said[: len(heard)], (heard, said)
+
+
+async def _speak_into(connection, pcm: np.ndarray, rate: int, then_silence_s: float) -> None:
+    """A microphone on the OpenAI Realtime API: 100 ms appends in real time, then silence."""
+    audio = np.concatenate([pcm, np.zeros(int(then_silence_s * rate), np.float32)])
+    samples = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    step = rate // 10
+    for start in range(0, len(samples), step):
+        await connection.input_audio_buffer.append(audio=base64.b64encode(samples[start : start + step].tobytes()).decode())
+        await asyncio.sleep(0.1)  # pacing the microphone, not waiting for an event
+
+
+async def test_the_openai_sdk_asks_and_hears_an_answer(embedded_server, whisper_engine):
+    question = trimmed(espeak(QUESTION, 24000))
+    server = await embedded_server()
+    async with realtime_client(server.url).realtime.connect(model="embedded") as connection:
+        await connection.session.update(
+            session={"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}}
+        )
+        events, audio = [], []
+        async with asyncio.timeout(90), asyncio.TaskGroup() as group:
+            group.create_task(_speak_into(connection, question, 24000, then_silence_s=6.0))
+            async for event in connection:
+                events.append(event)
+                if event.type == "response.output_audio.delta":
+                    audio.append(np.frombuffer(base64.b64decode(event.delta), "<i2"))
+                if event.type == "response.done":
+                    break
+    kinds = [e.type for e in events]
+    assert kinds.index("input_audio_buffer.speech_started") < kinds.index("input_audio_buffer.committed") < kinds.index("response.created")
+    heard = next(e for e in events if e.type == "conversation.item.input_audio_transcription.completed").transcript
+    assert word_error_rate(QUESTION, heard) <= 0.2, heard
+    done = events[-1]
+    assert done.response.status == "completed"
+    said = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
+    assert said.strip() and said.strip() == done.response.output[0].content[0].transcript.strip()
+    pcm = np.concatenate(audio).astype(np.float32) / 32768
+    assert len(pcm) > 24000 * 0.5
+    transcript = await whisper_engine.transcribe(resample(pcm, 24000, 16000))
+    assert word_error_rate(said, transcript) <= 0.35, (said, transcript)
+
+
+async def test_the_openai_sdk_cancels_a_reply(embedded_server):
+    request = trimmed(espeak("Tell me a long story about a brave knight and a dragon.", 24000))
+    server = await embedded_server()
+    async with realtime_client(server.url).realtime.connect(model="embedded") as connection:
+        events = []
+        async with asyncio.timeout(90), asyncio.TaskGroup() as group:
+            speaking = group.create_task(_speak_into(connection, request, 24000, then_silence_s=10.0))
+            async for event in connection:
+                events.append(event)
+                if event.type == "response.output_audio.delta" and sum(e.type == "response.output_audio.delta" for e in events) == 5:
+                    await connection.response.cancel()  # half a second into the reply
+                if event.type == "response.done":
+                    speaking.cancel()
+                    break
+    done = events[-1]
+    assert done.response.status == "cancelled"
+    said = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
+    kept = done.response.output[0].content[0].transcript
+    assert normalize_words(said)[: len(normalize_words(kept))] == normalize_words(kept) and len(kept) < len(said), (kept, said)
