@@ -82,7 +82,9 @@ class TurnConfig:
 
     vad: str = "silero"
     webrtc_aggressiveness: int = 2
-    type: str = "semantic"  # "semantic": see min/max_commit_ms; "vad": commit after commit_ms of silence
+    # "semantic": see min/max_commit_ms; "vad": commit after commit_ms of silence; "manual": the
+    # client commits each turn (`input_audio_buffer.commit`), as with push-to-talk
+    type: str = "semantic"
     eagerness: str = "medium"  # semantic: how readily a pause counts as the end ("low", "medium", "high")
     threshold: float = 0.5
     min_speech_ms: int = 150
@@ -121,7 +123,7 @@ class TurnConfig:
         "client_buffer_ms": (0, 2000),
     }
 
-    CHOICES = {"type": ("vad", "semantic"), "eagerness": ("low", "medium", "high")}
+    CHOICES = {"type": ("vad", "semantic", "manual"), "eagerness": ("low", "medium", "high")}
 
     def updated(self, changes: dict[str, Any]) -> "TurnConfig":
         """A copy with `changes` applied, or ValueError naming the first bad field."""
@@ -156,8 +158,10 @@ class TurnConfig:
         return self.semantic_pause_ms if self.semantic else self.pause_ms
 
     @property
-    def commit_after_ms(self) -> int:
-        """Silence that commits a turn whatever it sounds like."""
+    def commit_after_ms(self) -> int | None:
+        """Silence that commits a turn whatever it sounds like (None: only the client commits)."""
+        if self.type == "manual":
+            return None
         return self.max_commit_ms if self.semantic else self.commit_ms
 
     def with_session(self, session: dict[str, Any]) -> "TurnConfig":
@@ -402,7 +406,7 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--pause-ms", int, "silence that starts a speculative reply, --turn-detection vad (default 250)"),
     _Flag("--semantic-pause-ms", int, "silence that starts a speculative reply, --turn-detection semantic (default 120)"),
     _Flag("--commit-ms", int, "silence that ends the turn and plays the reply, --turn-detection vad (default 750)"),
-    _Flag("--turn-detection", _choice(("vad", "semantic")), "semantic: an end-of-turn model and a text check decide (the default); vad: commit after --commit-ms of silence"),
+    _Flag("--turn-detection", _choice(TurnConfig.CHOICES["type"]), "semantic: an end-of-turn model and a text check decide (the default); vad: commit after --commit-ms of silence; manual: the client commits each turn"),
     _Flag("--eagerness", _choice(("low", "medium", "high")), "semantic: how readily a pause ends the turn (default medium)"),
     _Flag("--min-commit-ms", int, "semantic: silence before a turn judged complete is committed (default 250)"),
     _Flag("--max-commit-ms", int, "semantic: silence that commits a turn judged unfinished (default 2000)"),

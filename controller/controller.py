@@ -31,6 +31,8 @@ from realtime.events import (
     ClientEvent,
     ConversationItemCreate,
     Error,
+    InputAudioBufferClear,
+    InputAudioBufferCommit,
     MetricsTurn,
     PlaybackPosition,
     ResponseCancel,
@@ -259,17 +261,21 @@ class Controller:
             return
         self._held_check = None  # this task: ending the held reply must not cancel it
         if text is not None and is_backchannel(text):
-            self._held = None
-            self.response = held
-            self.endpointer.dismiss()
-            self.counters.resumes += 1
-            self.log.info("controller.resumed", response_id=held.id, item_id=self._item_id, transcript=text)
-            held.resume(self._item_id, text)
-            self._set_state(State.RESPONDING)
+            self._resume_held(held, text)
         else:
             self.log.info("controller.interrupted", response_id=held.id, transcript=text)
             self._end_held("interrupted", bargein=True)
             self._speculate()
+
+    def _resume_held(self, held: Reply, text: str) -> None:
+        """The speech over `held` was not a turn: it plays on where it paused."""
+        self._held = None
+        self.response = held
+        self.endpointer.dismiss()
+        self.counters.resumes += 1
+        self.log.info("controller.resumed", response_id=held.id, item_id=self._item_id, transcript=text)
+        held.resume(self._item_id, text)
+        self._set_state(State.RESPONDING)
 
     def _end_held(self, status: str, bargein: bool = False) -> None:
         """End the held reply, if any, keeping what was heard before its pause."""
@@ -384,6 +390,10 @@ class Controller:
             reply = self._held or self.response
             if reply is not None and event.response_id in (None, reply.id):
                 reply.client_position_ms = event.position_ms
+        elif isinstance(event, InputAudioBufferCommit):
+            self._commit_now(event)
+        elif isinstance(event, InputAudioBufferClear):
+            self._clear_speech()
         elif isinstance(event, ConversationItemCreate):
             self._end_held("interrupted")
             if self.state == State.RESPONDING:
@@ -391,6 +401,29 @@ class Controller:
             self._cancel_speculation()
             self._item_id = "item_" + uuid.uuid4().hex[:12]
             self._commit(self._start_reply(False, UtteranceInput(event.text)))
+
+    def _commit_now(self, event: InputAudioBufferCommit) -> None:
+        """The client ends the user's turn (push-to-talk, or turn_detection `manual`)."""
+        if not self.endpointer.in_turn:
+            self.io.emit(Error("input_audio_buffer_commit_empty", "no speech to commit since the last turn", event.event_id))
+            return
+        self._end_held("interrupted", bargein=True)
+        self._on_commit(self.endpointer.commit_now(), "client")
+
+    def _clear_speech(self) -> None:
+        """The client drops the user's speech under way: no turn; a reply it paused plays on."""
+        if not self.endpointer.in_turn:
+            return
+        if self._held is not None:
+            self._tasks.cancel(self._held_check)
+            self._held_check = None
+            self._resume_held(self._held, "")
+            return
+        self._cancel_speculation()
+        self.endpointer.dismiss()
+        if self.judge is not None:
+            self.judge.reset()
+        self._set_state(State.LISTENING)
 
     def _update_session(self, event: SessionUpdate) -> None:
         try:

@@ -11,7 +11,17 @@ import numpy as np
 import structlog
 
 from config import LoopbackConfig
-from realtime.events import ClientEvent, ConversationItemCreate, Error, ResponseCancel, SessionCreated, SessionUpdate, SessionUpdated
+from realtime.events import (
+    ClientEvent,
+    ConversationItemCreate,
+    Error,
+    InputAudioBufferClear,
+    InputAudioBufferCommit,
+    ResponseCancel,
+    SessionCreated,
+    SessionUpdate,
+    SessionUpdated,
+)
 from realtime.session import SessionIO
 from runtime.audio import SAMPLE_RATE
 
@@ -79,8 +89,8 @@ class LoopbackAgent:
             self._line.clear()
             self._io.output.flush()
             self._playing = False
-        elif isinstance(event, ConversationItemCreate):
-            self._io.emit(Error("unsupported", "the loopback profile has no conversation", event.event_id))
+        elif isinstance(event, (ConversationItemCreate, InputAudioBufferCommit, InputAudioBufferClear)):
+            self._io.emit(Error("unsupported", "the loopback profile has no conversation and no turns", event.event_id))
         # playback.position carries nothing the loopback needs.
 
     def _update(self, event: SessionUpdate) -> None:

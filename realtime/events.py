@@ -276,6 +276,22 @@ class ResponseCancel(ClientEvent):
 
 
 @dataclass(frozen=True)
+class InputAudioBufferCommit(ClientEvent):
+    """Ends the user's turn now (the way to end one with turn_detection type `manual`)."""
+
+    type = "input_audio_buffer.commit"
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class InputAudioBufferClear(ClientEvent):
+    """Forgets the user's speech under way: no turn is made of it."""
+
+    type = "input_audio_buffer.clear"
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
 class PlaybackPosition(ClientEvent):
     """How much of the reply the client has played: what the user heard, if interrupted."""
 

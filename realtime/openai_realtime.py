@@ -2,10 +2,10 @@
 for it (the official SDKs among them) talk to this server. A transport only: it translates messages
 both ways, and the Controller decides everything as on any other transport.
 
-Audio is base64 PCM16 mono at 24 kHz both ways. Turn detection is the server's (`server_vad` maps to
-our `vad` type, `semantic_vad` to `semantic`); replies start at the end of a turn and after a typed
-message, so `response.create` starts nothing of its own. Not yet: `turn_detection: null` with
-`input_audio_buffer.commit`, and `conversation.item.truncate`; they get an `error`.
+Audio is base64 PCM16 mono at 24 kHz both ways. `server_vad` maps to our `vad` turn detection,
+`semantic_vad` to `semantic`, and `null` to `manual` (the client commits each turn). Replies start
+at the end of a turn and after a typed message, so `response.create` starts nothing of its own.
+Not yet: `conversation.item.truncate` gets an `error`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from realtime.events import (
     ConversationItemCreate,
     Error,
     EventError,
+    InputAudioBufferClear,
+    InputAudioBufferCommit,
     ResponseCancel,
     ResponseCreated,
     ResponseDone,
@@ -46,11 +48,7 @@ RATE = 24000
 AUDIO_FORMAT = {"type": "audio/pcm", "rate": RATE}
 DELTA_FRAMES = 5  # 100 ms of reply audio per response.output_audio.delta
 STATUS = {"completed": "completed", "interrupted": "cancelled", "cancelled": "cancelled"}
-NOT_YET = {
-    "input_audio_buffer.commit": "turn detection is the server's here: a turn is committed when it ends",
-    "input_audio_buffer.clear": "turn detection is the server's here: there is no buffer to clear",
-    "conversation.item.truncate": "not supported yet: what was heard comes from the server's own playout",
-}
+NOT_YET = {"conversation.item.truncate": "not supported yet: what was heard comes from the server's own playout"}
 
 
 def _event_id() -> str:
@@ -60,7 +58,7 @@ def _event_id() -> str:
 def turn_detection_to_ours(detection: Any) -> dict[str, Any]:
     """An OpenAI `turn_detection` object as our `session.update` turn_detection, or EventError."""
     if detection is None:
-        raise EventError("not_supported", "turn_detection null (the client commits turns) is not supported yet")
+        return {"type": "manual"}
     if not isinstance(detection, dict):
         raise EventError("invalid_value", "turn_detection must be an object")
     kind = detection.get("type", "server_vad")
@@ -88,9 +86,11 @@ class Translator:
 
     def session(self, ours: dict[str, Any]) -> dict[str, Any]:
         detection = ours.get("turn_detection", {})
-        theirs: dict[str, Any] = {"type": "server_vad", "silence_duration_ms": detection.get("commit_ms")}
+        theirs: dict[str, Any] | None = {"type": "server_vad", "silence_duration_ms": detection.get("commit_ms")}
         if detection.get("type") == "semantic":
             theirs = {"type": "semantic_vad", "eagerness": detection.get("eagerness")}
+        elif detection.get("type") == "manual":
+            theirs = None
         return {
             "type": "realtime",
             "object": "realtime.session",
@@ -198,6 +198,10 @@ class Translator:
             return "event", ConversationItemCreate.parse(message, event_id)
         if kind == "response.cancel":
             return "event", ResponseCancel(event_id)
+        if kind == "input_audio_buffer.commit":
+            return "event", InputAudioBufferCommit(event_id)
+        if kind == "input_audio_buffer.clear":
+            return "event", InputAudioBufferClear(event_id)
         if kind == "response.create":
             return "none", None
         if kind in NOT_YET:

@@ -13,7 +13,15 @@ from bench.peer import Notifier
 from config import TurnConfig
 from context.dialog import DialogContext, TranscriptStore
 from controller.controller import Controller, SessionModels, State
-from realtime.events import ConversationItemCreate, PlaybackPosition, ResponseCancel, ServerEvent, SessionUpdate
+from realtime.events import (
+    ConversationItemCreate,
+    InputAudioBufferClear,
+    InputAudioBufferCommit,
+    PlaybackPosition,
+    ResponseCancel,
+    ServerEvent,
+    SessionUpdate,
+)
 from realtime.output import PacedOutput
 from realtime.session import SessionIO
 from tests.fakes import SILENT, VOICED, CountingTokenizer, CuedLM, ScriptedDetector, ToneDecoder
@@ -516,3 +524,42 @@ async def test_hang_up_while_speech_over_the_agent_is_judged_leaves_no_task(tmp_
     with pytest.raises(asyncio.CancelledError):
         await runner
     assert not rig.controller.tasks
+
+
+async def test_manual_turns_wait_for_the_clients_commit(tmp_path):
+    rig = make_rig(tmp_path, config=TurnConfig(type="manual"))
+    rig.controller.on_client_event(InputAudioBufferCommit(event_id="c0"))
+    assert rig.of("error")[-1]["error"]["code"] == "input_audio_buffer_commit_empty"
+    rig.frames(True, 30)
+    rig.frames(False, 200)  # four seconds of silence: the server commits nothing itself
+    assert rig.controller.state == State.USER_PAUSED and not rig.of("input_audio_buffer.speech_stopped")
+    rig.controller.on_client_event(InputAudioBufferCommit())
+    assert rig.controller.state == State.RESPONDING
+    assert rig.of("metrics.turn") == [] and rig.of("input_audio_buffer.speech_stopped")
+    done = await rig.play_until_done()
+    assert done["response"]["output_text"] == rig.lm.reply and len(rig.lm.calls) == 1
+    assert rig.of("metrics.turn")[0]["commit_rule"] == "client"
+
+
+async def test_a_commit_while_the_user_still_speaks_ends_the_turn_there(rig):
+    rig.frames(True, 30)
+    assert rig.controller.state == State.USER_SPEAKING
+    rig.controller.on_client_event(InputAudioBufferCommit())  # push-to-talk released mid-word
+    assert rig.controller.state == State.RESPONDING
+    await rig.play_until_done()
+    assert [(t.role, t.status) for t in rig.controller.context.turns] == [("user", "completed"), ("assistant", "completed")]
+
+
+async def test_clear_drops_the_speech_and_its_speculation(rig):
+    rig.frames(True, 30)
+    rig.frames(False, 15)  # paused: a speculative reply is being prepared
+    assert rig.controller.state == State.USER_PAUSED and rig.controller.response is not None
+    rig.controller.on_client_event(InputAudioBufferClear())
+    assert rig.controller.state == State.LISTENING and rig.controller.response is None
+    rig.frames(False, 100)
+    counters = rig.controller.counters
+    assert (counters.speculative_cancels, counters.responses) == (1, 0)
+    assert rig.controller.context.turns == [] and rig.store.read("sess_test") in (None, [])
+    rig.frames(True, 30)  # the next speech is a turn of its own
+    rig.frames(False, 38)
+    assert rig.controller.state == State.RESPONDING

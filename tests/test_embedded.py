@@ -222,3 +222,42 @@ async def test_the_openai_sdk_cancels_a_reply(embedded_server):
     said = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
     kept = done.response.output[0].content[0].transcript
     assert normalize_words(said)[: len(normalize_words(kept))] == normalize_words(kept) and len(kept) < len(said), (kept, said)
+
+
+async def test_the_openai_sdk_commits_its_own_turns(embedded_server):
+    """turn_detection null: however long the silence, the turn ends when the client commits it."""
+    question = trimmed(espeak(QUESTION, 24000))
+    server = await embedded_server()
+    async with realtime_client(server.url).realtime.connect(model="embedded") as connection:
+        await connection.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+        updated = await _next_event(connection, "session.updated")
+        assert updated.session.audio.input.turn_detection is None
+        events: list = []
+        before_commit: list[str] = []
+
+        async def speak_then_commit() -> None:
+            await _speak_into(connection, question, 24000, then_silence_s=3.0)  # longer than any commit_ms
+            before_commit.extend(e.type for e in events)
+            await connection.input_audio_buffer.commit()
+
+        async with asyncio.timeout(60), asyncio.TaskGroup() as group:
+            group.create_task(speak_then_commit())
+            async for event in connection:
+                events.append(event)
+                if event.type == "response.done":
+                    break
+    assert "input_audio_buffer.speech_started" in before_commit and "input_audio_buffer.committed" not in before_commit
+    kinds = [e.type for e in events]
+    assert kinds.count("input_audio_buffer.committed") == 1
+    assert kinds.index("input_audio_buffer.speech_started") < kinds.index("input_audio_buffer.committed")
+    heard = next(e for e in events if e.type == "conversation.item.input_audio_transcription.completed").transcript
+    assert word_error_rate(QUESTION, heard) <= 0.2, heard
+    assert events[-1].response.status == "completed"
+
+
+async def _next_event(connection, kind: str):
+    async with asyncio.timeout(10):
+        async for event in connection:
+            if event.type == kind:
+                return event
+    raise AssertionError(f"no {kind}")

@@ -35,7 +35,8 @@ def test_turn_detection_maps_to_ours():
         "type": "vad", "commit_ms": 600, "threshold": 0.6,
     }
     assert turn_detection_to_ours({"type": "semantic_vad", "eagerness": "auto"}) == {"type": "semantic", "eagerness": "medium"}
-    for bad in (None, "x", {"type": "push_to_talk"}):
+    assert turn_detection_to_ours(None) == {"type": "manual"}
+    for bad in ("x", {"type": "push_to_talk"}):
         with pytest.raises(EventError):
             turn_detection_to_ours(bad)
 
@@ -60,6 +61,8 @@ async def test_the_sdk_connects_and_bad_messages_get_errors(server):
         await connection.send({"type": "conversation.item.truncate", "item_id": "x", "content_index": 0, "audio_end_ms": 5})
         error = await next_of(connection, "error")
         assert error.error.code == "not_supported"
+        await connection.input_audio_buffer.commit()  # the loopback profile makes no turns
+        assert (await next_of(connection, "error")).error.code == "unsupported"
         await connection.input_audio_buffer.append(audio="not base64!")
         assert (await next_of(connection, "error")).error.code == "invalid_value"
         await connection.input_audio_buffer.append(audio=base64.b64encode(b"\x00\x01\x02").decode())

@@ -139,7 +139,8 @@ class Endpointer:
             return None
         self._resume = 0
         self._silence += 1
-        if self._silence * FRAME_MS >= self.config.commit_after_ms:
+        commit_after_ms = self.config.commit_after_ms
+        if commit_after_ms is not None and self._silence * FRAME_MS >= commit_after_ms:
             self._state = "idle"
             return self._event(Kind.COMMITTED)
         return None
@@ -159,13 +160,19 @@ class Endpointer:
         return self._silence * FRAME_MS if self.paused else 0
 
     def dismiss(self) -> None:
-        """Forget the paused speech: it was not a turn (a backchannel over the agent)."""
-        if self._state == "paused":
+        """Forget the speech under way: it was not a turn (a backchannel over the agent, or speech
+        the client cleared)."""
+        if self.in_turn:
             self._state = "idle"
 
+    @property
+    def in_turn(self) -> bool:
+        """Speech has been confirmed and its turn not committed: speaking, or paused."""
+        return self._state in ("speaking", "paused")
+
     def commit_now(self) -> Endpoint:
-        """End the paused turn at this frame (the end-of-turn judge found it complete)."""
-        if not self.paused:
-            raise RuntimeError("only a paused turn can be committed")
+        """End the turn at this frame (the end-of-turn judge found it complete, or the client said so)."""
+        if not self.in_turn:
+            raise RuntimeError("only a turn under way can be committed")
         self._state = "idle"
         return self._event(Kind.COMMITTED)
