@@ -6,7 +6,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,13 +59,20 @@ class TranscriptStore:
             return None
         if not path.exists():
             return None
-        records = []
+        records: list[dict[str, Any]] = []
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:  # a line torn by a crash mid-write: the turns before it still count
                 if line.strip():
                     log.warning("transcript.torn_line", session_id=session_id, chars=len(line))
+                continue
+            if record.pop("replaces", False):  # a later text for a turn already written
+                earlier = [i for i, r in enumerate(records) if (r.get("item_id"), r.get("role")) == (record.get("item_id"), record.get("role"))]
+                if earlier:
+                    records[earlier[-1]] = record
+                    continue
+            records.append(record)
         return records
 
 
@@ -95,6 +102,18 @@ class DialogContext:
         if self._store is not None:
             self._store.append(self._session_id, asdict(turn))
 
+    def replace_text(self, item_id: str, role: str, text: str) -> bool:
+        """Give the newest `role` turn of `item_id` a new text (a reply truncated to what was
+        heard); the transcript gets a record that replaces the earlier one. False if none."""
+        for index in range(len(self.turns) - 1, -1, -1):
+            turn = self.turns[index]
+            if turn.item_id == item_id and turn.role == role:
+                self.turns[index] = replace(turn, text=text)
+                if self._store is not None:
+                    self._store.append(self._session_id, {**asdict(self.turns[index]), "replaces": True})
+                return True
+        return False
+
     def messages(self, pending_user: str | None = None) -> list[Message]:
         """The LM prompt: system prompt, the newest turns within budget, then the turn being answered.
 
@@ -112,7 +131,7 @@ class DialogContext:
         if start != self._start:
             start = len(self.turns) - _fits(costs[start:][::-1], int(budget * self.refill))
         self._start = start
-        kept = [Message(turn.role, turn.text) for turn in self.turns[start:]]
+        kept = [Message(turn.role, turn.text) for turn in self.turns[start:] if turn.text]  # (a reply truncated to nothing)
         # A history that opens with an assistant turn confuses chat templates: drop the orphan.
         while kept and kept[0].role == "assistant":
             kept.pop(0)

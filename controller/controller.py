@@ -30,6 +30,8 @@ from controller.turn_end import TurnJudge, Verdict
 from realtime.events import (
     ClientEvent,
     ConversationItemCreate,
+    ConversationItemTruncate,
+    ConversationItemTruncated,
     Error,
     InputAudioBufferClear,
     InputAudioBufferCommit,
@@ -55,6 +57,7 @@ from vad.endpointer import Endpoint, Endpointer, Kind
 __all__ = ["Controller", "SessionModels", "State"]
 
 ARRIVALS_KEPT = 10_000 // FRAME_MS + 1  # the longest commit delay a session can set
+ENDED_REPLIES_KEPT = 8
 
 log = structlog.get_logger()
 
@@ -111,6 +114,7 @@ class Controller:
         self._turns = itertools.count(1)
         self._arrivals: collections.deque[float] = collections.deque(maxlen=ARRIVALS_KEPT)  # of the latest frames
         self._frame_index = -1
+        self._ended: dict[str, Reply] = {}  # the latest replies, for a truncate after they ended
 
     # ---- the frame loop -------------------------------------------------------------------
 
@@ -365,6 +369,9 @@ class Controller:
         self._finish(reply, status, text)
 
     def _finish(self, reply: Reply, status: str, text: str) -> None:
+        self._ended[reply.id] = reply
+        while len(self._ended) > ENDED_REPLIES_KEPT:
+            self._ended.pop(next(iter(self._ended)))
         if self.state == State.RESPONDING:
             self._set_state(State.LISTENING)
         self.io.emit(ResponseDone(reply.id, status, text))
@@ -390,6 +397,8 @@ class Controller:
             reply = self._held or self.response
             if reply is not None and event.response_id in (None, reply.id):
                 reply.client_position_ms = event.position_ms
+        elif isinstance(event, ConversationItemTruncate):
+            self._truncate(event)
         elif isinstance(event, InputAudioBufferCommit):
             self._commit_now(event)
         elif isinstance(event, InputAudioBufferClear):
@@ -401,6 +410,21 @@ class Controller:
             self._cancel_speculation()
             self._item_id = "item_" + uuid.uuid4().hex[:12]
             self._commit(self._start_reply(False, UtteranceInput(event.text)))
+
+    def _truncate(self, event: ConversationItemTruncate) -> None:
+        """The client played only so much of a reply: while it runs, that is what the user will
+        have heard; once it has ended, its history entry is cut back (or out) to it."""
+        live = next((r for r in (self.response, self._held) if r is not None and r.id == event.item_id), None)
+        if live is not None:
+            live.client_position_ms = event.audio_end_ms
+            heard = live.heard_in(event.audio_end_ms)
+        elif (ended := self._ended.get(event.item_id)) is not None:
+            heard = ended.heard_in(event.audio_end_ms)
+            self.context.replace_text(event.item_id, "assistant", heard)
+        else:
+            self.io.emit(Error("item_not_found", f"no reply {event.item_id!r} in this session", event.event_id))
+            return
+        self.io.emit(ConversationItemTruncated(event.item_id, event.audio_end_ms, heard))
 
     def _commit_now(self, event: InputAudioBufferCommit) -> None:
         """The client ends the user's turn (push-to-talk, or turn_detection `manual`)."""

@@ -179,6 +179,10 @@ class Reply:
             self._exchange.add_reply(Turn("assistant", heard, status, self.id))
         return heard
 
+    def heard_in(self, played_ms: float) -> str:
+        """The text of the reply's first `played_ms` of audio."""
+        return heard_text(self._played, played_ms)
+
     def _flush(self) -> None:
         self.paused = False  # a flush ends the output's pause too
         self._io.output.flush()

@@ -184,6 +184,16 @@ class MetricsTurn(ServerEvent):
 
 
 @dataclass(frozen=True)
+class ConversationItemTruncated(ServerEvent):
+    """A reply's history entry now holds what was heard in its first `audio_end_ms`."""
+
+    type = "conversation.item.truncated"
+    item_id: str
+    audio_end_ms: float
+    transcript: str
+
+
+@dataclass(frozen=True)
 class Pong(ServerEvent):
     """Answers a `ping` at once: the client measures the event path's round trip (and sees a stall)."""
 
@@ -311,6 +321,26 @@ class PlaybackPosition(ClientEvent):
         if response_id is not None and not isinstance(response_id, str):
             raise EventError("invalid_value", "response_id must be a string")
         return cls(float(position), response_id, event_id)
+
+
+@dataclass(frozen=True)
+class ConversationItemTruncate(ClientEvent):
+    """The client played only `audio_end_ms` of a reply (`item_id`: its response id): the history
+    keeps what was heard by then, even after the reply ended."""
+
+    type = "conversation.item.truncate"
+    item_id: str
+    audio_end_ms: float
+    event_id: str | None = None
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any], event_id: str | None) -> ConversationItemTruncate:
+        item_id, end = msg.get("item_id"), msg.get("audio_end_ms")
+        if not isinstance(item_id, str) or not item_id:
+            raise EventError("invalid_value", "item_id must be the reply's id")
+        if isinstance(end, bool) or not isinstance(end, (int, float)) or end != end or end < 0:
+            raise EventError("invalid_value", "audio_end_ms must be a number >= 0")
+        return cls(item_id, float(end), event_id)
 
 
 @dataclass(frozen=True)

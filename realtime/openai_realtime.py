@@ -5,7 +5,7 @@ both ways, and the Controller decides everything as on any other transport.
 Audio is base64 PCM16 mono at 24 kHz both ways. `server_vad` maps to our `vad` turn detection,
 `semantic_vad` to `semantic`, and `null` to `manual` (the client commits each turn). Replies start
 at the end of a turn and after a typed message, so `response.create` starts nothing of its own.
-Not yet: `conversation.item.truncate` gets an `error`.
+`conversation.item.truncate` cuts a reply's history back to what the client played.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from aiohttp import web
 from config import ServerConfig
 from realtime.events import (
     ConversationItemCreate,
+    ConversationItemTruncate,
+    ConversationItemTruncated,
     Error,
     EventError,
     InputAudioBufferClear,
@@ -48,7 +50,6 @@ RATE = 24000
 AUDIO_FORMAT = {"type": "audio/pcm", "rate": RATE}
 DELTA_FRAMES = 5  # 100 ms of reply audio per response.output_audio.delta
 STATUS = {"completed": "completed", "interrupted": "cancelled", "cancelled": "cancelled"}
-NOT_YET = {"conversation.item.truncate": "not supported yet: what was heard comes from the server's own playout"}
 
 
 def _event_id() -> str:
@@ -147,6 +148,9 @@ class Translator:
                 {**self._part(event.response_id), "type": "response.output_audio_transcript.done", "transcript": event.output_text},
                 {"type": event.type, "response": self._response(event.response_id, status, [item])},
             ]
+        if isinstance(event, ConversationItemTruncated):
+            item = self.item_id(event.item_id)
+            return [{"type": event.type, "item_id": item, "content_index": 0, "audio_end_ms": round(event.audio_end_ms)}]
         if isinstance(event, Error):
             error = {"type": "invalid_request_error", "code": event.code, "message": event.message, "event_id": event.event_id}
             return [{"type": "error", "error": error}]
@@ -204,8 +208,12 @@ class Translator:
             return "event", InputAudioBufferClear(event_id)
         if kind == "response.create":
             return "none", None
-        if kind in NOT_YET:
-            raise EventError("not_supported", f"{kind}: {NOT_YET[kind]}")
+        if kind == "conversation.item.truncate":
+            item_id = message.get("item_id")
+            if not isinstance(item_id, str) or not item_id.startswith("item_"):
+                raise EventError("invalid_value", "item_id must name an assistant item of this session")
+            ours = {**message, "item_id": "resp_" + item_id.removeprefix("item_")}
+            return "event", ConversationItemTruncate.parse(ours, event_id)
         raise EventError("unknown_event", f"unknown event type {kind!r}")
 
 

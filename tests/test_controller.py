@@ -15,6 +15,7 @@ from context.dialog import DialogContext, TranscriptStore
 from controller.controller import Controller, SessionModels, State
 from realtime.events import (
     ConversationItemCreate,
+    ConversationItemTruncate,
     InputAudioBufferClear,
     InputAudioBufferCommit,
     PlaybackPosition,
@@ -563,3 +564,26 @@ async def test_clear_drops_the_speech_and_its_speculation(rig):
     rig.frames(True, 30)  # the next speech is a turn of its own
     rig.frames(False, 38)
     assert rig.controller.state == State.RESPONDING
+
+
+async def test_truncate_after_the_reply_ended_cuts_its_history_back(rig):
+    await spoken_over(rig)  # a reply of 200 ms words, 1.5 s of it sent
+    response_id = rig.of("response.created")[0]["response"]["id"]
+    rig.controller.on_client_event(ResponseCancel())
+    kept = rig.of("response.done")[-1]["response"]["output_text"]
+    assert kept.split()[:3] == ["one", "two", "three"] and len(kept.split()) > 3
+    rig.controller.on_client_event(ConversationItemTruncate(response_id, 650.0))  # the client played 650 ms
+    truncated = rig.of("conversation.item.truncated")[-1]
+    assert truncated["transcript"] == "one two three"
+    assert rig.controller.context.turns[-1].text == "one two three"
+    assert [r["text"] for r in rig.store.read("sess_test") if r["role"] == "assistant"] == ["one two three"]
+    rig.controller.on_client_event(ConversationItemTruncate("resp_nope", 10.0, event_id="t1"))
+    assert rig.of("error")[-1]["error"]["code"] == "item_not_found"
+
+
+async def test_truncate_while_the_reply_plays_sets_what_an_interruption_keeps(rig):
+    await spoken_over(rig)
+    response_id = rig.of("response.created")[0]["response"]["id"]
+    rig.controller.on_client_event(ConversationItemTruncate(response_id, 450.0))
+    rig.controller.on_client_event(ResponseCancel())
+    assert rig.of("response.done")[-1]["response"]["output_text"] == "one two"

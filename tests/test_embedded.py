@@ -212,16 +212,24 @@ async def test_the_openai_sdk_cancels_a_reply(embedded_server):
             speaking = group.create_task(_speak_into(connection, request, 24000, then_silence_s=10.0))
             async for event in connection:
                 events.append(event)
-                if event.type == "response.output_audio.delta" and sum(e.type == "response.output_audio.delta" for e in events) == 5:
-                    await connection.response.cancel()  # half a second into the reply
+                if event.type == "response.output_audio.delta" and sum(e.type == "response.output_audio.delta" for e in events) == 15:
+                    await connection.response.cancel()  # a second and a half into the reply
                 if event.type == "response.done":
                     speaking.cancel()
                     break
-    done = events[-1]
-    assert done.response.status == "cancelled"
-    said = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
-    kept = done.response.output[0].content[0].transcript
-    assert normalize_words(said)[: len(normalize_words(kept))] == normalize_words(kept) and len(kept) < len(said), (kept, said)
+        done = events[-1]
+        assert done.response.status == "cancelled"
+        said = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
+        kept = done.response.output[0].content[0].transcript
+        assert normalize_words(said)[: len(normalize_words(kept))] == normalize_words(kept) and len(kept) < len(said), (kept, said)
+        # The app played less than the server sent: the history keeps what it played.
+        await connection.conversation.item.truncate(item_id=done.response.output[0].id, content_index=0, audio_end_ms=500)
+        truncated = await _next_event(connection, "conversation.item.truncated")
+        assert truncated.item_id == done.response.output[0].id and truncated.audio_end_ms == 500
+        session_id = next(e for e in events if e.type == "session.created").session.id
+    history = await _transcript(server.url, session_id)
+    assert history[-1]["role"] == "assistant" and len(history[-1]["text"]) < len(kept)
+    assert normalize_words(kept)[: len(normalize_words(history[-1]["text"]))] == normalize_words(history[-1]["text"])
 
 
 async def test_the_openai_sdk_commits_its_own_turns(embedded_server):

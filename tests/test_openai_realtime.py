@@ -60,7 +60,7 @@ async def test_the_sdk_connects_and_bad_messages_get_errors(server):
         assert created.session.audio.input.format.rate == 24000
         await connection.send({"type": "conversation.item.truncate", "item_id": "x", "content_index": 0, "audio_end_ms": 5})
         error = await next_of(connection, "error")
-        assert error.error.code == "not_supported"
+        assert error.error.code == "invalid_value"
         await connection.input_audio_buffer.commit()  # the loopback profile makes no turns
         assert (await next_of(connection, "error")).error.code == "unsupported"
         await connection.input_audio_buffer.append(audio="not base64!")
