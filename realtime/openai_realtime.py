@@ -82,6 +82,7 @@ class Translator:
     def __init__(self, model: str) -> None:
         self.model = model
         self.response_id: str | None = None  # the reply whose audio is going out
+        self.text_only = False  # output_modalities ["text"]: the reply's words, no audio
         self._transcripts: dict[str, str] = {}  # the user transcript sent so far, per item
         self._previous_item: str | None = None
 
@@ -97,7 +98,7 @@ class Translator:
             "object": "realtime.session",
             "id": ours.get("id"),
             "model": self.model,
-            "output_modalities": ["audio"],
+            "output_modalities": ["text" if self.text_only else "audio"],
             "audio": {
                 "input": {"format": AUDIO_FORMAT, "turn_detection": theirs},
                 "output": {"format": AUDIO_FORMAT, "voice": ours.get("profile")},
@@ -130,7 +131,8 @@ class Translator:
             self.response_id = event.response_id
             return [{"type": event.type, "response": self._response(event.response_id, "in_progress", [])}]
         if isinstance(event, ResponseTextDelta):
-            return [{**self._part(event.response_id), "type": "response.output_audio_transcript.delta", "delta": event.delta}]
+            kind = "response.output_text.delta" if self.text_only else "response.output_audio_transcript.delta"
+            return [{**self._part(event.response_id), "type": kind, "delta": event.delta}]
         if isinstance(event, ResponseDone):
             if self.response_id == event.response_id:
                 self.response_id = None
@@ -140,14 +142,23 @@ class Translator:
                 "type": "message",
                 "role": "assistant",
                 "status": "completed" if event.status == "completed" else "incomplete",
-                "content": [{"type": "output_audio", "transcript": event.output_text}],
+                "content": [
+                    {"type": "output_text", "text": event.output_text}
+                    if self.text_only
+                    else {"type": "output_audio", "transcript": event.output_text}
+                ],
             }
             status = STATUS.get(event.status, "failed")
-            return [
-                {**self._part(event.response_id), "type": "response.output_audio.done"},
-                {**self._part(event.response_id), "type": "response.output_audio_transcript.done", "transcript": event.output_text},
-                {"type": event.type, "response": self._response(event.response_id, status, [item])},
-            ]
+            part = self._part(event.response_id)
+            done = (
+                [{**part, "type": "response.output_text.done", "text": event.output_text}]
+                if self.text_only
+                else [
+                    {**part, "type": "response.output_audio.done"},
+                    {**part, "type": "response.output_audio_transcript.done", "transcript": event.output_text},
+                ]
+            )
+            return [*done, {"type": event.type, "response": self._response(event.response_id, status, [item])}]
         if isinstance(event, ConversationItemTruncated):
             item = self.item_id(event.item_id)
             return [{"type": event.type, "item_id": item, "content_index": 0, "audio_end_ms": round(event.audio_end_ms)}]
@@ -157,7 +168,7 @@ class Translator:
         return []
 
     def audio(self, pcm: bytes) -> dict[str, Any] | None:
-        if self.response_id is None:
+        if self.response_id is None or self.text_only:
             return None
         return {**self._part(self.response_id), "type": "response.output_audio.delta", "delta": base64.b64encode(pcm).decode()}
 
@@ -194,6 +205,11 @@ class Translator:
             session = message.get("session")
             if not isinstance(session, dict):
                 raise EventError("invalid_value", "session.update needs a 'session' object")
+            modalities = session.get("output_modalities")
+            if modalities is not None:
+                if modalities not in (["audio"], ["text"]):
+                    raise EventError("invalid_value", "output_modalities must be ['audio'] or ['text']")
+                self.text_only = modalities == ["text"]
             audio_in = session.get("audio", {}).get("input", {}) if isinstance(session.get("audio"), dict) else {}
             if isinstance(audio_in, dict) and "turn_detection" in audio_in:
                 return "event", SessionUpdate({"turn_detection": turn_detection_to_ours(audio_in["turn_detection"])}, event_id)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
-from realtime.events import ResponseDone, SpeechStopped, TranscriptionDelta
+from realtime.events import ResponseCreated, ResponseDone, ResponseTextDelta, SpeechStopped, TranscriptionDelta
 from realtime.openai_realtime import Translator, turn_detection_to_ours
 from realtime.events import EventError
 
@@ -52,6 +52,19 @@ def test_transcripts_become_appended_deltas_and_replies_end_with_their_item():
     assert [e["type"] for e in done][-1] == "response.done"
     assert done[-1]["response"]["status"] == "cancelled"
     assert done[-1]["response"]["output"][0]["content"][0]["transcript"] == "Paris is"
+
+
+def test_a_text_only_session_gets_text_events_and_no_audio():
+    translator = Translator("m")
+    translator.client('{"type": "session.update", "session": {"output_modalities": ["text"]}}')
+    translator.server(ResponseCreated("resp_1"))
+    assert translator.server(ResponseTextDelta("resp_1", "Paris"))[0]["type"] == "response.output_text.delta"
+    assert translator.audio(b"\x00\x00") is None
+    done = translator.server(ResponseDone("resp_1", "completed", "Paris."))
+    assert [e["type"] for e in done] == ["response.output_text.done", "response.done"]
+    assert done[-1]["response"]["output"][0]["content"] == [{"type": "output_text", "text": "Paris."}]
+    with pytest.raises(EventError):
+        translator.client('{"type": "session.update", "session": {"output_modalities": ["video"]}}')
 
 
 async def test_the_sdk_connects_and_bad_messages_get_errors(server):
