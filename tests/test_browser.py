@@ -153,3 +153,100 @@ async def test_browser_conversation_with_the_embedded_models(start_server, embed
         assert len(reply_text.split()) >= 2, reply_text
     finally:
         await asyncio.to_thread(driver.quit)
+
+
+async def test_the_page_types_tunes_and_is_interrupted(start_server, embedded_models, tmp_path):
+    """The page's own controls on a real conversation: turn settings through session.update, a typed
+    message, a spoken barge-in that strikes through what was not heard; a screenshot of the end."""
+    require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from config import AppConfig, ServerConfig
+    from context.dialog import TranscriptStore
+    from profiles import open_profile
+
+    # The fake microphone: quiet while the typed request is answered, then the barge-in, then quiet.
+    barge_in = espeak("Wait, stop please.", 48000)
+    write_wav(tmp_path / "mic.wav", np.concatenate([np.zeros(48000 * 9), barge_in, np.zeros(48000 * 60)]), 48000)
+    config = AppConfig(server=ServerConfig(data_dir=tmp_path / "data"), models=embedded_models.config)
+    profile = await open_profile(config, TranscriptStore(tmp_path / "data"), models=embedded_models)
+    server = await start_server(factory=profile.factory)
+    driver = await asyncio.to_thread(chromium, tmp_path / "mic.wav", tmp_path / "profile")
+    try:
+        def settings_and_message() -> str:
+            driver.get(server.url)
+            # As with headphones: the fake microphone hears none of the agent, and the browser's echo
+            # canceller would muffle speech over it.
+            driver.find_element(By.ID, "aec").click()
+            driver.find_element(By.ID, "call").click()
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: d.find_element(By.ID, "profile").text == "embedded")
+            wait.until(lambda d: d.find_element(By.ID, "say-send").is_enabled())
+            driver.find_element(By.CSS_SELECTOR, "#settings-panel summary").click()
+            Select(driver.find_element(By.NAME, "type")).select_by_value("vad")
+            wait.until(lambda d: d.find_element(By.ID, "settings-state").text == "applied")
+            commit = driver.find_element(By.NAME, "commit_ms")
+            commit.clear()
+            commit.send_keys("600\t")  # the change event fires on leaving the field
+            wait.until(lambda d: d.find_element(By.ID, "settings-state").text == "applied")
+            driver.find_element(By.ID, "say-text").send_keys("Tell me a long story about a brave knight and a dragon.")
+            driver.find_element(By.ID, "say-send").click()
+            return driver.find_element(By.TAG_NAME, "body").get_attribute("data-session-id")
+
+        session_id = await asyncio.to_thread(settings_and_message)
+        turn_config = server.registry.get(session_id).agent.config
+        assert (turn_config.type, turn_config.commit_ms) == ("vad", 600)
+
+        def interrupted() -> tuple[str, str, str]:
+            wait = WebDriverWait(driver, 60)
+            typed = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .turn.user.typed"))[0].text
+            cut = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .turn.assistant.interrupted .cut"))[0]
+            heard = cut.find_element(By.XPATH, "../span[@class='heard']").text
+            driver.save_screenshot(str(tmp_path / "conversation.png"))
+            return typed, heard, cut.text
+
+        typed, heard, cut = await asyncio.to_thread(interrupted)
+        assert "brave knight" in typed
+        assert cut.strip(), "nothing of the interrupted reply is marked as unheard"
+        history = server.registry.get(session_id).agent.context.turns
+        assistant = next(t for t in history if t.role == "assistant")
+        assert assistant.status == "interrupted" and assistant.text == heard
+        assert (tmp_path / "conversation.png").stat().st_size > 10_000
+    finally:
+        await asyncio.to_thread(driver.quit)
+
+
+async def test_the_page_redials_a_dropped_call(start_server, tmp_path):
+    """The server ends the call as it does when the network goes (media_timeout): the page calls
+    again by itself, keeps the conversation shown, and can download both sessions' transcripts."""
+    require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    write_wav(tmp_path / "mic.wav", espeak(TEXT, 48000), 48000)
+    server = await start_server()
+    driver = await asyncio.to_thread(chromium, tmp_path / "mic.wav", tmp_path / "profile")
+
+    def session_id() -> str:
+        return driver.find_element(By.TAG_NAME, "body").get_attribute("data-session-id") or ""
+
+    try:
+        def call() -> str:
+            driver.get(server.url)
+            driver.find_element(By.ID, "call").click()
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "connection").text == "connected")
+            return session_id()
+
+        first = await asyncio.to_thread(call)
+        server.registry.get(first).request_close("media_timeout")
+        second = await asyncio.to_thread(
+            lambda: WebDriverWait(driver, 30).until(
+                lambda d: session_id() not in ("", first) and d.find_element(By.ID, "connection").text == "connected" and session_id()
+            )
+        )
+        assert server.registry.get(second) is not None and server.registry.get(first) is None
+        ids = await asyncio.to_thread(lambda: driver.execute_script("return call.sessionIds"))
+        assert ids == [first, second]
+    finally:
+        await asyncio.to_thread(driver.quit)

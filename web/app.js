@@ -14,7 +14,17 @@ const call = {
   turns: new Map(),
   playback: null, // {responseId, audibleSince, pausedMs, pausedAt} for the reply now playing
   agentLevel: 0,
+  wanted: false, // the user pressed Call and not Hang up: a dropped call is redialled
+  attempts: 0, // redials since the call was last up
+  sessionIds: [], // every session of this page, for the transcript download
+  typed: 0,
+  settingsSent: 0,
 };
+
+const REDIAL_LIMIT = 5;
+const PONG_TIMEOUT_MS = 5000; // no answer to our pings this long: the call is gone
+// Reasons a call ends that a redial can mend (the network, or a server restarting).
+const REDIAL_REASONS = new Set(["server_shutdown", "media_timeout", "ping_timeout", "ice_failed", "datachannel_closed", "unreachable"]);
 
 const AUDIBLE_LEVEL = 0.01;
 // A server started with --auth-token is opened as /#token=...: the fragment never leaves the browser.
@@ -89,6 +99,8 @@ function turnElement(id, role) {
   return el;
 }
 
+const BAR_SCALE_MS = 3000; // the stage bar's full width
+
 function addMetricsRow(m) {
   const row = document.createElement("tr");
   const cells = [m.turn, m.endpoint_ms, m.asr_ms, m.lm_ttft_ms, m.tts_first_audio_ms, m.server_v2v_ms];
@@ -97,22 +109,64 @@ function addMetricsRow(m) {
     td.textContent = value === undefined || value === null ? "—" : String(Math.round(value));
     row.appendChild(td);
   }
+  const bar = document.createElement("td");
+  bar.className = "bar";
+  for (const [key, name] of [["endpoint_ms", "endpoint"], ["asr_ms", "asr"], ["lm_ttft_ms", "lm"], ["tts_first_audio_ms", "tts"]]) {
+    const stage = document.createElement("span");
+    stage.className = `stage ${name}`;
+    stage.style.width = `${Math.min(100, (100 * (m[key] || 0)) / BAR_SCALE_MS)}%`;
+    stage.title = `${name} ${Math.round(m[key] || 0)} ms`;
+    bar.appendChild(stage);
+  }
+  row.appendChild(bar);
   $("metrics").querySelector("tbody").appendChild(row);
 }
 
+// An interrupted reply: what the user heard stays, the rest is struck through.
+function showHeard(responseId, heard) {
+  const el = turnElement(responseId, "assistant");
+  const full = el.dataset.full || el.textContent;
+  el.dataset.full = full;
+  el.classList.add("interrupted");
+  const said = document.createElement("span");
+  said.className = "heard";
+  said.textContent = heard;
+  const cut = document.createElement("span");
+  cut.className = "cut";
+  cut.textContent = full.startsWith(heard) ? full.slice(heard.length) : ` ${full}`;
+  el.replaceChildren(said, cut);
+}
+
+function showSettings(detection) {
+  const form = $("settings");
+  for (const name of ["type", "eagerness", "commit_ms", "threshold"]) {
+    if (detection[name] !== undefined) form.elements[name].value = detection[name];
+  }
+  const manual = detection.type === "manual";
+  $("commit").hidden = !manual;
+  $("commit").disabled = !manual || !call.channel;
+}
+
 function onServerEvent(event) {
-  if (event.type === "pong") return; // one a second: not worth a line in the log
+  if (event.type === "pong") {
+    call.lastPong = performance.now();
+    return; // one a second: not worth a line in the log
+  }
   logEvent("←", event);
   switch (event.type) {
     case "session.created":
     case "session.updated":
       $("profile").textContent = event.session.profile;
       if (event.session.profile === "loopback") setAgentState(`echoing your voice after ${event.session.delay_ms} ms`);
+      $("settings-panel").hidden = !event.session.turn_detection;
+      if (event.session.turn_detection) showSettings(event.session.turn_detection);
+      if (event.type === "session.updated") $("settings-state").textContent = "applied";
       break;
     case "session.state":
       setAgentState(event.state.replace("_", " "));
       break;
     case "session.closed":
+      call.closedReason = event.reason;
       showError(`The server ended the call (${event.reason.replaceAll("_", " ")}).`);
       break;
     case "input_audio_buffer.speech_started":
@@ -157,17 +211,17 @@ function onServerEvent(event) {
       break;
     case "response.done":
       call.playback = null;
-      if (event.response.status !== "completed") {
-        const el = turnElement(event.response.id, "assistant");
-        el.classList.add("interrupted");
-        el.textContent = event.response.output_text; // only what was heard stays
-      }
+      if (event.response.status !== "completed") showHeard(event.response.id, event.response.output_text);
+      break;
+    case "conversation.item.truncated":
+      showHeard(event.item_id, event.transcript);
       break;
     case "metrics.turn":
       addMetricsRow(event);
       break;
     case "error":
       console.warn("server error event", event.error);
+      if ((event.error.event_id || "").startsWith("settings")) $("settings-state").textContent = event.error.message;
       break;
   }
 }
@@ -185,11 +239,13 @@ function meter(stream, elementId, onLevel) {
   analyser.fftSize = 1024;
   source.connect(analyser);
   const buffer = new Float32Array(analyser.fftSize);
-  call.timers.push(setInterval(() => {
+  const timer = setInterval(() => {
     const value = level(analyser, buffer);
     $(elementId).value = value;
     if (onLevel) onLevel(value);
-  }, 50));
+  }, 50);
+  call.timers.push(timer);
+  return timer;
 }
 
 function waitForIceGathering(pc, timeoutMs) {
@@ -214,8 +270,45 @@ function micErrorMessage(err) {
   return `Cannot open the microphone: ${err.message}`;
 }
 
+function openMicrophone() {
+  const device = $("mic-select").value;
+  return navigator.mediaDevices.getUserMedia({
+    audio: {
+      echoCancellation: $("aec").checked, noiseSuppression: true, autoGainControl: true, channelCount: 1,
+      ...(device ? { deviceId: { exact: device } } : {}),
+    },
+  });
+}
+
+async function listMicrophones() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.enumerateDevices) return;
+  const select = $("mic-select");
+  const chosen = select.value;
+  const mics = (await navigator.mediaDevices.enumerateDevices()).filter((d) => d.kind === "audioinput" && d.deviceId && d.deviceId !== "default");
+  select.replaceChildren(new Option("default", ""), ...mics.map((d, i) => new Option(d.label || `microphone ${i + 1}`, d.deviceId)));
+  select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "";
+}
+
+// A microphone chosen during a call replaces the one being sent, without redialling.
+async function switchMicrophone() {
+  if (!call.pc || !call.mic) return;
+  try {
+    const stream = await openMicrophone();
+    const sender = call.pc.getSenders().find((s) => s.track && s.track.kind === "audio");
+    await sender.replaceTrack(stream.getAudioTracks()[0]);
+    call.mic.getTracks().forEach((t) => t.stop());
+    call.mic = stream;
+    clearInterval(call.micMeter);
+    call.micMeter = meter(stream, "mic-level");
+  } catch (err) {
+    showError(micErrorMessage(err));
+  }
+}
+
 async function startCall() {
   showError("");
+  call.wanted = true;
+  call.closedReason = null;
   $("call").disabled = true;
   setConnection("connecting");
   let config;
@@ -229,29 +322,35 @@ async function startCall() {
     config = await response.json();
   } catch (err) {
     showError(`The server is unreachable (${err.message}). Is it running?`);
-    return endCall("failed");
+    return unreachable();
   }
   try {
-    call.mic = await navigator.mediaDevices.getUserMedia({
-      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
-    });
+    call.mic = await openMicrophone();
+    listMicrophones();
   } catch (err) {
     showError(micErrorMessage(err));
     return endCall("failed");
   }
 
   call.audioContext = new AudioContext();
-  meter(call.mic, "mic-level");
+  call.micMeter = meter(call.mic, "mic-level");
   const pc = new RTCPeerConnection({ iceServers: config.ice_servers });
   call.pc = pc;
   const channel = pc.createDataChannel("events");
   call.channel = channel;
   channel.onmessage = (e) => onServerMessage(e.data);
   channel.onopen = () => {
-    call.timers.push(setInterval(() => send({ type: "ping" }), config.ping_interval_ms));
+    call.attempts = 0;
+    call.lastPong = performance.now();
+    call.timers.push(setInterval(() => {
+      send({ type: "ping" });
+      if (performance.now() - call.lastPong > PONG_TIMEOUT_MS) dropped("ping_timeout"); // the network went
+    }, config.ping_interval_ms));
     call.timers.push(setInterval(reportPlayback, 250));
+    for (const id of ["say-text", "say-send"]) $(id).disabled = false;
+    $("commit").disabled = $("commit").hidden;
   };
-  channel.onclose = () => { if (call.pc) endCall("closed"); };
+  channel.onclose = () => { if (call.pc) dropped(call.closedReason || "datachannel_closed"); };
   pc.addTrack(call.mic.getAudioTracks()[0], call.mic);
   pc.ontrack = (e) => {
     const stream = e.streams[0] || new MediaStream([e.track]);
@@ -259,10 +358,11 @@ async function startCall() {
     meter(stream, "agent-level", (value) => { call.agentLevel = value; });
   };
   pc.onconnectionstatechange = () => {
+    if (pc !== call.pc) return;
     setConnection(pc.connectionState);
     if (pc.connectionState === "failed") {
       showError("The connection failed. Behind a NAT or VPN the server needs a TURN server (--ice-server).");
-      endCall("failed");
+      dropped("ice_failed");
     }
   };
 
@@ -277,7 +377,7 @@ async function startCall() {
     });
   } catch (err) {
     showError(`The server is unreachable (${err.message}).`);
-    return endCall("failed");
+    return unreachable();
   }
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
@@ -286,13 +386,33 @@ async function startCall() {
     return endCall("failed");
   }
   call.sessionId = body.session_id;
+  call.sessionIds.push(body.session_id);
   document.body.dataset.sessionId = body.session_id;
+  $("download").disabled = false;
   await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
   $("hangup").disabled = false;
   $("mute").disabled = false;
 }
 
+// While redialling, a server that does not answer yet (restarting) is tried again.
+function unreachable() {
+  return call.attempts > 0 ? dropped("unreachable") : endCall("failed");
+}
+
+// The call ended without Hang up: redial while the user still wants it and the reason allows.
+function dropped(reason) {
+  const redial = call.wanted && REDIAL_REASONS.has(reason) && call.attempts < REDIAL_LIMIT;
+  endCall(redial ? "reconnecting" : "closed");
+  if (!redial) return;
+  call.attempts += 1;
+  const delay = 1000 * Math.min(8, 2 ** (call.attempts - 1));
+  setTimeout(() => {
+    if (call.wanted && !call.pc) startCall().catch((err) => { showError(err.message); endCall("failed"); });
+  }, delay);
+}
+
 function endCall(state) {
+  call.wanted = state === "reconnecting";
   for (const timer of call.timers) clearInterval(timer);
   call.timers = [];
   if (call.channel) call.channel.close();
@@ -311,6 +431,42 @@ function endCall(state) {
   $("mute").disabled = true;
   $("mute").setAttribute("aria-pressed", "false");
   $("mute").textContent = "Mute";
+  for (const id of ["say-text", "say-send", "commit"]) $(id).disabled = true;
+}
+
+function sayTyped(event) {
+  event.preventDefault();
+  const text = $("say-text").value.trim();
+  if (!text || !call.channel) return;
+  call.typed += 1;
+  const el = turnElement(`typed-${call.typed}`, "user");
+  el.classList.add("typed");
+  el.textContent = text;
+  send({ type: "conversation.item.create", item: { role: "user", content: [{ type: "input_text", text }] } });
+  $("say-text").value = "";
+}
+
+function changeSetting(event) {
+  const field = event.target;
+  if (!field.name || !call.channel || field.value === "") return;
+  const value = field.type === "number" ? Number(field.value) : field.value;
+  call.settingsSent += 1;
+  $("settings-state").textContent = "…";
+  send({ type: "session.update", event_id: `settings-${call.settingsSent}`, session: { turn_detection: { [field.name]: value } } });
+}
+
+// Every session of this page (a redial starts a new one), as the server keeps them.
+async function downloadTranscript() {
+  const sessions = [];
+  for (const id of call.sessionIds) {
+    const response = await fetch(`/api/sessions/${id}/transcript`, { headers: AUTH });
+    if (response.ok) sessions.push(await response.json());
+  }
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([JSON.stringify({ sessions }, null, 2)], { type: "application/json" }));
+  link.download = `transcript-${call.sessionIds[0] || "none"}.json`;
+  link.click();
+  URL.revokeObjectURL(link.href);
 }
 
 function toggleMute() {
@@ -324,4 +480,12 @@ function toggleMute() {
 $("call").addEventListener("click", () => startCall().catch((err) => { showError(err.message); endCall("failed"); }));
 $("hangup").addEventListener("click", () => endCall("closed"));
 $("mute").addEventListener("click", toggleMute);
+$("commit").addEventListener("click", () => send({ type: "input_audio_buffer.commit" }));
+$("say").addEventListener("submit", sayTyped);
+$("settings").addEventListener("change", changeSetting);
+$("download").addEventListener("click", () => downloadTranscript().catch((err) => showError(err.message)));
+$("mic-select").addEventListener("change", switchMicrophone);
+$("aec").addEventListener("change", switchMicrophone);
+if (navigator.mediaDevices) navigator.mediaDevices.addEventListener("devicechange", listMicrophones);
+listMicrophones();
 setConnection("idle");
