@@ -203,6 +203,8 @@ async def test_the_page_types_tunes_and_is_interrupted(start_server, embedded_mo
             typed = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .turn.user.typed"))[0].text
             cut = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .turn.assistant.interrupted .cut"))[0]
             heard = cut.find_element(By.XPATH, "../span[@class='heard']").text
+            # Each turn's latency row has its stages as a stacked bar.
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#metrics tbody tr td.bar .stage.tts"))
             driver.save_screenshot(str(tmp_path / "conversation.png"))
             return typed, heard, cut.text
 
