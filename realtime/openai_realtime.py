@@ -187,7 +187,7 @@ class Translator:
         """One client message: ("audio", PCM16 bytes), ("event", our ClientEvent) or ("none", None)."""
         try:
             message = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise EventError("invalid_json", f"message is not valid JSON: {exc}") from None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise EventError("invalid_event", "message must be a JSON object with a string 'type'")

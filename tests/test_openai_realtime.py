@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from openai import AsyncOpenAI
@@ -95,3 +97,20 @@ async def test_the_token_is_the_api_key(start_server):
     with pytest.raises(Exception):
         async with client(server.url, "wrong").realtime.connect(model="loopback") as connection:
             await next_of(connection, "session.created")
+
+
+async def test_garbage_on_the_socket_gets_errors_and_the_session_stays(server):
+    url = server.url.replace("http", "ws", 1) + "/v1/realtime?model=loopback"
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "session.created"
+        bad = ["[" * 100_000 + "]" * 100_000, "{nope", "[1, 2]", '{"type": 5}', json.dumps({"type": "x" * 100_000})]
+        for text in bad:
+            await ws.send_str(text)
+        await ws.send_bytes(b"\x00\x01")
+        codes = []
+        while len(codes) < len(bad) + 1:
+            event = await ws.receive_json(timeout=5)
+            if event["type"] == "error":
+                codes.append(event["error"]["code"])
+        assert codes == ["invalid_json", "invalid_json", "invalid_event", "invalid_event", "unknown_event", "invalid_event"]
+        assert len(server.registry) == 1 and not ws.closed
