@@ -216,9 +216,10 @@ class StepAudioConfig:
     device: str = "auto"  # "auto" takes the GPU when there is one
     speaker: str = "Tingting"
     clone: Path | None = None  # a voice file {"speaker", "prompt_text", "wav_path"} to speak with
-    tts_prompts: Path | None = None  # {"without_speaker": ..., "with_speaker": "...{speaker}..."}
+    tts_prompts: Path | None = None  # {"without_speaker", "with_speaker" (with {speaker}), "rap", "humming"}
+    speakers: Path | None = None  # the speaker registry folder; default Step-Audio-TTS-3B/speakers
+    dtype: str = "auto"  # TTS-3B's and the flow's: auto is bfloat16 on a GPU, float32 on the CPU
     transcribe: bool = True  # transcribe each user turn with the Chat model, for the text history
-    vq06_window_s: float = 4.8
 
 
 @dataclass(frozen=True)
@@ -433,9 +434,10 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--stepaudio-device", _non_empty, "stepaudio profile: torch device for tokenizer and TTS (default auto)"),
     _Flag("--stepaudio-speaker", _non_empty, "stepaudio profile: TTS-3B speaker from speakers_info.json (default Tingting)"),
     _Flag("--stepaudio-clone", _existing_file, "stepaudio profile: JSON voice file {speaker, prompt_text, wav_path} to clone"),
-    _Flag("--stepaudio-tts-prompts", _existing_file, "stepaudio profile: JSON with TTS-3B system prompts (without_speaker, with_speaker)"),
+    _Flag("--stepaudio-tts-prompts", _existing_file, "stepaudio profile: JSON with TTS-3B system prompts (without_speaker, with_speaker, rap, humming)"),
+    _Flag("--stepaudio-speakers", _existing_dir, "stepaudio profile: speaker registry folder (speakers_info.json, *_prompt.wav); default the TTS-3B folder's speakers/"),
+    _Flag("--stepaudio-dtype", _choice(("auto", "float32", "bfloat16")), "stepaudio profile: dtype of TTS-3B and the flow (default auto: bfloat16 on a GPU)"),
     _Flag("--stepaudio-transcribe", _bool, "stepaudio profile: transcribe user turns with Chat for the history (default true)"),
-    _Flag("--stepaudio-vq06-window-s", _positive_float, "stepaudio profile: seconds per streamed vq06 window (default 4.8)"),
     _Flag("--log-json", _bool, "log JSON lines instead of readable console lines", switch=True),
     _Flag("--log-level", _choice(("debug", "info", "warning", "error")), "log level (default info)"),
 )

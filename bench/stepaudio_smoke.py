@@ -32,36 +32,55 @@ def _ms(seconds: float) -> float:
     return round(1000 * seconds, 1)
 
 
+async def tokenize_live(models, pcm: np.ndarray) -> tuple[dict, object]:
+    """One utterance as a call gives it: 20 ms frames, the pump caught up every 240 ms (the work a
+    live call does while the user speaks), then finalize() (the work left after the end of speech)."""
+    from streaming_tokenizer.stepaudio import StepAudioStream
+
+    stream = StepAudioStream(models.tokenizer, models.workers[0])
+    try:
+        stream.begin(())
+        started = time.perf_counter()
+        for i in range(0, len(pcm), 320):
+            stream.feed(pcm[i : i + 320], True)
+            if (i // 320) % 12 == 11:
+                await stream.drained()
+        streamed_s = time.perf_counter() - started
+        started = time.perf_counter()
+        utterance = await stream.finalize()
+        finalize_s = time.perf_counter() - started
+    finally:
+        await stream.aclose()
+    stage = {
+        "utterance_s": round(len(pcm) / 16000, 2),
+        "streamed_work_ms": _ms(streamed_s),
+        "finalize_ms": _ms(finalize_s),
+        "restarts": stream.restarts,
+        "tokens": utterance.lm_content.count("<audio_") if utterance.lm_content else 0,
+    }
+    return stage, utterance
+
+
 async def measure(config: StepAudioConfig, models_config: ModelConfig, seconds: float) -> dict:
     from profiles.loaded import close_models
     from profiles.stepaudio import load_stepaudio, resolve_device
-    from streaming_tokenizer.stepaudio import StepAudioStream
 
     report: dict = {"device": resolve_device(config.device), "model_path": str(config.model_path)}
     started = time.perf_counter()
     models = await load_stepaudio(config, models_config)
     report["load_s"] = round(time.perf_counter() - started, 2)
     try:
-        # Tokenizer: an utterance fed as 20 ms frames, the pump kept up, then the end of speech.
+        # Tokenizer: utterances fed as 20 ms frames, the pump kept up, then the end of speech; a
+        # steady one, and one whose last second is the loudest (its codes so far start over).
         from bench.stepaudio_tiny import tone_speech
 
-        audio = (tone_speech(seconds) * 32767).astype(np.int16)
-        stream = StepAudioStream(models.tokenizer, models.workers[0], config.vq06_window_s)
-        stream.begin(())
-        started = time.perf_counter()
-        for i in range(0, len(audio), 320):
-            stream.feed(audio[i : i + 320], True)
-        await stream.drained()
-        streamed_s = time.perf_counter() - started
-        started = time.perf_counter()
-        utterance = await stream.finalize()
-        report["tokenizer"] = {
-            "utterance_s": seconds,
-            "streamed_work_ms": _ms(streamed_s),
-            "finalize_ms": _ms(time.perf_counter() - started),
-            "tokens": utterance.lm_content.count("<audio_") if utterance.lm_content else 0,
-        }
-        await stream.aclose()
+        steady = tone_speech(seconds)
+        loud_end = steady.copy()
+        loud_end[-16000:] *= 2.5
+        report["tokenizer"] = {}
+        for name, clip in (("steady", steady), ("loud_ending", loud_end)):
+            pcm = (clip / np.abs(clip).max() * 0.9 * 32767).astype(np.int16)
+            report["tokenizer"][name], utterance = await tokenize_live(models, pcm)
         started = time.perf_counter()
         transcript = await models.transcribe(utterance.lm_content or "")
         report["chat_asr"] = {"ms": _ms(time.perf_counter() - started), "chars": len(transcript)}
@@ -80,7 +99,7 @@ async def measure(config: StepAudioConfig, models_config: ModelConfig, seconds: 
         started = time.perf_counter()
         await models.tts.decoder_worker.run(models.tts.voice, models.tts.registry_voice(config.speaker))
         report["tts_voice_prepare_ms"] = _ms(time.perf_counter() - started)
-        speech = await drain_timed(models.tts.speak(SENTENCE, ["高兴1"]))
+        speech = await drain_timed(models.tts.speak(SENTENCE))
         audio_s = sum(chunk.duration_ms for chunk in speech.items) / 1000
         report["tts"] = {
             "first_audio_ms": _ms(speech.first_s) if speech.first_s is not None else None,

@@ -121,14 +121,17 @@ def build_paraformer(directory: Path, seed: int = 0) -> None:
 
 def build_speech_tokenizer_onnx(path: Path, seed: int = 0) -> None:
     """`speech_tokenizer_v1.onnx`'s interface: feats (1, 128, T) float, feats_length (1,) int32 ->
-    int tokens (1, T // 4) at 25 Hz. Inside: one strided convolution and an argmax over 4096."""
+    int tokens (1, T // 4) at 25 Hz. Inside: each frame plus the mean of all frames (standing in for
+    full attention: every code depends on the whole window), one strided convolution, an argmax."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((4096, 128, 4)).astype(np.float32) * 0.1
     nodes = [
-        helper.make_node("Conv", ["feats", "w"], ["logits"], strides=[4], kernel_shape=[4]),
+        helper.make_node("ReduceMean", ["feats"], ["context"], axes=[2], keepdims=1),
+        helper.make_node("Add", ["feats", "context"], ["attended"]),
+        helper.make_node("Conv", ["attended", "w"], ["logits"], strides=[4], kernel_shape=[4]),
         helper.make_node("ArgMax", ["logits"], ["codes"], axis=1, keepdims=0),
         helper.make_node("Cast", ["codes"], ["indices"], to=TensorProto.INT32),
         helper.make_node("Identity", ["feats_length"], ["unused_length"]),

@@ -1,12 +1,18 @@
 """Speech tokens -> 22,050 Hz audio with CosyVoice's flow matching and HiFT vocoder, streaming.
 
-The model classes, their caches and the cross-fade come from the `cosyvoice` package
-(cosyvoice-minicpmo). Its own streaming driver (`cosyvoice.cli.model`) cannot be imported here: it
-imports torchaudio at module level, and torchaudio has no build for this project's torch. The
-driver below follows the same known-good pattern: decode token chunks that grow (about 0.6 s, 1 s,
-then 2 s) with 20 tokens of look-ahead, keep the flow's noise/condition cache across chunks,
-cross-fade the mel overlap, and feed the vocoder its mel and source caches with a cross-fade of the
-speech, so that the first audio needs the first chunk only.
+The model classes and the cross-fade come from the `cosyvoice` package (cosyvoice-minicpmo). Its
+own drivers do not fit: `cosyvoice.cli.model` imports torchaudio at module level (torchaudio has no
+build for this project's torch), and its flow's `inference` differs from the one Step-Audio's
+reference runs in two ways: its length regulator stretches the first and last 20 tokens apart from
+the rest, and its cache keeps 34 mel frames of overlap, which is 20 tokens only at 50 Hz (at this
+model's 41.67 Hz they span 41). So the flow is driven here, from its own modules: one pass over all
+tokens stretches them in one piece, as the reference does; streaming decodes token chunks that grow
+(about 0.6 s, 1 s, then 2 s) with 20 tokens of look-ahead, stretches each chunk's head and tail
+apart so that the look-ahead lands on whole frames, carries the overlap's condition from one chunk
+to the next, cross-fades the mel overlap, and feeds the vocoder its mel and source caches with a
+cross-fade of the speech, so that the first audio needs the first chunk only. Both draw the flow's
+noise from one fixed buffer per decoder, frame by frame, so that a streamed frame starts from the
+noise its one-pass frame starts from.
 """
 
 from __future__ import annotations
@@ -22,9 +28,13 @@ import numpy as np
 
 SAMPLE_RATE = 22050
 MEL_HOP = 256
-OVERLAP_TOKENS = 20  # the length regulator interpolates the first and last 20 tokens separately
-FLOW_CACHE_FRAMES = 34  # the flow keeps its last 34 frames of noise and condition for the next call
+OVERLAP_TOKENS = 20  # each streamed chunk's look-ahead, decoded again at the head of the next
 MEL_CACHE_FRAMES = 20
+NOISE_SECONDS = 300  # the fixed noise buffer; longer speech reuses it from the start
+NOISE_SEED = 0
+# Module paths that Step-Audio's vendored CosyVoice uses in its yaml files, and where
+# cosyvoice-minicpmo (and its matcha) keep the same function.
+RENAMED_MODULES = {"cosyvoice.matcha.audio.": "matcha.utils.audio."}
 XVECTOR_RATE = 16000  # CAM++ takes 80-bin fbank of 16 kHz audio
 SOURCE_CACHE_SAMPLES = MEL_CACHE_FRAMES * MEL_HOP
 CHUNK_SECONDS = (0.6, 1.0, 2.0)  # then 2 s per chunk
@@ -51,9 +61,22 @@ def import_cosyvoice() -> None:
     sys.modules["torchaudio"] = absent
 
 
+def resolve_dtype(dtype: str, device: str) -> "object":
+    """A torch dtype from its name; `auto`: bfloat16 on a GPU (as the reference runs TTS-3B and the
+    flow), float32 on the CPU."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
 def _model_sections(yaml_text: str, keep: tuple[str, ...] = ("flow", "hift", "feat_extractor")) -> str:
-    """The YAML's plain top-level settings plus the `keep` sections: the training pipeline and LM
-    sections would import modules (and their dependencies) this decoder never uses."""
+    """The YAML's plain top-level settings plus the `keep` sections (the training pipeline and LM
+    sections would import modules this decoder never uses), with Step-Audio's vendored module
+    paths mapped to the installed ones."""
+    for old, new in RENAMED_MODULES.items():
+        yaml_text = yaml_text.replace(old, new)
     blocks: list[list[str]] = []
     for line in yaml_text.splitlines():
         if line and not line[0].isspace() and not line.startswith("#"):
@@ -81,9 +104,10 @@ class VoiceCondition:
 
 class CosyVoiceDecoder:
     """Owns one CosyVoice model directory (`cosyvoice.yaml`, `flow.pt`, `hift.pt`, `campplus.onnx`)
-    loaded on one device. Stateless between calls: each utterance decodes in its own `DecodeStream`."""
+    loaded on one device, and its noise buffer. Stateless between calls: each utterance decodes in
+    its own `DecodeStream`."""
 
-    def __init__(self, directory: Path, device: str = "cpu", threads: int = 2) -> None:
+    def __init__(self, directory: Path, device: str = "cpu", threads: int = 2, dtype: "object" = None) -> None:
         import_cosyvoice()
         import onnxruntime
         import torch
@@ -91,6 +115,7 @@ class CosyVoiceDecoder:
 
         self.directory = directory
         self.device = torch.device(device)
+        self.dtype = dtype or torch.float32  # the flow's; the vocoder runs in float32
         configs = load_hyperpyyaml(_model_sections((directory / "cosyvoice.yaml").read_text()))
         self.flow, self.hift = configs["flow"], configs["hift"]
         # The prompt's mel as the model was trained on it: the yaml's own feature extractor when
@@ -99,9 +124,12 @@ class CosyVoiceDecoder:
         self.flow.load_state_dict(torch.load(directory / "flow.pt", map_location=self.device), strict=True)
         hift_state = torch.load(directory / "hift.pt", map_location=self.device)
         self.hift.load_state_dict({k.replace("generator.", ""): v for k, v in hift_state.items()}, strict=True)
-        self.flow.to(self.device).eval()
+        self.flow.to(self.device, self.dtype).eval()
         self.hift.to(self.device).eval()
         self.token_rate = float(self.flow.input_frame_rate)
+        generator = torch.Generator().manual_seed(NOISE_SEED)
+        frames = int(NOISE_SECONDS * SAMPLE_RATE / MEL_HOP)
+        self.noise = torch.randn(1, self.flow.output_size, frames, generator=generator)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         self._campplus = onnxruntime.InferenceSession(
@@ -112,7 +140,9 @@ class CosyVoiceDecoder:
         return int(tokens / self.token_rate * SAMPLE_RATE / MEL_HOP)
 
     def condition(self, prompt_wav: np.ndarray, rate: int, prompt_tokens: list[int]) -> VoiceCondition:
-        """The flow's conditioning for a voice prompt (float audio at `rate`, its flow tokens)."""
+        """The flow's conditioning for a voice prompt (float audio at `rate`, its flow tokens). As in
+        the reference, the mel and the x-vector are of the whole prompt, while the tokens may be of
+        its trimmed copy: the flow stretches the tokens over the mel's length."""
         import kaldi_native_fbank as knf
         import soxr
         import torch
@@ -130,11 +160,8 @@ class CosyVoiceDecoder:
         feats -= feats.mean(axis=0, keepdims=True)
         embedding = self._campplus.run(None, {self._campplus.get_inputs()[0].name: feats[None]})[0]
         mel = self.prompt_mel(torch.from_numpy(audio22)[None]).transpose(1, 2)
-        # The prompt's mel and tokens must cover the same time: trim both to the shorter.
-        usable = min(len(prompt_tokens), int(mel.shape[1] * MEL_HOP / SAMPLE_RATE * self.token_rate))
-        mel = mel[:, : self.mel_frames(usable)]
         return VoiceCondition(
-            torch.tensor([prompt_tokens[:usable]], dtype=torch.int32),
+            torch.tensor([prompt_tokens], dtype=torch.int32),
             mel.float(),
             torch.from_numpy(np.asarray(embedding, dtype=np.float32).reshape(1, -1)),
         )
@@ -158,18 +185,81 @@ class CosyVoiceDecoder:
             center=False,
         )
 
+    def noise_at(self, start: int, frames: int) -> "object":
+        """The buffer's noise for `frames` frames from frame `start` (wrapping around)."""
+        import torch
+
+        index = torch.arange(start, start + frames) % self.noise.shape[2]
+        return self.noise[:, :, index]
+
+    def stretch(self, h: "object", frames: int, split: bool) -> "object":
+        """(1, 80, frames): token encodings (1, n, 80) stretched to mel frames by linear
+        interpolation, in one piece (the reference), or (`split`, for a streamed chunk of more than
+        40 tokens) with the first and last 20 tokens on exactly the frames 20 tokens span, so that
+        the look-ahead a chunk shares with its neighbour covers the same frames in both."""
+        import torch
+        from torch.nn import functional as F
+
+        x = h.transpose(1, 2)
+        if not split or x.shape[2] <= 2 * OVERLAP_TOKENS:
+            return F.interpolate(x, size=frames, mode="linear")
+        edge = self.mel_frames(OVERLAP_TOKENS)
+        return torch.concat(
+            [
+                F.interpolate(x[:, :, :OVERLAP_TOKENS], size=edge, mode="linear"),
+                F.interpolate(x[:, :, OVERLAP_TOKENS:-OVERLAP_TOKENS], size=frames - 2 * edge, mode="linear"),
+                F.interpolate(x[:, :, -OVERLAP_TOKENS:], size=edge, mode="linear"),
+            ],
+            dim=2,
+        )
+
+    def flow_mel(
+        self, voice: VoiceCondition, tokens: list[int], start: int, split: bool, carried: "object" = None
+    ) -> tuple["object", "object"]:
+        """The flow's mel (1, 80, n) for `tokens`, whose first frame is frame `start` of the speech,
+        and the condition (1, 80, n) it was drawn toward. `carried`, when given, replaces the
+        condition of the first frames (the previous chunk's view of their shared look-ahead)."""
+        import torch
+        from torch.nn import functional as F
+
+        flow, device, dtype = self.flow, self.device, self.dtype
+        prompt_tokens, prompt_mel = voice.tokens.to(device), voice.mel.to(device, dtype)
+        token = torch.concat([prompt_tokens, torch.tensor([tokens], dtype=torch.int32, device=device)], dim=1)
+        n_prompt, prompt_frames, frames = prompt_tokens.shape[1], prompt_mel.shape[1], self.mel_frames(len(tokens))
+        with torch.inference_mode():
+            embedding = flow.spk_embed_affine_layer(F.normalize(voice.embedding.to(device, dtype), dim=1))
+            lengths = torch.tensor([token.shape[1]], dtype=torch.int32, device=device)
+            h, _ = flow.encoder(flow.input_embedding(torch.clamp(token, min=0)), lengths)
+            h = flow.encoder_proj(h)
+            parts = [self.stretch(h[:, n_prompt:], frames, split)]
+            if n_prompt:
+                parts.insert(0, self.stretch(h[:, :n_prompt], prompt_frames, split=False))
+            mu = flow.length_regulator.model(torch.concat(parts, dim=2))
+            if carried is not None:
+                mu[:, :, prompt_frames : prompt_frames + carried.shape[2]] = carried.to(device, dtype)
+            cond = torch.zeros(1, flow.output_size, prompt_frames + frames, device=device, dtype=dtype)
+            cond[:, :, :prompt_frames] = prompt_mel.transpose(1, 2)
+            z = torch.concat([self.noise_at(0, prompt_frames), self.noise_at(prompt_frames + start, frames)], dim=2)
+            t_span = torch.linspace(0, 1, 11, device=device, dtype=dtype)
+            if flow.decoder.t_scheduler == "cosine":
+                t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
+            mask = torch.ones(1, 1, prompt_frames + frames, device=device, dtype=dtype)
+            mel = flow.decoder.solve_euler(z.to(device, dtype), t_span=t_span, mu=mu, mask=mask, spks=embedding, cond=cond)
+        return mel[:, :, prompt_frames:].float().cpu(), mu[:, :, prompt_frames:].cpu()
+
     def stream(self, voice: VoiceCondition) -> DecodeStream:
         return DecodeStream(self, voice)
 
     def decode_offline(self, voice: VoiceCondition, tokens: list[int]) -> np.ndarray:
         """All tokens in one flow and one vocoder call (the reference's non-streaming path)."""
-        stream = self.stream(voice)
-        return stream.finish(tokens)
+        mel, _ = self.flow_mel(voice, tokens, 0, split=False)
+        return self.stream(voice).vocode(mel, final=True)
 
 
 class DecodeStream:
-    """One utterance's decoding state: tokens not yet spoken, the flow cache, the mel overlap and the
-    vocoder's caches. push() takes the tokens generated so far and returns the audio now final."""
+    """One utterance's decoding state: tokens not yet spoken, the overlap's condition, the mel
+    overlap and the vocoder's caches. push() takes the tokens generated so far and returns the audio
+    now final."""
 
     def __init__(self, decoder: CosyVoiceDecoder, voice: VoiceCondition) -> None:
         import torch
@@ -178,8 +268,9 @@ class DecodeStream:
         self._voice = voice
         self._tokens: list[int] = []
         self._offset = 0  # tokens already turned into audio
+        self._frame = 0  # mel frames already handed to the vocoder
         self._chunks = 0
-        self._flow_cache = torch.zeros(1, 80, 0, 2)
+        self._carried: "object" = None
         self._mel_overlap = torch.zeros(1, 80, 0)
         self._hift_cache: dict | None = None
         self._mel_overlap_frames = decoder.mel_frames(OVERLAP_TOKENS)
@@ -217,32 +308,20 @@ class DecodeStream:
         return self.vocode(self.flow(tokens, final), final)
 
     def flow(self, tokens: list[int], final: bool) -> "object":
-        """Mel frames (1, 80, n) of one token chunk: the flow continues from its cache, the head is
-        cross-faded with the previous chunk's look-ahead, and (unless final) this chunk's look-ahead
-        is held back for the next one."""
-        import torch
+        """Mel frames (1, 80, n) of one token chunk: the head's condition is the one the previous
+        chunk gave the shared look-ahead, the head is cross-faded with that chunk's look-ahead mel,
+        and (unless final) this chunk's look-ahead is held back for the next one."""
         from cosyvoice.utils.common import fade_in_out
 
-        decoder, voice, device = self._decoder, self._voice, self._decoder.device
-        token = torch.tensor([tokens], dtype=torch.int32)
-        with torch.inference_mode():
-            mel, self._flow_cache = decoder.flow.inference(
-                token=token.to(device),
-                token_len=torch.tensor([token.shape[1]], dtype=torch.int32).to(device),
-                prompt_token=voice.tokens.to(device),
-                prompt_token_len=torch.tensor([voice.tokens.shape[1]], dtype=torch.int32).to(device),
-                prompt_feat=voice.mel.to(device),
-                prompt_feat_len=torch.tensor([voice.mel.shape[1]], dtype=torch.int32).to(device),
-                embedding=voice.embedding.to(device),
-                flow_cache=self._flow_cache,
-            )
-        mel = mel.cpu()
+        mel, mu = self._decoder.flow_mel(self._voice, tokens, self._frame, split=True, carried=self._carried)
         if self._mel_overlap.shape[2]:
             mel = fade_in_out(mel, self._mel_overlap, self._mel_window)
         if not final:
             # The look-ahead's mel is decoded again, better informed, by the next chunk.
-            self._mel_overlap = mel[:, :, -self._mel_overlap_frames :]
-            mel = mel[:, :, : -self._mel_overlap_frames]
+            held = self._mel_overlap_frames
+            self._mel_overlap, self._carried = mel[:, :, -held:], mu[:, :, -held:]
+            mel = mel[:, :, :-held]
+        self._frame += mel.shape[2]
         return mel
 
     def vocode(self, mel: "object", final: bool) -> np.ndarray:

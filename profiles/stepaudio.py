@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
 from config import ModelConfig, StepAudioConfig
 from models.base import LanguageModel, ModelSetupError, SpeechDecoder
 from models.stepaudio_chat import local_chat, served_chat, transcribe
-from models.stepaudio_tts import StepAudioTTS
+from models.stepaudio_tts import StepAudioTTS, SystemPrompts, read_speakers
 from profiles.packages import log_loaded, log_loading, package_dir
 from runtime.workers import ModelWorker
 from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer
@@ -57,14 +57,18 @@ def read_clone(path: Path) -> dict[str, str]:
     return {"speaker": str(clone["speaker"]), "prompt_text": str(clone["prompt_text"]), "wav_path": str(wav)}
 
 
-def read_tts_prompts(path: Path) -> tuple[str, str]:
+def read_tts_prompts(path: Path) -> SystemPrompts:
+    """TTS-3B's system prompts: a JSON object with any of without_speaker, with_speaker (where
+    `{speaker}` names the registry speaker), rap and humming; the others keep their defaults."""
+    names = {f.name for f in fields(SystemPrompts)}
     try:
         prompts = json.loads(path.read_text(encoding="utf-8"))
-        return str(prompts["without_speaker"]), str(prompts["with_speaker"])
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ModelSetupError(
-            f"--stepaudio-tts-prompts {path}: want a JSON object with without_speaker and with_speaker ({exc!r})"
-        ) from None
+        unknown = set(prompts) - names
+        if unknown or not all(isinstance(v, str) for v in prompts.values()):
+            raise ValueError(f"unknown keys {sorted(unknown)}" if unknown else "values must be strings")
+        return SystemPrompts(**prompts)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ModelSetupError(f"--stepaudio-tts-prompts {path}: want a JSON object with some of {sorted(names)} ({exc})") from None
 
 
 @dataclass
@@ -99,7 +103,7 @@ class StepAudioModels:
 
     def session_tokenizer(self) -> StepAudioStream:
         transcriber = self.transcribe if self.config.transcribe else None
-        return StepAudioStream(self.tokenizer, self.workers[0], self.config.vq06_window_s, transcriber)
+        return StepAudioStream(self.tokenizer, self.workers[0], transcriber)
 
 
 async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAudioModels:
@@ -112,6 +116,8 @@ async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAu
             raise ModelSetupError(f"--model-path {root}: no {name}/ directory")
     clone = read_clone(config.clone) if config.clone else None
     prompts = read_tts_prompts(config.tts_prompts) if config.tts_prompts else None
+    if clone is None:
+        read_speakers(config.speakers or root / TTS_DIR / "speakers")  # before minutes of loading
     device = resolve_device(config.device)
     # Two tokenizer threads: sessions do not queue behind one another's utterances.
     workers = (
@@ -141,14 +147,16 @@ async def load_stepaudio(config: StepAudioConfig, models: ModelConfig) -> StepAu
         tts = await tts_worker.run(
             StepAudioTTS,
             root / TTS_DIR,
-            tokenizer.audio_ids,
+            tokenizer.prompt_ids,
             tts_worker,
             decoder_worker,
             device,
             config.speaker,
             threads=models.threads,
             clone=clone,
-            **({"system_prompts": prompts} if prompts else {}),
+            system_prompts=prompts or SystemPrompts(),
+            speakers=config.speakers,
+            dtype=config.dtype,
         )
         await decoder_worker.run(tts.voice, clone or tts.registry_voice(config.speaker))
         log_loaded("stepaudio.tts", started)

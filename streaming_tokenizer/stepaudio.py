@@ -1,16 +1,22 @@
-"""Step-Audio's dual-codebook audio tokenizer, streaming.
+"""Step-Audio's dual-codebook audio tokenizer, streaming, with the reference's codes.
 
-vq02 (linguistic, 16.7 Hz, 1024 codes): FunASR's streaming Paraformer encoder, run per 240 ms chunk
-with the session's own encoder cache, each 512-d frame mapped to the nearest k-means centroid.
-vq06 (semantic, 25 Hz, 4096 codes): CosyVoice's `speech_tokenizer_v1.onnx` over 128-bin
-Whisper-style log-mel, run on fixed windows as soon as each fills, so that finalize() only computes
-the open tail. The two are interleaved 2:3 (one group per 120 ms).
+What StepFun's reference (`tokenizer.py` of stepfun-ai/Step-Audio) computes for an utterance, and
+so what the LM must receive: the audio divided by max(peak, 0.01) and scaled to 0.999; vq02
+(linguistic, 16.7 Hz, 1024 codes): FunASR's streaming Paraformer encoder run per 240 ms chunk, each
+chunk keeping its own newest frames (as many as the chunk added, with no look-ahead), each 512-d
+frame mapped to the nearest k-means centroid; vq06 (semantic, 25 Hz, 4096 codes): CosyVoice's
+`speech_tokenizer_v1.onnx` over 128-bin Whisper-style log-mel of windows of up to 30 s (full
+attention: every code depends on its whole window). The two are interleaved 2:3 (120 ms a group).
+
+Streaming cannot know the utterance's peak before it ends, nor run vq06 on a window before it is
+whole; see `StepAudioStream` for what is done early and what is redone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -34,10 +40,33 @@ CHUNK_SIZE = (0, 4, 5)
 ENCODER_LOOK_BACK = 4
 DECODER_LOOK_BACK = 1
 CHUNK_SAMPLES = CHUNK_SIZE[1] * 960  # 240 ms
+SHORTEST_TAIL = 480  # a last piece shorter than this may give the fbank nothing: it is dropped
 MEL_HOP = 160
-VQ06_HOP_SAMPLES = 4 * MEL_HOP  # one vq06 code per 40 ms
-VQ06_MAX_WINDOW_S = 30.0  # the reference runs the full-attention tokenizer on at most 30 s
+VQ06_WINDOW = 30 * RATE  # the reference's longest vq06 window
+VQ06_SHORTEST = 480  # the reference drops a window shorter than this
 PEAK = 0.999
+PEAK_FLOOR = 0.01  # quieter audio is not amplified past 99.9x
+
+
+def energy_normalize(audio: np.ndarray, peak: float) -> np.ndarray:
+    """The reference's normalization, in its order of operations: audio / max(peak, 0.01) * 0.999."""
+    return audio / max(peak, PEAK_FLOOR) * PEAK
+
+
+def trim_silence(audio: np.ndarray, rate: int = RATE) -> np.ndarray:
+    """The reference's trim of a voice prompt: keep from 50 ms before the first sound (top_db 20,
+    frames of 512 and hop 128) for the sounding span rounded up to 15 ms steps plus 270 ms, padding
+    with zeros where the audio is shorter."""
+    import librosa
+
+    _, (start, end) = librosa.effects.trim(audio, top_db=20, frame_length=512, hop_length=128)
+    step, before, after = 240, int(0.05 * rate), int(0.22 * rate)
+    length = int(math.ceil((end - start) / step) * step + before + after)
+    first = start - before
+    out = audio[first:] if first > 0 else np.concatenate([np.zeros(-first, dtype=audio.dtype), audio])
+    if len(out) >= length:
+        return out[:length]
+    return np.concatenate([out, np.zeros(length - len(out), dtype=audio.dtype)])
 
 
 @dataclass(frozen=True)
@@ -96,7 +125,6 @@ class StepAudioTokenizer:
         if centroids.shape[0] != VQ02_SIZE:
             raise ValueError(f"linguistic_tokenizer.npy has {centroids.shape[0]} centroids, expected {VQ02_SIZE}")
         self.centroids = torch.from_numpy(centroids).to(device)
-        self._centroid_norms = (self.centroids**2).sum(dim=1)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
@@ -113,40 +141,34 @@ class StepAudioTokenizer:
     def _new_cache(self) -> dict:
         cache: dict = {}
         self.paraformer.init_cache(cache, **self._cache_kwargs)
-        # The encoder's overlap buffer starts as zero frames: the first outputs are those, not speech.
-        cache["padding_frames"] = CHUNK_SIZE[0] + CHUNK_SIZE[2]
         return cache
 
     def _encode_chunk(self, samples: np.ndarray, cache: dict, final: bool) -> list[int]:
+        """The codes of one chunk: the encoder sees [cached look-ahead frames, the chunk's frames],
+        and the chunk keeps its own newest frames, as many as it added (the reference's rule: no
+        frame waits for its look-ahead). The last piece of an utterance flushes the fbank."""
         import torch
         from funasr.utils.load_utils import extract_fbank
 
+        if final and len(samples) == 0:
+            return []
         with torch.inference_mode():
-            if final and len(samples) < 960:
-                # Less than one 60 ms frame left: the encoder flushes the look-ahead it holds.
-                cache["encoder"]["tail_chunk"] = True
-                speech = cache["encoder"]["feats"]
-                lengths = torch.tensor([speech.shape[1]], dtype=torch.int64)
-            else:
+            try:
                 speech, lengths = extract_fbank(
                     [torch.from_numpy(samples)], frontend=self.frontend, cache=cache["frontend"], is_final=final
                 )
-            if speech.shape[1] == 0:
+            except Exception:
+                if final and len(samples) < SHORTEST_TAIL:
+                    return []
+                raise
+            added = int(lengths[0])
+            if added == 0:
                 return []
             encoded, _ = self.paraformer.encode_chunk(
                 speech.to(self.device), lengths.to(self.device), cache=cache, is_final=final
             )
-            # The encoder sees [look-back, chunk, look-ahead]; the chunk's frames are final now, the
-            # look-ahead's come with the next chunk, except at the end of the utterance.
-            end = None if final else CHUNK_SIZE[0] + CHUNK_SIZE[1]
-            frames = encoded[0, CHUNK_SIZE[0] : end].float()
-            skip = min(cache["padding_frames"], frames.shape[0])
-            cache["padding_frames"] -= skip
-            frames = frames[skip:]
-            if frames.shape[0] == 0:
-                return []
-            distances = self._centroid_norms[None, :] - 2.0 * frames @ self.centroids.T
-            return distances.argmin(dim=1).tolist()
+            frames = encoded[0, -added:].float()
+            return torch.cdist(frames, self.centroids).argmin(dim=1).tolist()
 
     # -- vq06 ---------------------------------------------------------------------------------
     def log_mel(self, audio: np.ndarray) -> np.ndarray:
@@ -162,13 +184,12 @@ class StepAudioTokenizer:
         return ((logmel + 4.0) / 4.0).numpy()
 
     def semantic_codes(self, audio: np.ndarray) -> list[int]:
-        """vq06 codes of 16 kHz float audio, in windows of at most 30 s."""
+        """vq06 codes of normalized 16 kHz float audio, in windows of at most 30 s."""
         codes: list[int] = []
-        step = int(VQ06_MAX_WINDOW_S * RATE)
-        for start in range(0, len(audio), step):
-            piece = audio[start : start + step]
-            if len(piece) < VQ06_HOP_SAMPLES:
-                break
+        for start in range(0, len(audio), VQ06_WINDOW):
+            piece = audio[start : start + VQ06_WINDOW]
+            if len(piece) < VQ06_SHORTEST:
+                continue
             feats = self.log_mel(piece)[None].astype(np.float32)
             out = self.vq06_session.run(
                 None,
@@ -181,23 +202,24 @@ class StepAudioTokenizer:
         return codes
 
     # -- whole utterances ---------------------------------------------------------------------
-    def tokenize(self, audio: np.ndarray, rate: int) -> DualCodes:
-        """Offline: one utterance at any rate (8 kHz telephony included), through the same streaming
-        path a live session takes, so both give the same codes."""
+    def tokenize(self, audio: np.ndarray, rate: int, trim: bool = False) -> DualCodes:
+        """Offline, the reference's way: one utterance at any rate (8 kHz telephony is upsampled,
+        where the reference refuses it), normalized by its own peak, optionally trimmed of silence
+        (as the reference does for voice prompts), vq02 chunk by chunk and vq06 in one window."""
         audio = to_float(audio)
         if audio.ndim > 1:
             audio = audio.mean(axis=1)
         if rate != RATE:
             audio = soxr.resample(audio, rate, RATE).astype(np.float32)
-        peak = float(np.abs(audio).max()) if len(audio) else 0.0
-        if peak > 0:
-            audio = audio * (PEAK / peak)
+        audio = energy_normalize(audio, float(np.abs(audio).max()) if len(audio) else 0.0)
+        if trim and len(audio):
+            audio = trim_silence(audio)
         vq02 = self.linguistic_stream().flush(audio)
         return DualCodes(tuple(vq02), tuple(self.semantic_codes(audio)))
 
-    def audio_ids(self, audio: np.ndarray, rate: int) -> list[int]:
-        """Offline: one utterance's token IDs, as TTS-3B prompts carry a voice's audio."""
-        return self.tokenize(audio, rate).ids()
+    def prompt_ids(self, audio: np.ndarray, rate: int) -> list[int]:
+        """A voice prompt's token IDs, as TTS-3B prompts carry them: trimmed of silence first."""
+        return self.tokenize(audio, rate, trim=True).ids()
 
 
 class LinguisticStream:
@@ -209,7 +231,7 @@ class LinguisticStream:
         self._pending = np.zeros(0, dtype=np.float32)
 
     def push(self, audio: np.ndarray) -> list[int]:
-        """Codes of every whole 240 ms chunk now available (4 per chunk once the look-ahead fills)."""
+        """Codes of every whole 240 ms chunk now available (4 a chunk)."""
         self._pending = np.concatenate([self._pending, audio])
         codes: list[int] = []
         while len(self._pending) >= CHUNK_SAMPLES:
@@ -218,8 +240,7 @@ class LinguisticStream:
         return codes
 
     def flush(self, audio: np.ndarray) -> list[int]:
-        """The codes of `audio` and of everything still held (partial chunk, look-ahead), as if the
-        utterance ended here. Runs on a copy of the state, so the stream can take more audio
+        """The codes of `audio` and of the partial chunk still held, as if the utterance ended here. Runs on a copy of the state, so the stream can take more audio
         afterwards (a finalize that the user's resumed speech invalidated)."""
         fork = LinguisticStream.__new__(LinguisticStream)
         fork._tokenizer, fork._cache, fork._pending = self._tokenizer, copy.deepcopy(self._cache), self._pending
@@ -239,23 +260,20 @@ Transcriber = Callable[[str], Awaitable[str]]
 class StepAudioStream:
     """One session's tokenizer (the StreamingTokenizer the Controller drives).
 
-    A single pump task per utterance runs the models in the worker, in order: vq02 on each whole
-    240 ms chunk, vq06 on each full window. finalize() waits for the pump, then computes only what
-    is left (the vq02 flush and the vq06 tail). `transcriber`, when given, turns the `<audio_N>` text
-    into the transcript the history keeps (Step-Audio keeps earlier turns as text); the Controller
-    runs it beside the reply, not before it.
+    The codes must be the reference's offline codes of the whole utterance, whose gain depends on
+    its peak. A single pump task per utterance runs vq02 on each whole 240 ms chunk as it comes,
+    with the gain of the peak heard so far; when a louder sample raises the peak, the codes so far
+    are stale and the pump starts the utterance over with the new gain, while the user is still
+    speaking. vq06 attends over its whole window, so it runs once the window is known: each whole
+    30 s window during speech, the rest at finalize(). finalize() waits for the pump and then
+    computes the vq02 tail and the open vq06 window (and anything a late peak made stale).
+    `transcriber`, when given, turns the `<audio_N>` text into the transcript the history keeps
+    (Step-Audio keeps earlier turns as text); the Controller runs it beside the reply.
     """
 
-    def __init__(
-        self,
-        tokenizer: StepAudioTokenizer,
-        worker: ModelWorker,
-        window_s: float = 4.8,
-        transcriber: Transcriber | None = None,
-    ) -> None:
+    def __init__(self, tokenizer: StepAudioTokenizer, worker: ModelWorker, transcriber: Transcriber | None = None) -> None:
         self._tokenizer = tokenizer
         self._worker = worker
-        self._window = max(VQ06_HOP_SAMPLES, int(window_s * RATE) // VQ06_HOP_SAMPLES * VQ06_HOP_SAMPLES)
         self._transcriber = transcriber
         # finalize() redoes a failed pump's work and raises to the Controller; the log says why.
         self._tasks = TaskOwner("stepaudio.tokenizer", _log_failure)
@@ -263,14 +281,16 @@ class StepAudioStream:
         self._reset()
 
     def _reset(self) -> None:
+        self.restarts = 0  # times this utterance's codes went stale because its peak rose
         self._audio: list[np.ndarray] = []
         self._samples = 0
-        self._peak = 0.0
+        self._peak = 0.0  # of every sample received
+        self._gain_peak = -1.0  # the peak the codes below were computed with
         self._stream = self._tokenizer.linguistic_stream()
         self._vq02_fed = 0  # samples handed to the vq02 stream
         self._vq02: list[int] = []
         self._vq06: list[int] = []
-        self._vq06_done = 0  # samples covered by committed vq06 windows
+        self._vq06_done = 0  # samples covered by whole 30 s windows
         self._wake = asyncio.Event()
         self._busy = asyncio.Lock()  # this session's: the pump and finalize() take turns
 
@@ -292,17 +312,13 @@ class StepAudioStream:
         audio = to_float(frame)
         self._audio.append(audio)
         self._samples += len(audio)
+        if len(audio):
+            self._peak = max(self._peak, float(np.abs(audio).max()))
 
     def _utterance(self) -> np.ndarray:
         if len(self._audio) > 1:
             self._audio = [np.concatenate(self._audio)]
         return self._audio[0] if self._audio else np.zeros(0, dtype=np.float32)
-
-    def _gain(self, audio: np.ndarray) -> float:
-        # Peak normalization without the future: the running peak of the utterance so far.
-        if len(audio):
-            self._peak = max(self._peak, float(np.abs(audio).max()))
-        return PEAK / self._peak if self._peak > 0 else 1.0
 
     async def _run_pump(self) -> None:
         while True:
@@ -311,18 +327,30 @@ class StepAudioStream:
             async with self._busy:
                 await self._catch_up()
 
+    def _regain(self) -> None:
+        """Start over when the peak has changed since the codes were computed."""
+        if self._gain_peak == max(self._peak, PEAK_FLOOR):
+            return
+        if self._vq02_fed or self._vq06_done:
+            self.restarts += 1
+            log.info("stepaudio.tokenizer_restarted", seconds=round(self._vq02_fed / RATE, 2))
+        self._gain_peak = max(self._peak, PEAK_FLOOR)
+        self._stream = self._tokenizer.linguistic_stream()
+        self._vq02_fed, self._vq02, self._vq06_done, self._vq06 = 0, [], 0, []
+
     async def _catch_up(self) -> None:
         audio = self._utterance()
+        self._regain()
+        peak = self._gain_peak
         whole = (len(audio) - self._vq02_fed) // CHUNK_SAMPLES * CHUNK_SAMPLES
         if whole:
-            piece = audio[self._vq02_fed : self._vq02_fed + whole]
-            piece = piece * self._gain(piece)
+            piece = energy_normalize(audio[self._vq02_fed : self._vq02_fed + whole], peak)
             self._vq02_fed += whole
             self._vq02 += await self._worker.run(self._stream.push, piece)
-        while len(audio) - self._vq06_done >= self._window:
-            window = audio[self._vq06_done : self._vq06_done + self._window]
-            self._vq06 += await self._worker.run(self._tokenizer.semantic_codes, window * self._gain(window))
-            self._vq06_done += self._window
+        while len(audio) - self._vq06_done > VQ06_WINDOW:  # a window is whole once more audio came
+            window = energy_normalize(audio[self._vq06_done : self._vq06_done + VQ06_WINDOW], peak)
+            self._vq06 += await self._worker.run(self._tokenizer.semantic_codes, window)
+            self._vq06_done += VQ06_WINDOW
 
     async def drained(self) -> None:
         """Return once every whole chunk and window fed so far is tokenized (where a live call's
@@ -334,12 +362,13 @@ class StepAudioStream:
         async with self._busy:
             await self._catch_up()
             audio = self._utterance()
-            rest = audio[self._vq02_fed :]
-            gain = self._gain(rest)
-            stream, vq06_audio = self._stream, audio[self._vq06_done :]
+            peak, stream = self._gain_peak, self._stream
+            rest, vq06_audio = audio[self._vq02_fed :], audio[self._vq06_done :]
 
             def tail() -> tuple[list[int], list[int]]:
-                return stream.flush(rest * gain), self._tokenizer.semantic_codes(vq06_audio * gain)
+                return stream.flush(energy_normalize(rest, peak)), self._tokenizer.semantic_codes(
+                    energy_normalize(vq06_audio, peak)
+                )
 
             vq02_tail, vq06_tail = await self._worker.run(tail)
             codes = DualCodes(tuple(self._vq02 + vq02_tail), tuple(self._vq06 + vq06_tail))
@@ -350,6 +379,7 @@ class StepAudioStream:
             vq02=len(codes.vq02),
             vq06=len(codes.vq06),
             tokens=len(codes.interleaved()),
+            restarts=self.restarts,
         )
         if not content:
             return UtteranceInput("")
