@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -200,6 +201,10 @@ class ModelConfig:
     history_tokens: int = 600
     asr_partial_ms: int = 500
     lm_slots: int = 4  # generations the embedded LM runs at once, in one batch
+    tools: str | None = None  # a Python module whose functions the LM may call
+    builtin_tools: bool = True  # the time, arithmetic and unit conversion
+    tool_timeout_s: float = 5.0  # a call that takes longer fails (its output says so)
+    tool_filler_ms: int = 700  # a call still running after this gets "One moment." spoken
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)  # for all the models together
 
     @property
@@ -286,6 +291,12 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise ValueError("must be >= 0")
     return value
+
+
+def _module_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", text):
+        raise ValueError("must be a Python module name, such as my_tools or package.tools")
+    return text
 
 
 def _positive_float(text: str) -> float:
@@ -422,6 +433,10 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--lm-model", _non_empty, "model name sent to --lm-url (default 'default')"),
     _Flag("--lm-api-key-env", _non_empty, "environment variable holding the --lm-url API key (default OPENAI_API_KEY)"),
     _Flag("--system-prompt", _non_empty, "the LM's system prompt (default: a short spoken-style prompt)"),
+    _Flag("--tools", _module_name, "a Python module whose functions (type hints, docstrings) the LM may call"),
+    _Flag("--builtin-tools", _bool, "offer the built-in tools: time and date, arithmetic, unit conversion (default true)"),
+    _Flag("--tool-timeout-s", _positive_float, "a tool call that runs longer fails, and the LM is told (default 5)"),
+    _Flag("--tool-filler-ms", _non_negative_int, "a tool call still running after this gets a spoken 'One moment.' (default 700)"),
     _Flag("--max-new-tokens", _positive_int, "longest reply in tokens (default 60)"),
     _Flag("--max-sentences", _non_negative_int, "a reply ends with this sentence; 0 for no limit (default 2)"),
     _Flag("--temperature", _temperature, "LM sampling temperature; 0 is greedy (default 0)"),

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import structlog
 
-from models.base import Message
+from models.base import Message, ToolCall
 
 log = structlog.get_logger()
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -25,11 +25,13 @@ def estimate_tokens(text: str) -> int:
 
 @dataclass(frozen=True)
 class Turn:
-    role: str  # "user" or "assistant"
+    role: str  # "user", "assistant", "function_call" (text: its arguments) or "function_call_output"
     text: str
     status: str = "completed"  # or "interrupted"
     item_id: str = ""
     at: float = field(default_factory=time.time)
+    call_id: str = ""  # a function call's and its output's
+    name: str = ""  # a function call's function
 
 
 class TranscriptStore:
@@ -95,9 +97,23 @@ class DialogContext:
         self._session_id = session_id
         self._count = count_tokens
         self._start = 0  # the oldest turn the prompt still shows
+        self._deferred: list[Turn] = []
         self.refill = 0.6
 
     def add(self, turn: Turn) -> None:
+        self._append(turn)
+        if turn.role == "user":
+            for deferred in self._deferred:
+                self._append(deferred)
+            self._deferred.clear()
+
+    def defer(self, turn: Turn) -> None:
+        """Add `turn` right after the next user turn: a function call made, or an output that came,
+        before the turn it answers was in (a reply that the user's turn then swallowed, as when
+        they went on speaking: the call still happened, and its result counts)."""
+        self._deferred.append(turn)
+
+    def _append(self, turn: Turn) -> None:
         self.turns.append(turn)
         if self._store is not None:
             self._store.append(self._session_id, asdict(turn))
@@ -131,11 +147,28 @@ class DialogContext:
         if start != self._start:
             start = len(self.turns) - _fits(costs[start:][::-1], int(budget * self.refill))
         self._start = start
-        kept = [Message(turn.role, turn.text) for turn in self.turns[start:] if turn.text]  # (a reply truncated to nothing)
+        kept = _as_messages(self.turns[start:])
         # A history that opens with an assistant turn confuses chat templates: drop the orphan.
-        while kept and kept[0].role == "assistant":
+        while kept and kept[0].role in ("assistant", "tool"):
             kept.pop(0)
         return [Message("system", self.system_prompt), *kept, *tail]
+
+
+def _as_messages(turns: list[Turn]) -> list[Message]:
+    """Turns as LM messages: each function call as an assistant message with the call, followed at
+    once by its output (a call whose output is not in yet is left out); empty texts (a reply
+    truncated to nothing) dropped."""
+    outputs = {t.call_id: t for t in turns if t.role == "function_call_output"}
+    out: list[Message] = []
+    for turn in turns:
+        if turn.role == "function_call":
+            result = outputs.get(turn.call_id)
+            if result is not None:
+                out.append(Message("assistant", "", (ToolCall(turn.call_id, turn.name, turn.text),)))
+                out.append(Message("tool", result.text, tool_call_id=turn.call_id))
+        elif turn.role != "function_call_output" and turn.text:
+            out.append(Message(turn.role, turn.text))
+    return out
 
 
 def _fits(costs_newest_first: list[int], budget: int) -> int:

@@ -6,14 +6,15 @@ import asyncio
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import AsyncGenerator, Callable
+from typing import Any, AsyncGenerator, Callable
 
 import structlog
 
 from context.dialog import DialogContext, Turn, heard_text
 from context.exchange import Exchange
 from controller.turn_end import TurnEndScorers
-from models.base import LanguageModel, Message, SpeechChunk, SpeechDecoder
+from controller.tool_use import ToolUse, spoken
+from models.base import LanguageModel, Message, SpeechChunk, SpeechDecoder, ToolCall
 from realtime.events import (
     ResponseAudioPaused,
     ResponseAudioResumed,
@@ -27,9 +28,12 @@ from realtime.session import SessionIO
 from runtime.audio import FRAME_MS
 from runtime.tasks import TaskOwner
 from streaming_tokenizer.base import StreamingTokenizer, UtteranceInput
+from tools.rules import route
+from tools.toolbox import Toolbox
 from vad.engines import SpeechDetector
 
 log = structlog.get_logger()
+MAX_TOOL_ROUNDS = 3  # rounds of calls in one reply; the last generation is offered no tools
 
 
 @dataclass
@@ -41,6 +45,7 @@ class SessionModels:
     lm: LanguageModel
     decoder: SpeechDecoder
     turn_end: TurnEndScorers | None = None  # what `turn_detection: semantic` judges with
+    tools: Toolbox | None = None  # the functions replies may call
 
 
 def _ms(seconds: float) -> float:
@@ -103,6 +108,7 @@ class Reply:
         self._merge_heard_ms = 0.0
         self._client_buffer_ms = 0.0
         self._watcher: asyncio.Task[None] | None = None
+        self._lm_start = 0.0
         self._transcriber: asyncio.Task[None] | None = None
         self._generation = tasks.spawn(self._generate(), f"response:{reply_id}")
 
@@ -247,18 +253,66 @@ class Reply:
             self._on_end(self, status, text)
 
     async def _text_stream(self, messages: list[Message]) -> AsyncGenerator[str, None]:
-        lm_start = time.monotonic()
-        async with aclosing(self._models.lm.stream(messages)) as deltas:
-            async for delta in deltas:
-                if "_first_delta" not in self.timings:
-                    self.timings["_first_delta"] = time.monotonic()
-                    self.timings["lm_ttft_ms"] = _ms(time.monotonic() - lm_start)
-                self.text += delta
-                if self.committed:
-                    self._io.emit(ResponseTextDelta(self.id, delta))
-                else:
-                    self._pending_deltas.append(delta)
+        """The reply's words: the LM's, and around its function calls what the reply says while
+        they run. An LM that cannot call tools gets the rule's call for the questions it knows,
+        whose answer is then the tool's own sentence."""
+        self._lm_start = time.monotonic()
+        toolbox, lm = self._models.tools, self._models.lm
+        if toolbox is None:
+            async for delta in self._lm_text(messages, None, []):
                 yield delta
+            return
+        use = ToolUse(toolbox, self.id, self._io, self._exchange, self._tasks, self._committed)
+        if not lm.calls_tools:
+            call = route(self.user.text if self.user is not None else "")
+            if call is not None and call.name in toolbox.tools:
+                async for said in use.run([call]):
+                    yield self._said(said)
+                if use.results[0].ok:
+                    yield self._said(spoken(use.results[0]))
+                return
+            async for delta in self._lm_text(messages, None, []):
+                yield delta
+            return
+        for rounds_left in range(MAX_TOOL_ROUNDS, -1, -1):
+            calls: list[ToolCall] = []
+            text = ""
+            async for delta in self._lm_text(messages, toolbox.schemas() if rounds_left else None, calls):
+                text += delta
+                yield delta
+            if not calls:
+                return
+            async for said in use.run(calls):
+                yield self._said(said)
+            messages = [
+                *messages,
+                Message("assistant", text, tuple(calls)),
+                *(Message("tool", r.output, tool_call_id=r.call.id) for r in use.results),
+            ]
+
+    async def _lm_text(
+        self, messages: list[Message], tools: list[dict[str, Any]] | None, calls: list[ToolCall]
+    ) -> AsyncGenerator[str, None]:
+        """One LM generation's text; the calls it makes are added to `calls`."""
+        lm = self._models.lm
+        async with aclosing(lm.stream(messages) if tools is None else lm.stream(messages, tools=tools)) as deltas:
+            async for delta in deltas:
+                if isinstance(delta, ToolCall):
+                    calls.append(delta)
+                else:
+                    yield self._said(delta)
+
+    def _said(self, delta: str) -> str:
+        """A piece of the reply's text: timed, kept, and sent (or held until the commit)."""
+        if "_first_delta" not in self.timings:
+            self.timings["_first_delta"] = time.monotonic()
+            self.timings["lm_ttft_ms"] = _ms(time.monotonic() - self._lm_start)
+        self.text += delta
+        if self.committed:
+            self._io.emit(ResponseTextDelta(self.id, delta))
+        else:
+            self._pending_deltas.append(delta)
+        return delta
 
     def _play(self, chunk: SpeechChunk) -> None:
         playout = self._io.output.write(chunk.pcm, chunk.sample_rate)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncGenerator, AsyncIterator, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, Protocol
 
 import numpy as np
 
@@ -14,9 +14,47 @@ class ModelSetupError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function the LM asked for: its call id, the function's name, and the arguments as the JSON
+    text the LM wrote (parsed by whoever runs it: a malformed one is the tool's error, not ours)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
-    role: str  # "system", "user" or "assistant"
+    role: str  # "system", "user", "assistant", or "tool" (a function's output)
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str = ""  # which call a "tool" message answers
+
+    def to_openai(self) -> dict[str, Any]:
+        """The message in the OpenAI chat format."""
+        if self.role == "tool":
+            return {"role": "tool", "tool_call_id": self.tool_call_id, "content": self.content}
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["content"] = self.content or None
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in self.tool_calls
+            ]
+        return out
+
+
+def plain_messages(messages: list[Message]) -> list[Message]:
+    """The messages for an LM that knows no tools: each call and its output as text it can read."""
+    out: list[Message] = []
+    for m in messages:
+        if m.role == "tool":
+            out.append(Message("user", f"(result of a function: {m.content})"))
+        elif m.tool_calls:
+            calls = "; ".join(f"{c.name}({c.arguments})" for c in m.tool_calls)
+            out.append(Message("assistant", f"{m.content} (calling {calls})".strip()))
+        else:
+            out.append(m)
+    return out
 
 
 @dataclass(frozen=True)
@@ -34,9 +72,16 @@ class SpeechChunk:
 
 class LanguageModel(Protocol):
     """Streams the reply's text deltas; cancelling the consumer stops generation within one step.
-    `max_new_tokens`, when given, replaces the model's own limit for this generation."""
+    `max_new_tokens`, when given, replaces the model's own limit for this generation. `tools`,
+    OpenAI-style function schemas, are offered to an LM that can call them (`calls_tools`): it then
+    yields a `ToolCall` for each call it makes, after its text, and ends; one that cannot ignores
+    them."""
 
-    def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncGenerator[str, None]: ...
+    calls_tools: bool
+
+    def stream(
+        self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
+    ) -> AsyncGenerator[str | ToolCall, None]: ...
 
 
 class SpeechDecoder(Protocol):

@@ -12,7 +12,7 @@ from typing import Any, AsyncGenerator
 
 import structlog
 
-from models.base import Message
+from models.base import Message, plain_messages
 from runtime.bridge import Post, thread_stream
 from runtime.workers import ModelWorker
 
@@ -79,9 +79,13 @@ class LlamaCppLM:
         self.last_prompt = PromptUse()  # of the latest generation that finished its prompt
         self._server = xllamacpp.Server(params)
 
-    def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncGenerator[str, None]:
+    calls_tools = False  # measured: SmolLM2-135M answers instead of calling (README, tools)
+
+    def stream(
+        self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
+    ) -> AsyncGenerator[str, None]:
         request = {
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [{"role": m.role, "content": m.content} for m in plain_messages(messages)],
             "stream": True,
             "max_tokens": max_new_tokens or self.max_new_tokens,
             "temperature": self.temperature,

@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 
-from models.base import Message
+from models.base import Message, ToolCall
 
 
 class LMServiceError(RuntimeError):
@@ -30,10 +30,11 @@ class OpenAICompatibleLM:
         max_new_tokens: int,
         temperature: float,
         timeout_s: float = 30.0,
-        prompt: Callable[[list[Message]], str] | None = None,
+        prompt: Callable[[list[Message], list[dict[str, Any]] | None], str] | None = None,
         top_p: float | None = None,
     ) -> None:
         self.url = url.rstrip("/") + ("/completions" if prompt else "/chat/completions")
+        self.calls_tools = prompt is None  # a prompt built here is a model's own business (Step-Audio)
         self._prompt = prompt
         self._top_p = top_p
         self.model = model
@@ -43,7 +44,9 @@ class OpenAICompatibleLM:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
-    async def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
+    ) -> AsyncIterator[str | ToolCall]:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         body: dict[str, Any] = {
@@ -53,24 +56,32 @@ class OpenAICompatibleLM:
             "temperature": self.temperature,
         }
         if self._prompt is not None:
-            body["prompt"] = self._prompt(messages)
+            body["prompt"] = self._prompt(messages, tools)
         else:
-            body["messages"] = [{"role": m.role, "content": m.content} for m in messages]
+            body["messages"] = [m.to_openai() for m in messages]
+            if tools:
+                body["tools"] = tools
         if self._top_p is not None:
             body["top_p"] = self._top_p
+        calls = _CallAssembler()
         try:
             async with self._session.post(self.url, json=body) as response:
                 if response.status != 200:
                     detail = (await response.text())[:300]
                     raise LMServiceError(f"{self.url} answered HTTP {response.status}: {detail}")
                 async for line in response.content:
-                    delta = _delta(line)
-                    if delta is _DONE:
-                        return
-                    if delta:
-                        yield delta
+                    event = _event(line)
+                    if event is _DONE:
+                        break
+                    if event is None:
+                        continue
+                    text = calls.take(event)
+                    if text:
+                        yield text
         except aiohttp.ClientError as exc:
             raise LMServiceError(f"{self.url}: {exc!r}") from exc
+        for call in calls.finished():
+            yield call
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -80,11 +91,11 @@ class OpenAICompatibleLM:
 _DONE = object()
 
 
-def _delta(line: bytes) -> str | object | None:
-    """The text of one server-sent-events line of a (chat) completion stream."""
+def _event(line: bytes) -> dict[str, Any] | object | None:
+    """One server-sent-events line of a (chat) completion stream: its JSON, _DONE, or None."""
     text = line.decode("utf-8", errors="replace").strip()
     if not text.startswith("data:"):
-        return None  # blank separators, comments and other fields carry no text
+        return None  # blank separators, comments and other fields carry no data
     data = text[len("data:") :].strip()
     if data == "[DONE]":
         return _DONE
@@ -92,11 +103,40 @@ def _delta(line: bytes) -> str | object | None:
         event = json.loads(data)
     except ValueError as exc:
         raise LMServiceError(f"malformed stream event: {data[:200]!r}") from exc
+    if not isinstance(event, dict):
+        raise LMServiceError(f"malformed stream event: {data[:200]!r}")
     if "error" in event:
         raise LMServiceError(f"the endpoint reported an error: {event['error']}")
-    choices = event.get("choices") or []
-    if not choices:
-        return None
-    if "text" in choices[0]:  # /completions
-        return choices[0]["text"] or None
-    return (choices[0].get("delta") or {}).get("content") or None
+    return event
+
+
+class _CallAssembler:
+    """Joins the tool calls of a streamed chat completion: each arrives as deltas keyed by its
+    index, the id and name in the first, the arguments cut anywhere across the rest."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def take(self, event: dict[str, Any]) -> str:
+        """The text this event adds; its tool-call pieces are kept."""
+        choices = event.get("choices") or []
+        if not choices:
+            return ""
+        choice = choices[0]
+        if "text" in choice:  # /completions
+            return choice["text"] or ""
+        delta = choice.get("delta") or {}
+        for piece in delta.get("tool_calls") or []:
+            call = self._calls.setdefault(int(piece.get("index", len(self._calls))), {"id": "", "name": "", "arguments": ""})
+            function = piece.get("function") or {}
+            call["id"] = piece.get("id") or call["id"]
+            call["name"] = function.get("name") or call["name"]
+            call["arguments"] += function.get("arguments") or ""
+        return delta.get("content") or ""
+
+    def finished(self) -> list[ToolCall]:
+        return [
+            ToolCall(c["id"] or f"call_{i}", c["name"], c["arguments"] or "{}")
+            for i, c in sorted(self._calls.items())
+            if c["name"]
+        ]

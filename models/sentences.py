@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 from contextlib import aclosing
-from typing import AsyncGenerator
+from typing import Any, AsyncGenerator
 
-from models.base import LanguageModel, Message
+from models.base import LanguageModel, Message, ToolCall
 
 # CJK sentence ends need no space after them (Step-Audio speaks Chinese first).
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"')\]]*\s|[\u3002\uff01\uff1f]+[\u201d\u300d\uff09]*|\n+")
@@ -87,16 +87,23 @@ def _words(text: str) -> int:
 
 class SpokenReplies:
     """Wraps an LM so that each reply ends with its `max_sentences`-th sentence: a spoken answer
-    stays short, and the LM stops generating there instead of running to its token limit."""
+    stays short, and the LM stops generating there instead of running to its token limit. Tool
+    calls pass through (a reply that calls one ends there anyway)."""
 
     def __init__(self, lm: LanguageModel, max_sentences: int) -> None:
         self.lm = lm
         self.max_sentences = max_sentences
+        self.calls_tools = lm.calls_tools
 
-    async def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncGenerator[str, None]:
+    async def stream(
+        self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
+    ) -> AsyncGenerator[str | ToolCall, None]:
         text, passed, scanned, sentences = "", 0, 0, 0
-        async with aclosing(self.lm.stream(messages, max_new_tokens)) as deltas:
+        async with aclosing(self.lm.stream(messages, max_new_tokens, tools)) as deltas:
             async for delta in deltas:
+                if isinstance(delta, ToolCall):
+                    yield delta
+                    continue
                 text += delta
                 # A sentence end counts once the character after it is in ("3.5" is no end).
                 while end := _SENTENCE_END.search(text, scanned):

@@ -28,14 +28,31 @@ TOP_P = 0.9
 
 
 def chat_prompt(messages: list[Message], tools: list[dict[str, Any]] | None = None) -> str:
-    """The prompt text for `messages`; `tools`, OpenAI-style JSON schemas, follow the system message."""
+    """The prompt text for `messages`; `tools`, OpenAI-style JSON schemas, follow the system message
+    in a `tool_json_schemas` turn. An assistant turn's calls are written as the JSON it would have
+    emitted, and a function's output as a `tool` turn (Step-Audio never published its call syntax:
+    this is our guess, README)."""
     turns = list(messages)
     if not turns or turns[0].role != "system":
         turns.insert(0, Message("system", DEFAULT_SYSTEM))
     if tools:
         turns.insert(1, Message("tool_json_schemas", json.dumps(tools, ensure_ascii=False)))
-    parts = [f"{BOT}{_ROLES.get(m.role, m.role)}\n{m.content}{EOT}" for m in turns]
+    parts = [f"{BOT}{_ROLES.get(m.role, m.role)}\n{_content(m)}{EOT}" for m in turns]
     return "".join(parts) + f"{BOT}assistant\n"
+
+
+def _content(message: Message) -> str:
+    if not message.tool_calls:
+        return message.content
+    calls = [{"name": c.name, "arguments": _json_or_text(c.arguments)} for c in message.tool_calls]
+    return message.content + json.dumps(calls if len(calls) > 1 else calls[0], ensure_ascii=False)
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text or "{}")
+    except ValueError:
+        return text
 
 
 def transcription_prompt(audio_text: str) -> list[Message]:

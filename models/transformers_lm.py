@@ -11,7 +11,7 @@ from typing import Any, AsyncGenerator, Callable
 
 import structlog
 
-from models.base import Message
+from models.base import Message, plain_messages
 from models.generation import stopping_on
 from runtime.bridge import Post, thread_stream
 from runtime.workers import ModelWorker
@@ -79,7 +79,7 @@ class TransformersLM:
         max_new_tokens: int,
         temperature: float,
         threads: int,
-        prompt: Callable[[list[Message]], str] | None = None,
+        prompt: Callable[[list[Message], list[dict[str, Any]] | None], str] | None = None,
         **load: Any,
     ) -> None:
         """`prompt`, when given, builds the prompt text in place of the tokenizer's chat template;
@@ -103,11 +103,17 @@ class TransformersLM:
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncGenerator[str, None]:
-        limit = max_new_tokens or self.max_new_tokens
-        return thread_stream(self.worker, functools.partial(self.generate_now, messages, limit))
+    calls_tools = False  # a `prompt` that shows the model tools gets a JSON reader around it
 
-    def generate_now(self, messages: list[Message], max_new_tokens: int, post: Post[str], stop: threading.Event) -> None:
+    def stream(
+        self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
+    ) -> AsyncGenerator[str, None]:
+        limit = max_new_tokens or self.max_new_tokens
+        return thread_stream(self.worker, functools.partial(self.generate_now, messages, limit, tools))
+
+    def generate_now(
+        self, messages: list[Message], max_new_tokens: int, tools: list[dict[str, Any]] | None, post: Post[str], stop: threading.Event
+    ) -> None:
         """Blocking: generate a reply, posting each text delta; ends at the first step after `stop`."""
         import torch
         from transformers import DynamicCache
@@ -140,10 +146,10 @@ class TransformersLM:
                     post(text[self.sent :])
 
         if self._prompt is not None:
-            inputs = self._tokenizer(self._prompt(messages), return_tensors="pt", add_special_tokens=True)
+            inputs = self._tokenizer(self._prompt(messages, tools), return_tensors="pt", add_special_tokens=True)
         else:
             inputs = self._tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages],
+                [{"role": m.role, "content": m.content} for m in plain_messages(messages)],
                 add_generation_prompt=True,
                 return_tensors="pt",
                 return_dict=True,

@@ -10,7 +10,9 @@ from config import AppConfig
 from context.dialog import DialogContext, TranscriptStore
 from controller.controller import Controller
 from profiles.loaded import LoadedModels, close_models, for_session
+from models.base import ModelSetupError
 from realtime.session import AgentFactory, SessionIO
+from tools.toolbox import ToolSetupError, load_toolbox
 
 if TYPE_CHECKING:
     from profiles.embedded import EmbeddedModels
@@ -34,9 +36,15 @@ def conversation(config: AppConfig, store: TranscriptStore, models: LoadedModels
     """The factory of a talking profile's agent: a Controller over the profile's models, with the
     session's own history."""
 
+    m = config.models
+    try:
+        tools = load_toolbox(m.tools, m.builtin_tools, m.tool_timeout_s, m.tool_filler_ms)
+    except ToolSetupError as exc:
+        raise ModelSetupError(str(exc)) from None
+
     def agent(io: SessionIO) -> Controller:
         context = DialogContext(config.models.system_prompt, config.models.history_tokens, store, io.session_id)
-        return Controller(io, for_session(models, config.turn), context, config.turn, config.profile)
+        return Controller(io, for_session(models, config.turn, tools), context, config.turn, config.profile)
 
     return agent
 

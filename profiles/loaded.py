@@ -11,6 +11,7 @@ from models.base import LanguageModel, SpeechDecoder
 from models.llamacpp_lm import LlamaCppLM
 from models.openai_lm import OpenAICompatibleLM
 from runtime.workers import ModelWorker
+from tools.toolbox import Toolbox
 from streaming_tokenizer.base import StreamingTokenizer
 from vad.engines import make_detector
 
@@ -44,14 +45,15 @@ class LoadedModels(Protocol):
         ...
 
 
-def for_session(models: LoadedModels, turn: TurnConfig) -> SessionModels:
-    """One session's handles: its own detector and tokenizer, the shared LM and decoder."""
+def for_session(models: LoadedModels, turn: TurnConfig, tools: Toolbox | None = None) -> SessionModels:
+    """One session's handles: its own detector and tokenizer, the shared LM, decoder and tools."""
     return SessionModels(
         make_detector(turn.vad, turn.webrtc_aggressiveness),
         models.session_tokenizer(),
         models.reply_lm,
         models.decoder,
         models.turn_end,
+        tools,
     )
 
 

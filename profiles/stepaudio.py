@@ -12,6 +12,7 @@ from pathlib import Path
 from config import ModelConfig, StepAudioConfig
 from models.base import LanguageModel, ModelSetupError, SpeechDecoder
 from models.stepaudio_chat import local_chat, served_chat, transcribe
+from models.tool_json import JsonToolCalls
 from models.stepaudio_tts import StepAudioTTS, SystemPrompts, read_speakers
 from profiles.packages import log_loaded, log_loading, package_dir
 from runtime.workers import ModelWorker
@@ -88,7 +89,7 @@ class StepAudioModels:
 
     @property
     def reply_lm(self) -> LanguageModel:
-        return self.chat
+        return JsonToolCalls(self.chat)
 
     @property
     def engines(self) -> tuple[LanguageModel, ...]:

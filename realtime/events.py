@@ -170,6 +170,27 @@ class ResponseDone(ServerEvent):
 
 
 @dataclass(frozen=True)
+class FunctionCallArgumentsDone(ServerEvent):
+    """The reply calls a function (`item_id` names the call in the history); it runs now."""
+
+    type = "response.function_call_arguments.done"
+    response_id: str
+    item_id: str
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ConversationItemCreated(ServerEvent):
+    """An item joined the history: a function's output (`{id, type: function_call_output,
+    call_id, output}`), once the function returned, failed or timed out."""
+
+    type = "conversation.item.created"
+    item: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class MetricsTurn(ServerEvent):
     """One turn's stage timings (endpoint_ms, asr_ms, lm_ttft_ms, tts_first_audio_ms, server_v2v_ms)
     and how the turn was ended (commit_rule; eot_audio and eot_text, the end-of-turn scores; eot_question)."""

@@ -21,10 +21,12 @@ from aiohttp import web
 from config import ServerConfig
 from realtime.events import (
     ConversationItemCreate,
+    ConversationItemCreated,
     ConversationItemTruncate,
     ConversationItemTruncated,
     Error,
     EventError,
+    FunctionCallArgumentsDone,
     InputAudioBufferClear,
     InputAudioBufferCommit,
     ResponseCancel,
@@ -159,6 +161,11 @@ class Translator:
                 ]
             )
             return [*done, {"type": event.type, "response": self._response(event.response_id, status, [item])}]
+        if isinstance(event, FunctionCallArgumentsDone):
+            call = {"response_id": event.response_id, "item_id": event.item_id, "output_index": 0, "call_id": event.call_id}
+            return [{"type": event.type, **call, "name": event.name, "arguments": event.arguments}]
+        if isinstance(event, ConversationItemCreated):
+            return [{"type": event.type, "item": {"object": "realtime.item", "status": "completed", **event.item}}]
         if isinstance(event, ConversationItemTruncated):
             item = self.item_id(event.item_id)
             return [{"type": event.type, "item_id": item, "content_index": 0, "audio_end_ms": round(event.audio_end_ms)}]

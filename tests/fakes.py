@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import numpy as np
+from aiohttp import web
 
 from bench.peer import Notifier
 from models.base import Message, SpeechChunk
@@ -71,6 +72,8 @@ class CountingTokenizer:
 class CuedLM:
     """Yields `reply` word by word; with `hold`, each word waits for a cue (release())."""
 
+    calls_tools = False
+
     def __init__(self, notifier: Notifier, reply: str = "Sure. Here is the answer you asked for.", hold: bool = False):
         self.reply = reply
         self.hold = hold
@@ -84,7 +87,9 @@ class CuedLM:
         for _ in range(words):
             self._cues.put_nowait(None)
 
-    async def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
+    ) -> AsyncIterator[str]:
         self.calls.append(messages)
         self._notifier.notify()
         try:
@@ -115,3 +120,16 @@ class ToneDecoder:
             self.chunks += 1
             self._notifier.notify()
             yield SpeechChunk(pcm, 16000, delta)
+
+
+async def serve(endpoint: Any) -> web.AppRunner:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1: `endpoint.handle` answers
+    `POST /v1/chat/completions`; `endpoint.url` is set to the base URL. Clean the runner up."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", endpoint.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    endpoint.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+    return runner

@@ -21,6 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runtime", "config"),
     ("vad", "realtime"),
     ("streaming_tokenizer", "models"),
+    ("tools",),
     ("context",),
     ("controller",),
     ("profiles",),

@@ -252,3 +252,41 @@ async def test_the_page_redials_a_dropped_call(start_server, tmp_path):
         assert ids == [first, second]
     finally:
         await asyncio.to_thread(driver.quit)
+
+
+async def test_the_page_shows_a_tool_call_and_its_output(start_server, embedded_models, tmp_path):
+    """A typed "What time is it?": the time tool's call and its output appear as a line of the
+    transcript, between the question and the answer that says the time."""
+    require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from config import AppConfig, ServerConfig
+    from context.dialog import TranscriptStore
+    from profiles import open_profile
+
+    write_wav(tmp_path / "mic.wav", np.zeros(48000 * 30), 48000)
+    config = AppConfig(server=ServerConfig(data_dir=tmp_path / "data"), models=embedded_models.config)
+    profile = await open_profile(config, TranscriptStore(tmp_path / "data"), models=embedded_models)
+    server = await start_server(factory=profile.factory)
+    driver = await asyncio.to_thread(chromium, tmp_path / "mic.wav", tmp_path / "profile")
+    try:
+        def ask() -> list[tuple[str, str]]:
+            driver.get(server.url)
+            driver.find_element(By.ID, "call").click()
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: d.find_element(By.ID, "say-send").is_enabled())
+            driver.find_element(By.ID, "say-text").send_keys("What time is it?")
+            driver.find_element(By.ID, "say-send").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .turn.tool .output"))
+            wait.until(lambda d: "It's" in d.find_element(By.CSS_SELECTOR, "#transcript .turn.assistant").text)
+            turns = driver.find_elements(By.CSS_SELECTOR, "#transcript .turn")
+            return [(t.get_attribute("class"), t.text) for t in turns]
+
+        turns = await asyncio.to_thread(ask)
+    finally:
+        await asyncio.to_thread(driver.quit)
+    kinds = [classes.split()[1] for classes, _ in turns]
+    assert kinds == ["user", "assistant", "tool"] or kinds == ["user", "tool", "assistant"], turns
+    tool_line = next(text for classes, text in turns if "tool" in classes)
+    assert tool_line.startswith("current_time({}) → {") and '"spoken": "It\'s' in tool_line, tool_line

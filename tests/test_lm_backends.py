@@ -16,6 +16,7 @@ from models.base import Message
 from models.openai_lm import LMServiceError, OpenAICompatibleLM
 from models.transformers_lm import TransformersLM
 from runtime.workers import ModelWorker
+from tests.fakes import serve
 
 pytestmark = pytest.mark.models
 
@@ -167,14 +168,8 @@ async def chat_server():
     runners: list[web.AppRunner] = []
 
     async def start(fake: FakeChatServer) -> str:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", fake.handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        runners.append(await serve(fake))
+        return fake.url
 
     yield start
     for runner in runners:

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
-from realtime.events import ResponseCreated, ResponseDone, ResponseTextDelta, SpeechStopped, TranscriptionDelta
+from realtime.events import (
+    ConversationItemCreated,
+    FunctionCallArgumentsDone,
+    ResponseCreated,
+    ResponseDone,
+    ResponseTextDelta,
+    SpeechStopped,
+    TranscriptionDelta,
+)
 from realtime.openai_realtime import Translator, turn_detection_to_ours
 from realtime.events import EventError
 
@@ -54,6 +62,20 @@ def test_transcripts_become_appended_deltas_and_replies_end_with_their_item():
     assert [e["type"] for e in done][-1] == "response.done"
     assert done[-1]["response"]["status"] == "cancelled"
     assert done[-1]["response"]["output"][0]["content"][0]["transcript"] == "Paris is"
+
+
+def test_function_calls_and_their_outputs_are_events_the_sdk_parses():
+    from openai.types.realtime import ConversationItemCreatedEvent, ResponseFunctionCallArgumentsDoneEvent
+
+    translator = Translator("m")
+    call = FunctionCallArgumentsDone("resp_1", "resp_1-call1", "call_a", "current_time", "{}")
+    (done,) = translator.server(call)
+    parsed = ResponseFunctionCallArgumentsDoneEvent.model_validate({**done, "event_id": "e1"})
+    assert (parsed.call_id, parsed.name, parsed.arguments, parsed.response_id) == ("call_a", "current_time", "{}", "resp_1")
+    item = {"id": "resp_1-output2", "type": "function_call_output", "call_id": "call_a", "output": '{"time": "02:00"}'}
+    (created,) = translator.server(ConversationItemCreated(item))
+    parsed_item = ConversationItemCreatedEvent.model_validate({**created, "event_id": "e2"}).item
+    assert (parsed_item.type, parsed_item.call_id, parsed_item.output) == ("function_call_output", "call_a", '{"time": "02:00"}')
 
 
 def test_a_text_only_session_gets_text_events_and_no_audio():

@@ -137,6 +137,22 @@ function showHeard(responseId, heard) {
   el.replaceChildren(said, cut);
 }
 
+// A function's output joins its call's line; an error shows as one.
+function showToolOutput(item) {
+  const el = turnElement(item.call_id, "tool");
+  const output = document.createElement("span");
+  output.className = "output";
+  let failed = false;
+  try {
+    failed = Boolean(JSON.parse(item.output).error);
+  } catch (err) {
+    failed = false; // a tool may answer plain text
+  }
+  output.textContent = ` → ${item.output}`;
+  el.classList.toggle("failed", failed);
+  el.appendChild(output);
+}
+
 function showSettings(detection) {
   const form = $("settings");
   for (const name of ["type", "eagerness", "commit_ms", "threshold"]) {
@@ -215,6 +231,12 @@ function onServerEvent(event) {
       break;
     case "conversation.item.truncated":
       showHeard(event.item_id, event.transcript);
+      break;
+    case "response.function_call_arguments.done":
+      turnElement(event.call_id, "tool").textContent = `${event.name}(${event.arguments})`;
+      break;
+    case "conversation.item.created":
+      if (event.item.type === "function_call_output") showToolOutput(event.item);
       break;
     case "metrics.turn":
       addMetricsRow(event);
