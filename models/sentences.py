@@ -99,7 +99,7 @@ class SpokenReplies:
         self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
     ) -> AsyncGenerator[str | ToolCall, None]:
         text, passed, scanned, sentences = "", 0, 0, 0
-        async with aclosing(self.lm.stream(messages, max_new_tokens, tools)) as deltas:
+        async with aclosing(self.lm.stream(messages, max_new_tokens=max_new_tokens, tools=tools)) as deltas:
             async for delta in deltas:
                 if isinstance(delta, ToolCall):
                     yield delta

@@ -44,7 +44,7 @@ class JsonToolCalls:
     ) -> AsyncGenerator[str | ToolCall, None]:
         held = ""
         streaming = not tools
-        async with aclosing(self.lm.stream(messages, max_new_tokens, tools)) as deltas:
+        async with aclosing(self.lm.stream(messages, max_new_tokens=max_new_tokens, tools=tools)) as deltas:
             async for delta in deltas:
                 if streaming:
                     yield delta
