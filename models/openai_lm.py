@@ -6,12 +6,19 @@ import json
 from typing import Any, AsyncIterator, Callable
 
 import aiohttp
+import structlog
 
-from models.base import Message, ToolCall
+from models.base import Message, ToolCall, plain_messages
+
+log = structlog.get_logger(__name__)
 
 
 class LMServiceError(RuntimeError):
     """The endpoint refused the request or broke the stream; the message says how."""
+
+
+class _ToolsRefused(Exception):
+    """HTTP 400 to a request that offered tools."""
 
 
 class OpenAICompatibleLM:
@@ -58,16 +65,36 @@ class OpenAICompatibleLM:
         if self._prompt is not None:
             body["prompt"] = self._prompt(messages, tools)
         else:
-            body["messages"] = [m.to_openai() for m in messages]
-            if tools:
+            body["messages"] = [m.to_openai() for m in (messages if self.calls_tools else plain_messages(messages))]
+            if tools and self.calls_tools:
                 body["tools"] = tools
         if self._top_p is not None:
             body["top_p"] = self._top_p
         calls = _CallAssembler()
         try:
+            async for text in self._post(body, calls):
+                yield text
+        except _ToolsRefused as refused:
+            # Many servers refuse `tools` unless started for them (vLLM without a tool parser):
+            # from now on this LM is one that cannot call, and the rule stands in.
+            log.warning("lm.tools_refused", url=self.url, detail=str(refused))
+            self.calls_tools = False
+            body.pop("tools")
+            body["messages"] = [m.to_openai() for m in plain_messages(messages)]
+            async for text in self._post(body, calls):
+                yield text
+        for call in calls.finished():
+            yield call
+
+    async def _post(self, body: dict[str, Any], calls: _CallAssembler) -> AsyncIterator[str]:
+        """One streamed request: its text; its tool-call pieces go to `calls`."""
+        assert self._session is not None
+        try:
             async with self._session.post(self.url, json=body) as response:
                 if response.status != 200:
                     detail = (await response.text())[:300]
+                    if response.status == 400 and "tools" in body:
+                        raise _ToolsRefused(detail)
                     raise LMServiceError(f"{self.url} answered HTTP {response.status}: {detail}")
                 async for line in response.content:
                     event = _event(line)
@@ -80,8 +107,6 @@ class OpenAICompatibleLM:
                         yield text
         except aiohttp.ClientError as exc:
             raise LMServiceError(f"{self.url}: {exc!r}") from exc
-        for call in calls.finished():
-            yield call
 
     async def aclose(self) -> None:
         if self._session is not None:

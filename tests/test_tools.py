@@ -216,6 +216,42 @@ async def test_the_openai_backend_sends_tools_and_joins_streamed_calls(tool_serv
     ]
 
 
+class RefusesTools:
+    """A chat endpoint started without tool support: HTTP 400 to any request that offers tools."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        if "tools" in body:
+            return web.json_response({"error": {"message": '"auto" tool choice requires --enable-auto-tool-choice'}}, status=400)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(f'data: {json.dumps({"choices": [{"index": 0, "delta": {"content": "Fine."}}]})}\n\ndata: [DONE]\n\n'.encode())
+        return response
+
+
+async def test_an_endpoint_that_refuses_tools_is_asked_again_without_and_the_rule_takes_over():
+    endpoint = RefusesTools()
+    runner = await serve(endpoint)
+    lm = OpenAICompatibleLM(endpoint.url, "m", None, 32, 0.0)
+    schemas = load_toolbox(None, True, 5, 700).schemas()
+    earlier = [Message("assistant", "", (ToolCall("c", "current_time", "{}"),)), Message("tool", '{"time": "02:00"}', tool_call_id="c")]
+    try:
+        async with aclosing(lm.stream([Message("user", "Hi"), *earlier], tools=schemas)) as stream:
+            first = [item async for item in stream]
+        async with aclosing(lm.stream([Message("user", "Hi")], tools=schemas)) as stream:
+            second = [item async for item in stream]
+    finally:
+        await lm.aclose()
+        await runner.cleanup()
+    assert first == second == ["Fine."] and not lm.calls_tools
+    assert ["tools" in r for r in endpoint.requests] == [True, False, False]
+    assert [m["role"] for m in endpoint.requests[1]["messages"]] == ["user", "assistant", "user"]  # calls as text
+
+
 class Scripted:
     """An LM that says given text, in pieces."""
 
