@@ -14,7 +14,6 @@ from context.dialog import TranscriptStore
 from models.base import ModelSetupError
 from profiles import open_profile
 from realtime.server import build_app, ssl_context
-from runtime.memory import keep_large_buffers_mapped
 
 
 def configure_logging(json_lines: bool, level: str) -> None:
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError) as exc:
         print(f"run_server.py: {exc}", file=sys.stderr)
         return 2
-    structlog.get_logger().info("server.config", **config.describe(), large_buffers_mapped=keep_large_buffers_mapped())
+    structlog.get_logger().info("server.config", **config.describe())
     store = TranscriptStore(config.server.data_dir)
     try:
         web.run_app(

@@ -267,9 +267,9 @@ class Reply:
             call = route(self.user.text if self.user is not None else "")
             if call is not None and call.name in toolbox.tools:
                 async for said in use.run([call]):
-                    yield self._said(said)
+                    yield self._said(said, new_part=True)
                 if use.results[0].ok:
-                    yield self._said(spoken(use.results[0]))
+                    yield self._said(spoken(use.results[0]), new_part=True)
                 return
             async for delta in self._lm_text(messages, None, []):
                 yield delta
@@ -283,7 +283,7 @@ class Reply:
             if not calls:
                 return
             async for said in use.run(calls):
-                yield self._said(said)
+                yield self._said(said, new_part=True)
             messages = [
                 *messages,
                 Message("assistant", text, tuple(calls)),
@@ -295,15 +295,20 @@ class Reply:
     ) -> AsyncGenerator[str, None]:
         """One LM generation's text; the calls it makes are added to `calls`."""
         lm = self._models.lm
+        first = True
         async with aclosing(lm.stream(messages) if tools is None else lm.stream(messages, tools=tools)) as deltas:
             async for delta in deltas:
                 if isinstance(delta, ToolCall):
                     calls.append(delta)
                 else:
-                    yield self._said(delta)
+                    yield self._said(delta, new_part=first)
+                    first = False
 
-    def _said(self, delta: str) -> str:
-        """A piece of the reply's text: timed, kept, and sent (or held until the commit)."""
+    def _said(self, delta: str, new_part: bool = False) -> str:
+        """A piece of the reply's text: timed, kept, and sent (or held until the commit). A new
+        part (a generation's first words, a filler) is set apart from the sentence before it."""
+        if new_part and self.text and not self.text[-1].isspace() and not delta[:1].isspace():
+            delta = " " + delta
         if "_first_delta" not in self.timings:
             self.timings["_first_delta"] = time.monotonic()
             self.timings["lm_ttft_ms"] = _ms(time.monotonic() - self._lm_start)

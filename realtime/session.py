@@ -17,7 +17,6 @@ import structlog
 
 from realtime.events import ClientEvent, EventEncoder, ServerEvent, SessionClosed
 from realtime.output import PacedOutput
-from runtime.memory import release_free_memory
 from runtime.tasks import TaskOwner
 
 log = structlog.get_logger()
@@ -228,9 +227,6 @@ class SessionRegistry:
             session = self._sessions.pop(session_id, None)
             if session is not None and self._watcher is not None:
                 self._watcher.closed(session)
-            # What the call's buffers left free in the allocator's arenas goes back to the system
-            # (a trim walks every arena: off the event loop).
-            await asyncio.to_thread(release_free_memory)
 
         return forget
 
