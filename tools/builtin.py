@@ -109,7 +109,8 @@ _UNITS: dict[str, tuple[str, float]] = {
 _TEMPERATURES = {"c": "celsius", "celsius": "celsius", "f": "fahrenheit", "fahrenheit": "fahrenheit", "k": "kelvin", "kelvin": "kelvin"}
 
 
-def _unit(name: str) -> str:
+def unit_key(name: str) -> str:
+    """The table's key for a unit as people write it (plurals, `degrees`, `°`); ValueError if unknown."""
     key = name.strip().lower().replace("degrees ", "").replace("°", "")
     if key in _UNITS or key in _TEMPERATURES:
         return key
@@ -129,7 +130,7 @@ def convert_units(value: float, from_unit: str, to_unit: str) -> dict[str, str]:
         from_unit: the unit it is in, e.g. "mile", "lb", "fahrenheit"
         to_unit: the unit wanted, e.g. "km", "kg", "celsius"
     """
-    source, target = _unit(from_unit), _unit(to_unit)
+    source, target = unit_key(from_unit), unit_key(to_unit)
     if source in _TEMPERATURES and target in _TEMPERATURES:
         kelvin = {"celsius": value + 273.15, "fahrenheit": (value - 32) * 5 / 9 + 273.15, "kelvin": value}[_TEMPERATURES[source]]
         result = {"celsius": kelvin - 273.15, "fahrenheit": (kelvin - 273.15) * 9 / 5 + 32, "kelvin": kelvin}[_TEMPERATURES[target]]

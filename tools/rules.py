@@ -10,6 +10,7 @@ import json
 import re
 
 from models.base import ToolCall
+from tools.builtin import unit_key
 
 _TIME = re.compile(
     r"\b(what(?:'s| is)? the time|what time is it|tell me the time|(?:got|know|have) the time|the time (?:now|please)"
@@ -90,10 +91,8 @@ def route(text: str) -> ToolCall | None:
         value = _number(match.group("value") or match.group("value2") or "")
         source, target = match.group("from") or match.group("from2"), match.group("to") or match.group("to2")
         if value is not None:
-            from tools.builtin import _unit
-
             try:
-                _unit(source), _unit(target)
+                unit_key(source), unit_key(target)
             except ValueError:
                 pass
             else:

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import inspect
 import json
+import re
 import time
 import types
 import typing
@@ -20,6 +21,7 @@ from models.base import ToolCall
 log = structlog.get_logger(__name__)
 
 _JSON_TYPES: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
+_ARG = re.compile(r"(\w+)\s*(?:\([^)]*\))?:\s*(.*)")  # "name: text" or "name (type): text"
 
 
 class ToolSetupError(ValueError):
@@ -71,22 +73,20 @@ def _json_type(hint: Any) -> dict[str, Any]:
 
 
 def _describe(docstring: str) -> tuple[str, dict[str, str]]:
-    """The summary of a docstring, and each parameter's line under `Args:` (Google style)."""
-    summary, params, in_args = [], {}, False
-    for line in inspect.cleandoc(docstring).splitlines():
+    """A docstring's first paragraph, and each parameter's line under `Args:` (Google style)."""
+    text = inspect.cleandoc(docstring)
+    summary = " ".join(text.split("\n\n", 1)[0].split())
+    params: dict[str, str] = {}
+    in_args = False
+    for line in text.splitlines():
         stripped = line.strip()
         if stripped.lower() in ("args:", "arguments:", "parameters:"):
             in_args = True
-        elif in_args and ":" in stripped and not stripped.startswith(("Returns", "Raises")):
-            name, _, text = stripped.partition(":")
-            params[name.split("(")[0].strip()] = text.strip()
-        elif stripped.startswith(("Returns:", "Raises:")):
-            in_args = False
-        elif not in_args and stripped:
-            summary.append(stripped)
-        elif not stripped and summary:
-            in_args = in_args and bool(params)
-    return " ".join(summary), params
+        elif in_args and line[:1].isspace() and (item := _ARG.match(stripped)):
+            params[item.group(1)] = item.group(2)
+        elif stripped and not line[:1].isspace():
+            in_args = False  # the next section, or more prose
+    return summary, params
 
 
 def tool_from_function(function: Callable[..., Any], timeout_s: float) -> Tool:
