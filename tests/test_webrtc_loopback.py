@@ -46,8 +46,10 @@ async def test_signal_comes_back_after_the_delay(server):
     report = f"pieces (score, lag ms) {[(round(s, 2), lag) for s, lag in pieces]}, expected lag {expected_ms:.0f}, underruns {agent.underruns}"
     lags = [lag for score, lag in pieces if score > 0.85]
     assert len(lags) >= 2, f"echo does not match what was sent: {report}"
-    # A gap only ever delays what follows; a hop (5 ms) of wobble is measurement.
-    assert all(later >= earlier - 5 for earlier, later in zip(lags, lags[1:])), f"echo pieces out of order: {report}"
+    # A gap only ever delays what follows. A packet the loaded machine drops on either receive path
+    # (aiortc's jitter buffer skips a packet that comes too late) takes one 20 ms frame out, which
+    # makes what follows a frame earlier; beyond that, a hop (5 ms) of wobble is measurement.
+    assert all(later >= earlier - 25 for earlier, later in zip(lags, lags[1:])), f"echo pieces out of order: {report}"
     assert expected_ms <= lags[0] <= expected_ms + 1100, report
     session = server.registry.get(session_id)
     assert session.frames_received > 75  # 1.5 s of 20 ms frames reached the agent
