@@ -14,6 +14,11 @@ from context.dialog import TranscriptStore
 from models.base import ModelSetupError
 from profiles import open_profile
 from realtime.server import build_app, ssl_context
+from runtime.memory import release_free_memory_every
+from runtime.tasks import TaskOwner
+
+# How often the C heap's free pages go back to the system (runtime/memory.py); 0.1-1 ms each.
+MEMORY_RELEASE_PERIOD_S = 60.0
 
 
 def configure_logging(json_lines: bool, level: str) -> None:
@@ -48,6 +53,14 @@ async def serve_profile(config: AppConfig, store: TranscriptStore) -> web.Applic
         await profile.aclose()
 
     app.on_cleanup.append(close_profile)
+
+    async def release_memory(app: web.Application):
+        tasks = TaskOwner("server")
+        tasks.spawn(release_free_memory_every(MEMORY_RELEASE_PERIOD_S), "memory-release")
+        yield
+        await tasks.aclose()
+
+    app.cleanup_ctx.append(release_memory)
     # Everything loaded so far lives as long as the server: out of the collector's sight, a full
     # collection no longer walks the models' and libraries' objects, which stopped every thread,
     # the event loop too, for 60-120 ms (gaps in every call's audio).

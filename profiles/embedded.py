@@ -131,6 +131,7 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
     asr_worker, lm_worker, tts_worker = ModelWorker("asr"), ModelWorker("lm", lm_waiters), ModelWorker("tts")
     turn_worker, turn_text_worker = ModelWorker("turn-end"), ModelWorker("turn-text", TURN_TEXT_SLOTS)
     workers = (asr_worker, lm_worker, tts_worker, turn_worker, turn_text_worker)
+    tts: PiperDecoder | None = None
     try:
         # Look every package up first: a missing one fails before any loading.
         asr_dir = whisper_model_dir() if config.asr == "whisper" else moonshine_model_dir()
@@ -174,5 +175,7 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
     except BaseException:
         for worker in workers:
             worker.close()
+        if tts is not None:
+            tts.close()
         raise
     return EmbeddedModels(asr, lm, tts, workers, config, TurnEndScorers(smart_turn.score, text_check), turn_lm)

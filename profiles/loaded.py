@@ -10,6 +10,7 @@ from controller.turn_end import TurnEndScorers
 from models.base import LanguageModel, SpeechDecoder
 from models.llamacpp_lm import LlamaCppLM
 from models.openai_lm import OpenAICompatibleLM
+from models.piper_tts import PiperDecoder
 from runtime.workers import ModelWorker
 from tools.toolbox import Toolbox
 from streaming_tokenizer.base import StreamingTokenizer
@@ -58,9 +59,12 @@ def for_session(models: LoadedModels, turn: TurnConfig, tools: Toolbox | None = 
 
 
 async def close_models(models: LoadedModels) -> None:
-    """Free what the profile loaded: every worker thread, then the LMs' connections or contexts."""
+    """Free what the profile loaded: every worker thread, then piper's process and the LMs'
+    connections or contexts."""
     for worker in models.workers:
         worker.close()
+    if isinstance(models.decoder, PiperDecoder):
+        models.decoder.close()
     for engine in models.engines:
         if isinstance(engine, (OpenAICompatibleLM, LlamaCppLM)):
             await engine.aclose()

@@ -16,7 +16,8 @@ T = TypeVar("T")
 WORKER_NICENESS = 10
 
 
-def _lower_priority() -> None:
+def lower_priority() -> None:
+    """Run the calling thread, and the threads it starts from now on, at WORKER_NICENESS."""
     # Linux schedules threads by their own nice value, and the inference libraries' helper threads
     # inherit it from the thread that starts them (models load and run here). With every core busy,
     # the event loop thread then still wakes on time to send the next 20 ms of audio.
@@ -41,7 +42,7 @@ class ModelWorker:
         self.name = name
         self.threads = threads
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix=name, initializer=_lower_priority
+            max_workers=threads, thread_name_prefix=name, initializer=lower_priority
         )
         self._lock = threading.Lock()
         self._busy = 0

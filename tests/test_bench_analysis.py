@@ -91,3 +91,22 @@ def test_word_error_rate_joins_hyphenated_words():
     assert word_error_rate("Thank you, goodbye.", "Thank you, good-bye.") == 0.0
     assert word_error_rate("at seven tonight", "At 7 to-night!") == 0.0
     assert word_error_rate("good bye", "goodbye") == 1.0  # two words are not one
+
+
+def test_soak_floor_slope_sees_growth_and_not_the_runs_in_flight():
+    from bench.process import Holdings
+    from bench.soak import Sample, SoakResult
+
+    rng = np.random.default_rng(0)
+
+    def soak(growth_mb_per_hour: float) -> SoakResult:
+        result = SoakResult(sessions=8, minutes=60)
+        for at in range(0, 3600, 5):
+            in_flight = 200.0 * (rng.random() < 0.4)  # a model run's buffers at 40 % of the samples
+            rss = 1300 + growth_mb_per_hour * at / 3600 + in_flight
+            result.samples.append(Sample(at, 8, 100, Holdings(rss, 60, 90)))
+        return result
+
+    flat, growing = soak(0.0), soak(40.0)
+    assert abs(flat.rss_floor_slope_mb_per_hour() or 0) < 1.0
+    assert 39.0 < (growing.rss_floor_slope_mb_per_hour() or 0) < 41.0

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from bench import report
 from bench.harness import as_rows, run_sessions
+from bench.process import Holdings, process_tree
 from bench.scenarios import RATE, Scenario, Utterance
 from config import LoopbackConfig
 from controller.loopback import LoopbackAgent
@@ -43,3 +48,23 @@ async def test_harness_measures_the_echo_delay_and_writes_a_report(start_server,
     assert "| client_v2v_ms | 1 |" in text
     assert (tmp_path / "out" / "latency_cdf.png").stat().st_size > 1000
     assert (tmp_path / "out" / "summary.md").read_text().startswith("### 1 simultaneous")
+
+
+def test_what_a_server_holds_includes_its_children():
+    """piper runs in a child of the server: the soak and the per-session figures must count it."""
+    mine = Holdings.of(os.getpid())
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()  # it has started
+        assert child.pid in process_tree(os.getpid())
+        with_child = Holdings.of(os.getpid())
+        assert with_child.threads >= mine.threads + 1 and with_child.rss_mb >= mine.rss_mb + 1
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+        child.stdout.close()
+    assert child.pid not in process_tree(os.getpid())

@@ -7,17 +7,34 @@ import asyncio
 import json
 import os
 import signal
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from bench.local import local_server
+from bench.process import process_tree
 from bench.peer import ClientPeer
 from realtime.webrtc import use_loopback_ice_only
 
 @pytest.fixture(autouse=True)
 def loopback_client() -> None:
     use_loopback_ice_only()  # the servers here listen on 127.0.0.1 only; so must this client
+
+
+def ended(pid: int) -> asyncio.Future[None]:
+    """Resolved when the process ends (its pidfd turns readable)."""
+    loop = asyncio.get_running_loop()
+    fd = os.pidfd_open(pid)
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
+        done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    return done
 
 
 def typed(text: str) -> dict:
@@ -36,7 +53,11 @@ async def test_every_completed_turn_survives_a_sigkill(tmp_path):
             peer.send(typed(question))
             done = await peer.wait_event("response.done", timeout=60, predicate=lambda e: e["response"]["id"] not in replies)
             replies.append(done["response"]["id"])
+        piper = [member for member in process_tree(pid) if b"models.piper_voice" in Path(f"/proc/{member}/cmdline").read_bytes()]
+        assert len(piper) == 1
+        piper_ended = ended(piper[0])  # watched from before the kill: its pid cannot be reused meanwhile
         os.kill(pid, signal.SIGKILL)  # at once, with the last response.done just received
+        await asyncio.wait_for(piper_ended, 10)  # its stdin closed with the server: it stops on its own
         answers = [e["response"]["output_text"] for e in peer.events if e["type"] == "response.done"]
         await peer.close()
 

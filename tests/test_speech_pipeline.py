@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from contextlib import aclosing
+from pathlib import Path
 from typing import AsyncIterator
 
 import numpy as np
 import pytest
 
 from bench.metrics import word_error_rate
-from profiles.embedded import EmbeddedModels
+from models.piper_tts import PiperDecoder, PiperError
+from profiles.embedded import EmbeddedModels, piper_voice_files
+from runtime.workers import ModelWorker
 from profiles.packages import ModelPackageMissing, package_dir
 from models.sentences import SpeechChunker, speakable
 from streaming_tokenizer.base import UtteranceInput
@@ -93,6 +98,27 @@ async def test_piper_closing_the_stream_drops_pending_text(embedded_models: Embe
     assert first.text == "One two three."
     assert len(consumed) == 2  # the next sentence was read (it ended the first); nothing more
     assert embedded_models.tts.worker.busy == 0
+
+
+@pytest.mark.models
+async def test_piper_process_that_dies_fails_one_piece_and_is_started_again():
+    voice, config = piper_voice_files()
+    worker = ModelWorker("tts-restart")
+    tts = await worker.run(PiperDecoder, voice, config, worker)
+    first = tts.pid
+    assert first is not None
+    try:
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(PiperError, match=r"ended \(exit code -9\)"):
+            await worker.run(tts.speak_now, "This piece is lost.")
+        pcm = await worker.run(tts.speak_now, "This one is spoken.")
+        second = tts.pid
+        assert second not in (None, first)
+        assert len(pcm) > tts.sample_rate // 2 and np.abs(pcm).max() > 0.1
+    finally:
+        worker.close()
+        tts.close()
+    assert tts.pid is None and not Path(f"/proc/{second}").exists()  # ended, and reaped
 
 
 async def _piper_16k(models: EmbeddedModels, text: str) -> np.ndarray:
