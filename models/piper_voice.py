@@ -77,7 +77,7 @@ class Voice:
         if not busy_wait:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # A memory pattern is planned and kept for each new input shape, and every piece's phoneme
-        # count is one: +12 MB in 384 pieces, without end; without patterns +1-3 MB, as fast.
+        # count is one: +16 MB in 595 pieces, still climbing; without patterns +3 MB, as fast.
         options.enable_mem_pattern = False
         session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self._voice = PiperVoice(
