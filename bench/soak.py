@@ -37,8 +37,8 @@ THINK_S = 1.0  # the caller's pause between a reply's end and the next question
 TURNS_PER_CALL = 3  # then the caller hangs up and calls again
 WARM_UP_FRACTION = 0.3  # the memory slope is fitted after this share of the run
 SETTLE_TIMEOUT_S = 30.0
-# piper's run buffers come and go with each run (up to ~200 MB); a minute always has a moment
-# with none in flight.
+# piper's run buffers come and go with each run (up to ~200 MB), and the server's free memory
+# with each release (once a minute): a minute always has a moment with neither.
 FLOOR_WINDOW_S = 60.0
 
 
@@ -66,8 +66,8 @@ class SoakResult:
         return _slope_per_hour([(s.at_s, s.holdings.rss_mb) for s in self._late()])
 
     def rss_floor_slope_mb_per_hour(self) -> float | None:
-        """The same, fitted over the least RSS of each FLOOR_WINDOW_S: what the server keeps
-        between model runs, without the buffers of the runs in flight at each sample."""
+        """The same, fitted over `rss_floor`: what the server keeps between model runs, without
+        the buffers of the runs in flight at each sample."""
         return _slope_per_hour(rss_floor(self._late()))
 
     def _late(self) -> list[Sample]:
@@ -97,12 +97,16 @@ class SoakResult:
 
 
 def rss_floor(samples: list[Sample]) -> list[tuple[float, float]]:
-    """(middle of the window in s, least RSS in MB) for each FLOOR_WINDOW_S with samples."""
-    windows: dict[int, float] = {}
+    """(middle of the window in s, MB) for each FLOOR_WINDOW_S with samples: the least RSS of each
+    process in the window, summed. The server's least comes after a release of free memory, piper's
+    between runs, each at its own moment: the least of their sum would hold whatever the other
+    held at that moment."""
+    windows: dict[int, dict[str, float]] = {}
     for s in samples:
-        window = int(s.at_s // FLOOR_WINDOW_S)
-        windows[window] = min(windows.get(window, s.holdings.rss_mb), s.holdings.rss_mb)
-    return [((window + 0.5) * FLOOR_WINDOW_S, rss) for window, rss in sorted(windows.items())]
+        least = windows.setdefault(int(s.at_s // FLOOR_WINDOW_S), {})
+        for name, rss in (s.holdings.rss_mb_by_process or {"all": s.holdings.rss_mb}).items():
+            least[name] = min(least.get(name, rss), rss)
+    return [((window + 0.5) * FLOOR_WINDOW_S, sum(least.values())) for window, least in sorted(windows.items())]
 
 
 def _slope_per_hour(points: list[tuple[float, float]]) -> float | None:
@@ -209,7 +213,7 @@ def write(result: SoakResult, out: Path) -> str:
         f"### Soak: {result.sessions} sessions, {result.minutes} min\n\n"
         f"calls {result.calls}, turns answered {result.turns}, unanswered {result.unanswered}; "
         f"RSS slope after warm-up {summary['rss_mb_per_hour']} MB/h "
-        f"({summary['rss_mb_per_session_hour']} MB per session-hour); its floor (least RSS of each minute) "
+        f"({summary['rss_mb_per_session_hour']} MB per session-hour); its floor (least RSS of each process in each minute, summed) "
         f"{summary['rss_floor_mb_per_hour']} MB/h ({summary['rss_floor_mb_per_session_hour']} MB per session-hour)\n\n"
         f"after every call hung up, beyond the baseline: threads {left['threads']:+d}, open files {left['fds']:+d}, "
         f"asyncio tasks {left['tasks']:+d}, sessions {left['sessions']}, RSS {left['rss_mb']:+.1f} MB\n"
@@ -236,7 +240,7 @@ def _plot(result: SoakResult, path: Path) -> None:
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     floor = rss_floor(result.samples)
-    axes[0].plot([at / 60 for at, _ in floor], [rss for _, rss in floor], label="least of each minute")
+    axes[0].plot([at / 60 for at, _ in floor], [rss for _, rss in floor], label="least of each process in each minute, summed")
     axes[0].legend(loc="lower right")
     axes[-1].set_xlabel("minutes")
     figure.suptitle(f"server during {result.sessions} looping calls")

@@ -70,6 +70,9 @@ class Voice:
         from piper import PiperVoice, SynthesisConfig
         from piper.config import PiperConfig
 
+        from models.espeak_phonemes import install
+
+        install()  # piper's own espeak-ng binding leaks ~1.6 KB a piece
         # PiperVoice.load() gives ONNX Runtime every core, spinning while idle: bounded here instead.
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads

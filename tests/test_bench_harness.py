@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench import report
 from bench.harness import as_rows, run_sessions
-from bench.process import Holdings, process_tree
+from bench.process import Holdings, process_tree, process_usage
 from bench.scenarios import RATE, Scenario, Utterance
 from config import LoopbackConfig
 from controller.loopback import LoopbackAgent
@@ -62,9 +63,24 @@ def test_what_a_server_holds_includes_its_children():
         assert child.pid in process_tree(os.getpid())
         with_child = Holdings.of(os.getpid())
         assert with_child.threads >= mine.threads + 1 and with_child.rss_mb >= mine.rss_mb + 1
+        assert set(with_child.rss_mb_by_process) == {"server", Path(sys.executable).name}
+        assert sum(with_child.rss_mb_by_process.values()) == pytest.approx(with_child.rss_mb, abs=0.2)
     finally:
         assert child.stdin is not None
         child.stdin.close()
         child.wait()
         child.stdout.close()
     assert child.pid not in process_tree(os.getpid())
+
+
+def test_a_child_that_has_ended_does_not_stop_the_reading():
+    """piper's process can end between listing the tree and reading it (killed, restarted)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # ended, not yet reaped: a zombie
+    try:
+        assert child.pid in process_tree(os.getpid())
+        held = Holdings.of(os.getpid())
+        cpu, rss = process_usage(os.getpid())
+        assert held.rss_mb > 10 and rss > 10 and cpu > 0
+    finally:
+        child.wait()
