@@ -1,7 +1,10 @@
 """The whole configuration as one typed tree, filled from CLI flags and VOICE_AGENT_* variables.
 
-A flag beats its environment variable, which beats the default. Every value is checked here, so a
-bad one fails at startup with one line naming the flag.
+Each setting is declared once, on its field (`setting(...)`): its flag and environment variable,
+its help, its check, and for turn-taking whether a session may change it and within which limits.
+`--help`, the README's configuration table (`markdown_table()`) and the loading below are all
+read from those declarations. A flag beats its environment variable, which beats the default;
+every value is checked here, so a bad one fails at startup with one line naming the flag.
 """
 
 from __future__ import annotations
@@ -11,18 +14,106 @@ import dataclasses
 import json
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+from runtime.checks import json_number
 
 ENV_PREFIX = "VOICE_AGENT_"
 PROFILES = ("embedded", "loopback", "stepaudio")
 ASR_ENGINES = ("moonshine", "whisper")
+VAD_ENGINES = ("silero", "webrtc")
+TURN_DETECTION = ("vad", "semantic", "manual")
+EAGERNESS = ("low", "medium", "high")
 ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+SETTING = "setting"  # the key of a field's Setting in its metadata
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the flag."""
+
+
+class FieldError(ValueError):
+    """A value that breaks a rule between fields; `field` names the one to blame."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+# ---- checks of a flag's text ------------------------------------------------------------------
+
+
+def bounded(kind: Callable[[str], Any], ok: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """A check that reads a number of `kind` and refuses one that is not `ok`, saying `rule`."""
+
+    def check(text: str) -> Any:
+        value = kind(text)
+        if not ok(value):
+            raise ValueError(rule)
+        return value
+
+    return check
+
+
+port = bounded(int, lambda v: 0 <= v <= 65535, "must be 0..65535 (0 picks a free port)")
+positive_int = bounded(int, lambda v: v > 0, "must be a positive integer")
+non_negative_int = bounded(int, lambda v: v >= 0, "must be >= 0")
+positive_float = bounded(float, lambda v: v > 0, "must be > 0")
+temperature = bounded(float, lambda v: 0.0 <= v <= 2.0, "must be in [0, 2] (0 = greedy)")
+
+
+def module_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", text):
+        raise ValueError("must be a Python module name, such as my_tools or package.tools")
+    return text
+
+
+def lm_backend(text: str) -> str:
+    if text in ("embedded", "openai"):
+        return text
+    if text.startswith("hf:"):
+        if not Path(text[3:]).is_dir():
+            raise ValueError(f"no such model directory: {text[3:]!r}")
+        return text
+    raise ValueError(f"must be embedded, openai or hf:<directory>; got {text!r}")
+
+
+def http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"no such file: {text}")
+    return path
+
+
+def existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise ValueError(f"no such directory: {text}")
+    return path
+
+
+def boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {text!r}")
 
 
 @dataclass(frozen=True)
@@ -41,221 +132,6 @@ class IceServer:
         return out
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """HTTP, TLS, ICE and session-limit settings of the transport."""
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-    cert: Path | None = None
-    key: Path | None = None
-    ice_servers: tuple[IceServer, ...] = ()
-    loopback_ice: bool = False
-    max_sessions: int = 16
-    max_body_bytes: int = 64 * 1024
-    ping_timeout_s: float = 3.0  # a client that sends data-channel pings: quiet this long ends the call
-    media_timeout_s: float = 5.0  # any other: no audio and no message this long ends the call
-    connect_timeout_s: float = 5.0  # an offer's slot is held this long for the peer's first audio or message
-    auth_token: str | None = None  # when set, /api/* and /ws need it as a bearer token
-    allowed_origins: tuple[str, ...] = ()  # pages elsewhere than this server that may use it
-    offers_per_minute: int = 20  # per client address
-    pending_offers_per_address: int = 4  # answered offers not connected yet, per client address
-    ws_send_queue_s: float = 5.0  # /ws: messages a client has not read, beyond the socket's buffer
-    data_dir: Path = Path("data")
-
-
-@dataclass(frozen=True)
-class LoopbackConfig:
-    """The loopback diagnostic profile: the caller's audio comes back after a fixed delay."""
-
-    delay_ms: int = 1000
-
-
-VAD_ENGINES = ("silero", "webrtc")
-
-
-@dataclass(frozen=True)
-class TurnConfig:
-    """Turn-taking: the VAD and the endpointer's thresholds, and how much the client buffers.
-
-    Everything but the engine can also be changed per session through `session.update`.
-    """
-
-    vad: str = "silero"
-    webrtc_aggressiveness: int = 2
-    # "semantic": see min/max_commit_ms; "vad": commit after commit_ms of silence; "manual": the
-    # client commits each turn (`input_audio_buffer.commit`), as with push-to-talk
-    type: str = "semantic"
-    eagerness: str = "medium"  # semantic: how readily a pause counts as the end ("low", "medium", "high")
-    threshold: float = 0.5
-    min_speech_ms: int = 150
-    prefix_padding_ms: int = 300
-    pause_ms: int = 250  # vad: silence that starts the speculative reply
-    # semantic: the same, sooner, so that a reply is ready when a turn judged complete is committed
-    semantic_pause_ms: int = 120
-    commit_ms: int = 750
-    min_commit_ms: int = 250  # semantic: silence before a turn judged complete is committed
-    max_commit_ms: int = 2000  # semantic: silence that commits a turn judged unfinished
-    bargein_min_speech_ms: int = 200
-    # Speech over the agent: this much voiced audio pauses its audio at once; speech confirmed as
-    # such (bargein_min_speech_ms) that stays shorter than backchannel_max_ms and holds no words
-    # but a backchannel ("mm-hmm", "okay") lets it resume. 0: every confirmed speech is a barge-in.
-    agent_pause_ms: int = 40
-    backchannel_max_ms: int = 1000
-    # Speech that starts before the user has heard this much of a reply continues their utterance:
-    # the commit cut into a hesitation; the reply is dropped and the whole utterance answered anew.
-    merge_heard_ms: int = 500
-    client_buffer_ms: int = 120
-
-    # Per-session limits for session.update: (low, high) inclusive.
-    LIMITS = {
-        "threshold": (0.05, 0.95),
-        "min_speech_ms": (20, 2000),
-        "prefix_padding_ms": (0, 2000),
-        "pause_ms": (60, 5000),
-        "semantic_pause_ms": (60, 5000),
-        "commit_ms": (100, 10000),
-        "min_commit_ms": (60, 5000),
-        "max_commit_ms": (200, 10000),
-        "bargein_min_speech_ms": (20, 5000),
-        "agent_pause_ms": (20, 5000),
-        "backchannel_max_ms": (0, 5000),
-        "merge_heard_ms": (0, 5000),
-        "client_buffer_ms": (0, 2000),
-    }
-
-    CHOICES = {"type": ("vad", "semantic", "manual"), "eagerness": ("low", "medium", "high")}
-
-    def updated(self, changes: dict[str, Any]) -> "TurnConfig":
-        """A copy with `changes` applied, or ValueError naming the first bad field."""
-        for key, value in changes.items():
-            if key in self.CHOICES:
-                if value not in self.CHOICES[key]:
-                    raise ValueError(f"turn_detection.{key} must be one of {list(self.CHOICES[key])}")
-                continue
-            if key not in self.LIMITS:
-                raise ValueError(f"unknown turn_detection field {key!r}; known: {sorted([*self.CHOICES, *self.LIMITS])}")
-            low, high = self.LIMITS[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ValueError(f"turn_detection.{key} must be a number in [{low}, {high}]")
-            if key != "threshold" and value != int(value):
-                raise ValueError(f"turn_detection.{key} must be a whole number of ms")
-        merged = dataclasses.replace(
-            self, **{k: (v if k in ("threshold", *self.CHOICES) else int(v)) for k, v in changes.items()}
-        )
-        if merged.commit_ms <= merged.pause_ms:
-            raise ValueError("turn_detection.commit_ms must be greater than pause_ms")
-        if merged.max_commit_ms <= max(merged.semantic_pause_ms, merged.min_commit_ms):
-            raise ValueError("turn_detection.max_commit_ms must be greater than semantic_pause_ms and min_commit_ms")
-        return merged
-
-    @property
-    def semantic(self) -> bool:
-        return self.type == "semantic"
-
-    @property
-    def pause_after_ms(self) -> int:
-        """Silence that makes a pause: the speculative reply starts."""
-        return self.semantic_pause_ms if self.semantic else self.pause_ms
-
-    @property
-    def commit_after_ms(self) -> int | None:
-        """Silence that commits a turn whatever it sounds like (None: only the client commits)."""
-        if self.type == "manual":
-            return None
-        return self.max_commit_ms if self.semantic else self.commit_ms
-
-    def with_session(self, session: dict[str, Any]) -> "TurnConfig":
-        """A copy changed by a `session.update`'s `session` object, or ValueError saying what is wrong."""
-        unknown = set(session) - {"turn_detection"}
-        if unknown:
-            raise ValueError(f"unknown session fields {sorted(unknown)}; known: ['turn_detection']")
-        changes = session.get("turn_detection", {})
-        if not isinstance(changes, dict):
-            raise ValueError("turn_detection must be an object")
-        return self.updated(changes)
-
-    def public(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("vad", *self.CHOICES, *self.LIMITS)}
-
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a friendly voice assistant in a spoken conversation. Answer in one or two short, "
-    "plain sentences that sound natural when read aloud. No lists, no markdown, no emoji."
-)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The embedded profile's models: which LM answers, how it is prompted, how hard they work."""
-
-    asr: str = "moonshine"  # or "whisper"
-    lm: str = "embedded"  # "embedded" (llama.cpp), "openai" or "hf:<directory>" (transformers)
-    lm_url: str = "http://127.0.0.1:8000/v1"
-    lm_model: str = "default"
-    lm_api_key_env: str = "OPENAI_API_KEY"
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    max_new_tokens: int = 60
-    max_sentences: int = 2  # a reply ends with its second sentence; 0: no limit
-    temperature: float = 0.0
-    history_tokens: int = 600
-    asr_partial_ms: int = 500
-    lm_slots: int = 4  # generations the embedded LM runs at once, in one batch
-    tools: str | None = None  # a Python module whose functions the LM may call
-    builtin_tools: bool = True  # the time, arithmetic and unit conversion
-    tool_timeout_s: float = 5.0  # a call that takes longer fails (its output says so)
-    tool_filler_ms: int = 700  # a call still running after this gets "One moment." spoken
-    threads: int = field(default_factory=lambda: os.cpu_count() or 2)  # for all the models together
-
-    @property
-    def hf_path(self) -> Path | None:
-        return Path(self.lm[3:]) if self.lm.startswith("hf:") else None
-
-
-@dataclass(frozen=True)
-class StepAudioConfig:
-    """The stepaudio profile: where the weights are, where Step-Audio-Chat runs, which voice speaks."""
-
-    model_path: Path | None = None  # holds Step-Audio-Tokenizer/, Step-Audio-Chat/, Step-Audio-TTS-3B/
-    chat: str = "local"  # "local" (transformers in this process) or "served" (--lm-url, e.g. vLLM)
-    device: str = "auto"  # "auto" takes the GPU when there is one
-    speaker: str = "Tingting"
-    clone: Path | None = None  # a voice file {"speaker", "prompt_text", "wav_path"} to speak with
-    tts_prompts: Path | None = None  # {"without_speaker", "with_speaker" (with {speaker}), "rap", "humming"}
-    speakers: Path | None = None  # the speaker registry folder; default Step-Audio-TTS-3B/speakers
-    dtype: str = "auto"  # TTS-3B's and the flow's: auto is bfloat16 on a GPU, float32 on the CPU
-    transcribe: bool = True  # transcribe each user turn with the Chat model, for the text history
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    json: bool = False
-    level: str = "info"
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    """The root of the configuration tree."""
-
-    profile: str = "embedded"
-    server: ServerConfig = field(default_factory=ServerConfig)
-    turn: TurnConfig = field(default_factory=TurnConfig)
-    models: ModelConfig = field(default_factory=ModelConfig)
-    loopback: LoopbackConfig = field(default_factory=LoopbackConfig)
-    stepaudio: StepAudioConfig = field(default_factory=StepAudioConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able view for the startup log, with credentials masked."""
-        out = dataclasses.asdict(self)
-        for server in out["server"]["ice_servers"]:
-            if server.get("credential"):
-                server["credential"] = "***"
-        if out["server"]["auth_token"]:
-            out["server"]["auth_token"] = "***"
-        return json.loads(json.dumps(out, default=str))
-
-
 def parse_ice_server(text: str) -> IceServer:
     """`URL` or `URL,username,credential`, e.g. `turn:turn.example.com:3478,alice,s3cret`."""
     parts = [p.strip() for p in text.split(",")]
@@ -272,90 +148,37 @@ def parse_ice_server(text: str) -> IceServer:
     return IceServer(url, parts[1], parts[2])
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be 0..65535 (0 picks a free port)")
-    return value
+# ---- how a field is set -----------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError("must be a positive integer")
-    return value
+@dataclass(frozen=True)
+class Setting:
+    """How one field is set from outside: its flag (whose name, upper-cased with `_` for `-`,
+    after VOICE_AGENT_, is its environment variable), help, the check of the flag's text, and for
+    turn-taking what a session may change (`choices`, or `limits` inclusive)."""
+
+    help: str
+    parse: Callable[[str], Any] = str
+    flag: str = ""  # default: the field's name, "--" and "-" for "_"
+    metavar: str = "VALUE"
+    shown_default: str = ""  # what --help and the README say the default is, where it is not the value
+    repeat: bool = False  # a flag given again adds a value (in the environment, separated by ';')
+    switch: bool = False  # a flag without a value
+    choices: tuple[str, ...] = ()
+    limits: tuple[float, float] | None = None
+    per_session: bool = False  # `session.update` may change it
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **declared: Any) -> Any:
+    """A dataclass field with its Setting; `choices` also make its check."""
+    if "choices" in declared and "parse" not in declared:
+        declared["parse"] = _choice(declared["choices"])
+    return field(default=default, default_factory=factory, metadata={SETTING: Setting(**declared)})
 
 
-def _module_name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", text):
-        raise ValueError("must be a Python module name, such as my_tools or package.tools")
-    return text
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be > 0")
-    return value
-
-
-def _lm_backend(text: str) -> str:
-    if text in ("embedded", "openai"):
-        return text
-    if text.startswith("hf:"):
-        if not Path(text[3:]).is_dir():
-            raise ValueError(f"no such model directory: {text[3:]!r}")
-        return text
-    raise ValueError(f"must be embedded, openai or hf:<directory>; got {text!r}")
-
-
-def _http_url(text: str) -> str:
-    if not text.startswith(("http://", "https://")):
-        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
-    return text
-
-
-def _temperature(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 2.0:
-        raise ValueError("must be in [0, 2] (0 = greedy)")
-    return value
-
-
-def _non_empty(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text
-
-
-def _existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise ValueError(f"no such file: {text}")
-    return path
-
-
-def _existing_dir(text: str) -> Path:
-    path = Path(text)
-    if not path.is_dir():
-        raise ValueError(f"no such directory: {text}")
-    return path
-
-
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected a boolean, got {text!r}")
+def turn_ms(default: int, limits: tuple[int, int], help: str) -> Any:
+    """A turn-taking duration in ms that a session may change, within `limits`."""
+    return setting(default, parse=int, limits=limits, per_session=True, metavar="MS", help=help)
 
 
 def _choice(choices: Sequence[str]) -> Callable[[str], str]:
@@ -368,179 +191,438 @@ def _choice(choices: Sequence[str]) -> Callable[[str], str]:
 
 
 @dataclass(frozen=True)
-class _Flag:
-    name: str  # "--max-sessions"
-    kind: Callable[[str], Any]
-    help: str
-    repeat: bool = False
-    switch: bool = False
+class Declared:
+    """A field of the tree with its Setting: where it sits (`path` of field names) and its flag."""
+
+    path: tuple[str, ...]
+    field: dataclasses.Field[Any]
+    setting: Setting
+
+    @property
+    def name(self) -> str:
+        return self.path[-1]
+
+    @property
+    def flag(self) -> str:
+        return self.setting.flag or "--" + self.name.replace("_", "-")
 
     @property
     def dest(self) -> str:
-        return self.name.lstrip("-").replace("-", "_")
+        return self.flag.removeprefix("--").replace("-", "_")
 
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.dest.upper()
 
+    @property
+    def default_text(self) -> str:
+        if self.setting.shown_default:
+            return self.setting.shown_default
+        value = self.field.default
+        if self.setting.switch:
+            return "off"
+        if value is None or value == ():
+            return "none"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return f"{value:g}" if isinstance(value, float) else str(value)
 
-_FLAGS: tuple[_Flag, ...] = (
-    _Flag("--host", str, "address to listen on (default 127.0.0.1)"),
-    _Flag("--port", _port, "HTTP(S) port (default 8080; 0 picks a free one)"),
-    _Flag("--profile", _choice(PROFILES), "embedded (offline models on the CPU), loopback (echo diagnostic) or stepaudio (Step-Audio weights, --model-path); default embedded"),
-    _Flag(
-        "--ice-server",
-        parse_ice_server,
-        "STUN/TURN server as URL or URL,username,credential; repeatable "
-        "(env: separate several with ';')",
-        repeat=True,
-    ),
-    _Flag("--loopback-ice", _bool, "offer only 127.0.0.1 ICE candidates", switch=True),
-    _Flag("--auth-token", _non_empty, "require this bearer token on /api/* and /ws (the page takes it as #token=...); prefer the environment variable"),
-    _Flag("--allowed-origin", _non_empty, "a web origin other than this server's own whose pages may use it (e.g. https://app.example.com); repeatable", repeat=True),
-    _Flag("--ws-send-queue-s", _positive_float, "/ws: close a client that leaves this much audio unread beyond a 64 KiB socket buffer (default 5)"),
-    _Flag("--pending-offers-per-address", _positive_int, "answered offers from one address that may wait to connect at once before HTTP 429 (default 4)"),
-    _Flag("--offers-per-minute", _positive_int, "offers one client address may make in a minute before HTTP 429 (default 20)"),
-    _Flag("--cert", _existing_file, "TLS certificate (PEM) to serve HTTPS"),
-    _Flag("--key", _existing_file, "TLS private key (PEM) to serve HTTPS"),
-    _Flag("--max-sessions", _positive_int, "simultaneous sessions before HTTP 503 (default 16)"),
-    _Flag("--max-body-bytes", _positive_int, "largest accepted request body (default 65536)"),
-    _Flag("--ping-timeout-s", _positive_float, "close a call that sent data-channel pings after this long without audio or a message (default 3)"),
-    _Flag("--media-timeout-s", _positive_float, "close a call that sends no pings after this long without audio or a message (default 5)"),
-    _Flag("--connect-timeout-s", _positive_float, "free an answered offer's slot if no audio or message came in this long (default 5)"),
-    _Flag("--data-dir", Path, "where session transcripts are written (default ./data)"),
-    _Flag("--loopback-delay-ms", _non_negative_int, "loopback profile: echo delay (default 1000)"),
-    _Flag("--vad", _choice(VAD_ENGINES), "speech detector: silero or webrtc (default silero)"),
-    _Flag("--webrtc-aggressiveness", _choice(("0", "1", "2", "3")), "webrtcvad strictness 0-3 (default 2)"),
-    _Flag("--threshold", float, "speech probability threshold (default 0.5)"),
-    _Flag("--min-speech-ms", int, "speech needed to start a turn (default 150)"),
-    _Flag("--prefix-padding-ms", int, "audio kept before the speech onset (default 300)"),
-    _Flag("--pause-ms", int, "silence that starts a speculative reply, --turn-detection vad (default 250)"),
-    _Flag("--semantic-pause-ms", int, "silence that starts a speculative reply, --turn-detection semantic (default 120)"),
-    _Flag("--commit-ms", int, "silence that ends the turn and plays the reply, --turn-detection vad (default 750)"),
-    _Flag("--turn-detection", _choice(TurnConfig.CHOICES["type"]), "semantic: an end-of-turn model and a text check decide (the default); vad: commit after --commit-ms of silence; manual: the client commits each turn"),
-    _Flag("--eagerness", _choice(("low", "medium", "high")), "semantic: how readily a pause ends the turn (default medium)"),
-    _Flag("--min-commit-ms", int, "semantic: silence before a turn judged complete is committed (default 250)"),
-    _Flag("--max-commit-ms", int, "semantic: silence that commits a turn judged unfinished (default 2000)"),
-    _Flag("--bargein-min-speech-ms", int, "speech needed to interrupt the agent (default 200)"),
-    _Flag("--agent-pause-ms", int, "voiced audio over the agent that pauses its audio until the sound proves a turn or not (default 40)"),
-    _Flag("--merge-heard-ms", int, "speech that starts before the user heard this much of a reply continues their utterance (default 500)"),
-    _Flag("--backchannel-max-ms", int, "speech over the agent shorter than this, with no words or only a backchannel ('mm-hmm'), lets it resume; 0: never (default 1000)"),
-    _Flag("--client-buffer-ms", int, "agent audio assumed buffered at the client when it reports no position (default 120)"),
-    _Flag("--asr", _choice(ASR_ENGINES), "embedded profile's ASR: moonshine (Moonshine tiny-en) or whisper (Whisper tiny.en); default moonshine"),
-    _Flag("--lm", _lm_backend, "embedded profile's LM: embedded (SmolLM2 in llama.cpp), openai (--lm-url) or hf:<directory> (transformers)"),
-    _Flag("--lm-url", _http_url, "OpenAI-compatible API base URL for --lm openai (default http://127.0.0.1:8000/v1)"),
-    _Flag("--lm-model", _non_empty, "model name sent to --lm-url (default 'default')"),
-    _Flag("--lm-api-key-env", _non_empty, "environment variable holding the --lm-url API key (default OPENAI_API_KEY)"),
-    _Flag("--system-prompt", _non_empty, "the LM's system prompt (default: a short spoken-style prompt)"),
-    _Flag("--tools", _module_name, "a Python module whose functions (type hints, docstrings) the LM may call"),
-    _Flag("--builtin-tools", _bool, "offer the built-in tools: time and date, arithmetic, unit conversion (default true)"),
-    _Flag("--tool-timeout-s", _positive_float, "a tool call that runs longer fails, and the LM is told (default 5)"),
-    _Flag("--tool-filler-ms", _non_negative_int, "a tool call still running after this gets a spoken 'One moment.' (default 700)"),
-    _Flag("--max-new-tokens", _positive_int, "longest reply in tokens (default 60)"),
-    _Flag("--max-sentences", _non_negative_int, "a reply ends with this sentence; 0 for no limit (default 2)"),
-    _Flag("--temperature", _temperature, "LM sampling temperature; 0 is greedy (default 0)"),
-    _Flag("--history-tokens", _positive_int, "dialog history the LM sees, in tokens (default 600)"),
-    _Flag("--asr-partial-ms", _positive_int, "new speech between partial transcripts (default 500)"),
-    _Flag("--model-threads", _positive_int, "CPU threads the models share: the LM gets all but one, ASR and speech one each (default: the machine's cores)"),
-    _Flag("--lm-slots", _positive_int, "embedded LM: replies generated at once, in one batch (default 4)"),
-    _Flag("--model-path", _existing_dir, "stepaudio profile: directory holding the Step-Audio model directories"),
-    _Flag("--stepaudio-chat", _choice(("local", "served")), "stepaudio profile: Chat in this process, or served at --lm-url (default local)"),
-    _Flag("--stepaudio-device", _non_empty, "stepaudio profile: torch device for tokenizer and TTS (default auto)"),
-    _Flag("--stepaudio-speaker", _non_empty, "stepaudio profile: TTS-3B speaker from speakers_info.json (default Tingting)"),
-    _Flag("--stepaudio-clone", _existing_file, "stepaudio profile: JSON voice file {speaker, prompt_text, wav_path} to clone"),
-    _Flag("--stepaudio-tts-prompts", _existing_file, "stepaudio profile: JSON with TTS-3B system prompts (without_speaker, with_speaker, rap, humming)"),
-    _Flag("--stepaudio-speakers", _existing_dir, "stepaudio profile: speaker registry folder (speakers_info.json, *_prompt.wav); default the TTS-3B folder's speakers/"),
-    _Flag("--stepaudio-dtype", _choice(("auto", "float32", "bfloat16")), "stepaudio profile: dtype of TTS-3B and the flow (default auto: bfloat16 on a GPU)"),
-    _Flag("--stepaudio-transcribe", _bool, "stepaudio profile: transcribe user turns with Chat for the history (default true)"),
-    _Flag("--log-json", _bool, "log JSON lines instead of readable console lines", switch=True),
-    _Flag("--log-level", _choice(("debug", "info", "warning", "error")), "log level (default info)"),
+    def convert(self, raw: str) -> Any:
+        try:
+            value = self.setting.parse(raw)
+            return value if self.setting.limits is None else check_value(self.setting, value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{self.flag}: {exc}") from None
+
+
+def declared(cls: type, path: tuple[str, ...] = ()) -> Iterator[Declared]:
+    """Every field of the tree under `cls` that has a Setting, depth first in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from declared(hints[f.name], (*path, f.name))
+        elif SETTING in f.metadata:
+            yield Declared((*path, f.name), f, f.metadata[SETTING])
+
+
+def check_value(setting: Setting, value: Any) -> Any:
+    """A per-session value (or a flag's, once parsed) checked against its choices or limits."""
+    if setting.choices:
+        if value not in setting.choices:
+            raise ValueError(f"must be one of {list(setting.choices)}")
+        return value
+    assert setting.limits is not None
+    low, high = setting.limits
+    number = json_number(value)
+    if number is None or not low <= number <= high:
+        raise ValueError(f"must be a number in [{low:g}, {high:g}]")
+    if setting.parse is int:
+        if number != int(number):
+            raise ValueError("must be a whole number of ms")
+        return int(number)
+    return number
+
+
+# ---- the tree ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP, TLS, ICE and session-limit settings of the transport."""
+
+    host: str = setting("127.0.0.1", help="address to listen on; `0.0.0.0` for every interface", metavar="ADDR")
+    port: int = setting(8080, parse=port, help="HTTP(S) port; `0` picks a free one", metavar="N")
+    ice_servers: tuple[IceServer, ...] = setting(
+        (), flag="--ice-server", parse=parse_ice_server, repeat=True, metavar="URL[,user,credential]",
+        help="a STUN or TURN server for both the server's peer and the browser; repeatable "
+        "(in the environment, separate several with `;`)",
+    )
+    loopback_ice: bool = setting(
+        False, parse=boolean, switch=True,
+        help="gather and accept only 127.0.0.1 ICE candidates: tests, the harness, one laptop",
+    )
+    cert: Path | None = setting(None, parse=existing_file, metavar="FILE", help="serve HTTPS with this PEM certificate (with `--key`)")
+    key: Path | None = setting(None, parse=existing_file, metavar="FILE", help="the PEM private key of `--cert`")
+    max_sessions: int = setting(16, parse=positive_int, metavar="N", help="simultaneous calls; one more gets HTTP 503")
+    max_body_bytes: int = setting(64 * 1024, parse=positive_int, metavar="N", help="largest request body; larger gets HTTP 413")
+    auth_token: str | None = setting(
+        None, parse=non_empty, metavar="T",
+        help="require `Authorization: Bearer T` on `/api/*` and `/ws` (see Beyond localhost); prefer the environment variable",
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        (), flag="--allowed-origin", parse=non_empty, repeat=True, metavar="URL",
+        help="another web origin whose pages may use the API; repeatable",
+    )
+    offers_per_minute: int = setting(20, parse=positive_int, metavar="N", help="offers one client address may make in a minute before HTTP 429")
+    pending_offers_per_address: int = setting(
+        4, parse=positive_int, metavar="N", help="answered offers from one address still waiting to connect; one more gets HTTP 429"
+    )
+    ping_timeout_s: float = setting(
+        3.0, parse=positive_float, metavar="S",
+        help="close a WebRTC call that sends data-channel `ping`s after this long without audio or a message",
+    )
+    media_timeout_s: float = setting(
+        5.0, parse=positive_float, metavar="S",
+        help="close a WebRTC call that has sent no audio and no message for this long (any client: audio alone "
+        "keeps a call up, with or without a data channel)",
+    )
+    connect_timeout_s: float = setting(
+        5.0, parse=positive_float, metavar="S", help="free the slot of an answered offer whose peer sent no audio and no message in this long"
+    )
+    ws_send_queue_s: float = setting(
+        5.0, parse=positive_float, metavar="S",
+        help="`/ws`: close a client that leaves this much audio unread beyond a 64 KiB socket buffer",
+    )
+    data_dir: Path = setting(Path("data"), parse=Path, metavar="DIR", shown_default="./data", help="where session data is written; created at startup")
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise FieldError("cert", "give both --cert/--key or neither")
+
+
+@dataclass(frozen=True)
+class LoopbackConfig:
+    """The loopback diagnostic profile: the caller's audio comes back after a fixed delay."""
+
+    delay_ms: int = setting(1000, flag="--loopback-delay-ms", parse=non_negative_int, metavar="MS", help="loopback profile: echo delay")
+
+
+@dataclass(frozen=True)
+class Endpointing:
+    """When the user's turn starts and ends: the speech detector, and the silences and judgement
+    that commit a turn."""
+
+    vad: str = setting("silero", choices=VAD_ENGINES, metavar="ENGINE", help="speech detector: `silero` (the ONNX model in the silero-vad package) or `webrtc`")
+    webrtc_aggressiveness: int = setting(
+        2, parse=lambda text: int(_choice(("0", "1", "2", "3"))(text)), metavar="N", help="webrtcvad strictness, 0 (lenient) to 3 (strict)"
+    )
+    type: str = setting(
+        "semantic", flag="--turn-detection", choices=TURN_DETECTION, per_session=True, metavar="TYPE",
+        help="`semantic`: an end-of-turn model and a text check decide; `vad`: commit after `--commit-ms`; "
+        "`manual`: the client commits each turn (`input_audio_buffer.commit`)",
+    )
+    eagerness: str = setting(
+        "medium", choices=EAGERNESS, per_session=True, metavar="E", help="semantic: how readily a pause ends the turn: `low`, `medium`, `high`"
+    )
+    threshold: float = setting(
+        0.5, parse=float, limits=(0.05, 0.95), per_session=True, metavar="P", help="speech probability threshold (silence below P - 0.15)"
+    )
+    min_speech_ms: int = turn_ms(150, (20, 2000), "speech needed to start a user turn")
+    prefix_padding_ms: int = turn_ms(300, (0, 2000), "audio kept from before the speech onset")
+    commit_ms: int = turn_ms(750, (100, 10000), "vad: silence that ends the user's turn and plays the reply")
+    min_commit_ms: int = turn_ms(250, (60, 5000), "semantic: silence before a turn judged complete is committed")
+    max_commit_ms: int = turn_ms(2000, (200, 10000), "semantic: silence that commits a turn judged unfinished")
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """When a reply is prepared before the turn is committed: at a pause this long."""
+
+    pause_ms: int = turn_ms(250, (60, 5000), "vad and manual: silence that starts a speculative reply")
+    semantic_pause_ms: int = turn_ms(
+        120, (60, 5000), "semantic: silence that starts a speculative reply (sooner, so that it is ready when a finished turn is committed)"
+    )
+
+
+@dataclass(frozen=True)
+class Interruption:
+    """Speech over the agent, and what the user heard of a reply."""
+
+    bargein_min_speech_ms: int = turn_ms(200, (20, 5000), "speech needed to interrupt the agent")
+    agent_pause_ms: int = turn_ms(40, (20, 5000), "voiced audio over the agent that pauses its audio until the sound proves a turn or not")
+    backchannel_max_ms: int = turn_ms(
+        1000, (0, 5000), "speech over the agent shorter than this, with no words or only a backchannel ('mm-hmm'), lets it resume; `0`: never"
+    )
+    merge_heard_ms: int = turn_ms(500, (0, 5000), "speech that starts before the user heard this much of a reply continues their utterance")
+    client_buffer_ms: int = turn_ms(120, (0, 2000), "agent audio assumed still buffered at a client that reports no playback position")
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    """Turn-taking, by concern. A session changes it with the flat field names of `session.update`'s
+    `turn_detection` (all but the speech detector's own settings)."""
+
+    endpointing: Endpointing = field(default_factory=Endpointing)
+    speculation: Speculation = field(default_factory=Speculation)
+    interruption: Interruption = field(default_factory=Interruption)
+
+    def __post_init__(self) -> None:
+        e, s = self.endpointing, self.speculation
+        if e.commit_ms <= s.pause_ms:
+            raise FieldError("commit_ms", "must be greater than pause_ms")
+        if e.max_commit_ms <= max(s.semantic_pause_ms, e.min_commit_ms):
+            raise FieldError("max_commit_ms", "must be greater than semantic_pause_ms and min_commit_ms")
+
+    def updated(self, changes: dict[str, Any]) -> TurnConfig:
+        """A copy with `changes` (flat names) applied, or ValueError naming the first bad field."""
+        groups: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            item = SESSION_SETTINGS.get(key)
+            if item is None:
+                raise ValueError(f"unknown turn_detection field {key!r}; known: {sorted(SESSION_SETTINGS)}")
+            try:
+                groups.setdefault(item.path[-2], {})[key] = check_value(item.setting, value)
+            except ValueError as exc:
+                raise ValueError(f"turn_detection.{key} {exc}") from None
+        try:
+            return dataclasses.replace(self, **{g: dataclasses.replace(getattr(self, g), **v) for g, v in groups.items()})
+        except FieldError as exc:
+            raise ValueError(f"turn_detection.{exc.field} {exc}") from None
+
+    def with_session(self, session: dict[str, Any]) -> TurnConfig:
+        """A copy changed by a `session.update`'s `session` object, or ValueError saying what is wrong."""
+        unknown = set(session) - {"turn_detection"}
+        if unknown:
+            raise ValueError(f"unknown session fields {sorted(unknown)}; known: ['turn_detection']")
+        changes = session.get("turn_detection", {})
+        if not isinstance(changes, dict):
+            raise ValueError("turn_detection must be an object")
+        return self.updated(changes)
+
+    def public(self) -> dict[str, Any]:
+        """The flat view a client sees (`session.created`, `session.updated`)."""
+        values = {"vad": self.endpointing.vad}
+        for key, item in SESSION_SETTINGS.items():
+            values[key] = getattr(getattr(self, item.path[-2]), key)
+        return values
+
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly voice assistant in a spoken conversation. Answer in one or two short, "
+    "plain sentences that sound natural when read aloud. No lists, no markdown, no emoji."
 )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The embedded profile's models: which LM answers, how it is prompted, how hard they work."""
+
+    asr: str = setting(
+        "moonshine", choices=ASR_ENGINES, metavar="ENGINE", help="embedded profile's ASR: `moonshine` (Moonshine tiny-en) or `whisper` (Whisper tiny.en)"
+    )
+    lm: str = setting(
+        "embedded", parse=lm_backend, metavar="BACKEND",
+        help="embedded profile's LM: `embedded` (SmolLM2 in llama.cpp), `openai` (`--lm-url`) or `hf:<directory>` (transformers)",
+    )
+    lm_url: str = setting("http://127.0.0.1:8000/v1", parse=http_url, metavar="URL", help="base URL of the OpenAI-compatible API (`--lm openai`)")
+    lm_model: str = setting("default", parse=non_empty, metavar="NAME", help="model name sent to that API")
+    lm_api_key_env: str = setting(
+        "OPENAI_API_KEY", parse=non_empty, metavar="VAR", help="environment variable that holds the API key (none sent if unset)"
+    )
+    system_prompt: str = setting(
+        DEFAULT_SYSTEM_PROMPT, parse=non_empty, metavar="TEXT", shown_default="a short spoken-style prompt", help="the LM's system prompt"
+    )
+    max_new_tokens: int = setting(60, parse=positive_int, metavar="N", help="longest reply, in tokens")
+    max_sentences: int = setting(2, parse=non_negative_int, metavar="N", help="a reply ends with its Nth sentence; `0` for no limit")
+    temperature: float = setting(0.0, parse=temperature, metavar="T", help="sampling temperature, 0 to 2; 0 is greedy")
+    history_tokens: int = setting(600, parse=positive_int, metavar="N", help="dialog history the LM sees (the system prompt always stays)")
+    asr_partial_ms: int = setting(500, parse=positive_int, metavar="MS", help="new speech between two partial transcripts")
+    lm_slots: int = setting(4, parse=positive_int, metavar="N", help="embedded LM: replies generated at once, in one batch")
+    tools: str | None = setting(
+        None, parse=module_name, metavar="MODULE", help="a Python module (importable name, e.g. `my_tools`) whose functions the agent may call (see Tools)"
+    )
+    builtin_tools: bool = setting(
+        True, parse=boolean, metavar="BOOL", help="offer the built-in tools: `current_time`, `calculate`, `convert_units`"
+    )
+    tool_timeout_s: float = setting(
+        5.0, parse=positive_float, metavar="S", help="a call that runs longer fails; the LM is told, the user hears an apology"
+    )
+    tool_filler_ms: int = setting(700, parse=non_negative_int, metavar="MS", help="a call still running after this gets \"One moment.\" spoken")
+    threads: int = setting(
+        factory=lambda: os.cpu_count() or 2, flag="--model-threads", parse=positive_int, metavar="N", shown_default="the machine's cores",
+        help="CPU threads the models share: the LM all but one, ASR and speech one each",
+    )
+
+    @property
+    def hf_path(self) -> Path | None:
+        return Path(self.lm[3:]) if self.lm.startswith("hf:") else None
+
+
+@dataclass(frozen=True)
+class StepAudioConfig:
+    """The stepaudio profile: where the weights are, where Step-Audio-Chat runs, which voice speaks."""
+
+    model_path: Path | None = setting(
+        None, parse=existing_dir, metavar="DIR",
+        help="stepaudio profile: the directory holding `Step-Audio-Tokenizer/`, `Step-Audio-Chat/`, `Step-Audio-TTS-3B/`",
+    )
+    chat: str = setting(
+        "local", flag="--stepaudio-chat", choices=("local", "served"), metavar="WHERE",
+        help="`local`: Chat through transformers in this process; `served`: at `--lm-url` (`/v1/completions`, model `--lm-model`)",
+    )
+    device: str = setting(
+        "auto", flag="--stepaudio-device", parse=non_empty, metavar="DEV", help="torch device of tokenizer and TTS-3B; `auto` takes `cuda` when there is one"
+    )
+    speaker: str = setting(
+        "Tingting", flag="--stepaudio-speaker", parse=non_empty, metavar="ID", help="TTS-3B voice: an id in the speaker registry's `speakers_info.json`"
+    )
+    speakers: Path | None = setting(
+        None, flag="--stepaudio-speakers", parse=existing_dir, metavar="DIR", shown_default="Step-Audio-TTS-3B/speakers",
+        help="the speaker registry folder (`speakers_info.json` and `{id}_prompt.wav`); the published TTS-3B folder has none: "
+        "it is the `speakers/` folder of StepFun's code repository",
+    )
+    clone: Path | None = setting(
+        None, flag="--stepaudio-clone", parse=existing_file, metavar="FILE",
+        help="voice cloning: a JSON file `{\"speaker\", \"prompt_text\", \"wav_path\"}` (wav path relative to the file); "
+        "all speech then uses that voice (no registry needed)",
+    )
+    tts_prompts: Path | None = setting(
+        None, flag="--stepaudio-tts-prompts", parse=existing_file, metavar="FILE", shown_default="built in",
+        help="TTS-3B system prompts, JSON with any of `without_speaker`, `with_speaker` (`{speaker}` names the registry speaker), `rap`, `humming`",
+    )
+    dtype: str = setting(
+        "auto", flag="--stepaudio-dtype", choices=("auto", "float32", "bfloat16"), metavar="T",
+        help="dtype of TTS-3B and the flow: `auto` (bfloat16 on a GPU, as the reference runs them; float32 on the CPU), `float32`, `bfloat16`",
+    )
+    transcribe: bool = setting(
+        True, flag="--stepaudio-transcribe", parse=boolean, metavar="BOOL",
+        help="transcribe each user turn with Chat (Step-Audio's ASR prompt) beside the reply, for the text history; "
+        "`false` keeps the audio tokens in the history instead",
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """How the server logs."""
+
+    json: bool = setting(False, flag="--log-json", parse=boolean, switch=True, help="JSON lines instead of readable console lines")
+    level: str = setting("info", flag="--log-level", choices=("debug", "info", "warning", "error"), metavar="LEVEL", help="`debug`, `info`, `warning` or `error`")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The root of the configuration tree."""
+
+    profile: str = setting(
+        "embedded", choices=PROFILES, metavar="NAME",
+        help="model profile: `embedded` (offline models on the CPU), `loopback` (echo diagnostic) or `stepaudio` (`--model-path`)",
+    )
+    server: ServerConfig = field(default_factory=ServerConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
+    models: ModelConfig = field(default_factory=ModelConfig)
+    loopback: LoopbackConfig = field(default_factory=LoopbackConfig)
+    stepaudio: StepAudioConfig = field(default_factory=StepAudioConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.profile == "stepaudio" and self.stepaudio.model_path is None:
+            raise FieldError("model_path", "the stepaudio profile needs the directory holding the Step-Audio models")
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able view for the startup log, with credentials masked."""
+        out = dataclasses.asdict(self)
+        for server in out["server"]["ice_servers"]:
+            if server.get("credential"):
+                server["credential"] = "***"
+        if out["server"]["auth_token"]:
+            out["server"]["auth_token"] = "***"
+        return json.loads(json.dumps(out, default=str))
+
+
+SETTINGS: tuple[Declared, ...] = tuple(declared(AppConfig))
+SESSION_SETTINGS = {item.name: item for item in SETTINGS if item.setting.per_session}
+_BY_NAME = {item.name: item for item in SETTINGS}
+
+
+# ---- from the outside in ----------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_server.py",
-        description="Real-time full-duplex voice agent server. Every flag also reads "
-        f"{ENV_PREFIX}<FLAG_NAME> from the environment.",
+        description=f"Real-time full-duplex voice agent server. Every flag also reads {ENV_PREFIX}<FLAG_NAME> from the environment.",
     )
-    for flag in _FLAGS:
-        help_text = f"{flag.help} [env {flag.env}]"
-        if flag.switch:
-            parser.add_argument(flag.name, action="store_const", const="true", default=None, help=help_text)
-        elif flag.repeat:
-            parser.add_argument(flag.name, action="append", default=None, metavar="VALUE", help=help_text)
+    for item in SETTINGS:
+        help_text = f"{item.setting.help} (default {item.default_text}) [env {item.env}]".replace("%", "%%")
+        if item.setting.switch:
+            parser.add_argument(item.flag, action="store_const", const="true", default=None, help=help_text)
         else:
-            parser.add_argument(flag.name, default=None, metavar="VALUE", help=help_text)
+            action = "append" if item.setting.repeat else "store"
+            parser.add_argument(item.flag, action=action, default=None, metavar=item.setting.metavar, help=help_text)
     return parser
 
 
-def _convert(flag: _Flag, raw: str) -> Any:
-    try:
-        return flag.kind(raw)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{flag.name}: {exc}") from None
+def _raw_values(argv: Sequence[str] | None, environ: dict[str, str]) -> dict[tuple[str, ...], Any]:
+    """Each setting given on the command line or in the environment, converted and checked."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[tuple[str, ...], Any] = {}
+    for item in SETTINGS:
+        raw = args[item.dest]
+        if raw is None and item.env in environ:
+            text = environ[item.env]
+            raw = [part for part in text.split(";") if part.strip()] if item.setting.repeat else text
+        if raw is not None:
+            values[item.path] = tuple(item.convert(r) for r in raw) if item.setting.repeat else item.convert(raw)
+    return values
+
+
+def _build(cls: type, values: dict[tuple[str, ...], Any], path: tuple[str, ...] = ()) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        where = (*path, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values, where)
+        elif where in values:
+            kwargs[f.name] = values[where]
+    return cls(**kwargs)
 
 
 def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> AppConfig:
     """Parse flags and environment into an AppConfig, or raise ConfigError naming the flag."""
-    environ = dict(os.environ if environ is None else environ)
-    args = vars(build_parser().parse_args(argv))
-    values: dict[str, Any] = {}
-    for flag in _FLAGS:
-        raw = args[flag.dest]
-        if raw is None and flag.env in environ:
-            env_raw = environ[flag.env]
-            raw = [part for part in env_raw.split(";") if part.strip()] if flag.repeat else env_raw
-        if raw is None:
-            continue
-        values[flag.dest] = [_convert(flag, r) for r in raw] if flag.repeat else _convert(flag, raw)
-
-    if ("cert" in values) != ("key" in values):
-        raise ConfigError("--cert/--key: give both or neither")
-
-    server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
-    server = ServerConfig(
-        **{k: v for k, v in values.items() if k in server_fields},
-        ice_servers=tuple(values.get("ice_server", ())),
-        allowed_origins=tuple(values.get("allowed_origin", ())),
-    )
-    loopback = LoopbackConfig(delay_ms=values.get("loopback_delay_ms", LoopbackConfig.delay_ms))
-    turn = TurnConfig(
-        vad=values.get("vad", TurnConfig.vad),
-        webrtc_aggressiveness=int(values.get("webrtc_aggressiveness", TurnConfig.webrtc_aggressiveness)),
-    )
-    thresholds = {k: values[k] for k in TurnConfig.LIMITS if k in values}
-    thresholds |= {k: values[flag] for k, flag in (("type", "turn_detection"), ("eagerness", "eagerness")) if flag in values}
+    values = _raw_values(argv, dict(os.environ if environ is None else environ))
     try:
-        turn = turn.updated(thresholds)
-    except ValueError as exc:
-        # "turn_detection.commit_ms must be ..." -> "--commit-ms: must be ..."
-        message = str(exc)
-        for key in TurnConfig.LIMITS:
-            if f"turn_detection.{key}" in message:
-                flag = "--" + key.replace("_", "-")
-                message = message.replace(f"turn_detection.{key} ", "")
-                raise ConfigError(f"{flag}: {message}") from None
-        raise ConfigError(message) from None
-    log = LogConfig(json=values.get("log_json", False), level=values.get("log_level", "info"))
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    models = ModelConfig(
-        **{k: v for k, v in values.items() if k in model_fields},
-        **({"threads": values["model_threads"]} if "model_threads" in values else {}),
-    )
-    stepaudio = StepAudioConfig(
-        **{k.removeprefix("stepaudio_"): v for k, v in values.items() if k == "model_path" or k.startswith("stepaudio_")}
-    )
-    profile = values.get("profile", AppConfig.profile)
-    if profile == "stepaudio" and stepaudio.model_path is None:
-        raise ConfigError("--model-path: the stepaudio profile needs the directory holding the Step-Audio models")
-    return AppConfig(
-        profile=profile,
-        server=server,
-        turn=turn,
-        models=models,
-        loopback=loopback,
-        stepaudio=stepaudio,
-        log=log,
-    )
+        return _build(AppConfig, values)
+    except FieldError as exc:
+        raise ConfigError(f"{_BY_NAME[exc.field].flag}: {exc}") from None
+
+
+def markdown_table() -> str:
+    """The README's configuration table, one row per setting."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for item in SETTINGS:
+        name = item.flag if item.setting.switch else f"{item.flag} {item.setting.metavar}"
+        default = item.default_text
+        default = default if " " in default or default in ("none", "off") else f"`{default}`"
+        rows.append(f"| `{name}` | {default} | {item.setting.help} |")
+    return "\n".join(rows)

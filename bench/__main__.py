@@ -17,13 +17,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from bench import report
-from bench.local import local_server
 from bench.harness import DEFAULT_OFFER_PATH, Transcribe, as_rows, run_sessions
-from bench.impair import Impairment
-from bench.peer import BROWSER_PLAYOUT_FRAMES
 from bench.process import process_usage
 from bench.scenarios import EspeakVoice, Scenario, Voice, builtin, load_manifest
 from realtime.webrtc import use_loopback_ice_only
+from testkit.impair import Impairment
+from testkit.local import local_server
+from testkit.peer import BROWSER_PLAYOUT_FRAMES
 
 STANDARD = "single,multi,pause,bargein,backchannel,noise,silence"
 
@@ -52,7 +52,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=BROWSER_PLAYOUT_FRAMES,
         help=f"received frames the client holds before playing one (default {BROWSER_PLAYOUT_FRAMES}, a browser's "
-        "30 ms measured by bench.browser_jitter; 4 is aiortc's own, as in runs before 2026-11-25)",
+        "30 ms measured by bench.experiments.browser_jitter; 4 is aiortc's own, as in runs before 2026-11-25)",
     )
     parser.add_argument(
         "--impair",

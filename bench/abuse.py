@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import SessionRun
-from bench.local import local_server
-from bench.peer import ClientPeer
 from bench.scenarios import Voice, builtin
-from bench.ws_peer import WsPeer
-from realtime.events import MAX_MESSAGE_BYTES
 from realtime.webrtc import use_loopback_ice_only
+from realtime.wire import MAX_MESSAGE_BYTES
+from testkit.local import local_server
+from testkit.peer import ClientPeer
+from testkit.ws_peer import WsPeer
 
 Message = str | bytes
 VALID_EVENTS: list[dict[str, Any]] = [

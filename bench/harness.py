@@ -25,12 +25,12 @@ from bench.analysis import (
     speech_segments,
     underruns,
 )
-from bench.impair import Direction, Impairment
 from bench.metrics import word_error_rate
-from bench.peer import BROWSER_PLAYOUT_FRAMES, ClientPeer
-from bench.peer import RATE as PEER_RATE
 from bench.scenarios import RATE, Scenario, Utterance
-from bench.ws_peer import WsPeer
+from testkit.impair import Direction, Impairment
+from testkit.peer import BROWSER_PLAYOUT_FRAMES, ClientPeer
+from testkit.peer import RATE as PEER_RATE
+from testkit.ws_peer import WsPeer
 
 DEFAULT_OFFER_PATH = "/api/offer"
 REPLY_TIMEOUT_S = 60.0

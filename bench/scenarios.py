@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.speech import read_wav
+from testkit.speech import read_wav
 
 RATE = 16000
 
@@ -78,7 +78,7 @@ class EspeakVoice:
     """espeak-ng's English voice (the Debian package), a second speaker for the clips."""
 
     def say(self, text: str) -> np.ndarray:
-        from bench.speech import espeak
+        from testkit.speech import espeak
 
         return espeak(text, RATE) * 0.7
 

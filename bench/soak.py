@@ -24,12 +24,12 @@ import aiohttp
 import numpy as np
 import soxr
 
-from bench.local import local_server
-from bench.peer import ClientPeer
 from bench.process import Holdings
 from bench.scenarios import QUESTIONS, RATE, Voice
 from realtime.webrtc import use_loopback_ice_only
 from runtime.tasks import TaskOwner
+from testkit.local import local_server
+from testkit.peer import ClientPeer
 
 PEER_RATE = 48000
 REPLY_TIMEOUT_S = 60.0

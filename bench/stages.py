@@ -21,7 +21,6 @@ import numpy as np
 import soxr
 from aiohttp import web
 
-from bench.peer import RATE, ClientPeer
 from config import AppConfig, ModelConfig, ServerConfig
 from context.dialog import TranscriptStore
 from models.base import Message
@@ -30,6 +29,7 @@ from profiles.embedded import EmbeddedModels, load_embedded
 from profiles.loaded import close_models
 from realtime.server import build_app
 from realtime.webrtc import use_loopback_ice_only
+from testkit.peer import RATE, ClientPeer
 
 UTTERANCES = {
     1: "Hello there.",
@@ -153,7 +153,7 @@ async def turns_stage(models: EmbeddedModels, turns: int, data_dir: Path) -> dic
     finally:
         await runner.cleanup()
     v2v = [r["server_v2v_ms"] for r in rows if "server_v2v_ms" in r]
-    commit = config.turn.commit_ms
+    commit = config.turn.endpointing.commit_ms
     summary = {
         f"{k}_p50": round(_pct([r[k] for r in rows if k in r], 50))
         for k in ("asr_ms", "lm_ttft_ms", "tts_first_audio_ms", "server_v2v_ms")

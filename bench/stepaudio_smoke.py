@@ -72,7 +72,7 @@ async def measure(config: StepAudioConfig, models_config: ModelConfig, seconds: 
     try:
         # Tokenizer: utterances fed as 20 ms frames, the pump kept up, then the end of speech; a
         # steady one, and one whose last second is the loudest (its codes so far start over).
-        from bench.stepaudio_tiny import tone_speech
+        from testkit.stepaudio_tiny import tone_speech
 
         steady = tone_speech(seconds)
         loud_end = steady.copy()
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         model_path = args.model_path
         if model_path is None:
-            from bench.stepaudio_tiny import build_model_path
+            from testkit.stepaudio_tiny import build_model_path
 
             model_path = build_model_path(Path(scratch))
         config = StepAudioConfig(model_path=model_path, chat=args.chat, device=args.device)

@@ -100,7 +100,7 @@ class LoopbackAgent:
         if unknown:
             self._io.emit(Error("invalid_value", f"unknown session fields: {sorted(unknown)}", event.event_id))
             return
-        if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= MAX_DELAY_MS:
+        if type(delay) is not int or not 0 <= delay <= MAX_DELAY_MS:  # not a bool, not 500.0
             self._io.emit(Error("invalid_value", f"delay_ms must be an integer 0..{MAX_DELAY_MS}", event.event_id))
             return
         self.delay_ms = delay

@@ -1,4 +1,5 @@
-"""One reply: from the finalized utterance through the LM and the speech decoder to the output."""
+"""One reply: from the finalized utterance through the LM and the speech decoder to the output, and
+every event and figure it makes."""
 
 from __future__ import annotations
 
@@ -12,24 +13,25 @@ import structlog
 
 from context.dialog import DialogContext, Turn, heard_text
 from context.exchange import Exchange
-from controller.turn_end import TurnEndScorers
 from controller.tool_use import ToolUse, spoken
 from models.base import LanguageModel, Message, SpeechChunk, SpeechDecoder, ToolCall
 from realtime.events import (
+    MetricsTurn,
     ResponseAudioPaused,
     ResponseAudioResumed,
     ResponseAudioStarted,
     ResponseCreated,
+    ResponseDone,
     ResponseTextDelta,
     TranscriptionCompleted,
 )
 from realtime.output import Playout
 from realtime.session import SessionIO
-from runtime.audio import FRAME_MS
 from runtime.tasks import TaskOwner
 from streaming_tokenizer.base import StreamingTokenizer, UtteranceInput
 from tools.rules import route
 from tools.toolbox import Toolbox
+from turns.judge import TurnEndScorers
 from vad.engines import SpeechDetector
 
 log = structlog.get_logger()
@@ -54,13 +56,16 @@ def _ms(seconds: float) -> float:
 
 class Reply:
     """Owns one reply: its tasks (generation, the audio-start watcher, a transcript made beside it),
-    the text and speech held back until the commit, what has gone out, and its history entries.
+    the text and speech held back until the commit, what has gone out, its history entries, its
+    `response.*` events and its metrics.
 
     A speculative reply is prepared at a pause and either committed (the held speech plays at once)
     or cancelled (nothing of it is ever heard or stored). A committed reply may be paused (a sound
-    over it: silent, its audio kept) and resumed. It completes, or is interrupted: then only what
-    the user heard is kept. `on_end(reply, status, text)` is called
-    once, when it completes or when it ends without anything to say.
+    over it: silent, its audio kept) and resumed. However it ends (completed, interrupted: only what
+    the user heard is kept, cancelled, merged into the user's continued turn) it ends once, in
+    `_finish`: `response.done` and `metrics.turn` go out, `on_done(reply)` (its owner's bookkeeping)
+    runs, and `done` holds the status. The owner's part runs there and then, so that whoever sees
+    `response.done` already finds the session in its next state.
     """
 
     def __init__(
@@ -72,7 +77,7 @@ class Reply:
         models: SessionModels,
         context: DialogContext,
         tasks: TaskOwner,
-        on_end: Callable[[Reply, str, str], None],
+        on_done: Callable[[Reply], None],
         preset: UtteranceInput | None = None,
     ) -> None:
         self.id = reply_id
@@ -81,18 +86,18 @@ class Reply:
         self.preset = preset  # a typed user message: no transcription needed
         self.user: UtteranceInput | None = None
         self.text = ""
-        self.timings: dict[str, float] = {}
-        self.turn: dict[str, float | str] = {}  # how the turn was ended: rule and end-of-turn scores
-        self.client_position_ms: float | None = None
+        # Stage timings and how the turn was ended (the rule, the end-of-turn scores): `metrics.turn`.
+        self.metrics: dict[str, float | str] = {}
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._io = io
+        self._log = log.bind(session_id=io.session_id)
         self._models = models
         self._context = context
         self._tasks = tasks
-        self._on_end = on_end
+        self._on_done = on_done
         self._exchange = Exchange(context, item_id, hold_reply=preset is None)
         self._committed = asyncio.Event()
         self.paused = False
-        self._ended = False
         self._announced = False  # the user's transcript was sent to the client
         # The user's turn goes into the history once it is final: when they have heard
         # `merge_heard_ms` of the reply, or it ends. Until then speech that resumes continues the
@@ -103,12 +108,11 @@ class Reply:
         self._played: list[tuple[str, float]] = []  # (text, ms) written to the output
         self._first_playout: asyncio.Future[Playout] = asyncio.get_running_loop().create_future()
         self._last_playout: Playout | None = None
-        self._audio_base = 0  # output.audio_frames_sent at the commit: every audio frame after it is ours
         self._voice_end_at = 0.0
         self._merge_heard_ms = 0.0
-        self._client_buffer_ms = 0.0
         self._watcher: asyncio.Task[None] | None = None
         self._lm_start = 0.0
+        self._first_delta_at: float | None = None
         self._transcriber: asyncio.Task[None] | None = None
         self._generation = tasks.spawn(self._generate(), f"response:{reply_id}")
 
@@ -122,14 +126,15 @@ class Reply:
 
     # ---- what the controller decides --------------------------------------------------------
 
-    def commit(self, turn: int, voice_end_at: float, merge_heard_ms: float, client_buffer_ms: float) -> None:
+    def commit(self, turn: int, voice_end_at: float, merge_heard_ms: float, how: dict[str, float | str]) -> None:
         """Play what is ready and everything that follows; `voice_end_at` is when the user's speech
         ended (monotonic clock), for the server's voice-to-voice time; until the user has heard
-        `merge_heard_ms` of it (the client holding `client_buffer_ms`), their turn can go on."""
-        self.timings["turn"] = turn
+        `merge_heard_ms` of it, their turn can go on. `how` the turn was ended goes into the metrics."""
+        self.metrics["turn"] = turn
+        self.metrics |= how
         self._voice_end_at = voice_end_at
-        self._merge_heard_ms, self._client_buffer_ms = merge_heard_ms, client_buffer_ms
-        self._audio_base = self._io.output.audio_frames_sent
+        self._merge_heard_ms = merge_heard_ms
+        self._io.playback.begin(self.id)
         self._committed.set()
         self._io.emit(ResponseCreated(self.id))
         self._record_user()
@@ -157,33 +162,37 @@ class Reply:
 
     def cancel(self) -> None:
         """Drop a speculation: the utterance goes on, so its transcript is moot too."""
-        self._ended = True
-        self._stop()
-        self._tasks.cancel(self._transcriber)
+        self._drop("cancelled")
 
     def cut_in(self) -> bool:
         """Whether the user's turn can still go on: they have heard less than `merge_heard_ms` of
         this reply, so speech now means the commit cut into a hesitation."""
-        return not self._user_final and self._heard_ms(self._client_buffer_ms) < self._merge_heard_ms
+        return not self._user_final and self._io.playback.heard_ms() < self._merge_heard_ms
 
     def merge(self) -> None:
         """The user went on after hearing little or nothing: drop this reply and keep nothing of
         the turn, which continues as the same utterance (one user turn, transcribed whole,
         answered anew)."""
         self._flush()
-        self.cancel()
+        self._drop("interrupted")
 
-    def interrupt(self, status: str, client_buffer_ms: float) -> str:
+    def _drop(self, status: str) -> None:
+        self._stop()
+        self._tasks.cancel(self._transcriber)
+        self._finish(status, "")
+
+    def interrupt(self, status: str) -> None:
         """End now (`status`: interrupted or cancelled): silence at once, cancel the work, keep what
-        the user heard; returns that text."""
-        self._ended = True
+        the user heard."""
+        if self.done.done():
+            return
         self._flush()
         self._stop()
         self._user_is_final()
-        heard = heard_text(self._played, self._heard_ms(client_buffer_ms))
+        heard = heard_text(self._played, self._io.playback.heard_ms())
         if heard:
             self._exchange.add_reply(Turn("assistant", heard, status, self.id))
-        return heard
+        self._finish(status, heard)
 
     def heard_in(self, played_ms: float) -> str:
         """The text of the reply's first `played_ms` of audio."""
@@ -197,11 +206,16 @@ class Reply:
         self._tasks.cancel(self._generation)
         self._tasks.cancel(self._watcher)
 
-    def _heard_ms(self, client_buffer_ms: float) -> float:
-        sent_ms = float((self._io.output.audio_frames_sent - self._audio_base) * FRAME_MS)
-        if self.client_position_ms is not None:
-            return min(self.client_position_ms, sent_ms)
-        return max(0.0, sent_ms - client_buffer_ms)
+    def _finish(self, status: str, text: str) -> None:
+        """The one way a reply ends: what a committed reply reports, then the owner's bookkeeping."""
+        if self.done.done():
+            return
+        if self.committed:
+            self._io.emit(ResponseDone(self.id, status, text))
+            self._io.emit(MetricsTurn(self.id, self.speculative, self.metrics))
+            self._log.info("controller.turn", response_id=self.id, status=status, **self.metrics)
+        self.done.set_result(status)
+        self._on_done(self)
 
     # ---- the pipeline -----------------------------------------------------------------------
 
@@ -211,11 +225,11 @@ class Reply:
             self.user = self.preset
         else:
             self.user = await self._models.tokenizer.finalize()
-            self.timings["asr_ms"] = _ms(time.monotonic() - started)
+            self.metrics["asr_ms"] = _ms(time.monotonic() - started)
         if self.user.empty:
             await self._committed.wait()
             self._record_user()
-            self._end("cancelled", "")
+            self._complete("cancelled", "")
             return
         # The prompt first: recording the turn adds it to the history (when already committed),
         # and the prompt must carry it once, as `pending_user`.
@@ -228,8 +242,8 @@ class Reply:
         async with aclosing(self._text_stream(messages)) as text:
             async with aclosing(self._models.decoder.synthesize(text)) as speech:
                 async for chunk in speech:
-                    if "tts_first_audio_ms" not in self.timings:
-                        self.timings["tts_first_audio_ms"] = _ms(time.monotonic() - self.timings["_first_delta"])
+                    if "tts_first_audio_ms" not in self.metrics and self._first_delta_at is not None:
+                        self.metrics["tts_first_audio_ms"] = _ms(time.monotonic() - self._first_delta_at)
                     if self.committed:
                         self._play(chunk)
                     else:
@@ -237,20 +251,19 @@ class Reply:
         await self._committed.wait()
         if self._last_playout is not None:
             await self._last_playout.finished.wait()
-        if self._ended:
+        if self.done.done():
             return
         text = self.text.strip()
         self._exchange.add_reply(Turn("assistant", text, "completed", self.id))
-        self._end("completed", text)
+        self._complete("completed", text)
 
-    def _end(self, status: str, text: str) -> None:
-        if not self._ended:
-            self._ended = True
-            if self.paused:  # everything had gone out before the pause: nothing to hold back
-                self.paused = False
-                self._io.output.resume()
-            self._user_is_final()
-            self._on_end(self, status, text)
+    def _complete(self, status: str, text: str) -> None:
+        """The reply ended by itself: all of it went out (or there was nothing to say)."""
+        if self.paused:  # everything had gone out before the pause: nothing to hold back
+            self.paused = False
+            self._io.output.resume()
+        self._user_is_final()
+        self._finish(status, text)
 
     async def _text_stream(self, messages: list[Message]) -> AsyncGenerator[str, None]:
         """The reply's words: the LM's, and around its function calls what the reply says while
@@ -309,9 +322,9 @@ class Reply:
         part (a generation's first words, a filler) is set apart from the sentence before it."""
         if new_part and self.text and not self.text[-1].isspace() and not delta[:1].isspace():
             delta = " " + delta
-        if "_first_delta" not in self.timings:
-            self.timings["_first_delta"] = time.monotonic()
-            self.timings["lm_ttft_ms"] = _ms(time.monotonic() - self._lm_start)
+        if self._first_delta_at is None:
+            self._first_delta_at = time.monotonic()
+            self.metrics["lm_ttft_ms"] = _ms(self._first_delta_at - self._lm_start)
         self.text += delta
         if self.committed:
             self._io.emit(ResponseTextDelta(self.id, delta))
@@ -328,9 +341,9 @@ class Reply:
 
     async def _watch_audio_start(self) -> None:
         await (await self._first_playout).started.wait()
-        self.timings["server_v2v_ms"] = _ms(time.monotonic() - self._voice_end_at)
+        self.metrics["server_v2v_ms"] = _ms(time.monotonic() - self._voice_end_at)
         self._io.emit(ResponseAudioStarted(self.id))
-        while (left_ms := self._merge_heard_ms - self._heard_ms(self._client_buffer_ms)) > 0:
+        while not self.done.done() and (left_ms := self._merge_heard_ms - self._io.playback.heard_ms()) > 0:
             await asyncio.sleep(left_ms / 1000)  # a timer: heard audio stops growing while paused
         self._user_is_final()
 
@@ -340,7 +353,7 @@ class Reply:
         try:
             text = await user.transcribe()
         except Exception as exc:  # the history then keeps the LM content; the reply goes on
-            log.warning("controller.transcript_failed", item_id=self.item_id, error=repr(exc))
+            self._log.warning("controller.transcript_failed", item_id=self.item_id, error=repr(exc))
             text = ""
         self.user = replace(user, text=text, transcribe=None)
         self._record_user()

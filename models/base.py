@@ -83,8 +83,14 @@ class LanguageModel(Protocol):
         self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
     ) -> AsyncGenerator[str | ToolCall, None]: ...
 
+    async def aclose(self) -> None:
+        """Free what the engine holds (threads, connections, caches); once no stream is running."""
+
 
 class SpeechDecoder(Protocol):
     """Turns a stream of text deltas into a stream of speech chunks; cancelling drops pending work."""
 
     def synthesize(self, text: AsyncIterator[str]) -> AsyncGenerator[SpeechChunk, None]: ...
+
+    async def aclose(self) -> None:
+        """Free what the decoder holds (a process, caches); once nothing is being synthesized."""

@@ -3,6 +3,7 @@ synthesized in a process of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -148,9 +149,9 @@ class PiperDecoder:
         """Blocking: one piece of text to float32 PCM at `sample_rate`. Call it from a worker thread."""
         return self._process.speak(text)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """End piper's process (after the worker has finished its calls)."""
-        self._process.close()
+        await asyncio.to_thread(self._process.close)
 
     async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[SpeechChunk]:
         chunker = SpeechChunker()

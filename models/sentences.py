@@ -116,3 +116,6 @@ class SpokenReplies:
                 if len(text) > passed:
                     yield text[passed:]
                     passed = len(text)
+
+    async def aclose(self) -> None:
+        await self.lm.aclose()

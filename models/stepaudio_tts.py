@@ -180,6 +180,11 @@ class StepAudioTTS:
         self._voices: dict[tuple[str, str, str], Voice] = {}
         self._voices_lock = threading.Lock()
 
+    async def aclose(self) -> None:
+        """Drop the voices computed so far; the weights go with the last reference to this TTS."""
+        with self._voices_lock:
+            self._voices.clear()
+
     # -- voices -------------------------------------------------------------------------------
     def registry_voice(self, speaker: str, mode: str | None = None) -> dict[str, str]:
         """The clone dictionary of a registry speaker (`{speaker}RAP` / `{speaker}哼唱` in music

@@ -62,3 +62,6 @@ class JsonToolCalls:
                 yield call
         elif held:
             yield held
+
+    async def aclose(self) -> None:
+        await self.lm.aclose()

@@ -100,6 +100,10 @@ class TransformersLM:
         if prompt is None and self._tokenizer.chat_template is None:
             raise ValueError(f"{path}: the tokenizer has no chat template")
 
+    async def aclose(self) -> None:
+        """Drop the kept attention caches; the weights go with the last reference to this LM."""
+        self.prefix_cache = PrefixCache()
+
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -110,6 +114,19 @@ class TransformersLM:
     ) -> AsyncGenerator[str, None]:
         limit = max_new_tokens or self.max_new_tokens
         return thread_stream(self.worker, functools.partial(self.generate_now, messages, limit, tools))
+
+    def _inputs(self, messages: list[Message], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """The prompt's tensors on the model's device: the `prompt` builder's text, or the chat template's."""
+        if self._prompt is not None:
+            inputs = self._tokenizer(self._prompt(messages, tools), return_tensors="pt", add_special_tokens=True)
+        else:
+            inputs = self._tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in plain_messages(messages)],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
+        return {k: v.to(self._model.device) for k, v in inputs.items()}
 
     def generate_now(
         self, messages: list[Message], max_new_tokens: int, tools: list[dict[str, Any]] | None, post: Post[str], stop: threading.Event
@@ -145,16 +162,7 @@ class TransformersLM:
                 if len(text) > self.sent:
                     post(text[self.sent :])
 
-        if self._prompt is not None:
-            inputs = self._tokenizer(self._prompt(messages, tools), return_tensors="pt", add_special_tokens=True)
-        else:
-            inputs = self._tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in plain_messages(messages)],
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-            )
-        inputs = {k: v.to(self._model.device) for k, v in inputs.items()}
+        inputs = self._inputs(messages, tools)
         sampling: dict[str, Any] = (
             {"do_sample": True, "temperature": self.temperature, "top_p": 0.9}
             if self.temperature > 0

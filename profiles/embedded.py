@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from config import ModelConfig
-from controller.turn_end import TurnEndScorers
 from models.base import LanguageModel, Message, SpeechDecoder
 from models.llamacpp_lm import LlamaCppLM
 from models.openai_lm import OpenAICompatibleLM
@@ -25,8 +24,9 @@ from runtime.workers import ModelWorker
 from streaming_tokenizer.moonshine import MoonshineEngine
 from streaming_tokenizer.transcriber import StreamingTranscriber, TranscriptionEngine
 from streaming_tokenizer.whisper import WhisperEngine
+from turns.judge import TurnEndScorers
 from vad.engines import make_detector
-from vad.turn_end import SmartTurn
+from vad.smart_turn import SmartTurn
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TURN_TEXT_SLOTS = 2  # end-of-turn text checks at once (each is one prompt and one token)
@@ -176,6 +176,6 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
         for worker in workers:
             worker.close()
         if tts is not None:
-            tts.close()
+            await tts.aclose()
         raise
     return EmbeddedModels(asr, lm, tts, workers, config, TurnEndScorers(smart_turn.score, text_check), turn_lm)

@@ -5,15 +5,12 @@ from __future__ import annotations
 from typing import Protocol
 
 from config import TurnConfig
-from controller.controller import SessionModels
-from controller.turn_end import TurnEndScorers
+from controller.reply import SessionModels
 from models.base import LanguageModel, SpeechDecoder
-from models.llamacpp_lm import LlamaCppLM
-from models.openai_lm import OpenAICompatibleLM
-from models.piper_tts import PiperDecoder
 from runtime.workers import ModelWorker
-from tools.toolbox import Toolbox
 from streaming_tokenizer.base import StreamingTokenizer
+from tools.toolbox import Toolbox
+from turns.judge import TurnEndScorers
 from vad.engines import make_detector
 
 
@@ -49,7 +46,7 @@ class LoadedModels(Protocol):
 def for_session(models: LoadedModels, turn: TurnConfig, tools: Toolbox | None = None) -> SessionModels:
     """One session's handles: its own detector and tokenizer, the shared LM, decoder and tools."""
     return SessionModels(
-        make_detector(turn.vad, turn.webrtc_aggressiveness),
+        make_detector(turn.endpointing.vad, turn.endpointing.webrtc_aggressiveness),
         models.session_tokenizer(),
         models.reply_lm,
         models.decoder,
@@ -59,12 +56,9 @@ def for_session(models: LoadedModels, turn: TurnConfig, tools: Toolbox | None = 
 
 
 async def close_models(models: LoadedModels) -> None:
-    """Free what the profile loaded: every worker thread, then piper's process and the LMs'
-    connections or contexts."""
+    """Free what the profile loaded: every worker thread (their calls finish first), then each
+    engine closes itself (piper's process, the LMs' connections or contexts)."""
     for worker in models.workers:
         worker.close()
-    if isinstance(models.decoder, PiperDecoder):
-        models.decoder.close()
-    for engine in models.engines:
-        if isinstance(engine, (OpenAICompatibleLM, LlamaCppLM)):
-            await engine.aclose()
+    for engine in (*models.engines, models.decoder):
+        await engine.aclose()

@@ -1,21 +1,14 @@
-"""The event protocol on the data channel and the WebSocket, as code: one class per server event and
-per client event. Client messages are parsed and checked into their class; server events are
-encoded in pieces small enough for small-MTU paths.
-
-Vocabulary after the OpenAI Realtime API. Server events larger than MAX_MESSAGE_BYTES travel as
-`message.chunk` pieces that the client joins back in order.
+"""The event protocol's vocabulary, as code: one class per server event and per client event, after
+the OpenAI Realtime API. A client event checks its own fields (`parse`); how events travel (JSON
+text, pieces, the `/ws` handshake) is `wire.py`'s.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
-from runtime.audio import SAMPLE_RATE
-
-MAX_MESSAGE_BYTES = 1100
+from runtime.checks import json_number
 
 
 class EventError(ValueError):
@@ -25,6 +18,14 @@ class EventError(ValueError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def ms_at_least_zero(msg: dict[str, Any], key: str) -> float:
+    """`msg[key]`, a number of ms >= 0, or EventError."""
+    value = json_number(msg.get(key))
+    if value is None or value < 0:
+        raise EventError("invalid_value", f"{key} must be a number >= 0")
+    return value
 
 
 # ---- server events ----------------------------------------------------------------------------
@@ -333,15 +334,11 @@ class PlaybackPosition(ClientEvent):
 
     @classmethod
     def parse(cls, msg: dict[str, Any], event_id: str | None) -> PlaybackPosition:
-        position = msg.get("position_ms")
-        if isinstance(position, bool) or not isinstance(position, (int, float)) or position != position:
-            raise EventError("invalid_value", "position_ms must be a number")
-        if position < 0:
-            raise EventError("invalid_value", "position_ms must be >= 0")
+        position = ms_at_least_zero(msg, "position_ms")
         response_id = msg.get("response_id")
         if response_id is not None and not isinstance(response_id, str):
             raise EventError("invalid_value", "response_id must be a string")
-        return cls(float(position), response_id, event_id)
+        return cls(position, response_id, event_id)
 
 
 @dataclass(frozen=True)
@@ -356,12 +353,10 @@ class ConversationItemTruncate(ClientEvent):
 
     @classmethod
     def parse(cls, msg: dict[str, Any], event_id: str | None) -> ConversationItemTruncate:
-        item_id, end = msg.get("item_id"), msg.get("audio_end_ms")
+        item_id = msg.get("item_id")
         if not isinstance(item_id, str) or not item_id:
             raise EventError("invalid_value", "item_id must be the reply's id")
-        if isinstance(end, bool) or not isinstance(end, (int, float)) or end != end or end < 0:
-            raise EventError("invalid_value", "audio_end_ms must be a number >= 0")
-        return cls(item_id, float(end), event_id)
+        return cls(item_id, ms_at_least_zero(msg, "audio_end_ms"), event_id)
 
 
 @dataclass(frozen=True)
@@ -393,111 +388,3 @@ class ConversationItemCreate(ClientEvent):
     def to_dict(self) -> dict[str, Any]:
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": self.text}]}
         return {"type": self.type, "item": item, **({"event_id": self.event_id} if self.event_id else {})}
-
-
-WS_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
-
-
-@dataclass(frozen=True)
-class SessionStart:
-    """The first message on `/ws` (a handshake, not an event): the sample rates of the PCM16 audio
-    the client sends and wants back."""
-
-    type: ClassVar[str] = "session.start"
-    input_sample_rate: int
-    output_sample_rate: int = SAMPLE_RATE
-
-    @classmethod
-    def parse(cls, raw: str) -> SessionStart:
-        try:
-            msg = json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
-            raise EventError("invalid_session_start", "the first message must be JSON text: session.start") from None
-        if not isinstance(msg, dict) or msg.get("type") != cls.type:
-            raise EventError(
-                "invalid_session_start", "the first message must be {type: 'session.start', input_sample_rate: N}"
-            )
-        rates = []
-        for key, default in (("input_sample_rate", None), ("output_sample_rate", SAMPLE_RATE)):
-            rate = msg.get(key, default)
-            if type(rate) is not int or rate not in WS_SAMPLE_RATES:  # not 16000.0, not True
-                raise EventError("invalid_session_start", f"{key} must be one of {list(WS_SAMPLE_RATES)}")
-            rates.append(rate)
-        return cls(rates[0], rates[1])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **asdict(self)}
-
-
-def parse_client_event(raw: str | bytes) -> ClientEvent:
-    """Parse one client message, or raise EventError with a code and a readable message."""
-    size = len(raw.encode() if isinstance(raw, str) else raw)
-    if size > MAX_MESSAGE_BYTES:
-        raise EventError("message_too_large", f"message of {size} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        msg = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EventError("invalid_json", f"message is not valid JSON: {exc}") from None
-    if not isinstance(msg, dict):
-        raise EventError("invalid_event", "message must be a JSON object")
-    event_type = msg.get("type")
-    if not isinstance(event_type, str):
-        raise EventError("invalid_event", "message needs a string 'type'")
-    event_class = CLIENT_EVENTS.get(event_type)
-    if event_class is None:
-        raise EventError("unknown_event", f"unknown event type {event_type!r}")
-    event_id = msg.get("event_id")
-    return event_class.parse(msg, event_id if isinstance(event_id, str) else None)
-
-
-class EventEncoder:
-    """Serializes server events, splitting any over MAX_MESSAGE_BYTES into `message.chunk` pieces."""
-
-    _ENVELOPE = '{"type":"message.chunk","id":%d,"index":%d,"count":%d,"data":""}'
-
-    def __init__(self, limit: int = MAX_MESSAGE_BYTES) -> None:
-        self._limit = limit
-        self._ids = itertools.count(1)
-
-    def encode(self, event: ServerEvent | dict[str, Any]) -> list[str]:
-        text = json.dumps(event.to_dict() if isinstance(event, ServerEvent) else event, ensure_ascii=False, separators=(",", ":"))
-        if len(text.encode()) <= self._limit:
-            return [text]
-        chunk_id = next(self._ids)
-        # Room for the envelope with generous digits for index/count.
-        budget = self._limit - len((self._ENVELOPE % (chunk_id, 99999, 99999)).encode())
-        pieces = self._split(text, budget)
-        return [
-            json.dumps(MessageChunk(chunk_id, i, len(pieces), piece).to_dict(), ensure_ascii=False, separators=(",", ":"))
-            for i, piece in enumerate(pieces)
-        ]
-
-    @staticmethod
-    def _split(text: str, budget: int) -> list[str]:
-        pieces, start, used = [], 0, 0
-        for i, ch in enumerate(text):
-            cost = len(json.dumps(ch, ensure_ascii=False).encode()) - 2
-            if used + cost > budget:
-                pieces.append(text[start:i])
-                start, used = i, 0
-            used += cost
-        pieces.append(text[start:])
-        return pieces
-
-
-class ChunkJoiner:
-    """The receiving side of EventEncoder: returns whole events, joining `message.chunk` pieces."""
-
-    def __init__(self) -> None:
-        self._parts: dict[int, dict[int, str]] = {}
-
-    def feed(self, text: str) -> dict[str, Any] | None:
-        message = json.loads(text)
-        if message.get("type") != MessageChunk.type:
-            return message
-        parts = self._parts.setdefault(message["id"], {})
-        parts[message["index"]] = message["data"]
-        if len(parts) < message["count"]:
-            return None
-        del self._parts[message["id"]]
-        return json.loads("".join(parts[i] for i in range(message["count"])))

@@ -14,12 +14,14 @@ import base64
 import binascii
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from config import ServerConfig
 from realtime.events import (
+    ClientEvent,
     ConversationItemCreate,
     ConversationItemCreated,
     ConversationItemTruncate,
@@ -35,7 +37,6 @@ from realtime.events import (
     ResponseTextDelta,
     ServerEvent,
     SessionCreated,
-    SessionStart,
     SessionUpdate,
     SessionUpdated,
     SpeechStarted,
@@ -45,6 +46,7 @@ from realtime.events import (
 )
 from realtime.output import FrameClock
 from realtime.session import AgentFactory, SessionRegistry
+from realtime.wire import SessionStart
 from realtime.ws import WebSocketSession, hold, prepare_socket
 from runtime.audio import FRAME_MS
 
@@ -75,6 +77,23 @@ def turn_detection_to_ours(detection: Any) -> dict[str, Any]:
         eagerness = detection.get("eagerness", "auto")
         return {"type": "semantic", "eagerness": "medium" if eagerness == "auto" else eagerness}
     raise EventError("invalid_value", f"unknown turn_detection type {kind!r}: server_vad or semantic_vad")
+
+
+@dataclass(frozen=True)
+class AudioAppend:
+    """`input_audio_buffer.append`: PCM16 for the input, not an event of ours."""
+
+    pcm: bytes
+
+    @classmethod
+    def parse(cls, message: dict[str, Any]) -> AudioAppend:
+        try:
+            pcm = base64.b64decode(message.get("audio", ""), validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise EventError("invalid_value", "audio must be base64 PCM16") from None
+        if len(pcm) % 2:
+            raise EventError("invalid_audio", "audio must be whole PCM16 samples (even length)")
+        return cls(pcm)
 
 
 class Translator:
@@ -109,70 +128,77 @@ class Translator:
 
     def server(self, event: ServerEvent) -> list[dict[str, Any]]:
         """Our event as the OpenAI events that say the same (none for ours alone: state, metrics)."""
-        if isinstance(event, (SessionCreated, SessionUpdated)):
-            return [{"type": event.type, "session": self.session(event.session)}]
-        if isinstance(event, SpeechStarted):
-            return [{"type": event.type, "item_id": event.item_id, "audio_start_ms": event.audio_start_ms}]
-        if isinstance(event, SpeechStopped):
-            previous, self._previous_item = self._previous_item, event.item_id
-            return [
-                {"type": event.type, "item_id": event.item_id, "audio_end_ms": event.audio_end_ms},
-                {"type": "input_audio_buffer.committed", "item_id": event.item_id, "previous_item_id": previous},
-            ]
-        if isinstance(event, TranscriptionDelta):
-            sent = self._transcripts.get(event.item_id, "")
-            if not event.transcript.startswith(sent) or event.transcript == sent:
-                return []  # ours replace the text so far; theirs only append
-            self._transcripts[event.item_id] = event.transcript
-            delta = event.transcript[len(sent) :]
-            return [{"type": event.type, "item_id": event.item_id, "content_index": 0, "delta": delta}]
-        if isinstance(event, TranscriptionCompleted):
-            self._transcripts.pop(event.item_id, None)
-            return [{"type": event.type, "item_id": event.item_id, "content_index": 0, "transcript": event.transcript}]
-        if isinstance(event, ResponseCreated):
-            self.response_id = event.response_id
-            return [{"type": event.type, "response": self._response(event.response_id, "in_progress", [])}]
-        if isinstance(event, ResponseTextDelta):
-            kind = "response.output_text.delta" if self.text_only else "response.output_audio_transcript.delta"
-            return [{**self._part(event.response_id), "type": kind, "delta": event.delta}]
-        if isinstance(event, ResponseDone):
-            if self.response_id == event.response_id:
-                self.response_id = None
-            item = {
-                "id": self.item_id(event.response_id),
-                "object": "realtime.item",
-                "type": "message",
-                "role": "assistant",
-                "status": "completed" if event.status == "completed" else "incomplete",
-                "content": [
-                    {"type": "output_text", "text": event.output_text}
-                    if self.text_only
-                    else {"type": "output_audio", "transcript": event.output_text}
-                ],
-            }
-            status = STATUS.get(event.status, "failed")
-            part = self._part(event.response_id)
-            done = (
-                [{**part, "type": "response.output_text.done", "text": event.output_text}]
-                if self.text_only
-                else [
-                    {**part, "type": "response.output_audio.done"},
-                    {**part, "type": "response.output_audio_transcript.done", "transcript": event.output_text},
+        match event:
+            case SessionCreated() | SessionUpdated():
+                return [{"type": event.type, "session": self.session(event.session)}]
+            case SpeechStarted():
+                return [{"type": event.type, "item_id": event.item_id, "audio_start_ms": event.audio_start_ms}]
+            case SpeechStopped():
+                previous, self._previous_item = self._previous_item, event.item_id
+                return [
+                    {"type": event.type, "item_id": event.item_id, "audio_end_ms": event.audio_end_ms},
+                    {"type": "input_audio_buffer.committed", "item_id": event.item_id, "previous_item_id": previous},
                 ]
-            )
-            return [*done, {"type": event.type, "response": self._response(event.response_id, status, [item])}]
-        if isinstance(event, FunctionCallArgumentsDone):
-            call = {"response_id": event.response_id, "item_id": event.item_id, "output_index": 0, "call_id": event.call_id}
-            return [{"type": event.type, **call, "name": event.name, "arguments": event.arguments}]
-        if isinstance(event, ConversationItemCreated):
-            return [{"type": event.type, "item": {"object": "realtime.item", "status": "completed", **event.item}}]
-        if isinstance(event, ConversationItemTruncated):
-            item = self.item_id(event.item_id)
-            return [{"type": event.type, "item_id": item, "content_index": 0, "audio_end_ms": round(event.audio_end_ms)}]
-        if isinstance(event, Error):
-            error = {"type": "invalid_request_error", "code": event.code, "message": event.message, "event_id": event.event_id}
-            return [{"type": "error", "error": error}]
+            case TranscriptionDelta():
+                return self._transcription_delta(event)
+            case TranscriptionCompleted():
+                self._transcripts.pop(event.item_id, None)
+                return [{"type": event.type, "item_id": event.item_id, "content_index": 0, "transcript": event.transcript}]
+            case ResponseCreated():
+                self.response_id = event.response_id
+                return [{"type": event.type, "response": self._response(event.response_id, "in_progress", [])}]
+            case ResponseTextDelta():
+                kind = "response.output_text.delta" if self.text_only else "response.output_audio_transcript.delta"
+                return [{**self._part(event.response_id), "type": kind, "delta": event.delta}]
+            case ResponseDone():
+                return self._response_done(event)
+            case FunctionCallArgumentsDone():
+                call = {"response_id": event.response_id, "item_id": event.item_id, "output_index": 0, "call_id": event.call_id}
+                return [{"type": event.type, **call, "name": event.name, "arguments": event.arguments}]
+            case ConversationItemCreated():
+                return [{"type": event.type, "item": {"object": "realtime.item", "status": "completed", **event.item}}]
+            case ConversationItemTruncated():
+                item = self.item_id(event.item_id)
+                return [{"type": event.type, "item_id": item, "content_index": 0, "audio_end_ms": round(event.audio_end_ms)}]
+            case Error():
+                error = {"type": "invalid_request_error", "code": event.code, "message": event.message, "event_id": event.event_id}
+                return [{"type": "error", "error": error}]
         return []
+
+    def _transcription_delta(self, event: TranscriptionDelta) -> list[dict[str, Any]]:
+        sent = self._transcripts.get(event.item_id, "")
+        if not event.transcript.startswith(sent) or event.transcript == sent:
+            return []  # ours replace the text so far; theirs only append
+        self._transcripts[event.item_id] = event.transcript
+        delta = event.transcript[len(sent) :]
+        return [{"type": event.type, "item_id": event.item_id, "content_index": 0, "delta": delta}]
+
+    def _response_done(self, event: ResponseDone) -> list[dict[str, Any]]:
+        if self.response_id == event.response_id:
+            self.response_id = None
+        item = {
+            "id": self.item_id(event.response_id),
+            "object": "realtime.item",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed" if event.status == "completed" else "incomplete",
+            "content": [
+                {"type": "output_text", "text": event.output_text}
+                if self.text_only
+                else {"type": "output_audio", "transcript": event.output_text}
+            ],
+        }
+        part = self._part(event.response_id)
+        done = (
+            [{**part, "type": "response.output_text.done", "text": event.output_text}]
+            if self.text_only
+            else [
+                {**part, "type": "response.output_audio.done"},
+                {**part, "type": "response.output_audio_transcript.done", "transcript": event.output_text},
+            ]
+        )
+        status = STATUS.get(event.status, "failed")
+        return [*done, {"type": event.type, "response": self._response(event.response_id, status, [item])}]
 
     def audio(self, pcm: bytes) -> dict[str, Any] | None:
         if self.response_id is None or self.text_only:
@@ -190,54 +216,53 @@ class Translator:
     def _response(response_id: str, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": response_id, "object": "realtime.response", "status": status, "output": output}
 
-    def client(self, text: str) -> tuple[str, Any]:
-        """One client message: ("audio", PCM16 bytes), ("event", our ClientEvent) or ("none", None)."""
+    def client(self, text: str | bytes) -> ClientEvent | AudioAppend | None:
+        """One client message as our event, audio to append, or None (one that needs nothing)."""
         try:
             message = json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise EventError("invalid_json", f"message is not valid JSON: {exc}") from None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise EventError("invalid_event", "message must be a JSON object with a string 'type'")
-        kind, event_id = message["type"], message.get("event_id")
+        event_id = message.get("event_id")
         event_id = event_id if isinstance(event_id, str) else None
-        if kind == "input_audio_buffer.append":
-            try:
-                pcm = base64.b64decode(message.get("audio", ""), validate=True)
-            except (binascii.Error, TypeError, ValueError):
-                raise EventError("invalid_value", "audio must be base64 PCM16") from None
-            if len(pcm) % 2:
-                raise EventError("invalid_audio", "audio must be whole PCM16 samples (even length)")
-            return "audio", pcm
-        if kind == "session.update":
-            session = message.get("session")
-            if not isinstance(session, dict):
-                raise EventError("invalid_value", "session.update needs a 'session' object")
-            modalities = session.get("output_modalities")
-            if modalities is not None:
-                if modalities not in (["audio"], ["text"]):
-                    raise EventError("invalid_value", "output_modalities must be ['audio'] or ['text']")
-                self.text_only = modalities == ["text"]
-            audio_in = session.get("audio", {}).get("input", {}) if isinstance(session.get("audio"), dict) else {}
-            if isinstance(audio_in, dict) and "turn_detection" in audio_in:
-                return "event", SessionUpdate({"turn_detection": turn_detection_to_ours(audio_in["turn_detection"])}, event_id)
-            return "event", SessionUpdate({}, event_id)
-        if kind == "conversation.item.create":
-            return "event", ConversationItemCreate.parse(message, event_id)
-        if kind == "response.cancel":
-            return "event", ResponseCancel(event_id)
-        if kind == "input_audio_buffer.commit":
-            return "event", InputAudioBufferCommit(event_id)
-        if kind == "input_audio_buffer.clear":
-            return "event", InputAudioBufferClear(event_id)
-        if kind == "response.create":
-            return "none", None
-        if kind == "conversation.item.truncate":
-            item_id = message.get("item_id")
-            if not isinstance(item_id, str) or not item_id.startswith("item_"):
-                raise EventError("invalid_value", "item_id must name an assistant item of this session")
-            ours = {**message, "item_id": "resp_" + item_id.removeprefix("item_")}
-            return "event", ConversationItemTruncate.parse(ours, event_id)
-        raise EventError("unknown_event", f"unknown event type {kind!r}")
+        match message["type"]:
+            case "input_audio_buffer.append":
+                return AudioAppend.parse(message)
+            case "session.update":
+                return self._session_update(message, event_id)
+            case "conversation.item.create":
+                return ConversationItemCreate.parse(message, event_id)
+            case "response.cancel":
+                return ResponseCancel(event_id)
+            case "input_audio_buffer.commit":
+                return InputAudioBufferCommit(event_id)
+            case "input_audio_buffer.clear":
+                return InputAudioBufferClear(event_id)
+            case "response.create":
+                return None
+            case "conversation.item.truncate":
+                item_id = message.get("item_id")
+                if not isinstance(item_id, str) or not item_id.startswith("item_"):
+                    raise EventError("invalid_value", "item_id must name an assistant item of this session")
+                ours = {**message, "item_id": "resp_" + item_id.removeprefix("item_")}
+                return ConversationItemTruncate.parse(ours, event_id)
+            case kind:
+                raise EventError("unknown_event", f"unknown event type {kind!r}")
+
+    def _session_update(self, message: dict[str, Any], event_id: str | None) -> SessionUpdate:
+        session = message.get("session")
+        if not isinstance(session, dict):
+            raise EventError("invalid_value", "session.update needs a 'session' object")
+        modalities = session.get("output_modalities")
+        if modalities is not None:
+            if modalities not in (["audio"], ["text"]):
+                raise EventError("invalid_value", "output_modalities must be ['audio'] or ['text']")
+            self.text_only = modalities == ["text"]
+        audio_in = session.get("audio", {}).get("input", {}) if isinstance(session.get("audio"), dict) else {}
+        if isinstance(audio_in, dict) and "turn_detection" in audio_in:
+            return SessionUpdate({"turn_detection": turn_detection_to_ours(audio_in["turn_detection"])}, event_id)
+        return SessionUpdate({}, event_id)
 
 
 class OpenAIRealtimeSession(WebSocketSession):
@@ -251,19 +276,15 @@ class OpenAIRealtimeSession(WebSocketSession):
     def _encode(self, event: ServerEvent) -> list[str]:
         return [json.dumps({"event_id": _event_id(), **message}) for message in self._translator.server(event)]
 
-    def on_text(self, text: str) -> None:
-        try:
-            kind, value = self._translator.client(text)
-        except EventError as exc:
-            self._reject(exc.code, exc.message)
-            return
-        if kind == "audio":
-            self.on_audio(value)
-        elif kind == "event" and self.agent is not None:
-            self.agent.on_client_event(value)
+    def parse_message(self, message: str | bytes) -> ClientEvent | None:
+        event = self._translator.client(message)
+        if isinstance(event, AudioAppend):
+            self.on_audio(event.pcm)
+            return None
+        return event
 
     def on_binary(self, data: bytes) -> None:
-        self._reject("invalid_event", "send audio as input_audio_buffer.append (base64 in JSON), not binary")
+        self.reject("invalid_event", "send audio as input_audio_buffer.append (base64 in JSON), not binary")
 
     async def _pace_audio(self) -> None:
         """Send the reply's audio as it plays out, 100 ms a delta; silence between replies is not sent."""

@@ -1,4 +1,5 @@
-"""The paced output: agent PCM at any rate in, 20 ms frames at the transport's rate out, silence when idle."""
+"""The paced output: agent PCM at any rate in, 20 ms frames at the transport's rate out, silence when
+idle; and how much of a reply the client has played."""
 
 from __future__ import annotations
 
@@ -166,3 +167,39 @@ class PacedOutput:
             self.audio_frames_sent += 1
         self._advance(filled)
         return float_to_int16(out)
+
+
+class PlaybackTracker:
+    """Owns what is known of how much of the current reply the client has played: the audio frames
+    sent since the reply began, the position the client reports (`playback.position`, a truncate),
+    and the buffer assumed at a client that reports none (`buffer_ms`). Answers `heard_ms()`."""
+
+    def __init__(self, output: PacedOutput, buffer_ms: float = 0.0) -> None:
+        self._output = output
+        self.buffer_ms = buffer_ms
+        self.response_id: str | None = None
+        self._base = 0  # the output's audio frames sent when the reply began
+        self._position_ms: float | None = None
+
+    def begin(self, response_id: str) -> None:
+        """A reply starts to play: every audio frame sent from now on is its."""
+        self.response_id = response_id
+        self._base = self._output.audio_frames_sent
+        self._position_ms = None
+
+    def report(self, position_ms: float, response_id: str | None = None) -> None:
+        """The client has played `position_ms` of the reply (`response_id`, or the current one)."""
+        if response_id is None or response_id == self.response_id:
+            self._position_ms = position_ms
+
+    @property
+    def sent_ms(self) -> float:
+        return float((self._output.audio_frames_sent - self._base) * FRAME_MS)
+
+    def heard_ms(self) -> float:
+        """What the user has heard of the current reply: what the client reports it played (never
+        more than was sent), or else what was sent less the buffer assumed."""
+        sent = self.sent_ms
+        if self._position_ms is not None:
+            return min(self._position_ms, sent)
+        return max(0.0, sent - self.buffer_ms)

@@ -15,12 +15,13 @@ from aiohttp import web
 from aiortc import RTCSessionDescription
 
 from config import AppConfig, ServerConfig
+from realtime import aiortc_patches
 from realtime.access import PROTECTED_PREFIXES, OfferRate, origin_allowed, token_matches
-from realtime.events import MAX_MESSAGE_BYTES
 from realtime.openai_realtime import serve_openai_realtime
 from realtime.prometheus import CONTENT_TYPE, ServerMetrics
 from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry
 from realtime.webrtc import TooManyPendingOffers, open_webrtc_session, use_loopback_ice_only
+from realtime.wire import MAX_MESSAGE_BYTES
 from realtime.ws import serve_websocket
 
 log = structlog.get_logger()
@@ -176,6 +177,7 @@ class Routes:
 
 
 def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptSource) -> web.Application:
+    aiortc_patches.install()
     if config.server.loopback_ice:
         use_loopback_ice_only()
     metrics = ServerMetrics()

@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Coroutine, Iterator, Protocol
 
 import numpy as np
 import structlog
 
-from realtime.events import ClientEvent, EventEncoder, ServerEvent, SessionClosed
-from realtime.output import PacedOutput
+from realtime.events import ClientEvent, Error, EventError, Ping, Pong, ServerEvent, SessionClosed
+from realtime.output import PacedOutput, PlaybackTracker
+from realtime.wire import EventEncoder, parse_client_event
 from runtime.tasks import TaskOwner
 
 log = structlog.get_logger()
@@ -42,6 +43,10 @@ class SessionIO:
     frames: asyncio.Queue[np.ndarray]  # 20 ms frames of 16 kHz mono int16
     output: PacedOutput
     emit: Callable[[ServerEvent], None]
+    playback: PlaybackTracker = field(init=False)  # how much of the current reply the client has played
+
+    def __post_init__(self) -> None:
+        self.playback = PlaybackTracker(self.output)
 
 
 AgentFactory = Callable[[SessionIO], Agent]
@@ -71,13 +76,15 @@ class Session:
         self.log = log.bind(session_id=self.id, transport=transport)
         self.remote_address: str | None = None  # the client's, for limits per address
         self.pending = False  # answered, but the peer has shown no life yet (WebRTC)
+        self.pings = False  # the client sends `ping`s (and so promises one a second)
+        self._io = SessionIO(self.id, self.frames, self.output, self.emit)
 
     @property
     def tasks(self) -> frozenset[asyncio.Task[Any]]:
         return self._tasks.tasks
 
     def io(self) -> SessionIO:
-        return SessionIO(self.id, self.frames, self.output, self.emit)
+        return self._io
 
     def start_agent(self, factory: AgentFactory) -> None:
         self.agent = factory(self.io())
@@ -100,6 +107,28 @@ class Session:
     def _encode(self, event: ServerEvent) -> list[str]:
         """The messages that carry `event` on this transport (ours: its JSON, in pieces if large)."""
         return self._encoder.encode(event)
+
+    def receive(self, message: str | bytes) -> None:
+        """One client message, whatever the transport: parsed (`parse_message`), refused with an
+        `error` event that changes nothing, a `ping` answered, any other event handed to the agent."""
+        try:
+            event = self.parse_message(message)
+        except EventError as exc:
+            self.reject(exc.code, exc.message)
+            return
+        if isinstance(event, Ping):
+            self.pings = True
+            self.emit(Pong(event.event_id))
+        elif event is not None and self.agent is not None:
+            self.agent.on_client_event(event)
+
+    def parse_message(self, message: str | bytes) -> ClientEvent | None:
+        """The event a message carries (None: one that needs nothing more); EventError if none."""
+        return parse_client_event(message)
+
+    def reject(self, code: str, message: str) -> None:
+        self.log.info("event.rejected", code=code, reason=message)
+        self.emit(Error(code, message))
 
     def push_frame(self, frame: np.ndarray) -> None:
         self.frames_received += 1

@@ -21,8 +21,6 @@ from av import AudioFrame
 
 from config import IceServer, ServerConfig
 from realtime.audio import InputFramer, frame_to_mono
-from realtime import opus, sctp
-from realtime.events import Error, EventError, Ping, Pong, parse_client_event
 from realtime.opus import hold_received_frames
 from realtime.output import FrameClock, PacedOutput
 from realtime.session import AgentFactory, Session, SessionRegistry
@@ -109,10 +107,7 @@ class WebRTCSession(Session):
         self._channel: RTCDataChannel | None = None
         self._pending: list[str] = []
         self._alive = asyncio.Event()  # set by every received audio frame and client message
-        self._pings = False  # the client sends data-channel pings (and so promises one a second)
         self._config = config
-        opus.install()
-        sctp.install()
         super().__init__("webrtc", PacedOutput(OUTPUT_RATE), self._send_text)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=_rtc_ice_servers(config.ice_servers)))
         self.track = PacedAudioTrack(self.output)
@@ -134,7 +129,7 @@ class WebRTCSession(Session):
                 self.log.warning("session.datachannel_ignored", label=channel.label)
                 return
             self._channel = channel
-            channel.on("message", self._on_message)
+            channel.on("message", self.receive)
             channel.on("close", lambda: self.request_close("datachannel_closed"))
             self._alive.set()
             if channel.readyState == "open":
@@ -172,20 +167,9 @@ class WebRTCSession(Session):
         for text in pending:
             self._send_text(text)
 
-    def _on_message(self, message: str | bytes) -> None:
+    def receive(self, message: str | bytes) -> None:
         self._alive.set()
-        try:
-            event = parse_client_event(message)
-        except EventError as exc:
-            self.log.info("event.rejected", code=exc.code, reason=exc.message)
-            self.emit(Error(exc.code, exc.message))
-            return
-        if isinstance(event, Ping):
-            self._pings = True
-            self.emit(Pong(event.event_id))
-            return
-        if self.agent is not None:
-            self.agent.on_client_event(event)
+        super().receive(message)
 
     async def _consume(self, track: MediaStreamTrack) -> None:
         framer = InputFramer()
@@ -213,7 +197,7 @@ class WebRTCSession(Session):
                 return
             self._alive.clear()
             self.pending = False
-            if self._pings:
+            if self.pings:
                 timeout, reason = self._config.ping_timeout_s, "ping_timeout"
             else:
                 timeout, reason = self._config.media_timeout_s, "media_timeout"

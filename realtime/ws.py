@@ -15,9 +15,10 @@ from aiohttp import WSMsgType, web
 
 from config import ServerConfig
 from realtime.audio import InputFramer
-from realtime.events import Error, EventError, Ping, Pong, SessionStart, parse_client_event
+from realtime.events import Error, EventError
 from realtime.output import FrameClock, PacedOutput
 from realtime.session import AgentFactory, Session, SessionLimitReached, SessionRegistry
+from realtime.wire import SessionStart
 from runtime.audio import FRAME_MS, to_float
 
 START_TIMEOUT_S = 10.0
@@ -68,34 +69,19 @@ class WebSocketSession(Session):
             else:
                 await self._ws.send_bytes(message)
 
-    def _reject(self, code: str, message: str) -> None:
-        self.log.info("event.rejected", code=code, reason=message)
-        self.emit(Error(code, message))
-
     def on_binary(self, data: bytes) -> None:
         self.on_audio(data)
 
     def on_audio(self, data: bytes) -> None:
         if len(data) % 2:
-            self._reject("invalid_audio", "binary messages must be whole PCM16 samples (even length)")
+            self.reject("invalid_audio", "binary messages must be whole PCM16 samples (even length)")
             return
         if len(data) > 2 * self.input_rate * MAX_AUDIO_MESSAGE_S:
-            self._reject("message_too_large", f"audio messages may hold at most {MAX_AUDIO_MESSAGE_S} s")
+            self.reject("message_too_large", f"audio messages may hold at most {MAX_AUDIO_MESSAGE_S} s")
             return
         pcm = to_float(np.frombuffer(data, dtype="<i2"))
         for frame in self._framer.push(pcm, self.input_rate):
             self.push_frame(frame)
-
-    def on_text(self, text: str) -> None:
-        try:
-            event = parse_client_event(text)
-        except EventError as exc:
-            self._reject(exc.code, exc.message)
-            return
-        if isinstance(event, Ping):
-            self.emit(Pong(event.event_id))
-        elif self.agent is not None:
-            self.agent.on_client_event(event)
 
     async def _pace_audio(self) -> None:
         clock = FrameClock(FRAME_MS / 1000)
@@ -149,7 +135,7 @@ async def hold(
             if msg.type == WSMsgType.BINARY:
                 session.on_binary(msg.data)
             elif msg.type == WSMsgType.TEXT:
-                session.on_text(msg.data)
+                session.receive(msg.data)
             if session.close_requested.is_set():
                 break
     finally:

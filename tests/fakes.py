@@ -8,9 +8,9 @@ from typing import Any, AsyncIterator
 import numpy as np
 from aiohttp import web
 
-from bench.peer import Notifier
 from models.base import Message, SpeechChunk
 from streaming_tokenizer.base import PartialCallback, UtteranceInput
+from testkit.notifier import Notifier
 
 VOICED = np.full(320, 1000, dtype=np.int16)
 SILENT = np.zeros(320, dtype=np.int16)

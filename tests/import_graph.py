@@ -16,15 +16,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Bottom first. `runtime` and `config` import nothing of ours.
+# Bottom first. `runtime` imports nothing of ours.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("runtime", "config"),
+    ("runtime",),
+    ("config",),
     ("vad", "realtime"),
-    ("streaming_tokenizer", "models"),
+    ("streaming_tokenizer", "models", "turns"),
     ("tools",),
     ("context",),
     ("controller",),
     ("profiles",),
+    ("testkit",),
     ("run_server", "bench"),
     ("tests",),
 )

@@ -7,8 +7,8 @@ import json
 import aiohttp
 import pytest
 
-from bench.peer import ClientPeer
 from realtime.access import OfferRate
+from testkit.peer import ClientPeer
 
 pytestmark = pytest.mark.unit
 

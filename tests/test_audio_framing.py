@@ -9,8 +9,8 @@ import pytest
 from av import AudioFrame
 
 from realtime.audio import InputFramer, frame_to_mono
-from runtime.audio import FRAME_SAMPLES
 from realtime.output import PacedOutput
+from runtime.audio import FRAME_SAMPLES
 from tests.signals import best_alignment
 
 pytestmark = pytest.mark.unit
@@ -125,3 +125,25 @@ async def test_pause_silences_the_next_frame_and_keeps_every_sample_for_resume()
     out.flush()  # a flush ends the pause
     out.write(np.full(960, 0.5, dtype=np.float32), 48000)
     assert np.all(out.next_frame() == 16384)
+
+
+def test_the_playback_tracker_knows_what_the_client_heard_of_the_current_reply():
+    from realtime.output import PlaybackTracker
+
+    out = PacedOutput(16000)
+    playback = PlaybackTracker(out, buffer_ms=120)
+    out.write(np.full(16000, 0.1, dtype=np.float32), 16000)
+    for _ in range(10):
+        out.next_frame()  # a reply before this one
+    playback.begin("resp_a")
+    for _ in range(25):
+        out.next_frame()
+    assert playback.sent_ms == 500 and playback.heard_ms() == 380  # sent, less the client's buffer
+    playback.report(200.0, "resp_other")  # another reply's position changes nothing
+    assert playback.heard_ms() == 380
+    playback.report(450.0, "resp_a")
+    assert playback.heard_ms() == 450
+    playback.report(900.0)  # never more than was sent
+    assert playback.heard_ms() == 500
+    playback.begin("resp_b")
+    assert (playback.sent_ms, playback.heard_ms()) == (0, 0)

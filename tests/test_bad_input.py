@@ -9,7 +9,7 @@ import json
 import aiohttp
 import numpy as np
 
-from bench.peer import ClientPeer
+from testkit.peer import ClientPeer
 from tests.signals import speechlike
 
 pytestmark = pytest.mark.unit

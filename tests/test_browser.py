@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.browser import CHROMEDRIVER, CHROMIUM, chromium
-from bench.peer import Notifier
 from config import LoopbackConfig
 from controller.loopback import LoopbackAgent
-from runtime.audio import SAMPLE_RATE
 from realtime.events import ClientEvent
 from realtime.session import SessionIO
+from runtime.audio import SAMPLE_RATE
+from testkit.browser import CHROMEDRIVER, CHROMIUM, chromium
+from testkit.notifier import Notifier
+from testkit.speech import espeak, write_wav
 from tests.signals import envelope_alignment
-from bench.speech import espeak, write_wav
 
 pytestmark = pytest.mark.browser
 
@@ -196,7 +196,7 @@ async def test_the_page_types_tunes_and_is_interrupted(start_server, embedded_mo
 
         session_id = await asyncio.to_thread(settings_and_message)
         turn_config = server.registry.get(session_id).agent.config
-        assert (turn_config.type, turn_config.commit_ms) == ("vad", 600)
+        assert (turn_config.endpointing.type, turn_config.endpointing.commit_ms) == ("vad", 600)
 
         def interrupted() -> tuple[str, str, str]:
             wait = WebDriverWait(driver, 60)

@@ -71,7 +71,7 @@ def test_run_server_fails_at_startup_with_one_line():
 
 def test_turn_thresholds_from_flags_and_environment():
     config = load_config(["--commit-ms", "900", "--vad", "webrtc"], environ={"VOICE_AGENT_PAUSE_MS": "300"})
-    assert (config.turn.commit_ms, config.turn.pause_ms, config.turn.vad) == (900, 300, "webrtc")
+    assert (config.turn.endpointing.commit_ms, config.turn.speculation.pause_ms, config.turn.endpointing.vad) == (900, 300, "webrtc")
 
 
 @pytest.mark.parametrize(
@@ -116,3 +116,42 @@ def test_bad_model_flags_name_the_flag(argv, flag):
     with pytest.raises(ConfigError) as refused:
         load_config(argv, environ={})
     assert str(refused.value).startswith(flag + ":"), str(refused.value)
+
+
+def test_each_setting_is_declared_once_and_the_readme_table_is_its():
+    from config import SETTINGS, markdown_table
+
+    flags = [item.flag for item in SETTINGS]
+    names = [item.name for item in SETTINGS if item.setting.per_session]
+    assert len(flags) == len(set(flags)) > 50 and len(names) == len(set(names))
+    assert all(item.setting.help for item in SETTINGS)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme, "regenerate the README's table: python -c 'import config; print(config.markdown_table())'"
+    # The check can fail: a default that differs from the table is found.
+    assert markdown_table().replace("`8080`", "`8081`") not in readme
+
+
+def test_help_shows_every_flag_with_its_default_and_variable():
+    from config import SETTINGS, build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for item in SETTINGS:
+        assert item.flag in text and f"[env {item.env}]" in text
+    assert "--commit-ms MS" in text and "(default 750)" in text
+
+
+def test_a_session_changes_turn_settings_by_their_flat_names_within_limits():
+    from config import TurnConfig
+
+    turn = TurnConfig().updated({"commit_ms": 900, "backchannel_max_ms": 0, "eagerness": "high"})
+    assert (turn.endpointing.commit_ms, turn.interruption.backchannel_max_ms, turn.endpointing.eagerness) == (900, 0, "high")
+    assert turn.public()["commit_ms"] == 900 and "webrtc_aggressiveness" not in turn.public()
+    for bad, message in (
+        ({"commit_ms": 100.5}, "whole number"),
+        ({"threshold": float("nan")}, "number in"),
+        ({"pause_ms": True}, "number in"),
+        ({"vad": "webrtc"}, "unknown turn_detection field"),
+        ({"commit_ms": 200}, "turn_detection.commit_ms must be greater than pause_ms"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TurnConfig().updated(bad)

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from bench.peer import Notifier
 from config import TurnConfig
 from context.dialog import DialogContext, TranscriptStore
 from controller.controller import Controller, SessionModels, State
+from testkit.notifier import Notifier
 from realtime.events import (
     ConversationItemCreate,
     ConversationItemTruncate,
@@ -186,7 +186,7 @@ async def test_barge_in_keeps_only_what_was_heard(rig):
     rig.frames(True, 7)  # 180 ms: below the barge-in minimum (200 ms)
     assert rig.controller.state == State.RESPONDING
     rig.frames(True, 1)
-    assert rig.controller.state == State.USER_SPEAKING
+    assert rig.controller.state == State.OVERLAP
     assert not rig.of("response.done")  # held, paused: it might be a backchannel
     rig.frames(True, 39)  # 980 ms of speech: still could be one
     assert not rig.of("response.done")
@@ -205,7 +205,7 @@ async def test_barge_in_keeps_only_what_was_heard(rig):
 
 
 async def test_without_backchannels_confirmed_speech_is_a_barge_in_at_once(tmp_path):
-    rig = make_rig(tmp_path, config=TurnConfig(type="vad", backchannel_max_ms=0))
+    rig = make_rig(tmp_path, config=TurnConfig().updated({"type": "vad", "backchannel_max_ms": 0}))
     await spoken_over(rig)
     rig.frames(True, 10)
     assert rig.controller.state == State.USER_SPEAKING
@@ -233,7 +233,7 @@ async def test_a_backchannel_over_the_agent_lets_it_resume_where_it_paused(rig):
     sent = rig.output.audio_frames_sent
     rig.tokenizer.transcript = "Mm-hmm."
     rig.frames(True, 20)  # 400 ms of speech: confirmed, held
-    assert rig.controller.state == State.USER_SPEAKING
+    assert rig.controller.state == State.OVERLAP
     rig.frames(False, 13)  # its pause: judged
     resumed = await rig.until(lambda: rig.of("response.audio.resumed"))
     item = rig.of("input_audio_buffer.speech_started")[-1]["item_id"]
@@ -528,7 +528,7 @@ async def test_hang_up_while_speech_over_the_agent_is_judged_leaves_no_task(tmp_
 
 
 async def test_manual_turns_wait_for_the_clients_commit(tmp_path):
-    rig = make_rig(tmp_path, config=TurnConfig(type="manual"))
+    rig = make_rig(tmp_path, config=TurnConfig().updated({"type": "manual"}))
     rig.controller.on_client_event(InputAudioBufferCommit(event_id="c0"))
     assert rig.of("error")[-1]["error"]["code"] == "input_audio_buffer_commit_empty"
     rig.frames(True, 30)
@@ -554,9 +554,9 @@ async def test_a_commit_while_the_user_still_speaks_ends_the_turn_there(rig):
 async def test_clear_drops_the_speech_and_its_speculation(rig):
     rig.frames(True, 30)
     rig.frames(False, 15)  # paused: a speculative reply is being prepared
-    assert rig.controller.state == State.USER_PAUSED and rig.controller.response is not None
+    assert rig.controller.state == State.USER_PAUSED and rig.controller.replies.current is not None
     rig.controller.on_client_event(InputAudioBufferClear())
-    assert rig.controller.state == State.LISTENING and rig.controller.response is None
+    assert rig.controller.state == State.LISTENING and rig.controller.replies.current is None
     rig.frames(False, 100)
     counters = rig.controller.counters
     assert (counters.speculative_cancels, counters.responses) == (1, 0)
@@ -587,3 +587,28 @@ async def test_truncate_while_the_reply_plays_sets_what_an_interruption_keeps(ri
     rig.controller.on_client_event(ConversationItemTruncate(response_id, 450.0))
     rig.controller.on_client_event(ResponseCancel())
     assert rig.of("response.done")[-1]["response"]["output_text"] == "one two"
+
+
+async def test_every_reply_ends_once_and_its_done_future_says_how(rig):
+    rig.frames(True, 30)
+    rig.frames(False, 13)  # paused: a speculation
+    speculation = rig.controller.replies.current
+    rig.frames(True, 3)  # resumed: it is dropped, unannounced
+    assert await asyncio.wait_for(speculation.done, 5) == "cancelled" and not rig.of("response.done")
+    rig.frames(True, 10)
+    rig.frames(False, 38)
+    first = rig.controller.replies.current
+    await rig.play_until_done()
+    assert first.done.result() == "completed"
+    metrics = rig.of("metrics.turn")[-1]
+    assert metrics["response_id"] == first.id and not [key for key in metrics if key.startswith("_")]
+    chunks = rig.decoder.chunks
+    rig.frames(True, 30)
+    rig.frames(False, 38)
+    second = rig.controller.replies.current
+    await rig.until(lambda: rig.decoder.chunks > chunks)
+    rig.play(5)
+    rig.controller.on_client_event(ResponseCancel())
+    assert second.done.result() == "cancelled"
+    second.interrupt("interrupted")  # a second end changes nothing
+    assert [e["response"]["id"] for e in rig.of("response.done")] == [first.id, second.id]

@@ -12,10 +12,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.local import local_server
 from bench.process import process_tree
-from bench.peer import ClientPeer
 from realtime.webrtc import use_loopback_ice_only
+from testkit.local import local_server
+from testkit.peer import ClientPeer
 
 @pytest.fixture(autouse=True)
 def loopback_client() -> None:

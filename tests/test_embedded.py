@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from bench.metrics import normalize_words, word_error_rate
-from bench.peer import ClientPeer
 from config import AppConfig, ServerConfig
 from context.dialog import TranscriptStore
 from profiles import Profile
 from profiles.embedded import EmbeddedModels
+from testkit.peer import ClientPeer
+from testkit.speech import espeak
 from tests.signals import resample
 from tests.test_metrics import scrape
 from tests.test_openai_realtime import client as realtime_client
-from bench.speech import espeak
 
 pytestmark = pytest.mark.models
 

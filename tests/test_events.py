@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from realtime.events import MAX_MESSAGE_BYTES, ChunkJoiner, EventEncoder, EventError, parse_client_event
+from realtime.events import EventError
+from realtime.wire import MAX_MESSAGE_BYTES, ChunkJoiner, EventEncoder, parse_client_event
 
 pytestmark = pytest.mark.unit
 

@@ -14,10 +14,10 @@ from aiortc.rtp import RtpPacket
 from av import AudioFrame
 
 from bench.analysis import speech_end
-from bench.impair import Impairment, UdpRelay
 from controller.loopback import MAX_JITTER_RESERVE_MS
-from bench.peer import ClientPeer
 from realtime.opus import PACKET_SAMPLES, AudioJitterBuffer, ConcealingOpusDecoder, FecOpusEncoder
+from testkit.impair import Impairment, UdpRelay
+from testkit.peer import ClientPeer
 from tests.signals import speechlike
 
 pytestmark = pytest.mark.unit

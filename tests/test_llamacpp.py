@@ -8,11 +8,11 @@ from contextlib import aclosing
 
 import pytest
 
-from bench.peer import Notifier
 from models.base import Message
 from models.llamacpp_lm import LlamaCppLM
 from profiles.embedded import smollm2_gguf
 from runtime.workers import ModelWorker
+from testkit.notifier import Notifier
 
 pytestmark = pytest.mark.models
 

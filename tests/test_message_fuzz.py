@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench.abuse import CLASSES, abuse
-from bench.peer import ClientPeer
+from testkit.peer import ClientPeer
 from tests.signals import speechlike
 
 pytestmark = pytest.mark.unit

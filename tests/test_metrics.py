@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.peer import ClientPeer
+from testkit.peer import ClientPeer
 from tests.signals import speechlike
 
 pytestmark = pytest.mark.unit

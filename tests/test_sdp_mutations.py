@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
 
-from bench.peer import ClientPeer
 from realtime.session import SessionRegistry
+from testkit.peer import ClientPeer
 from tests.signals import speechlike
 
 pytestmark = pytest.mark.unit

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.local import local_server
 from bench.soak import soak, write
+from testkit.local import local_server
 
 pytestmark = pytest.mark.models
 

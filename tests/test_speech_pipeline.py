@@ -14,10 +14,10 @@ import pytest
 
 from bench.metrics import word_error_rate
 from models.piper_tts import PiperDecoder, PiperError
-from profiles.embedded import EmbeddedModels, piper_voice_files
-from runtime.workers import ModelWorker
-from profiles.packages import ModelPackageMissing, package_dir
 from models.sentences import SpeechChunker, speakable
+from profiles.embedded import EmbeddedModels, piper_voice_files
+from profiles.packages import ModelPackageMissing, package_dir
+from runtime.workers import ModelWorker
 from streaming_tokenizer.base import UtteranceInput
 from streaming_tokenizer.transcriber import StreamingTranscriber
 
@@ -117,7 +117,7 @@ async def test_piper_process_that_dies_fails_one_piece_and_is_started_again():
         assert len(pcm) > tts.sample_rate // 2 and np.abs(pcm).max() > 0.1
     finally:
         worker.close()
-        tts.close()
+        await tts.aclose()
     assert tts.pid is None and not Path(f"/proc/{second}").exists()  # ended, and reaped
 
 
@@ -202,7 +202,7 @@ def test_a_missing_model_package_names_the_package_and_the_command():
     ],
 )
 async def test_spoken_replies_end_with_the_last_allowed_sentence_and_stop_the_lm(reply, limit, spoken):
-    from bench.peer import Notifier
+    from testkit.notifier import Notifier
     from models.base import Message
     from models.sentences import SpokenReplies
     from tests.fakes import CuedLM

@@ -1,5 +1,5 @@
 """The stepaudio profile's real loaders and streaming code, on tiny random models in the real layout
-(tests/stepaudio_tiny.py): tokenizer, Chat prompt and backends, TTS-3B prompt and voices, the
+(testkit/stepaudio_tiny.py): tokenizer, Chat prompt and backends, TTS-3B prompt and voices, the
 streaming decoder, and a whole call over WebRTC."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from models.stepaudio_chat import chat_prompt, served_chat, transcription_prompt
 from models.stepaudio_tts import SystemPrompts, guard_repetition, instruction, music_mode, tag_prefix
 from runtime.workers import ModelWorker
 from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer
-from bench import stepaudio_tiny as tiny
+from testkit import stepaudio_tiny as tiny
 
 pytestmark = pytest.mark.models
 
@@ -718,11 +718,11 @@ def test_the_flow_runs_in_bfloat16_as_the_reference_runs_it(model_path, tts):
 
 
 async def test_a_call_runs_through_the_controller_and_hanging_up_frees_everything(start_server, model_path, tmp_path):
-    from bench.peer import ClientPeer
+    from testkit.peer import ClientPeer
     from config import AppConfig, ModelConfig, ServerConfig, StepAudioConfig
     from context.dialog import TranscriptStore
     from profiles import open_profile
-    from bench.speech import espeak
+    from testkit.speech import espeak
 
     question = espeak("What is the weather like today?", 48000)
     config = AppConfig(

@@ -75,3 +75,25 @@ def test_the_readme_lists_exactly_the_events_the_code_has():
     listed = _readme_events()
     assert listed.get("client") == set(CLIENT_EVENTS)
     assert listed.get("server") == set(SERVER_EVENTS)
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def _long_functions(tree: ast.AST) -> list[str]:
+    return [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+
+
+def test_no_function_outside_the_tests_is_over_60_lines():
+    long = {
+        name: found
+        for name, path in modules().items()
+        if not name.startswith("tests")
+        if (found := _long_functions(ast.parse(path.read_text(encoding="utf-8"))))
+    }
+    assert long == {}
+    assert _long_functions(ast.parse("def f():\n" + "    x = 1\n" * 61))  # the check can fail

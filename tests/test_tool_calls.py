@@ -12,14 +12,14 @@ from dataclasses import replace
 
 import pytest
 
-from bench.peer import ClientPeer
-from bench.speech import espeak
 from config import AppConfig, ServerConfig
 from context.dialog import TranscriptStore
 from models.openai_lm import OpenAICompatibleLM
+from testkit.peer import ClientPeer
+from testkit.speech import espeak
 from tests import voice_tools
-from tests.test_embedded import RATE, agent_audio, trimmed
 from tests.fakes import serve
+from tests.test_embedded import RATE, agent_audio, trimmed
 from tests.test_tools import ToolCallingServer
 
 pytestmark = pytest.mark.models

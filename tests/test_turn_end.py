@@ -10,9 +10,9 @@ import pytest
 
 from config import TurnConfig
 from controller.controller import State
-from controller.turn_end import TurnEndScorers, TurnScores, Verdict, turn_verdict
 from realtime.events import SessionUpdate
 from tests.test_controller import Rig, make_rig
+from turns.judge import TurnEndScorers, TurnScores, Verdict, turn_verdict
 
 
 class ScriptedScores:
@@ -35,7 +35,7 @@ class ScriptedScores:
         return TurnEndScorers(self.audio, self.text if with_text else None)
 
 
-SEMANTIC = TurnConfig(type="semantic", min_commit_ms=300, max_commit_ms=2000)
+SEMANTIC = TurnConfig().updated({"type": "semantic", "min_commit_ms": 300, "max_commit_ms": 2000})
 
 
 async def _pause_until(rig: Rig, limit_frames: int) -> int:
@@ -128,7 +128,7 @@ async def test_a_turn_that_might_go_on_waits_halfway(tmp_path):
 
 @pytest.mark.unit
 async def test_the_judge_notes_a_question_mark_with_the_transcript():
-    from controller.turn_end import TurnJudge
+    from turns.judge import TurnJudge
     from runtime.tasks import TaskOwner
 
     tasks = TaskOwner("test")
@@ -153,9 +153,9 @@ async def test_speech_resuming_in_the_pause_drops_its_scores(tmp_path):
     rig = _semantic_rig(tmp_path, scores)
     rig.frames(True, 30)
     assert await _pause_until(rig, 30) == -1  # unfinished: still waiting after 600 ms
-    assert rig.controller.judge.scores.text == 0.001
+    assert rig.controller.turns.judge.scores.text == 0.001
     rig.frames(True, 5)
-    assert rig.controller.state == State.USER_SPEAKING and rig.controller.judge.scores == TurnScores()
+    assert rig.controller.state == State.USER_SPEAKING and rig.controller.turns.judge.scores == TurnScores()
     scores.text_score = 0.7  # the whole sentence is finished now
     assert 15 <= await _pause_until(rig, 120) <= 20
     assert len(scores.texts) == 2
@@ -165,7 +165,7 @@ async def test_speech_resuming_in_the_pause_drops_its_scores(tmp_path):
 async def test_session_update_switches_turn_detection(tmp_path):
     rig = make_rig(tmp_path)  # fakes without any end-of-turn scorer
     rig.controller.on_client_event(SessionUpdate({"turn_detection": {"type": "semantic"}}, event_id="e1"))
-    assert rig.of("error")[-1]["error"]["event_id"] == "e1" and not rig.controller.config.semantic
+    assert rig.of("error")[-1]["error"]["event_id"] == "e1" and rig.controller.config.endpointing.type != "semantic"
     rig = _semantic_rig(tmp_path, ScriptedScores(audio=0.5, text=0.5))
     rig.controller.on_client_event(SessionUpdate({"turn_detection": {"type": "vad", "commit_ms": 600}}))
     rig.controller.on_client_event(SessionUpdate({"turn_detection": {"type": "semantic", "eagerness": "high"}}))

@@ -9,8 +9,6 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from bench.peer import ClientPeer, Notifier
-from bench.speech import espeak
 from config import TurnConfig
 from context.dialog import DialogContext
 from controller.backchannel import is_backchannel
@@ -18,6 +16,9 @@ from controller.controller import Controller, SessionModels
 from profiles.embedded import EmbeddedModels
 from realtime.session import SessionIO
 from streaming_tokenizer.base import StreamingTokenizer
+from testkit.notifier import Notifier
+from testkit.peer import ClientPeer
+from testkit.speech import espeak
 from tests.fakes import CountingTokenizer, CuedLM, ToneDecoder
 from vad.engines import SileroDetector
 
@@ -37,7 +38,7 @@ async def test_no_answer_inside_a_400_ms_pause(start_server):
     def factory(io: SessionIO) -> Controller:
         notifier = Notifier()
         models = SessionModels(SileroDetector(), CountingTokenizer(notifier), CuedLM(notifier), ToneDecoder(notifier))
-        controllers.append(Controller(io, models, DialogContext("Be brief.", 500), TurnConfig(commit_ms=750), "test"))
+        controllers.append(Controller(io, models, DialogContext("Be brief.", 500), TurnConfig().updated({"commit_ms": 750}), "test"))
         return controllers[-1]
 
     server = await start_server(factory=factory)
@@ -100,7 +101,7 @@ async def call(url: str) -> ClientPeer:
 
 async def test_a_backchannel_over_the_reply_pauses_it_and_it_resumes_whole(start_server, embedded_models: EmbeddedModels):
     reply = " ".join(f"w{i}" for i in range(25))  # 5 s of the tone
-    agents = Agents(lambda _: embedded_models.session_tokenizer(), TurnConfig(type="vad"), reply)
+    agents = Agents(lambda _: embedded_models.session_tokenizer(), TurnConfig().updated({"type": "vad"}), reply)
     question, okay = trimmed(espeak("Tell me about the moon.", RATE)), trimmed(espeak("Okay.", RATE))
     server = await start_server(factory=agents)
     peer = await call(server.url)
@@ -129,7 +130,7 @@ async def test_a_backchannel_over_the_reply_pauses_it_and_it_resumes_whole(start
 async def test_speech_resuming_after_an_early_commit_stays_one_turn(start_server, embedded_models: EmbeddedModels):
     # The commit comes inside the pause; the LM holds its first word, so nothing is heard before
     # the user goes on.
-    agents = Agents(lambda _: embedded_models.session_tokenizer(), TurnConfig(type="vad", commit_ms=500), "Sure.", hold=True)
+    agents = Agents(lambda _: embedded_models.session_tokenizer(), TurnConfig().updated({"type": "vad", "commit_ms": 500}), "Sure.", hold=True)
     first, rest = trimmed(espeak("I want to book a table", RATE)), trimmed(espeak("for two people tomorrow evening.", RATE))
     clip = np.concatenate([first, np.zeros(int(0.9 * RATE), dtype=np.float32), rest])
     server = await start_server(factory=agents)

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from config import TurnConfig
-from vad.endpointer import Endpointer, Kind
+from testkit.speech import espeak
+from vad.endpointer import Endpointer, Kind, Silences
 from vad.engines import SileroDetector, WebRtcDetector, make_detector
-from bench.speech import espeak
 
 pytestmark = pytest.mark.unit
 
-VAD = TurnConfig(type="vad")  # the fixed silence timer (semantic detection commits through the Controller)
+VAD = TurnConfig()
+TIMER = Silences(pause_ms=250, commit_ms=750)  # the fixed silence timer of turn detection `vad`
 
 SILENCE = np.zeros(320, dtype=np.int16)
 
@@ -63,7 +64,7 @@ def run(endpointer: Endpointer, probabilities: list[float]) -> list[tuple[int, K
 
 
 def test_endpointer_timeline_with_pause_resume_and_commit():
-    events = run(Endpointer(VAD), [0] * 20 + [0.9] * 30 + [0.1] * 15 + [0.9] * 5 + [0.1] * 40)
+    events = run(Endpointer(VAD, TIMER), [0] * 20 + [0.9] * 30 + [0.1] * 15 + [0.9] * 5 + [0.1] * 40)
     assert events == [
         (27, Kind.SPEECH_STARTED, 15 + 8),  # 150 ms of speech, with 300 ms of prefix
         (62, Kind.PAUSED, 0),  # 13 silent frames >= 250 ms
@@ -74,24 +75,24 @@ def test_endpointer_timeline_with_pause_resume_and_commit():
 
 
 def test_endpointer_ignores_clicks_and_keeps_hysteresis():
-    endpointer = Endpointer(VAD)
+    endpointer = Endpointer(VAD, TIMER)
     assert run(endpointer, [0.9, 0.9, 0, 0, 0, 0] * 5) == []  # 40 ms blips never reach 150 ms
     # 0.4 is below the threshold but above threshold - 0.15: speech stays speech.
-    events = run(Endpointer(VAD), [0.9] * 10 + [0.4] * 60 + [0.2] * 40)
+    events = run(Endpointer(VAD, TIMER), [0.9] * 10 + [0.4] * 60 + [0.2] * 40)
     assert [k for _, k, _ in events] == [Kind.SPEECH_STARTED, Kind.PAUSED, Kind.COMMITTED]
     assert events[1][0] == 70 + 12
 
 
 def test_a_silence_begins_where_the_speech_probability_began_to_fall():
     # 0.45 then 0.4: under the threshold, not yet silence; 0.1 makes it one, which began at the 0.45.
-    events = run(Endpointer(VAD), [0.9] * 20 + [0.45, 0.4] + [0.1] * 40)
+    events = run(Endpointer(VAD, TIMER), [0.9] * 20 + [0.45, 0.4] + [0.1] * 40)
     paused, committed = events[1], events[2]
     assert (paused[1], paused[0]) == (Kind.PAUSED, 20 + 12)  # the 13th frame after the last voiced one
     assert (committed[1], committed[0]) == (Kind.COMMITTED, 20 + 37)
 
 
 def test_endpointer_barge_in_minimum_is_separate():
-    endpointer = Endpointer(TurnConfig(bargein_min_speech_ms=200))
+    endpointer = Endpointer(TurnConfig().updated({"bargein_min_speech_ms": 200}), TIMER)
     endpointer.agent_speaking(True)
     events = run(endpointer, [0.9] * 9 + [0.0] * 5 + [0.9] * 10)
     # 9 voiced frames (180 ms) are not enough; the later 10 (200 ms) are, and the onset audio keeps

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -11,10 +14,12 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from controller.loopback import JITTER_RESERVE_MS
-from bench.peer import ClientPeer, OfferRefused
+from testkit.peer import ClientPeer, OfferRefused
 from tests.signals import segment_alignments, speechlike
 
 pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_signal_comes_back_after_the_delay(server):
@@ -164,3 +169,23 @@ async def test_one_address_may_hold_only_a_few_offers_that_never_connect(start_s
     await caller.close()
     for ghost in ghosts:
         await ghost.close()
+
+
+def test_the_aiortc_changes_are_installed_once_when_the_app_is_built():
+    """In a fresh interpreter: aiortc's own settings until the app is built, ours after it."""
+    script = """
+import aiortc.rtcsctptransport as sctp
+from config import AppConfig
+from context.dialog import TranscriptStore
+from realtime.server import build_app
+from realtime.webrtc import WebRTCSession
+from pathlib import Path
+before = sctp.SCTP_RTO_MIN
+WebRTCSession(AppConfig().server)  # a session no longer installs anything
+assert sctp.SCTP_RTO_MIN == before, before
+build_app(AppConfig(profile="loopback"), lambda io: None, TranscriptStore(Path("/nonexistent")))
+print(before, sctp.SCTP_RTO_MIN)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "0.22"]

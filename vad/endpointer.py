@@ -24,6 +24,24 @@ RESUME_MS = 60  # voiced audio inside a pause that counts as the user speaking a
 FALL_FRAMES = 3  # the longest fall of the speech probability that is still the end of speech
 
 
+@dataclass(frozen=True)
+class Silences:
+    """The silences that end a stretch of speech, as the turn-detection policy sets them: a pause
+    (the speculative reply starts) and a commit (None: the endpointer never commits by itself)."""
+
+    pause_ms: int
+    commit_ms: int | None
+
+
+class Phase(enum.StrEnum):
+    """Where a stream of audio stands: no speech, a sound that may be speech, speech, a pause in it."""
+
+    IDLE = "idle"
+    ONSET = "onset"
+    SPEAKING = "speaking"
+    PAUSED = "paused"
+
+
 class Kind(enum.StrEnum):
     SPEECH_STARTED = "speech_started"
     PAUSED = "paused"
@@ -43,11 +61,12 @@ class Endpointer:
     """Owns one stream's endpointing state, including how long speech must last to count: longer
     while the agent talks (`agent_speaking`), so that a barge-in is confirmed speech."""
 
-    def __init__(self, config: TurnConfig) -> None:
+    def __init__(self, config: TurnConfig, silences: Silences) -> None:
         self.config = config
+        self.silences = silences
         self._agent_speaking = False
         self._prefix: collections.deque[np.ndarray] = collections.deque(maxlen=self._prefix_frames())
-        self._state = "idle"
+        self.phase = Phase.IDLE
         self._voiced = False
         self._onset: list[np.ndarray] = []
         self._onset_voiced = 0
@@ -59,10 +78,10 @@ class Endpointer:
         self.last_voiced_index = -1
 
     def _prefix_frames(self) -> int:
-        return max(1, self.config.prefix_padding_ms // FRAME_MS)
+        return max(1, self.config.endpointing.prefix_padding_ms // FRAME_MS)
 
-    def reconfigure(self, config: TurnConfig) -> None:
-        self.config = config
+    def reconfigure(self, config: TurnConfig, silences: Silences) -> None:
+        self.config, self.silences = config, silences
         self._prefix = collections.deque(self._prefix, maxlen=self._prefix_frames())
 
     def agent_speaking(self, speaking: bool) -> None:
@@ -70,11 +89,13 @@ class Endpointer:
 
     @property
     def min_speech_ms(self) -> int:
-        return self.config.bargein_min_speech_ms if self._agent_speaking else self.config.min_speech_ms
+        if self._agent_speaking:
+            return self.config.interruption.bargein_min_speech_ms
+        return self.config.endpointing.min_speech_ms
 
     def feed(self, frame: np.ndarray, probability: float) -> Endpoint | None:
         self._index += 1
-        threshold = self.config.threshold
+        threshold = self.config.endpointing.threshold
         if probability >= threshold:
             self._voiced, self._under = True, 0
         else:
@@ -85,11 +106,11 @@ class Endpointer:
         if self._voiced:
             self.last_voiced_index = self._index
         handler = {
-            "idle": self._idle,
-            "onset": self._onset_frame,
-            "speaking": self._speaking,
-            "paused": self._paused,
-        }[self._state]
+            Phase.IDLE: self._idle,
+            Phase.ONSET: self._onset_frame,
+            Phase.SPEAKING: self._speaking,
+            Phase.PAUSED: self._paused,
+        }[self.phase]
         return handler(frame)
 
     def _event(self, kind: Kind, audio: tuple[np.ndarray, ...] = ()) -> Endpoint:
@@ -99,7 +120,7 @@ class Endpointer:
         if not self._voiced:
             self._prefix.append(frame)
             return None
-        self._state, self._onset, self._onset_voiced, self._onset_gap = "onset", [], 0, 0
+        self.phase, self._onset, self._onset_voiced, self._onset_gap = Phase.ONSET, [], 0, 0
         return self._onset_frame(frame)
 
     def _onset_frame(self, frame: np.ndarray) -> Endpoint | None:
@@ -110,13 +131,13 @@ class Endpointer:
         else:
             self._onset_gap += 1
             if self._onset_gap > ONSET_GAP_FRAMES:  # a click or a cough, not speech
-                self._state = "idle"
+                self.phase = Phase.IDLE
                 self._prefix.extend(self._onset)
                 return None
         if self._onset_voiced * FRAME_MS >= self.min_speech_ms:
             audio = (*self._prefix, *self._onset)
             self._prefix.clear()
-            self._state, self._silence, self._resume = "speaking", 0, 0
+            self.phase, self._silence, self._resume = Phase.SPEAKING, 0, 0
             return self._event(Kind.SPEECH_STARTED, audio)
         return None
 
@@ -125,8 +146,8 @@ class Endpointer:
             self._silence = 0
             return None
         self._silence = self._index - self.last_voiced_index
-        if self._silence * FRAME_MS >= self.config.pause_after_ms:
-            self._state, self._resume = "paused", 0
+        if self._silence * FRAME_MS >= self.silences.pause_ms:
+            self.phase, self._resume = Phase.PAUSED, 0
             return self._event(Kind.PAUSED)
         return None
 
@@ -134,25 +155,25 @@ class Endpointer:
         if self._voiced:
             self._resume += 1
             if self._resume * FRAME_MS >= RESUME_MS:
-                self._state, self._silence = "speaking", 0
+                self.phase, self._silence = Phase.SPEAKING, 0
                 return self._event(Kind.RESUMED)
             return None
         self._resume = 0
         self._silence += 1
-        commit_after_ms = self.config.commit_after_ms
-        if commit_after_ms is not None and self._silence * FRAME_MS >= commit_after_ms:
-            self._state = "idle"
+        commit_ms = self.silences.commit_ms
+        if commit_ms is not None and self._silence * FRAME_MS >= commit_ms:
+            self.phase = Phase.IDLE
             return self._event(Kind.COMMITTED)
         return None
 
     @property
     def onset_ms(self) -> int:
         """Voiced audio of a speech onset not yet confirmed (0 when none is under way)."""
-        return self._onset_voiced * FRAME_MS if self._state == "onset" else 0
+        return self._onset_voiced * FRAME_MS if self.phase == Phase.ONSET else 0
 
     @property
     def paused(self) -> bool:
-        return self._state == "paused"
+        return self.phase == Phase.PAUSED
 
     @property
     def silence_ms(self) -> int:
@@ -163,16 +184,16 @@ class Endpointer:
         """Forget the speech under way: it was not a turn (a backchannel over the agent, or speech
         the client cleared)."""
         if self.in_turn:
-            self._state = "idle"
+            self.phase = Phase.IDLE
 
     @property
     def in_turn(self) -> bool:
         """Speech has been confirmed and its turn not committed: speaking, or paused."""
-        return self._state in ("speaking", "paused")
+        return self.phase in (Phase.SPEAKING, Phase.PAUSED)
 
     def commit_now(self) -> Endpoint:
         """End the turn at this frame (the end-of-turn judge found it complete, or the client said so)."""
         if not self.in_turn:
             raise RuntimeError("only a turn under way can be committed")
-        self._state = "idle"
+        self.phase = Phase.IDLE
         return self._event(Kind.COMMITTED)

@@ -178,8 +178,8 @@ function onServerEvent(event) {
       if (event.session.turn_detection) showSettings(event.session.turn_detection);
       if (event.type === "session.updated") $("settings-state").textContent = "applied";
       break;
-    case "session.state":
-      setAgentState(event.state.replace("_", " "));
+    case "session.state": // overlap: the agent waits, paused, while your speech over it is judged
+      setAgentState(event.state === "overlap" ? "paused, listening" : event.state.replace("_", " "));
       break;
     case "session.closed":
       call.closedReason = event.reason;

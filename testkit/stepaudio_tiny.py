@@ -105,17 +105,8 @@ def build_paraformer(directory: Path, seed: int = 0) -> None:
     _write_cmvn(directory / "am.mvn", rng)
     config = OmegaConf.to_container(OmegaConf.load(directory / "config.yaml"))
     torch.manual_seed(seed)
-    model = tables.model_classes[config["model"]](
-        **config["model_conf"],
-        encoder=config["encoder"],
-        encoder_conf=config["encoder_conf"],
-        decoder=config["decoder"],
-        decoder_conf=config["decoder_conf"],
-        predictor=config["predictor"],
-        predictor_conf=config["predictor_conf"],
-        input_size=80 * 7,
-        vocab_size=len(tokens),
-    )
+    parts = {key: config[key] for key in ("encoder", "encoder_conf", "decoder", "decoder_conf", "predictor", "predictor_conf")}
+    model = tables.model_classes[config["model"]](**config["model_conf"], **parts, input_size=80 * 7, vocab_size=len(tokens))
     torch.save(model.state_dict(), directory / "model.pt")
 
 

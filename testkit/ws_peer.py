@@ -10,10 +10,11 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.peer import RATE, Notifier, ReceivedFrame
-from realtime.events import ChunkJoiner, SessionStart
 from realtime.output import FrameClock, PacedOutput
+from realtime.wire import ChunkJoiner, SessionStart
 from runtime.tasks import TaskOwner
+from testkit.notifier import Notifier
+from testkit.peer import RATE, ReceivedFrame
 
 
 class WsPeer:

@@ -2,7 +2,7 @@
 the paced audio output) while the embedded engines work in their worker threads, with their thread
 counts and busy-waiting chosen per run.
 
-    .venv/bin/python -m bench.loop_lag            # every setting, a table of loop lateness
+    .venv/bin/python -m bench.experiments.loop_lag            # every setting, a table of loop lateness
 
 Each run repeats LM replies (llama.cpp), speech synthesis (piper) and transcription (Moonshine)
 together for a few seconds; the table gives the ticker's lateness (p50, p99, max) and how many
@@ -102,7 +102,7 @@ async def run(setting: Setting, seconds: float) -> dict[str, float]:
     for worker in workers:
         worker.close()
     if setting.lm_threads:
-        tts.close()
+        await tts.aclose()
         await lm.aclose()
     ms = sorted(1000 * x for x in lateness)
     return {
@@ -115,7 +115,7 @@ async def run(setting: Setting, seconds: float) -> dict[str, float]:
 
 
 async def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.loop_lag", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.loop_lag", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per setting (default 8)")
     args = parser.parse_args(argv)
     print("| setting | ticks | p50 ms | p99 ms | max ms | ticks > 40 ms late |")

@@ -3,7 +3,7 @@ tools rendered by llama.cpp's Jinja support) questions that want a tool and coun
 are a call of the right function with arguments that parse; and checks what the rule that stands in
 for it routes.
 
-    python -m bench.tool_calling              # prints one JSON object
+    python -m bench.experiments.tool_calling              # prints one JSON object
 
 The answer decides whether the embedded profile offers tools to its LM (`calls_tools`) or routes
 the questions it knows with the rule (tools/rules.py).

@@ -1,4 +1,4 @@
-"""`python -m bench.browser_jitter`: how long a browser holds received agent audio before playing it.
+"""`python -m bench.experiments.browser_jitter`: how long a browser holds received agent audio before playing it.
 
 Headless Chromium calls a local loopback-profile server from the real page, and its WebRTC stats
 (`inbound-rtp` audio: jitterBufferDelay / jitterBufferEmittedCount) give the mean time a sample
@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.browser import chromium
-from bench.local import local_server
-from bench.speech import espeak, write_wav
+from testkit.browser import chromium
+from testkit.local import local_server
+from testkit.speech import espeak, write_wav
 
 STATS = """
 const done = arguments[arguments.length - 1];
@@ -55,7 +55,7 @@ def measure(url: str, seconds: float, workdir: Path) -> list[float]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.browser_jitter", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.browser_jitter", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the call (default 15)")
     args = parser.parse_args()
     async with local_server("loopback") as (url, _):

@@ -1,4 +1,5 @@
-"""Semantic end-of-turn detection: is the user done at this pause, or only hesitating?"""
+"""The end-of-turn judge: is the user done at this pause, or only hesitating? (What semantic turn
+detection decides with.)"""
 
 from __future__ import annotations
 

@@ -16,18 +16,20 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
-from bench.impair import Impairment, UdpRelay
+from realtime import aiortc_patches
 from realtime.audio import frame_to_mono
-from realtime.events import ChunkJoiner, ClientEvent, Ping
-from realtime.output import PacedOutput
-from realtime import opus, sctp
+from realtime.events import ClientEvent, Ping
 from realtime.opus import hold_received_frames
+from realtime.output import PacedOutput
 from realtime.webrtc import PacedAudioTrack
+from realtime.wire import ChunkJoiner
 from runtime.tasks import TaskOwner
+from testkit.impair import Impairment, UdpRelay
+from testkit.notifier import Notifier
 
 RATE = 48000
 # A browser's playout delay on a loopback call: headless Chromium's jitter buffer held 30 ms
-# (`python -m bench.browser_jitter`), aiortc's own holds 4 frames (80 ms). Two frames, 40 ms.
+# (`python -m bench.experiments.browser_jitter`), aiortc's own holds 4 frames (80 ms). Two frames, 40 ms.
 BROWSER_PLAYOUT_FRAMES = 2
 
 
@@ -42,23 +44,6 @@ class OfferRefused(RuntimeError):
         super().__init__(f"HTTP {status}: {body}")
         self.status = status
         self.body = body
-
-
-class Notifier:
-    """Lets coroutines await a condition over growing state, with a timeout (no polling)."""
-
-    def __init__(self) -> None:
-        self._changed = asyncio.Event()
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait_for(self, predicate: Callable[[], Any], timeout: float) -> Any:
-        async with asyncio.timeout(timeout):
-            while not (result := predicate()):
-                await self._changed.wait()
-            return result
 
 
 class SilentTrack(MediaStreamTrack):
@@ -94,8 +79,7 @@ class ClientPeer:
         self.expect_events = events and data_channel
         self.playout_frames = playout_frames  # received frames held before one is played
         self.mic = PacedOutput(RATE)
-        opus.install()  # as a browser: FEC sent, losses concealed,
-        sctp.install()  # and data-channel retransmission on Chromium's timers
+        aiortc_patches.install()  # as a browser: FEC sent, losses concealed, SCTP on Chromium's timers
         self.pc = RTCPeerConnection()
         self.session_id: str | None = None
         self.events: list[dict[str, Any]] = []
