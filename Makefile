@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
-# chromium + chromium-driver (its /usr/bin/chromedriver): the browser test; espeak-ng: speech the
-# tests and the harness's second voice synthesize.
-TEST_SYSTEM_PACKAGES := chromium chromium-driver espeak-ng
+# chromium + chromium-driver (its /usr/bin/chromedriver): the browser test; espeak-ng and flite:
+# speech the tests and the harness synthesize (the harness's second voice, the speech it was never
+# tuned on).
+TEST_SYSTEM_PACKAGES := chromium chromium-driver espeak-ng flite
 
 .PHONY: run test test-fast bench imports system-packages
 

@@ -65,6 +65,18 @@ positive_float = bounded(float, lambda v: v > 0, "must be > 0")
 temperature = bounded(float, lambda v: 0.0 <= v <= 2.0, "must be in [0, 2] (0 = greedy)")
 
 
+DEFAULT_MAX_LOAD = 0.7  # LiveKit's agent servers stop taking jobs at 0.7 too
+
+
+def load_limit(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    value = float(text)
+    if not 0 < value <= 10:
+        raise ValueError("must be a load in (0, 10] or off")
+    return value
+
+
 def module_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", text):
         raise ValueError("must be a Python module name, such as my_tools or package.tools")
@@ -284,6 +296,12 @@ class ServerConfig:
     cert: Path | None = setting(None, parse=existing_file, metavar="FILE", help="serve HTTPS with this PEM certificate (with `--key`)")
     key: Path | None = setting(None, parse=existing_file, metavar="FILE", help="the PEM private key of `--cert`")
     max_sessions: int = setting(16, parse=positive_int, metavar="N", help="simultaneous calls; one more gets HTTP 503")
+    max_load: float | None = setting(
+        DEFAULT_MAX_LOAD, parse=load_limit, metavar="L",
+        help="refuse a new call (HTTP 503 `at_capacity`, with `Retry-After`) when the server's load with it would pass L: "
+        "1.0 is a full machine, counting its CPU, event-loop lateness, queued model calls and each call's share of it "
+        "(its turn's CPU, timed at start-up); `off`: no limit but `--max-sessions`",
+    )
     max_body_bytes: int = setting(64 * 1024, parse=positive_int, metavar="N", help="largest request body; larger gets HTTP 413")
     auth_token: str | None = setting(
         None, parse=non_empty, metavar="T",

@@ -13,6 +13,7 @@ from config import AppConfig, ConfigError, load_config
 from context.dialog import TranscriptStore
 from models.base import ModelSetupError
 from profiles import open_profile
+from realtime.capacity import call_share
 from realtime.server import build_app, ssl_context
 from runtime.memory import release_free_memory_every
 from runtime.tasks import TaskOwner
@@ -47,7 +48,7 @@ def prepare_data_dir(config: AppConfig) -> None:
 async def serve_profile(config: AppConfig, store: TranscriptStore) -> web.Application:
     """Load the profile (models included), then build the app around it; the models go at cleanup."""
     profile = await open_profile(config, store)
-    app = build_app(config, profile.factory, store)
+    app = build_app(config, profile.factory, store, call_share(profile.turn_cpu_s))
 
     async def close_profile(app: web.Application) -> None:
         await profile.aclose()

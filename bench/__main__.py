@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from urllib.parse import urlparse
 
 from bench import report
 from bench.harness import DEFAULT_OFFER_PATH, Transcribe, as_rows, run_sessions
-from bench.process import process_usage
+from bench.machine import machine
+from bench.process import cpu_by_stage, process_usage
 from bench.scenarios import EspeakVoice, Scenario, Voice, builtin, load_manifest
+from bench.unseen import UNSEEN, unseen
 from realtime.webrtc import use_loopback_ice_only
 from testkit.impair import Impairment
 from testkit.local import local_server
@@ -34,7 +37,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     target.add_argument("--url", help="base URL of a running server")
     target.add_argument("--local", action="store_true", help="start a local server for the run")
     parser.add_argument("--profile", default="embedded", help="profile of the --local server (default embedded)")
-    parser.add_argument("--scenarios", default=STANDARD, help=f"built-in scenarios at N=1 (default {STANDARD})")
+    parser.add_argument(
+        "--server-args", default="", help='more flags for the --local server, e.g. "--max-load off" (every call admitted, as before capacity)'
+    )
+    parser.add_argument(
+        "--checkout", type=Path, help="run the --local server from this checkout of the project (e.g. a `git worktree` of an "
+        "earlier commit): an A/B on one machine, one run after the other, with the same client"
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=STANDARD,
+        help=f"built-in scenarios at N=1 (default {STANDARD}); `unseen` stands for the speech the project was never "
+        f"tuned on ({UNSEEN}: bench/unseen.py)",
+    )
     parser.add_argument("--manifest", type=Path, action="append", default=[], help="a scenario manifest (repeatable)")
     parser.add_argument("--sweep", default="1,2,4,8", help="simultaneous sessions to measure (default 1,2,4,8)")
     parser.add_argument("--sweep-scenarios", default="single", help="scenarios each session plays at N>1 (default single)")
@@ -80,8 +95,11 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[i
     if urlparse(url).hostname in ("127.0.0.1", "localhost"):
         use_loopback_ice_only()  # aioice skips loopback addresses unless told; a local server needs them
     print("preparing scenarios ...", flush=True)
+    names = [part for name in args.scenarios.split(",") if name for part in (UNSEEN.split(",") if name == "unseen" else [name])]
     scenarios = builtin(Voice(), EspeakVoice())
-    chosen: list[Scenario] = [scenarios[name] for name in args.scenarios.split(",") if name]
+    if any(name.startswith("unseen-") for name in names + args.sweep_scenarios.split(",")):
+        scenarios |= unseen()
+    chosen: list[Scenario] = [scenarios[name] for name in names]
     chosen += [load_manifest(path) for path in args.manifest]
     swept = [scenarios[name] for name in args.sweep_scenarios.split(",") if name]
     transcribe = None if args.no_asr else transcriber()
@@ -92,6 +110,7 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[i
     for level in tqdm(levels, desc="concurrency levels", unit="level"):
         plays = chosen if level == 1 else swept
         before = process_usage(pid) if pid else None
+        stages_before = cpu_by_stage(pid) if pid else {}
         started = time.monotonic()
         results, totals = await run_sessions(
             url, plays, level, transcribe, args.offer_path, args.signaling == "ours", args.transport, args.playout_frames,
@@ -101,22 +120,36 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[i
         if args.impair:
             run["impairment"] = str(args.impair)
         if pid and before:
+            elapsed = time.monotonic() - started
             cpu, rss = process_usage(pid)
-            run["cpu_percent_per_session"] = round(100 * (cpu - before[0]) / (time.monotonic() - started) / level, 1)
+            run["cpu_percent_per_session"] = round(100 * (cpu - before[0]) / elapsed / level, 1)
             run["rss_mb"] = round(rss)
+            run["cpu_by_stage"] = stage_cpu(stages_before, cpu_by_stage(pid), elapsed, run["turns"])
         by_level[level] = run
     return by_level
+
+
+def stage_cpu(before: dict[str, float], after: dict[str, float], elapsed_s: float, turns: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each stage's CPU over a run: seconds per answered turn, and percent of one core."""
+    answered = max(1, sum(turn["client_v2v_ms"] is not None for turn in turns))
+    used = {stage: after[stage] - before.get(stage, 0.0) for stage in after}
+    return {
+        stage: {"s_per_turn": round(seconds / answered, 3), "percent_of_core": round(100 * seconds / elapsed_s, 1)}
+        for stage, seconds in sorted(used.items(), key=lambda item: -item[1])
+        if seconds >= 0.01
+    }
 
 
 async def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
+    where = machine()  # before the run: its load is the machine's own
     if args.local:
-        async with local_server(args.profile) as (url, pid):
+        async with local_server(args.profile, *shlex.split(args.server_args), checkout=args.checkout) as (url, pid):
             by_level = await measure(args, url, pid)
     else:
         by_level = await measure(args, args.url, args.server_pid)
-    print(report.write(by_level, out))
+    print(report.write(by_level, out, where))
     print(f"results: {out}")
 
 

@@ -28,7 +28,7 @@ from bench.analysis import (
 from bench.metrics import word_error_rate
 from bench.scenarios import RATE, Scenario, Utterance
 from testkit.impair import Direction, Impairment
-from testkit.peer import BROWSER_PLAYOUT_FRAMES, ClientPeer
+from testkit.peer import BROWSER_PLAYOUT_FRAMES, ClientPeer, OfferRefused
 from testkit.peer import RATE as PEER_RATE
 from testkit.ws_peer import WsPeer
 
@@ -255,6 +255,8 @@ class SessionRun:
 class CallTotals:
     """What the calls of one run add up to, beyond their turns."""
 
+    offered: int = 0  # calls placed
+    refused: int = 0  # of them, refused by a full server (HTTP 503): a server that keeps its capacity
     underruns: int = 0  # holes in the received audio
     event_stalls: int = 0  # pings whose pong took over a second (WebRTC with events)
     to_server: Direction = field(default_factory=Direction)  # datagrams through an impairment relay
@@ -274,7 +276,8 @@ class CallTotals:
 
     def as_dict(self) -> dict[str, Any]:
         network = {"to_server": self.to_server.as_dict(), "to_client": self.to_client.as_dict()}
-        return {"underruns": self.underruns, "event_stalls": self.event_stalls, "network": network}
+        calls = {"offered": self.offered, "refused": self.refused}
+        return {"calls": calls, "underruns": self.underruns, "event_stalls": self.event_stalls, "network": network}
 
 
 async def run_sessions(
@@ -293,8 +296,13 @@ async def run_sessions(
     async def one(index: int) -> None:
         for scenario in scenarios:
             run = SessionRun(url, index, transcribe, offer_path, events, transport, playout_frames, impairment)
+            totals.offered += 1
             try:
                 await run.play(scenario)
+            except OfferRefused as exc:
+                if exc.status != 503:
+                    raise
+                totals.refused += 1
             finally:
                 results.extend(run.results)
                 totals.add(run)

@@ -7,26 +7,40 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and every process under it."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):  # it ended while we looked
-                continue
-    tree = [pid]
-    for member in tree:
-        tree += [child for child, parent in parents.items() if parent == member]
-    return tree
+from runtime.procfs import cpu_seconds, process_tree
 
 
 def process_usage(pid: int) -> tuple[float, float]:
     """(CPU seconds used, resident MB) of a Linux process and its children."""
     readings = _readings(pid)
     return sum(r.cpu_s for r in readings), sum(r.rss_kb for r in readings) / 1024
+
+
+ENDED_THREADS = "(ended threads)"
+
+
+def cpu_by_stage(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by each part of a server: its threads by name (a model worker names
+    its threads after its stage, and the inference libraries' threads it starts inherit the name:
+    `asr`, `lm`, `tts`, `turn-end`, `turn-text`; the event loop's and the rest keep the process's
+    name), and each child process by its command (piper runs in `models.piper_voice`)."""
+    out: dict[str, float] = {}
+    for member in process_tree(pid):
+        try:
+            if member != pid:
+                name = _command_name(member)
+                out[name] = out.get(name, 0.0) + _read(member, name).cpu_s
+                continue
+            live = 0.0
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                name, cpu_s = (task / "comm").read_text().strip(), cpu_seconds(task / "stat")
+                out[name] = out.get(name, 0.0) + cpu_s
+                live += cpu_s
+            out[ENDED_THREADS] = _read(pid, "server").cpu_s - live  # the process keeps its ended threads' time
+        except (FileNotFoundError, ProcessLookupError):  # it ended while we looked
+            if member == pid:
+                raise
+    return out
 
 
 @dataclass(frozen=True)
@@ -60,11 +74,10 @@ def _command_name(pid: int) -> str:
 
 
 def _read(pid: int, name: str) -> _Reading:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return _Reading(
         name,
-        (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
+        cpu_seconds(Path(f"/proc/{pid}/stat")),
         int(status.get("VmRSS", "0").split()[0]),  # a zombie has none
         int(status["Threads"]),
         len(os.listdir(f"/proc/{pid}/fd")),

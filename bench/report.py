@@ -40,7 +40,7 @@ def summarize(by_level: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
             "underruns": run["underruns"],
             "replies_heard": replies_heard(rows),
             "scenarios": by_scenario(rows),
-            **{k: run[k] for k in ("event_stalls", "network", "impairment", "cpu_percent_per_session", "rss_mb") if k in run},
+            **{k: run[k] for k in ("calls", "event_stalls", "network", "impairment", "cpu_percent_per_session", "rss_mb", "cpu_by_stage") if k in run},
         }
     return out
 
@@ -78,7 +78,9 @@ def markdown(summary: dict[int, dict[str, Any]]) -> str:
         for metric, s in block["metrics"].items():
             if s:
                 lines.append(f"| {metric} | {s['n']} | {s['p50']} | {s['p90']} | {s['p95']} | {s['max']} |")
-        extra = (
+        calls = block.get("calls", {})
+        extra = f"calls offered {calls['offered']}, refused {calls['refused']}; " if calls.get("refused") else ""
+        extra += (
             f"false starts {block['false_starts']}, false cut-offs {block['false_cutoffs']}, "
             f"split turns {block['split_turns']}, replies heard {block['replies_heard']}, output underruns {block['underruns']}"
         )
@@ -95,6 +97,8 @@ def markdown(summary: dict[int, dict[str, Any]]) -> str:
         if "cpu_percent_per_session" in block:
             extra += f", server CPU {block['cpu_percent_per_session']} % per session, RSS {block['rss_mb']} MB"
         lines += ["", extra, ""]
+        if "cpu_by_stage" in block:
+            lines += [stage_cpu_line(block["cpu_by_stage"]), ""]
         if len(block["scenarios"]) > 1:
             lines += [
                 "| scenario | turns | false starts | false cut-offs | split turns | replies continued | client_v2v p50 | bargein_stop p95 |",
@@ -105,6 +109,12 @@ def markdown(summary: dict[int, dict[str, Any]]) -> str:
                 lines.append(f"| {name} | " + " | ".join("" if c is None else str(c) for c in cells) + " |")
             lines.append("")
     return "\n".join(lines)
+
+
+def stage_cpu_line(cpu: dict[str, dict[str, float]]) -> str:
+    """Where the server's CPU went, per stage: seconds per answered turn and share of one core."""
+    parts = [f"{stage} {v['s_per_turn']} s/turn ({v['percent_of_core']} %)" for stage, v in cpu.items()]
+    return "server CPU by stage (per answered turn, % of one core over the run): " + ", ".join(parts)
 
 
 def plots(by_level: dict[int, dict[str, Any]], out: Path) -> list[Path]:
@@ -166,12 +176,18 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def write(by_level: dict[int, dict[str, Any]], out: Path) -> str:
+def write(by_level: dict[int, dict[str, Any]], out: Path, machine: dict[str, Any] | None = None) -> str:
+    """Write the run's files under `out`; returns the summary's Markdown. `machine`: what it ran on
+    (bench/machine.py), the first line of the summary."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "turns.json").write_text(json.dumps(by_level, indent=2, default=float))
     summary = summarize(by_level)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps({"machine": machine, "levels": summary}, indent=2))
     text = markdown(summary)
+    if machine:
+        from bench.machine import describe
+
+        text = f"Machine: {describe(machine)}\n\n{text}"
     (out / "summary.md").write_text(text + "\n")
     plots(by_level, out)
     return text

@@ -275,7 +275,7 @@ async def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     out = args.out / ("soak-" + time.strftime("%Y%m%d-%H%M%S"))
     if args.local:
-        async with local_server("embedded") as (url, pid):
+        async with local_server("embedded", "--max-load", "off") as (url, pid):  # every call, however many
             result = await soak(url, pid, args.sessions, args.minutes, args.sample_s)
     else:
         result = await soak(args.url, args.server_pid, args.sessions, args.minutes, args.sample_s)

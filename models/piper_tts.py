@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -35,6 +36,10 @@ LEAD_KEEP_MS = 5
 PIPER_TUNABLES = "glibc.malloc.mmap_threshold=131072:glibc.malloc.hugetlb=1"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STOP_TIMEOUT_S = 5.0
+# piper answers a piece in well under a second (a 30-word piece in ~0.5 s on two cores), and loads
+# its voice in ~0.5 s: a process silent this long is stuck, not slow.
+PIECE_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 30.0
 
 
 class PiperError(RuntimeError):
@@ -44,11 +49,15 @@ class PiperError(RuntimeError):
 class PiperProcess:
     """Owns piper's process: starts it, sends it one piece of text at a time and reads back its PCM.
 
-    A process that ended (killed, crashed) fails the piece in flight and is started again for the
-    next one. `close()` ends it: it stops when its stdin closes, or is killed after STOP_TIMEOUT_S.
+    A process that ended (killed, crashed), or that gives no answer in `piece_timeout_s` (alive but
+    stuck: it is killed), fails the piece in flight and is started again for the next one. `close()`
+    ends it: it stops when its stdin closes, or is killed after STOP_TIMEOUT_S.
     """
 
-    def __init__(self, model: Path, config: Path, threads: int = 1, busy_wait: bool = False) -> None:
+    def __init__(
+        self, model: Path, config: Path, threads: int = 1, busy_wait: bool = False, piece_timeout_s: float = PIECE_TIMEOUT_S
+    ) -> None:
+        self.piece_timeout_s = piece_timeout_s
         self._command = [sys.executable, "-m", "models.piper_voice", str(model), str(config)]
         self._command += ["--volume", str(OUTPUT_GAIN), "--threads", str(threads)] + (["--busy-wait"] if busy_wait else [])
         self._lock = threading.Lock()
@@ -70,6 +79,10 @@ class PiperProcess:
                 write_frame(process.stdin, TEXT, text.encode("utf-8"))
             except OSError:
                 pass  # it ended: the read below finds out how
+            if not _answers(process, self.piece_timeout_s):
+                process.kill()
+                self._ended()
+                raise PiperError(f"piper's process gave no answer in {self.piece_timeout_s:g} s: killed, started again for the next piece")
             reply = read_frame(process.stdout)
             if reply is None:
                 self._ended()
@@ -101,11 +114,12 @@ class PiperProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert process.stdout is not None
-        reply = read_frame(process.stdout)
+        answered = _answers(process, START_TIMEOUT_S)
+        reply = read_frame(process.stdout) if answered else None
         if reply is None or reply[0] != READY:
             process.kill()
             process.wait()
-            why = "it ended" if reply is None else reply[1].decode("utf-8", "replace")
+            why = f"no answer in {START_TIMEOUT_S:g} s" if not answered else "it ended" if reply is None else reply[1].decode("utf-8", "replace")
             raise PiperError(f"piper's process did not load the voice: {why}")
         self.sample_rate = int(reply[1])
         self._process = process
@@ -125,6 +139,13 @@ class PiperProcess:
         log.warning("tts.process_ended", pid=process.pid, exit_code=process.returncode)
 
 
+def _answers(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Whether the process has written something (or closed its output) within `timeout_s`."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout_s)
+    return bool(ready)
+
+
 class PiperDecoder:
     """Owns piper's process (shared by all sessions) and turns text streams into speech chunks.
 
@@ -137,21 +158,21 @@ class PiperDecoder:
         """Blocking (it waits for the voice to load). `busy_wait` keeps ONNX Runtime's default of
         threads that spin between runs."""
         self.worker = worker
-        self._process = PiperProcess(model, config, threads, busy_wait)
-        self.sample_rate = self._process.sample_rate
+        self.process = PiperProcess(model, config, threads, busy_wait)
+        self.sample_rate = self.process.sample_rate
 
     @property
     def pid(self) -> int | None:
         """piper's process, while it runs."""
-        return self._process.pid
+        return self.process.pid
 
     def speak_now(self, text: str) -> np.ndarray:
         """Blocking: one piece of text to float32 PCM at `sample_rate`. Call it from a worker thread."""
-        return self._process.speak(text)
+        return self.process.speak(text)
 
     async def aclose(self) -> None:
         """End piper's process (after the worker has finished its calls)."""
-        await asyncio.to_thread(self._process.close)
+        await asyncio.to_thread(self.process.close)
 
     async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[SpeechChunk]:
         chunker = SpeechChunker()

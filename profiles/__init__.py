@@ -27,6 +27,11 @@ class Profile:
     aclose: Callable[[], Awaitable[None]]
     models: LoadedModels | None = None  # what it loaded, for tests and diagnostics
 
+    @property
+    def turn_cpu_s(self) -> float:
+        """What one call's turn costs this machine (0: no models, or not timed)."""
+        return self.models.turn_cpu_s if self.models is not None else 0.0
+
 
 async def _nothing() -> None:
     return None

@@ -3,15 +3,16 @@ piper, loaded once per server, with CPU threads shared out so that the event loo
 
 from __future__ import annotations
 
-import contextlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 from config import ModelConfig
-from models.base import LanguageModel, Message, SpeechDecoder
+from models.base import LanguageModel, SpeechDecoder
 from models.llamacpp_lm import LlamaCppLM
 from models.openai_lm import OpenAICompatibleLM
 from models.piper_tts import PiperDecoder
@@ -19,6 +20,7 @@ from models.sentences import SpokenReplies
 from models.transformers_lm import TransformersLM
 from models.turn_text import TextTurnEnd
 from profiles.packages import log_loaded, log_loading, package_dir
+from profiles.warm_up import warm_up
 from runtime.audio import SAMPLE_RATE
 from runtime.workers import ModelWorker
 from streaming_tokenizer.moonshine import MoonshineEngine
@@ -27,6 +29,8 @@ from streaming_tokenizer.whisper import WhisperEngine
 from turns.judge import TurnEndScorers
 from vad.engines import make_detector
 from vad.smart_turn import SmartTurn
+
+log = structlog.get_logger()
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TURN_TEXT_SLOTS = 2  # end-of-turn text checks at once (each is one prompt and one token)
@@ -70,6 +74,7 @@ class EmbeddedModels:
     config: ModelConfig
     turn_end: TurnEndScorers | None = None
     turn_lm: LlamaCppLM | None = None  # the text check's own small context: it must not queue behind replies
+    turn_cpu_s: float = 0.0  # what one call's turn costs this machine, timed at start-up
 
     @property
     def engines(self) -> tuple[LanguageModel, ...]:
@@ -154,10 +159,6 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
 
         started = log_loading("lm", backend=config.lm, threads=share.lm)
         lm = await lm_worker.run(load_lm, config, lm_worker, share.lm)
-        if not isinstance(lm, OpenAICompatibleLM):  # a remote LM is not ours to warm up
-            async with contextlib.aclosing(lm.stream([Message("user", "Hi")])) as warmup:
-                async for _ in warmup:
-                    break
         log_loaded("lm", started)
 
         started = log_loading("turn-end", path=str(turn_model))
@@ -172,10 +173,15 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
             )
             text_check = TextTurnEnd(turn_lm, config.system_prompt).score
         log_loaded("turn-end", started)
+        models = EmbeddedModels(asr, lm, tts, workers, config, TurnEndScorers(smart_turn.score, text_check), turn_lm)
+        started = time.monotonic()
+        slots = 0 if isinstance(lm, OpenAICompatibleLM) else config.lm_slots if isinstance(lm, LlamaCppLM) else 1
+        models.turn_cpu_s = await warm_up(models, config.system_prompt, slots)
+        log.info("models.warmed_up", turn_cpu_s=round(models.turn_cpu_s, 3), seconds=round(time.monotonic() - started, 2))
     except BaseException:
         for worker in workers:
             worker.close()
         if tts is not None:
             await tts.aclose()
         raise
-    return EmbeddedModels(asr, lm, tts, workers, config, TurnEndScorers(smart_turn.score, text_check), turn_lm)
+    return models

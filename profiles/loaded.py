@@ -19,6 +19,7 @@ class LoadedModels(Protocol):
 
     workers: tuple[ModelWorker, ...]
     turn_end: TurnEndScorers | None  # what semantic turn detection judges with, if anything
+    turn_cpu_s: float  # what one call's turn costs this machine (timed at start-up; 0: not timed)
 
     @property
     def lm(self) -> LanguageModel:

@@ -82,6 +82,7 @@ class StepAudioModels:
     workers: tuple[ModelWorker, ...]
     config: StepAudioConfig
     turn_end: None = None  # no end-of-turn model: turn detection is `vad`
+    turn_cpu_s: float = 0.0  # not timed: on a GPU the CPU is not what runs out
 
     @property
     def lm(self) -> LanguageModel:

@@ -17,12 +17,14 @@ from aiortc import RTCSessionDescription
 from config import AppConfig, ServerConfig
 from realtime import aiortc_patches
 from realtime.access import PROTECTED_PREFIXES, OfferRate, origin_allowed, token_matches
+from realtime.capacity import RETRY_AFTER_S, LoadMonitor
 from realtime.openai_realtime import serve_openai_realtime
 from realtime.prometheus import CONTENT_TYPE, ServerMetrics
 from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry
 from realtime.webrtc import TooManyPendingOffers, open_webrtc_session, use_loopback_ice_only
 from realtime.wire import MAX_MESSAGE_BYTES
 from realtime.ws import serve_websocket
+from runtime.tasks import TaskOwner
 
 log = structlog.get_logger()
 
@@ -40,9 +42,10 @@ ERROR_CODE = web.ResponseKey("error_code", str)  # a refusal's code, kept on its
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 
-def json_error(status: int, code: str, message: str) -> web.Response:
+def json_error(status: int, code: str, message: str, retry_after_s: int | None = None) -> web.Response:
     log.info("http.refused", status=status, code=code, reason=message)
-    response = web.json_response({"error": {"code": code, "message": message}}, status=status)
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    response = web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
     response[ERROR_CODE] = code
     return response
 
@@ -107,10 +110,14 @@ class Routes:
         return web.FileResponse(WEB_DIR / "index.html")
 
     async def healthz(self, request: web.Request) -> web.Response:
-        # tasks: every asyncio task of the server, for leak checks (bench.soak)
-        return web.json_response(
-            {"status": "ok", "profile": self.config.profile, "sessions": len(self.registry), "tasks": len(asyncio.all_tasks())}
-        )
+        # tasks: every asyncio task of the server, for leak checks (bench.soak); load: what a load
+        # balancer reads to send a call elsewhere (`admitting` false: a call now gets 503).
+        sessions, monitor = len(self.registry), self.registry.load
+        body = {"status": "ok", "profile": self.config.profile, "sessions": sessions, "tasks": len(asyncio.all_tasks())}
+        if monitor is not None:
+            body |= {"load": monitor.load(sessions).as_dict(), "max_load": monitor.max_load, "capacity": monitor.capacity}
+            body["admitting"] = sessions < self.registry.max_sessions and monitor.admits(sessions)
+        return web.json_response(body)
 
     async def client_config(self, request: web.Request) -> web.Response:
         server = self.config.server
@@ -144,7 +151,7 @@ class Routes:
                 request.remote,
             )
         except SessionLimitReached as exc:
-            return json_error(503, "session_limit", str(exc))
+            return json_error(503, exc.code, str(exc), RETRY_AFTER_S)
         except TooManyPendingOffers as exc:
             return json_error(429, "too_many_pending_offers", str(exc))
         except Exception as exc:  # aiortc raises assorted errors for SDP it cannot use
@@ -172,11 +179,13 @@ class Routes:
         try:
             self.registry.check_capacity()
         except SessionLimitReached as exc:
-            return json_error(503, "session_limit", str(exc))
+            return json_error(503, exc.code, str(exc), RETRY_AFTER_S)
         return await serve(request, self.config.server, self.registry, self.factory)
 
 
-def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptSource) -> web.Application:
+def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptSource, call_share: float = 0.0) -> web.Application:
+    """The app; `call_share` is the share of the machine one call's turn takes (the profile's, timed
+    at start-up; 0 for a profile without models): what `--max-load` counts each call for."""
     aiortc_patches.install()
     if config.server.loopback_ice:
         use_loopback_ice_only()
@@ -186,7 +195,8 @@ def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptS
         middlewares=[count_refusals(metrics), errors_as_json, access_control(config.server)],
     )
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
-    registry = SessionRegistry(config.server.max_sessions, metrics)
+    monitor = LoadMonitor(config.server.max_load, call_share)
+    registry = SessionRegistry(config.server.max_sessions, metrics, monitor)
     app[REGISTRY], app[METRICS] = registry, metrics
     routes = Routes(config, registry, factory, transcripts)
     app.router.add_get("/", routes.index)
@@ -203,6 +213,14 @@ def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptS
         await registry.close_all("server_shutdown")
 
     app.on_shutdown.append(close_sessions)
+
+    async def measure_load(app: web.Application):
+        tasks = TaskOwner("server")
+        tasks.spawn(monitor.run(), "load-monitor")
+        yield
+        await tasks.aclose()
+
+    app.cleanup_ctx.append(measure_load)
     return app
 
 

@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Iterator, Protocol
 import numpy as np
 import structlog
 
+from realtime.capacity import LoadMonitor
 from realtime.events import ClientEvent, Error, EventError, Ping, Pong, ServerEvent, SessionClosed
 from realtime.output import PacedOutput, PlaybackTracker
 from realtime.wire import EventEncoder, parse_client_event
@@ -208,15 +209,21 @@ class SessionWatcher(Protocol):
 
 
 class SessionLimitReached(RuntimeError):
-    pass
+    """The server refuses a new call: `code` says why (`session_limit`, or `at_capacity`: its
+    load would go past `--max-load`)."""
+
+    def __init__(self, message: str, code: str = "session_limit") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class SessionRegistry:
     """All live sessions, bounded by max_sessions; a session leaves it when it closes."""
 
-    def __init__(self, max_sessions: int, watcher: SessionWatcher | None = None) -> None:
+    def __init__(self, max_sessions: int, watcher: SessionWatcher | None = None, load: LoadMonitor | None = None) -> None:
         self.max_sessions = max_sessions
         self._watcher = watcher
+        self.load = load
         self._sessions: dict[str, Session] = {}
         self._supervisors = TaskOwner("registry")
 
@@ -236,6 +243,8 @@ class SessionRegistry:
     def check_capacity(self) -> None:
         if len(self._sessions) >= self.max_sessions:
             raise SessionLimitReached(f"session limit of {self.max_sessions} reached")
+        if self.load is not None and not self.load.admits(len(self._sessions)):
+            raise SessionLimitReached(f"at capacity: one more call would load the server past {self.load.max_load}", "at_capacity")
 
     def add(self, session: Session) -> None:
         self.check_capacity()

@@ -126,8 +126,8 @@ async def hold(
     try:
         registry.add(session)  # others may have filled the server since the upgrade
     except SessionLimitReached as exc:
-        await ws.send_json(Error("session_limit", str(exc)).to_dict())
-        await ws.close(code=1013, message=b"session limit reached")
+        await ws.send_json(Error(exc.code, str(exc)).to_dict())
+        await ws.close(code=1013, message=exc.code.encode())
         return
     session.start(factory)
     try:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
@@ -19,15 +20,16 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def local_server(profile: str, *args: str) -> AsyncIterator[tuple[str, int]]:
-    """The server's URL and pid; `args` are more command-line flags."""
+async def local_server(profile: str, *args: str, checkout: Path | None = None) -> AsyncIterator[tuple[str, int]]:
+    """The server's URL and pid; `args` are more command-line flags; `checkout`: another checkout
+    of this project to run it from (an earlier commit, for an A/B), else this directory's."""
     port = free_port()
     command = [
         sys.executable, "run_server.py", "--port", str(port), "--loopback-ice", "--profile", profile, "--max-sessions", "32",
         # One client address opens every call of a run, many at once and again and again.
         "--pending-offers-per-address", "32", "--offers-per-minute", "1000", *args
     ]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=checkout)
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:

@@ -7,18 +7,20 @@ import subprocess
 import tempfile
 import wave
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import soxr
 
 
-def espeak(text: str, rate: int = 16000) -> np.ndarray:
-    """Mono float32 speech at `rate`; needs the Debian package espeak-ng."""
+def espeak(text: str, rate: int = 16000, options: Sequence[str] = ()) -> np.ndarray:
+    """Mono float32 speech at `rate`; `options` are espeak-ng's (a voice, speed, pitch); needs
+    the Debian package espeak-ng."""
     if shutil.which("espeak-ng") is None:
         raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "speech.wav"
-        subprocess.run(["espeak-ng", "-w", str(path), text], check=True, timeout=60)
+        subprocess.run(["espeak-ng", *options, "-w", str(path), text], check=True, timeout=60)
         pcm, native_rate = read_wav(path)
     return pcm if native_rate == rate else soxr.resample(pcm, native_rate, rate).astype(np.float32)
 

@@ -14,7 +14,7 @@ from realtime.output import FrameClock, PacedOutput
 from realtime.wire import ChunkJoiner, SessionStart
 from runtime.tasks import TaskOwner
 from testkit.notifier import Notifier
-from testkit.peer import RATE, ReceivedFrame
+from testkit.peer import RATE, OfferRefused, ReceivedFrame
 
 
 class WsPeer:
@@ -36,7 +36,10 @@ class WsPeer:
 
     async def connect(self, timeout: float = 10.0) -> str:
         self._http = aiohttp.ClientSession()
-        self._ws = await self._http.ws_connect(self.url)
+        try:
+            self._ws = await self._http.ws_connect(self.url)
+        except aiohttp.WSServerHandshakeError as exc:  # refused before the upgrade (503 when full)
+            raise OfferRefused(exc.status, {"error": {"message": exc.message}}) from None
         await self._ws.send_str(json.dumps(SessionStart(RATE, RATE).to_dict()))
         self._tasks.spawn(self._send_mic(), "mic")
         self._tasks.spawn(self._read(), "read")

@@ -12,7 +12,8 @@ import pytest
 
 from bench import report
 from bench.harness import as_rows, run_sessions
-from bench.process import Holdings, process_tree, process_usage
+from bench.process import Holdings, process_usage
+from runtime.procfs import process_tree
 from bench.scenarios import RATE, Scenario, Utterance
 from config import LoopbackConfig
 from controller.loopback import LoopbackAgent
@@ -84,3 +85,50 @@ def test_a_child_that_has_ended_does_not_stop_the_reading():
         assert held.rss_mb > 10 and rss > 10 and cpu > 0
     finally:
         child.wait()
+
+
+async def test_a_stages_cpu_is_read_by_its_threads_name():
+    """A model worker names its threads after its stage: the harness reads each stage's CPU from
+    /proc by that name, the threads an inference library starts from there included."""
+    import asyncio
+    import threading
+    import time
+
+    from bench.process import cpu_by_stage
+    from runtime.workers import ModelWorker
+
+    burned, release = threading.Event(), threading.Event()
+
+    def start_helper() -> threading.Thread:  # in the worker's thread, as a library starts its own
+        def burn() -> None:
+            until = time.thread_time() + 0.3
+            while time.thread_time() < until:
+                pass
+            burned.set()
+            release.wait()
+
+        helper = threading.Thread(target=burn)
+        helper.start()
+        return helper
+
+    worker = ModelWorker("stage-probe")
+    before = cpu_by_stage(os.getpid())
+    helper = await worker.run(start_helper)
+    try:
+        assert await asyncio.to_thread(burned.wait, 10)
+        used = cpu_by_stage(os.getpid()).get("stage-probe", 0.0) - before.get("stage-probe", 0.0)
+    finally:
+        release.set()
+        helper.join()
+        worker.close()
+    assert used >= 0.25
+
+
+def test_the_machine_line_names_the_cpu_its_vector_units_and_cores():
+    from bench.machine import describe, machine
+
+    info = machine()
+    assert info["cores"] >= 1 and info["cpu"]
+    line = describe({**info, "cpu": "AMD EPYC 7B12", "flags": ["avx2", "fma"], "cores": 2, "load_1m": 0.3})
+    assert line.startswith("AMD EPYC 7B12, AVX2 (no AVX-512), 2 cores") and "load 0.3" in line
+    assert "AVX-512 AVX512_VNNI" in describe({**info, "flags": ["avx2", "avx512f", "avx512_vnni"]})

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.process import process_tree
+from runtime.procfs import process_tree
 from realtime.webrtc import use_loopback_ice_only
 from testkit.local import local_server
 from testkit.peer import ClientPeer

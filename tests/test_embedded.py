@@ -269,3 +269,14 @@ async def _next_event(connection, kind: str):
             if event.type == kind:
                 return event
     raise AssertionError(f"no {kind}")
+
+
+def test_a_turn_is_timed_at_start_up_and_gives_the_server_its_capacity(embedded_models):
+    """One whole turn ran through every engine as the profile loaded: its CPU is what a call costs
+    here, and a two-core machine carries at least one call within the default load limit."""
+    from config import DEFAULT_MAX_LOAD
+    from realtime.capacity import LoadMonitor, call_share
+
+    assert 0.05 < embedded_models.turn_cpu_s < 30
+    monitor = LoadMonitor(DEFAULT_MAX_LOAD, call_share(embedded_models.turn_cpu_s))
+    assert monitor.capacity is not None and monitor.capacity >= 1 and monitor.admits(0)

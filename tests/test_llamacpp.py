@@ -91,3 +91,36 @@ async def test_closing_the_stream_stops_generation_within_a_token(lm, monkeypatc
                 break
     await notifier.wait_for(lambda: generated, timeout=10)
     assert generated[0] <= received + 1, generated  # stopped at the next token, not at 200
+
+
+async def test_slots_filled_at_start_up_hold_the_system_prompt_for_any_new_call():
+    """Filled at start-up, the slots (and llama.cpp's prompt cache in memory behind them) hold the
+    system prompt: three calls at once each find it cached; on a fresh LM, none does."""
+    from profiles.warm_up import fill_slots
+
+    worker = ModelWorker("lm-slots", threads=3)  # one thread waits on each generation in flight
+    questions = ("Is it cold outside?", "What is the capital of Spain?", "How far is the sun?")
+
+    async def three_calls(filled: bool) -> list[int]:
+        lm = await worker.run(LlamaCppLM, smollm2_gguf(), worker, 30, 0.0, 1, 3)
+        uses: list[int] = []
+
+        async def call(question: str) -> None:
+            await _reply(lm, [SYSTEM, Message("user", question)], {}, question, tokens=2)
+            uses.append(lm.last_prompt.cached)
+
+        try:
+            if filled:
+                await fill_slots(lm, SYSTEM.content, 3)
+            await asyncio.gather(*(call(q) for q in questions))
+        finally:
+            await lm.aclose()
+        return uses
+
+    try:
+        assert await three_calls(filled=False) == [0, 0, 0]
+        # Everything before the user's words (the system prompt in its chat template) was cached.
+        warm = await three_calls(filled=True)
+        assert len(warm) == 3 and min(warm) >= 20, warm
+    finally:
+        worker.close()

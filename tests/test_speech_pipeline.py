@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from contextlib import aclosing
 from pathlib import Path
 from typing import AsyncIterator
@@ -119,6 +120,30 @@ async def test_piper_process_that_dies_fails_one_piece_and_is_started_again():
         worker.close()
         await tts.aclose()
     assert tts.pid is None and not Path(f"/proc/{second}").exists()  # ended, and reaped
+
+
+@pytest.mark.models
+async def test_piper_process_that_stops_answering_is_killed_and_started_again():
+    """Alive but stuck (stopped here): the piece fails within the timeout, not never, and the
+    next piece is spoken by a new process."""
+    voice, config = piper_voice_files()
+    worker = ModelWorker("tts-stuck")
+    tts = await worker.run(PiperDecoder, voice, config, worker)
+    tts.process.piece_timeout_s = 1.0
+    stuck = tts.pid
+    assert stuck is not None
+    try:
+        os.kill(stuck, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(PiperError, match=r"no answer in 1 s"):
+            await worker.run(tts.speak_now, "This piece is lost.")
+        assert 1.0 <= time.monotonic() - started < 5.0
+        assert not Path(f"/proc/{stuck}").exists()  # killed and reaped
+        pcm = await worker.run(tts.speak_now, "This one is spoken.")
+        assert tts.pid not in (None, stuck) and np.abs(pcm).max() > 0.1
+    finally:
+        worker.close()
+        await tts.aclose()
 
 
 async def _piper_16k(models: EmbeddedModels, text: str) -> np.ndarray:
@@ -258,3 +283,78 @@ async def test_the_engine_hears_the_utterance_without_its_trailing_silence():
     finally:
         await tokenizer.aclose()
         engine.worker.close()
+
+
+class PartsEngine:
+    """Answers with the stretch of the utterance it was given, as `<first>-<last>` frame numbers
+    (each frame carries its number), and keeps the lengths it heard."""
+
+    def __init__(self) -> None:
+        from runtime.workers import ModelWorker
+
+        self.worker = ModelWorker("parts")
+        self.heard: list[int] = []
+
+    async def transcribe(self, pcm: np.ndarray, draft: bool = False) -> str:
+        frames = pcm.reshape(-1, 320)
+        numbered = [int(f[0]) for f in frames if f[0] > 0]
+        if not draft:
+            self.heard.append(len(frames))
+        return f"{numbered[0]}-{numbered[-1]}" if numbered else ""
+
+
+def _numbered(index: int, voiced: bool) -> np.ndarray:
+    frame = np.zeros(320, dtype=np.int16)
+    frame[0] = index if voiced else 0
+    frame[1:] = 3000 if voiced else 0
+    return frame
+
+
+@pytest.mark.unit
+async def test_a_long_turn_is_transcribed_in_parts_at_its_pauses_and_only_the_last_waits_for_the_end():
+    from streaming_tokenizer.transcriber import TAIL_FRAMES
+
+    engine = PartsEngine()
+    tokenizer = StreamingTranscriber(engine, partial_ms=10_000, settle_ms=60)
+    tokenizer.begin(())
+    # 3 s of speech, a 300 ms breath, 3 s more, a breath, then 2 s: fifteen seconds would read alike.
+    script = [(True, 150), (False, 15), (True, 150), (False, 15), (True, 100)]
+    index = 0
+    try:
+        for voiced, count in script:
+            for _ in range(count):
+                index += 1
+                tokenizer.feed(_numbered(index, voiced), voiced)
+                await asyncio.sleep(0)  # each part is transcribed while the user goes on
+                await asyncio.sleep(0)
+        heard_before_the_end = list(engine.heard)
+        final = await tokenizer.finalize()
+    finally:
+        await tokenizer.aclose()
+        engine.worker.close()
+    assert final.text == "1-150 166-315 331-430"
+    # The first two parts were transcribed while the user went on; at the end only the last was
+    # left (from the cut after the second, 2.3 s), not the whole 8.6 s.
+    assert heard_before_the_end == [150 + TAIL_FRAMES, 315 - 150]
+    assert engine.heard[2:] == [430 - (315 + TAIL_FRAMES)]
+    assert max(engine.heard) < 430 // 2  # no pass ever went over much of the utterance
+
+
+@pytest.mark.unit
+async def test_speech_without_pauses_is_cut_at_its_quiet_moments_so_no_part_grows_without_bound():
+    from streaming_tokenizer.transcriber import MAX_PART_FRAMES
+
+    engine = PartsEngine()
+    tokenizer = StreamingTranscriber(engine, partial_ms=10_000, settle_ms=60)
+    tokenizer.begin(())
+    try:
+        for index in range(1, 701):  # 14 s read on without a pause the VAD would call one
+            tokenizer.feed(_numbered(index, True), True)
+            await asyncio.sleep(0)
+        final = await tokenizer.finalize()
+    finally:
+        await tokenizer.aclose()
+        engine.worker.close()
+    numbers = [int(n) for part in final.text.split() for n in part.split("-")]
+    assert numbers[0] == 1 and numbers[-1] == 700 and numbers == sorted(numbers)
+    assert len(engine.heard) >= 2 and max(engine.heard) <= MAX_PART_FRAMES + 2
