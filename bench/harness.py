@@ -123,7 +123,7 @@ class SessionRun:
         self._last_clip_at = clip_at
         peer.speak(soxr.resample(utterance.pcm, RATE, PEER_RATE).astype(np.float32), PEER_RATE)
         clip_end_at = clip_at + len(utterance.pcm) / RATE
-        end = speech_end(utterance.pcm, RATE)
+        end = utterance.speech_end_s if utterance.speech_end_s is not None else speech_end(utterance.pcm, RATE)
         result = TurnResult(scenario, self.index, number, utterance.text, end)
         speech_end_at = clip_at + (end or 0.0)
 

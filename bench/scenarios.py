@@ -27,6 +27,9 @@ class Utterance:
     when: str = "after_reply"
     bargein_after_ms: int = 0
     expect_reply: bool = True
+    # Where the speech ends in the clip, when its audio cannot tell (speech in noise); else found
+    # from the audio.
+    speech_end_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -175,9 +175,11 @@ def _trimmed(pcm: np.ndarray) -> np.ndarray:
 
 def _noisy(text: str, speaker: Speaker, condition: tuple[str, float], seed: int) -> Utterance:
     kind, snr = condition
-    clean = np.concatenate([_silence(0.3), _trimmed(speaker.say(text)), _silence(0.6)])
+    speech = _trimmed(speaker.say(text))
+    clean = np.concatenate([_silence(0.3), speech, _silence(0.6)])
     noise = NOISES[kind](len(clean) / RATE, seed)
-    return Utterance(text, with_noise(clean, noise, snr))
+    # The noise goes on after the words: where they end is known, not found in the audio.
+    return Utterance(text, with_noise(clean, noise, snr), speech_end_s=0.3 + len(speech) / RATE)
 
 
 def _spoken(text: str, speaker: Speaker) -> Utterance:

@@ -48,6 +48,12 @@ def test_noise_is_mixed_at_the_snr_it_claims():
     assert street(2.0, seed=1).std() > 0  # the check above can fail: a silent noise has no level
 
 
+def test_a_noisy_clip_says_where_its_words_end(made):
+    """Noise goes on after the words, so the audio alone would put the end at the clip's end."""
+    for utterance in made["unseen-noise"].turns:
+        assert utterance.speech_end_s is not None and 1.0 < utterance.speech_end_s <= len(utterance.pcm) / RATE - 0.6 + 1e-6
+
+
 def test_passages_run_12_to_15_seconds_and_each_hesitation_has_its_pause(made):
     passages = [len(u.pcm) / RATE for u in made["unseen-passage"].turns]
     assert all(12.0 <= seconds <= 15.5 for seconds in passages), passages
