@@ -29,14 +29,15 @@ class SpeechChunker:
     """Owns the text not yet cut: push() LM deltas in, get back the pieces ready to speak.
 
     A piece ends at a sentence end, or at a clause boundary once the clause has `clause_words`
-    words, or after `max_words` words without either. The first piece is cut sooner (a clause of
-    `first_clause_words`, or `first_max_words` words): the first audio waits for it, and the LM
-    outruns speech, so later pieces are ready before they are needed. A sentence end counts only
-    once the next character is in, so "3.5" and "e.g." followed by more text are not cut.
+    words, or after `max_words` words without either. The first piece is cut sooner (at its first
+    clause boundary, "Sure," or "Well,", or after `first_max_words` words): the first audio waits
+    for it, and the LM outruns speech, so later pieces are ready before they are needed. A sentence
+    end counts only once the next character is in, so "3.5" and "e.g." followed by more text are
+    not cut.
     """
 
     def __init__(
-        self, first_clause_words: int = 2, first_max_words: int = 6, clause_words: int = 8, max_words: int = 30
+        self, first_clause_words: int = 1, first_max_words: int = 4, clause_words: int = 8, max_words: int = 30
     ) -> None:
         self.first_clause_words = first_clause_words
         self.first_max_words = first_max_words

@@ -41,16 +41,16 @@ def test_chunker_cuts_at_sentence_ends_once_the_next_character_is_in():
 def test_chunker_cuts_long_clauses_early_for_the_first_piece():
     text = "Well, the first thing to know, before anything else, is that dragons, as a rule, do not like knights."
     pieces = chunk_all([word + " " for word in text.split()])
-    # The first piece ends at the first comma after two words; later clauses need eight.
-    assert pieces[0] == "Well, the first thing to know,"
-    assert pieces[1] == "before anything else, is that dragons, as a rule,"
+    # The first piece ends at the first comma; later clauses need eight words.
+    assert pieces[0] == "Well,"
+    assert pieces[1] == "the first thing to know, before anything else,"
     assert " ".join(pieces) == text
 
 
 @pytest.mark.unit
 def test_chunker_caps_pieces_without_punctuation_and_strips_markup():
     pieces = chunk_all([f"word{i} " for i in range(25)], max_words=10)
-    assert [len(p.split()) for p in pieces] == [6, 10, 9]  # the first piece is cut sooner
+    assert [len(p.split()) for p in pieces] == [4, 10, 10, 1]  # the first piece is cut sooner
     assert speakable("**Bold** and `code`:\n1. first\n- second") == "Bold and code : first second"
     assert chunk_all(["*** ", "...", " "]) == []
 
@@ -61,7 +61,7 @@ def test_chunker_cuts_chinese_at_its_own_punctuation():
     pieces = chunk_all(list(text))  # one character per delta, as an LM streams them
     assert pieces == ["你好，", "我是你的语音助手。", "今天天气不错，我们去公园散步吧！", "好"]
     # Without punctuation, a piece is capped by characters, each counting as a word.
-    assert [len(p) for p in chunk_all(list("一二三四五六七八九十甲乙丙丁戊"), max_words=5)] == [6, 5, 4]
+    assert [len(p) for p in chunk_all(list("一二三四五六七八九十甲乙丙丁戊"), max_words=5)] == [4, 5, 5, 1]
 
 
 async def _deltas(text: str) -> AsyncIterator[str]:
