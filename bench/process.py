@@ -33,7 +33,10 @@ def cpu_by_stage(pid: int) -> dict[str, float]:
                 continue
             live = 0.0
             for task in Path(f"/proc/{pid}/task").iterdir():
-                name, cpu_s = (task / "comm").read_text().strip(), cpu_seconds(task / "stat")
+                try:
+                    name, cpu_s = (task / "comm").read_text().strip(), cpu_seconds(task / "stat")
+                except (FileNotFoundError, ProcessLookupError):  # the thread ended while we looked
+                    continue
                 out[name] = out.get(name, 0.0) + cpu_s
                 live += cpu_s
             out[ENDED_THREADS] = _read(pid, "server").cpu_s - live  # the process keeps its ended threads' time
