@@ -23,9 +23,10 @@ log = structlog.get_logger()
 TAIL_FRAMES = 2
 # A long utterance is cut where the user paused this long, once the part before holds this much
 # speech: that part is transcribed while they go on, and only what follows waits for the end.
-# Shorter parts stay whole (the engines hear words better in context).
+# Shorter parts stay whole: the engines hear words better in context (cut after 2 s, a sentence
+# with a hesitation in it came back garbled, and the end-of-turn judge waited it out).
 SPLIT_SILENCE_FRAMES = 250 // FRAME_MS
-MIN_PART_FRAMES = 2000 // FRAME_MS
+MIN_PART_FRAMES = 4000 // FRAME_MS
 # Speech that runs on this long without such a pause is cut at its quietest 60 ms in the last
 # second, so that no part grows without bound.
 MAX_PART_FRAMES = 6000 // FRAME_MS

@@ -321,8 +321,8 @@ async def test_a_long_turn_is_transcribed_in_parts_at_its_pauses_and_only_the_la
     engine = PartsEngine()
     tokenizer = StreamingTranscriber(engine, partial_ms=10_000, settle_ms=60)
     tokenizer.begin(())
-    # 3 s of speech, a 300 ms breath, 3 s more, a breath, then 2 s: fifteen seconds would read alike.
-    script = [(True, 150), (False, 15), (True, 150), (False, 15), (True, 100)]
+    # 4.5 s of speech, a 300 ms breath, 4.5 s more, a breath, then 2 s: a passage read aloud.
+    script = [(True, 225), (False, 15), (True, 225), (False, 15), (True, 100)]
     index = 0
     try:
         for voiced, count in script:
@@ -336,12 +336,12 @@ async def test_a_long_turn_is_transcribed_in_parts_at_its_pauses_and_only_the_la
     finally:
         await tokenizer.aclose()
         engine.worker.close()
-    assert final.text == "1-150 166-315 331-430"
+    assert final.text == "1-225 241-465 481-580"
     # The first two parts were transcribed while the user went on; at the end only the last was
-    # left (from the cut after the second, 2.3 s), not the whole 8.6 s.
-    assert heard_before_the_end == [150 + TAIL_FRAMES, 315 - 150]
-    assert engine.heard[2:] == [430 - (315 + TAIL_FRAMES)]
-    assert max(engine.heard) < 430 // 2  # no pass ever went over much of the utterance
+    # left (from the cut after the second, 2.3 s), not the whole 11.6 s.
+    assert heard_before_the_end == [225 + TAIL_FRAMES, 465 - 225]
+    assert engine.heard[2:] == [580 - (465 + TAIL_FRAMES)]
+    assert max(engine.heard) < 580 // 2  # no pass ever went over much of the utterance
 
 
 @pytest.mark.unit
