@@ -486,6 +486,9 @@ class ModelConfig:
         5.0, parse=positive_float, metavar="S", help="a call that runs longer fails; the LM is told, the user hears an apology"
     )
     tool_filler_ms: int = setting(700, parse=non_negative_int, metavar="MS", help="a call still running after this gets \"One moment.\" spoken")
+    tts_processes: int = setting(
+        1, parse=positive_int, metavar="N", help="piper processes: pieces of this many calls are spoken at once"
+    )
     threads: int = setting(
         factory=lambda: os.cpu_count() or 2, flag="--model-threads", parse=positive_int, metavar="N", shown_default="the machine's cores",
         help="CPU threads the models share: the LM all but one, ASR and speech one each",

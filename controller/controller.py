@@ -26,6 +26,7 @@ from controller.utterance import Utterance
 from realtime import events as ev
 from realtime.session import SessionIO
 from runtime.tasks import TaskOwner
+from runtime.workers import StageStuck
 from streaming_tokenizer.base import UtteranceInput
 from turns import events as turn
 from turns.taker import TurnTaker
@@ -224,7 +225,8 @@ class Controller:
 
     def _task_failed(self, task: asyncio.Task[Any], exc: BaseException) -> None:
         self.log.error("controller.task_failed", task=task.get_name(), error=repr(exc))
-        self.io.emit(ev.Error("server_error", "the reply failed; see the server log"))
+        why = str(exc) if isinstance(exc, StageStuck) else "see the server log"
+        self.io.emit(ev.Error("server_error", f"the reply failed: {why}"))
         reply, held = self.replies.current, self.replies.held
         if reply is not None and reply.runs(task):
             self.replies.interrupt("cancelled")

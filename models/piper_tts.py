@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import select
 import subprocess
 import sys
@@ -147,32 +148,49 @@ def _answers(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
 
 
 class PiperDecoder:
-    """Owns piper's process (shared by all sessions) and turns text streams into speech chunks.
+    """Owns piper's processes (shared by all sessions) and turns text streams into speech chunks.
 
-    Text is cut by a SpeechChunker and each piece synthesized in piper's process, waited on in the
-    worker thread, while the LM goes on producing the next. Closing the stream (a cancel) drops
+    Text is cut by a SpeechChunker and each piece synthesized in an idle piper process, waited on
+    in a worker thread (one per process), while the LM goes on producing the next. With more than
+    one process, pieces of different calls are spoken at once. Closing the stream (a cancel) drops
     every piece not yet spoken.
     """
 
-    def __init__(self, model: Path, config: Path, worker: ModelWorker, threads: int = 1, busy_wait: bool = False) -> None:
-        """Blocking (it waits for the voice to load). `busy_wait` keeps ONNX Runtime's default of
-        threads that spin between runs."""
+    def __init__(
+        self, model: Path, config: Path, worker: ModelWorker, threads: int = 1, busy_wait: bool = False, processes: int = 1
+    ) -> None:
+        """Blocking (it waits for the voice to load in each process). `busy_wait` keeps ONNX
+        Runtime's default of threads that spin between runs. `worker` needs a thread a process."""
         self.worker = worker
-        self.process = PiperProcess(model, config, threads, busy_wait)
-        self.sample_rate = self.process.sample_rate
+        self.processes = [PiperProcess(model, config, threads, busy_wait) for _ in range(processes)]
+        self._idle: queue.SimpleQueue[PiperProcess] = queue.SimpleQueue()
+        for process in self.processes:
+            self._idle.put(process)
+        self.sample_rate = self.processes[0].sample_rate
 
     @property
-    def pid(self) -> int | None:
-        """piper's process, while it runs."""
-        return self.process.pid
+    def pids(self) -> list[int]:
+        """piper's processes that run."""
+        return [p.pid for p in self.processes if p.pid is not None]
 
     def speak_now(self, text: str) -> np.ndarray:
-        """Blocking: one piece of text to float32 PCM at `sample_rate`. Call it from a worker thread."""
-        return self.process.speak(text)
+        """Blocking: one piece of text to float32 PCM at `sample_rate`, in the next idle process.
+        Call it from a worker thread."""
+        process = self._idle.get()
+        try:
+            return process.speak(text)
+        finally:
+            self._idle.put(process)
+
+    def warm_now(self) -> None:
+        """Blocking: each process speaks once (its first piece is slow)."""
+        for process in self.processes:
+            process.speak("Hello.")
 
     async def aclose(self) -> None:
-        """End piper's process (after the worker has finished its calls)."""
-        await asyncio.to_thread(self.process.close)
+        """End piper's processes (after the worker has finished its calls)."""
+        for process in self.processes:
+            await asyncio.to_thread(process.close)
 
     async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[SpeechChunk]:
         chunker = SpeechChunker()

@@ -33,6 +33,9 @@ from vad.smart_turn import SmartTurn
 log = structlog.get_logger()
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# An in-process engine call (a transcript, a turn score) or an LM stream silent this long is stuck,
+# not slow: its caller fails with an `error` event, and a new worker thread serves the calls behind.
+STUCK_AFTER_S = 10.0
 TURN_TEXT_SLOTS = 2  # end-of-turn text checks at once (each is one prompt and one token)
 TURN_TEXT_CONTEXT = 512  # tokens per slot: the system prompt and one transcript
 
@@ -133,7 +136,7 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
     # The LM worker's threads only wait on llama.cpp (one per generation in flight); its own
     # threads, created in there, inherit the workers' lower priority.
     lm_waiters = config.lm_slots if config.lm == "embedded" else 1
-    asr_worker, lm_worker, tts_worker = ModelWorker("asr"), ModelWorker("lm", lm_waiters), ModelWorker("tts")
+    asr_worker, lm_worker, tts_worker = ModelWorker("asr"), ModelWorker("lm", lm_waiters), ModelWorker("tts", config.tts_processes)
     turn_worker, turn_text_worker = ModelWorker("turn-end"), ModelWorker("turn-text", TURN_TEXT_SLOTS)
     workers = (asr_worker, lm_worker, tts_worker, turn_worker, turn_text_worker)
     tts: PiperDecoder | None = None
@@ -152,9 +155,9 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
         await asr.transcribe(np.zeros(SAMPLE_RATE, dtype=np.int16))
         log_loaded("asr", started)
 
-        started = log_loading("tts", path=str(voice), threads=share.tts)
-        tts = await tts_worker.run(PiperDecoder, voice, voice_config, tts_worker, share.tts)
-        await tts_worker.run(tts.speak_now, "Hello.")
+        started = log_loading("tts", path=str(voice), threads=share.tts, processes=config.tts_processes)
+        tts = await tts_worker.run(PiperDecoder, voice, voice_config, tts_worker, share.tts, False, config.tts_processes)
+        await tts_worker.run(tts.warm_now)
         log_loaded("tts", started)
 
         started = log_loading("lm", backend=config.lm, threads=share.lm)
@@ -178,6 +181,8 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
         slots = 0 if isinstance(lm, OpenAICompatibleLM) else config.lm_slots if isinstance(lm, LlamaCppLM) else 1
         models.turn_cpu_s = await warm_up(models, config.system_prompt, slots)
         log.info("models.warmed_up", turn_cpu_s=round(models.turn_cpu_s, 3), seconds=round(time.monotonic() - started, 2))
+        for worker in (asr_worker, lm_worker, turn_worker, turn_text_worker):  # piper's process has a timeout of its own
+            worker.stuck_after_s = STUCK_AFTER_S  # from now on: loading took as long as it took
     except BaseException:
         for worker in workers:
             worker.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import AsyncGenerator, Callable, TypeVar
 
 from runtime.workers import ModelWorker
@@ -18,6 +19,7 @@ async def thread_stream(worker: ModelWorker, produce: Callable[[Post[T], threadi
 
     `produce` must check `stop` at each step: closing this iterator (a cancelled consumer) sets it,
     so the worker frees itself within one step. Its exception, if any, is raised here at the end.
+    A producer that posts nothing for the worker's `stuck_after_s` raises StageStuck here.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[bool, T | None]] = asyncio.Queue()
@@ -36,13 +38,15 @@ async def thread_stream(worker: ModelWorker, produce: Callable[[Post[T], threadi
         finally:
             put((True, None))
 
-    done = asyncio.wrap_future(worker.submit(run))
+    call = worker.start(run)
     try:
-        while True:
-            finished, item = await queue.get()
+        since = 0.0
+        while True:  # a producer silent for the worker's `stuck_after_s` is given up (StageStuck)
+            finished, item = await worker.answer(queue.get, call, since)
             if finished:
                 break
+            since = time.monotonic()
             yield item  # type: ignore[misc]
-        await done  # the worker's error, if it had one
+        await asyncio.wrap_future(call.future)  # the worker's error, if it had one
     finally:
         stop.set()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import fractions
+import math
 
+import aiortc.rtp
 import numpy as np
 import pytest
 from av import AudioFrame
 
+from realtime import audio_level
 from realtime.audio import InputFramer, frame_to_mono
+from realtime.audio_level import audio_level_dbov
 from realtime.output import PacedOutput
 from runtime.audio import FRAME_SAMPLES
 from tests.signals import best_alignment
@@ -147,3 +151,21 @@ def test_the_playback_tracker_knows_what_the_client_heard_of_the_current_reply()
     assert playback.heard_ms() == 500
     playback.begin("resp_b")
     assert (playback.sent_ms, playback.heard_ms()) == (0, 0)
+
+
+def _level_by_the_rfc(frame: AudioFrame) -> int:
+    """RFC 6465's Appendix A, one sample at a time (what aiortc's own loop does)."""
+    values = np.frombuffer(bytes(frame.planes[0]), dtype=np.int16).tolist()
+    rms = math.sqrt(sum(v * v for v in values) / (frame.samples * 32767 * 32767))
+    return -127 if rms == 0 else round(min(0.0, max(-127.0, 20 * math.log10(rms))))
+
+
+@pytest.mark.parametrize("layout, amplitude", [("mono", 0), ("mono", 3), ("mono", 1000), ("mono", 32767), ("stereo", 8000)])
+def test_the_sent_audio_level_is_the_rfcs(layout: str, amplitude: int):
+    channels = 2 if layout == "stereo" else 1
+    rng = np.random.default_rng(amplitude)
+    samples = rng.integers(-amplitude, amplitude + 1, size=(1, 960 * channels)).astype(np.int16)
+    frame = AudioFrame.from_ndarray(samples, format="s16", layout=layout)
+    assert audio_level_dbov(frame) == _level_by_the_rfc(frame)
+    audio_level.install()
+    assert aiortc.rtp.compute_audio_level_dbov is audio_level_dbov  # what aiortc's sender calls

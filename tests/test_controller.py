@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,8 @@ from realtime.events import (
 )
 from realtime.output import PacedOutput
 from realtime.session import SessionIO
+from runtime.bridge import thread_stream
+from runtime.workers import ModelWorker
 from tests.fakes import SILENT, VOICED, CountingTokenizer, CuedLM, ScriptedDetector, ToneDecoder
 
 pytestmark = pytest.mark.unit
@@ -76,7 +79,7 @@ def rig(tmp_path) -> Rig:
     return make_rig(tmp_path)
 
 
-def make_rig(tmp_path, hold: bool = False, config: TurnConfig | None = None, turn_end=None) -> Rig:
+def make_rig(tmp_path, hold: bool = False, config: TurnConfig | None = None, turn_end=None, lm=None) -> Rig:
     notifier = Notifier()
     events: list[dict] = []
     output = PacedOutput(48000)
@@ -86,11 +89,12 @@ def make_rig(tmp_path, hold: bool = False, config: TurnConfig | None = None, tur
         notifier.notify()
 
     io = SessionIO("sess_test", asyncio.Queue(), output, emit)
+    model = lm
     lm, decoder, tokenizer = CuedLM(notifier, hold=hold), ToneDecoder(notifier), CountingTokenizer(notifier)
     store = TranscriptStore(tmp_path)
     context = DialogContext("You are terse.", max_tokens=500, store=store, session_id="sess_test")
     controller = Controller(
-        io, SessionModels(ScriptedDetector(), tokenizer, lm, decoder, turn_end), context, config or TurnConfig(), "test"
+        io, SessionModels(ScriptedDetector(), tokenizer, model or lm, decoder, turn_end), context, config or TurnConfig(), "test"
     )
     return Rig(controller, output, lm, decoder, tokenizer, notifier, store, events)
 
@@ -612,3 +616,48 @@ async def test_every_reply_ends_once_and_its_done_future_says_how(rig):
     assert second.done.result() == "cancelled"
     second.interrupt("interrupted")  # a second end changes nothing
     assert [e["response"]["id"] for e in rig.of("response.done")] == [first.id, second.id]
+
+
+class StuckOnceLM:
+    """An LM in a worker thread whose first generation hangs after its first word (as a wedged
+    engine would), and whose later ones answer."""
+
+    calls_tools = False
+
+    def __init__(self) -> None:
+        self.worker = ModelWorker("stuck-lm", threads=2, stuck_after_s=0.3)
+        self.hung = threading.Event()
+        self.calls = 0
+
+    def stream(self, messages, max_new_tokens=None, tools=None):
+        self.calls += 1
+        hangs = self.calls == 1
+
+        def produce(post, stop: threading.Event) -> None:
+            post("Well")
+            if hangs:
+                self.hung.wait()
+            else:
+                post(" hello there.")
+
+        return thread_stream(self.worker, produce)
+
+
+async def test_a_stage_that_hangs_fails_its_reply_with_an_error_and_the_next_turn_is_answered(tmp_path):
+    lm = StuckOnceLM()
+    rig = make_rig(tmp_path, lm=lm)
+    try:
+        rig.frames(True, 30)
+        rig.frames(False, 38)
+        error = await rig.until(lambda: rig.of("error"))
+        assert "stuck-lm: a call gave no answer in 0.3 s" in error[0]["error"]["message"]
+        await rig.until(lambda: rig.of("response.done"))
+        assert rig.of("response.done")[0]["response"]["status"] == "cancelled"
+        assert rig.controller.state == State.LISTENING
+        rig.frames(True, 30)
+        rig.frames(False, 38)
+        done = await rig.play_until_done()
+        assert done["response"]["output_text"] == "Well hello there." and lm.worker.given_up == 1
+    finally:
+        lm.hung.set()
+        lm.worker.close()

@@ -110,20 +110,19 @@ async def test_piper_process_that_dies_fails_one_piece_and_is_started_again():
     voice, config = piper_voice_files()
     worker = ModelWorker("tts-restart")
     tts = await worker.run(PiperDecoder, voice, config, worker)
-    first = tts.pid
-    assert first is not None
+    [first] = tts.pids
     try:
         os.kill(first, signal.SIGKILL)
         with pytest.raises(PiperError, match=r"ended \(exit code -9\)"):
             await worker.run(tts.speak_now, "This piece is lost.")
         pcm = await worker.run(tts.speak_now, "This one is spoken.")
-        second = tts.pid
-        assert second not in (None, first)
+        [second] = tts.pids
+        assert second != first
         assert len(pcm) > tts.sample_rate // 2 and np.abs(pcm).max() > 0.1
     finally:
         worker.close()
         await tts.aclose()
-    assert tts.pid is None and not Path(f"/proc/{second}").exists()  # ended, and reaped
+    assert tts.pids == [] and not Path(f"/proc/{second}").exists()  # ended, and reaped
 
 
 @pytest.mark.models
@@ -133,9 +132,9 @@ async def test_piper_process_that_stops_answering_is_killed_and_started_again():
     voice, config = piper_voice_files()
     worker = ModelWorker("tts-stuck")
     tts = await worker.run(PiperDecoder, voice, config, worker)
-    tts.process.piece_timeout_s = 1.0
-    stuck = tts.pid
-    assert stuck is not None
+    [process] = tts.processes
+    process.piece_timeout_s = 1.0
+    [stuck] = tts.pids
     try:
         os.kill(stuck, signal.SIGSTOP)
         started = time.monotonic()
@@ -144,8 +143,28 @@ async def test_piper_process_that_stops_answering_is_killed_and_started_again():
         assert 1.0 <= time.monotonic() - started < 5.0
         assert not Path(f"/proc/{stuck}").exists()  # killed and reaped
         pcm = await worker.run(tts.speak_now, "This one is spoken.")
-        assert tts.pid not in (None, stuck) and np.abs(pcm).max() > 0.1
+        assert tts.pids not in ([], [stuck]) and np.abs(pcm).max() > 0.1
     finally:
+        worker.close()
+        await tts.aclose()
+
+
+@pytest.mark.models
+async def test_two_piper_processes_speak_two_pieces_at_once():
+    """With a second process, a piece is spoken while the other process is busy (held here)."""
+    voice, config = piper_voice_files()
+    worker = ModelWorker("tts-pool", threads=2)
+    tts = await worker.run(PiperDecoder, voice, config, worker, 1, False, 2)
+    busy, _ = tts.pids
+    try:
+        os.kill(busy, signal.SIGSTOP)
+        held = asyncio.ensure_future(worker.run(tts.speak_now, "The first idle process takes this."))
+        spoken = await asyncio.wait_for(worker.run(tts.speak_now, "And the other one speaks this."), 5.0)
+        assert np.abs(spoken).max() > 0.1 and not held.done()
+        os.kill(busy, signal.SIGCONT)
+        assert np.abs(await asyncio.wait_for(held, 5.0)).max() > 0.1
+    finally:
+        os.kill(busy, signal.SIGCONT)
         worker.close()
         await tts.aclose()
 
