@@ -23,7 +23,7 @@ from runtime.checks import json_number
 
 ENV_PREFIX = "VOICE_AGENT_"
 PROFILES = ("embedded", "loopback", "stepaudio")
-ASR_ENGINES = ("moonshine", "whisper")
+ASR_ENGINES = ("moonshine", "whisper", "whisper-base")
 VAD_ENGINES = ("silero", "webrtc")
 TURN_DETECTION = ("vad", "semantic", "manual")
 EAGERNESS = ("low", "medium", "high")
@@ -456,7 +456,8 @@ class ModelConfig:
     """The embedded profile's models: which LM answers, how it is prompted, how hard they work."""
 
     asr: str = setting(
-        "moonshine", choices=ASR_ENGINES, metavar="ENGINE", help="embedded profile's ASR: `moonshine` (Moonshine tiny-en) or `whisper` (Whisper tiny.en)"
+        "moonshine", choices=ASR_ENGINES, metavar="ENGINE",
+        help="embedded profile's ASR: `moonshine` (Moonshine tiny-en), `whisper` (Whisper tiny.en) or `whisper-base` (Whisper base: hears better, costs more)"
     )
     lm: str = setting(
         "embedded", parse=lm_backend, metavar="BACKEND",

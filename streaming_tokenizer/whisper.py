@@ -1,4 +1,4 @@
-"""Whisper tiny.en through faster-whisper (CTranslate2), the ASR engine of `--asr whisper`."""
+"""Whisper through faster-whisper (CTranslate2): tiny.en for `--asr whisper`, base for `--asr whisper-base`."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ DRAFT_MAX_SAMPLES = 28 * SAMPLE_RATE
 class WhisperEngine:
     """Owns the Whisper model that every session shares, and the worker thread it runs in."""
 
-    def __init__(self, model_dir: Path, threads: int, worker: ModelWorker) -> None:
+    def __init__(self, model_dir: Path, threads: int, worker: ModelWorker, short_window: bool = False) -> None:
+        """`short_window`: every call, not only drafts, encodes just the audio (see transcribe_now)."""
         from faster_whisper import WhisperModel
         from faster_whisper.tokenizer import Tokenizer
 
         self.worker = worker
+        self.short_window = short_window
         self._model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=threads)
         tokenizer = Tokenizer(self._model.hf_tokenizer, self._model.model.is_multilingual, "transcribe", "en")
         self._tokenizer = tokenizer
@@ -33,7 +35,7 @@ class WhisperEngine:
         about four times faster on short utterances and less accurate, which suits partials.
         """
         audio = to_float(pcm)
-        if draft and len(audio) < DRAFT_MAX_SAMPLES:
+        if (draft or self.short_window) and len(audio) < DRAFT_MAX_SAMPLES:
             return self._draft(audio)
         segments, _ = self._model.transcribe(
             audio,

@@ -101,6 +101,18 @@ def whisper_engine() -> Iterator[Any]:
     worker.close()
 
 
+@pytest.fixture(scope="session")
+def whisper_base_engine() -> Iterator[Any]:
+    """Whisper base (`--asr whisper-base`), as the profile loads it."""
+    from config import ModelConfig
+    from profiles.embedded import load_asr
+    from runtime.workers import ModelWorker
+
+    worker = ModelWorker("whisper-base-test")
+    yield worker.submit(load_asr, ModelConfig(asr="whisper-base"), worker, 1).result()
+    worker.close()
+
+
 @pytest.fixture
 async def server(start_server: ServerStarter) -> RunningServer:
     return await start_server()

