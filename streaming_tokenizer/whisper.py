@@ -11,6 +11,26 @@ from runtime.workers import ModelWorker
 
 DRAFT_MAX_FRAMES = 3000  # Whisper's whole window: 30 s of 10 ms feature frames
 DRAFT_MAX_SAMPLES = 28 * SAMPLE_RATE
+QUIET_DB = 40  # quieter than the loudest 20 ms by this much: no speech (quiet_ends_cut)
+QUIET_MARGIN_MS = 100  # kept around the words: soft onsets and endings
+
+
+def quiet_ends_cut(audio: np.ndarray) -> np.ndarray:
+    """The audio from its first loud 20 ms to its last, with QUIET_MARGIN_MS kept either side.
+
+    Encoded without its 30 s window, Whisper hears worse the more silence the audio carries
+    around the words (on the standard suite's clips, 300 ms before and 150 ms after them: WER
+    15 -> 20 %), and an utterance always comes with the speech detector's lead-in and the pause
+    that ended it. Loud: within QUIET_DB of the loudest frame."""
+    frame = SAMPLE_RATE * 20 // 1000
+    count = len(audio) // frame
+    if count == 0:
+        return audio
+    energy = np.square(audio[: count * frame].reshape(count, frame)).mean(axis=1)
+    loud = np.flatnonzero(energy >= energy.max() * 10 ** (-QUIET_DB / 10))
+    margin = QUIET_MARGIN_MS // 20
+    start, end = max(0, loud[0] - margin), min(count, loud[-1] + 1 + margin)
+    return audio[start * frame : len(audio) if end == count else end * frame]
 
 
 class WhisperEngine:
@@ -50,6 +70,7 @@ class WhisperEngine:
     def _draft(self, audio: np.ndarray) -> str:
         import ctranslate2
 
+        audio = quiet_ends_cut(audio)
         padded = np.concatenate([audio, np.zeros(SAMPLE_RATE, dtype=np.float32)])
         features = self._model.feature_extractor(padded)[:, :DRAFT_MAX_FRAMES]
         seconds = len(audio) / SAMPLE_RATE

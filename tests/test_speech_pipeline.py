@@ -403,3 +403,19 @@ def test_whisper_base_is_put_together_once_and_again_if_cut_short(tmp_path, monk
     whisper_base_model_dir()
     assert model.stat().st_size == sum(p.stat().st_size for p in parts)
     assert {p.name for p in folder.iterdir()} == {"config.json", "tokenizer.json", "vocabulary.txt", "model.bin"}
+
+
+@pytest.mark.unit
+def test_whisper_hears_the_words_without_the_quiet_around_them():
+    from streaming_tokenizer.whisper import QUIET_MARGIN_MS, quiet_ends_cut
+
+    rate, margin = 16000, 16000 * QUIET_MARGIN_MS // 1000
+    rng = np.random.default_rng(3)
+    words = (0.3 * np.sin(2 * np.pi * 220 * np.arange(rate) / rate)).astype(np.float32)
+    hiss = (1e-4 * rng.standard_normal(rate // 2)).astype(np.float32)  # 70 dB below the words
+    cut = quiet_ends_cut(np.concatenate([hiss, words, hiss]))
+    assert len(words) + 2 * margin - 320 <= len(cut) <= len(words) + 2 * margin + 320
+    assert np.array_equal(cut[margin + 320 : margin + 1000], words[320:1000])  # the words untouched
+    noise = (0.05 * rng.standard_normal(rate)).astype(np.float32)  # no quiet end: nothing cut
+    assert len(quiet_ends_cut(noise)) == len(noise)
+    assert len(quiet_ends_cut(np.zeros(100, dtype=np.float32))) == 100  # shorter than a frame
