@@ -107,7 +107,11 @@ class ModelWorker:
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = self.start(fn, *args, **kwargs)
         future = asyncio.wrap_future(call.future)
-        return await self.answer(lambda: asyncio.shield(future), call)
+        try:
+            return await self.answer(lambda: asyncio.shield(future), call)
+        except asyncio.CancelledError:
+            future.cancel()  # nobody waits for it: dropped if still queued
+            raise
 
     async def answer(self, receive: Callable[[], Awaitable[T]], call: Call, since: float = 0.0) -> T:
         """What `call` gives back (its result, or a streamed call's next item), by awaiting

@@ -96,10 +96,20 @@ async def test_a_call_dropped_while_queued_is_not_counted():
         queued = worker.start(lambda: None)
         assert worker.busy == 2
         assert queued.future.cancel()  # its caller went away before a thread took it
+        ran: list[str] = []
+        waiter = asyncio.ensure_future(worker.run(ran.append, "the caller was cancelled"))
+        for _ in range(100):  # the task's first step queues its call behind the running one
+            if worker.busy == 3:  # the running call, the dropped one (counted until a thread skips it), this one
+                break
+            await asyncio.sleep(0)
+        assert worker.busy == 3
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
         release.set()
         await asyncio.wrap_future(running.future)
-        await asyncio.wait_for(worker.run(lambda: None), 2.0)
-        assert worker.busy == 0
+        await asyncio.wait_for(worker.run(ran.append, "later"), 2.0)
+        assert worker.busy == 0 and ran == ["later"]  # the cancelled caller's call never ran
     finally:
         release.set()
         worker.close()
