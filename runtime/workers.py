@@ -118,16 +118,16 @@ class ModelWorker:
         `receive()` (it must bear cancelling: it is called again after each timeout); given up as
         stuck after `stuck_after_s` of running since the call started or since `since`."""
         while True:  # the time counts from when a thread takes the call, not while it is queued
-            silent_s = call.running_s(since)
-            if self.stuck_after_s is not None and silent_s >= self.stuck_after_s and self._give_up(call):
-                raise StageStuck(f"{self.name}: a call gave no answer in {self.stuck_after_s:g} s")
-            limit = None if self.stuck_after_s is None or call.ended else self.stuck_after_s - silent_s
+            limit = None if self.stuck_after_s is None or call.ended else max(0.0, self.stuck_after_s - call.running_s(since))
             try:
                 async with asyncio.timeout(limit) as timer:
-                    return await receive()
+                    return await receive()  # what is already there is taken, however late it is asked for
             except TimeoutError:
                 if not timer.expired():
                     raise  # the call's own error
+            assert self.stuck_after_s is not None
+            if call.running_s(since) >= self.stuck_after_s and self._give_up(call):
+                raise StageStuck(f"{self.name}: a call gave no answer in {self.stuck_after_s:g} s")
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         return self.start(fn, *args, **kwargs).future

@@ -88,6 +88,29 @@ async def test_a_stream_that_goes_silent_is_given_up():
         worker.close()
 
 
+async def test_a_stream_read_slowly_is_not_stuck():
+    """Items that wait for a consumer busy elsewhere (longer than the limit) are its to take."""
+    worker = ModelWorker("slow-reader", stuck_after_s=0.2)
+    read_all = threading.Event()
+
+    def produce(post, stop: threading.Event) -> None:
+        for word in ("one", "two", "three"):
+            post(word)
+        read_all.wait()  # still running while its items wait to be read
+
+    got: list[str] = []
+    try:
+        async for item in thread_stream(worker, produce):
+            got.append(item)
+            if len(got) == 3:
+                read_all.set()
+            await asyncio.sleep(0.3)  # stands for the consumer's own work (speaking the piece)
+        assert got == ["one", "two", "three"] and worker.given_up == 0
+    finally:
+        read_all.set()
+        worker.close()
+
+
 async def test_a_call_dropped_while_queued_is_not_counted():
     worker = ModelWorker("drop-probe")
     release = threading.Event()
