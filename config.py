@@ -25,6 +25,7 @@ ENV_PREFIX = "VOICE_AGENT_"
 PROFILES = ("embedded", "loopback", "stepaudio")
 ASR_ENGINES = ("moonshine", "whisper", "whisper-base")
 VAD_ENGINES = ("silero", "webrtc")
+ECHO_CANCEL = ("auto", "on", "off")
 TURN_DETECTION = ("vad", "semantic", "manual")
 EAGERNESS = ("low", "medium", "high")
 ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
@@ -330,6 +331,11 @@ class ServerConfig:
     ws_send_queue_s: float = setting(
         5.0, parse=positive_float, metavar="S",
         help="`/ws`: close a client that leaves this much audio unread beyond a 64 KiB socket buffer",
+    )
+    echo_cancel: str = setting(
+        "auto", choices=ECHO_CANCEL, metavar="MODE",
+        help="cancel the echo of the agent's own voice in the caller's microphone, with what the server sent as the reference: "
+        "`auto` for each call whose client says it does not cancel echo itself (the page, while the browser's canceller is off), `on`, `off`",
     )
     data_dir: Path = setting(Path("data"), parse=Path, metavar="DIR", shown_default="./data", help="where session data is written; created at startup")
 

@@ -25,6 +25,7 @@ from bench.scenarios import EspeakVoice, Scenario, Voice, builtin, load_manifest
 from bench.unseen import UNSEEN, unseen
 from realtime.webrtc import use_loopback_ice_only
 from testkit.impair import Impairment
+from testkit.room import RoomSpec
 from testkit.local import local_server
 from testkit.peer import BROWSER_PLAYOUT_FRAMES
 
@@ -75,6 +76,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help='a bad network for every call, e.g. "loss=10%%,delay=50ms,jitter=20ms,mtu=1280": each call\'s media '
         "and events go through a UDP relay on 127.0.0.1 that drops, delays, jitters and size-caps them both ways",
     )
+    parser.add_argument(
+        "--room",
+        type=RoomSpec.parse,
+        help='every call on a speakerphone, "DELAY_MS,LOSS_DB" (e.g. "150,0"): the agent audio each client plays '
+        "comes back in its microphone that much later and quieter, through a synthetic room and a clipping speaker",
+    )
     parser.add_argument("--server-pid", type=int, help="pid of the server, for its CPU and memory per session")
     parser.add_argument("--no-asr", action="store_true", help="skip transcribing the agent's audio")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -114,11 +121,13 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[i
         started = time.monotonic()
         results, totals = await run_sessions(
             url, plays, level, transcribe, args.offer_path, args.signaling == "ours", args.transport, args.playout_frames,
-            args.impair,
+            args.impair, args.room,
         )
         run: dict[str, Any] = {"turns": as_rows(results), **totals.as_dict()}
         if args.impair:
             run["impairment"] = str(args.impair)
+        if args.room:
+            run["room"] = str(args.room)
         if pid and before:
             elapsed = time.monotonic() - started
             cpu, rss = process_usage(pid)

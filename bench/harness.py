@@ -30,6 +30,7 @@ from bench.scenarios import RATE, Scenario, Utterance
 from testkit.impair import Direction, Impairment
 from testkit.peer import BROWSER_PLAYOUT_FRAMES, ClientPeer, OfferRefused
 from testkit.peer import RATE as PEER_RATE
+from testkit.room import RoomSpec
 from testkit.ws_peer import WsPeer
 
 DEFAULT_OFFER_PATH = "/api/offer"
@@ -37,6 +38,9 @@ REPLY_TIMEOUT_S = 60.0
 QUIET_AFTER_REPLY_S = 1.0
 NO_REPLY_WAIT_S = 3.0
 TAIL_QUIET_S = 0.2
+# A reply that pauses or stops this long after the user's last clip ended, or with no clip playing,
+# did so for no speech of theirs: it heard itself.
+SPEECH_EXPLAINS_S = 2.0
 
 Transcribe = Callable[[np.ndarray], Awaitable[str]]  # 16 kHz float PCM -> text
 
@@ -85,11 +89,17 @@ class SessionRun:
         self, url: str, index: int, transcribe: Transcribe | None, offer_path: str, events: bool, transport: str,
         playout_frames: int = BROWSER_PLAYOUT_FRAMES,
         impairment: Impairment | None = None,
+        room: RoomSpec | None = None,
     ) -> None:
+        # A speakerphone client has no echo canceller of its own, and says so.
+        speaker, cancels = (room.make(seed=index), False) if room is not None else (None, None)
         self.peer: ClientPeer | WsPeer = (
-            WsPeer(url)
+            WsPeer(url, room=speaker, cancels_echo=cancels)
             if transport == "ws"
-            else ClientPeer(url, offer_path=offer_path, events=events, playout_frames=playout_frames, impairment=impairment)
+            else ClientPeer(
+                url, offer_path=offer_path, events=events, playout_frames=playout_frames, impairment=impairment, room=speaker,
+                cancels_echo=cancels,
+            )
         )
         self.heard = HeardLog(self.peer)
         self.index = index
@@ -97,6 +107,7 @@ class SessionRun:
         self.results: list[TurnResult] = []
         self.started = 0.0
         self._last_clip_at = 0.0
+        self._clips: list[tuple[float, float]] = []  # when each of the user's clips began and ended
 
     async def play(self, scenario: Scenario) -> None:
         await self.peer.connect()
@@ -123,6 +134,7 @@ class SessionRun:
         self._last_clip_at = clip_at
         peer.speak(soxr.resample(utterance.pcm, RATE, PEER_RATE).astype(np.float32), PEER_RATE)
         clip_end_at = clip_at + len(utterance.pcm) / RATE
+        self._clips.append((clip_at, clip_end_at))
         end = utterance.speech_end_s if utterance.speech_end_s is not None else speech_end(utterance.pcm, RATE)
         result = TurnResult(scenario, self.index, number, utterance.text, end)
         speech_end_at = clip_at + (end or 0.0)
@@ -243,6 +255,21 @@ class SessionRun:
             elif kind == "metrics.turn":
                 result.server = {k: v for k, v in event.items() if not k.startswith("_") and k != "type"}
 
+    def self_interruptions(self) -> int:
+        """Replies that paused or stopped with none of the user's clips to explain it: the agent
+        took its own voice (a speakerphone's echo) for the user's."""
+        own: set[str] = set()
+        for event in self.peer.events:
+            if event["type"] == "response.audio.paused":
+                reply = event["response_id"]
+            elif event["type"] == "response.done" and event["response"]["status"] == "interrupted":
+                reply = event["response"]["id"]
+            else:
+                continue
+            if not any(start <= event["_received"] <= end + SPEECH_EXPLAINS_S for start, end in self._clips):
+                own.add(reply)
+        return len(own)
+
     def underruns(self) -> int:
         heard = self.heard()
         return underruns(heard, heard[0].arrival, heard[-1].arrival) if heard else 0
@@ -258,12 +285,14 @@ class CallTotals:
     offered: int = 0  # calls placed
     refused: int = 0  # of them, refused by a full server (HTTP 503): a server that keeps its capacity
     underruns: int = 0  # holes in the received audio
+    self_interruptions: int = 0  # replies paused or stopped by no speech of the user's
     event_stalls: int = 0  # pings whose pong took over a second (WebRTC with events)
     to_server: Direction = field(default_factory=Direction)  # datagrams through an impairment relay
     to_client: Direction = field(default_factory=Direction)
 
     def add(self, run: SessionRun) -> None:
         self.underruns += run.underruns()
+        self.self_interruptions += run.self_interruptions()
         peer = run.peer
         if isinstance(peer, ClientPeer):
             self.event_stalls += peer.event_stalls()
@@ -277,7 +306,13 @@ class CallTotals:
     def as_dict(self) -> dict[str, Any]:
         network = {"to_server": self.to_server.as_dict(), "to_client": self.to_client.as_dict()}
         calls = {"offered": self.offered, "refused": self.refused}
-        return {"calls": calls, "underruns": self.underruns, "event_stalls": self.event_stalls, "network": network}
+        return {
+            "calls": calls,
+            "underruns": self.underruns,
+            "self_interruptions": self.self_interruptions,
+            "event_stalls": self.event_stalls,
+            "network": network,
+        }
 
 
 async def run_sessions(
@@ -287,15 +322,17 @@ async def run_sessions(
     transport: str = "webrtc",
     playout_frames: int = BROWSER_PLAYOUT_FRAMES,
     impairment: Impairment | None = None,
+    room: RoomSpec | None = None,
 ) -> tuple[list[TurnResult], CallTotals]:
     """`sessions` calls at once, each playing every scenario in turn (a fresh call per scenario),
-    each through its own relay with `impairment` if given. Returns every turn and the totals."""
+    each through its own relay with `impairment` if given, each on a speakerphone in `room` if
+    given. Returns every turn and the totals."""
     results: list[TurnResult] = []
     totals = CallTotals()
 
     async def one(index: int) -> None:
         for scenario in scenarios:
-            run = SessionRun(url, index, transcribe, offer_path, events, transport, playout_frames, impairment)
+            run = SessionRun(url, index, transcribe, offer_path, events, transport, playout_frames, impairment, room)
             totals.offered += 1
             try:
                 await run.play(scenario)

@@ -38,9 +38,10 @@ def summarize(by_level: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
             "false_cutoffs": sum(r["false_cutoff"] for r in rows),
             "split_turns": sum(r.get("split_turn", False) for r in rows),
             "underruns": run["underruns"],
+            "self_interruptions": run.get("self_interruptions", 0),
             "replies_heard": replies_heard(rows),
             "scenarios": by_scenario(rows),
-            **{k: run[k] for k in ("calls", "event_stalls", "network", "impairment", "cpu_percent_per_session", "rss_mb", "cpu_by_stage") if k in run},
+            **{k: run[k] for k in ("calls", "event_stalls", "network", "impairment", "room", "cpu_percent_per_session", "rss_mb", "cpu_by_stage") if k in run},
         }
     return out
 
@@ -84,6 +85,9 @@ def markdown(summary: dict[int, dict[str, Any]]) -> str:
             f"false starts {block['false_starts']}, false cut-offs {block['false_cutoffs']}, "
             f"split turns {block['split_turns']}, replies heard {block['replies_heard']}, output underruns {block['underruns']}"
         )
+        extra += f", self-interruptions {block['self_interruptions']}"
+        if "room" in block:
+            extra += f" (speakerphone: {block['room']})"
         if "event_stalls" in block:
             extra += f", event stalls over 1 s {block['event_stalls']}"
         if "impairment" in block:

@@ -175,8 +175,8 @@ def spoken_over(voices: tuple[Voice | EspeakVoice, ...], pairs: tuple[tuple[str,
 
 
 def builtin(voice: Voice, second: EspeakVoice | None = None) -> dict[str, Scenario]:
-    """The built-in scenarios; `hesitate`, `complete`, `bargein` and `backchannel` alternate
-    `voice` and `second`."""
+    """The built-in scenarios; `hesitate`, `complete`, `bargein`, `backchannel` and `speakerphone`
+    alternate `voice` and `second`."""
     say = voice.say
     voices = (voice, second or voice)
     noise = (0.02 * np.random.default_rng(7).standard_normal(3 * RATE)).astype(np.float32)
@@ -200,6 +200,12 @@ def builtin(voice: Voice, second: EspeakVoice | None = None) -> dict[str, Scenar
         "complete": Scenario(
             "complete",
             tuple(Utterance(text, voices[i % 2].say(text)) for i, text in enumerate(QUESTIONS)),
+        ),
+        # Requests for long replies, each heard to its end: with `--room`, whether the agent's own
+        # voice coming back through the microphone pauses or stops them (self-interruptions).
+        "speakerphone": Scenario(
+            "speakerphone",
+            tuple(Utterance(text, voices[i % 2].say(text)) for i, (text, _) in enumerate(BARGEINS + BACKCHANNELS)),
         ),
         "noise": Scenario("noise", (Utterance("", noise, expect_reply=False),)),
         "silence": Scenario("silence", (Utterance("", _silence(3.0), expect_reply=False),)),

@@ -34,6 +34,9 @@ from vad.endpointer import Phase
 
 __all__ = ["Controller", "SessionModels", "State"]
 
+CLIENT_ECHO = "client_echo_cancellation"  # session.update: the client cancels the echo of what it plays itself (or not)
+
+
 class State(enum.StrEnum):
     LISTENING = "listening"
     USER_SPEAKING = "user_speaking"
@@ -212,16 +215,27 @@ class Controller:
         self.replies.commit_reply(typed, self.turns.voice_end_at(), self.config.interruption.merge_heard_ms, {})
 
     def _update_session(self, event: ev.SessionUpdate) -> None:
+        turn_settings = {k: v for k, v in event.session.items() if k != CLIENT_ECHO}
+        client_cancels = event.session.get(CLIENT_ECHO)
         try:
-            self.turns.reconfigure(self.config.with_session(event.session))
+            if client_cancels is not None and not isinstance(client_cancels, bool):
+                raise ValueError(f"{CLIENT_ECHO} must be true or false")
+            self.turns.reconfigure(self.config.with_session(turn_settings))
         except ValueError as exc:
             self.io.emit(ev.Error("invalid_value", str(exc), event.event_id))
             return
+        if client_cancels is not None:
+            self.io.echo.declare(client_cancels)
         self.io.playback.buffer_ms = self.config.interruption.client_buffer_ms
         self.io.emit(ev.SessionUpdated(self._session_info()))
 
     def _session_info(self) -> dict[str, Any]:
-        return {"id": self.io.session_id, "profile": self.profile, "turn_detection": self.config.public()}
+        return {
+            "id": self.io.session_id,
+            "profile": self.profile,
+            "turn_detection": self.config.public(),
+            "echo_cancellation": self.io.echo.enabled,
+        }
 
     def _task_failed(self, task: asyncio.Task[Any], exc: BaseException) -> None:
         self.log.error("controller.task_failed", task=task.get_name(), error=repr(exc))

@@ -41,6 +41,9 @@ class LoopbackAgent:
 
     def __init__(self, io: SessionIO, config: LoopbackConfig) -> None:
         self._io = io
+        # Its output is the caller's own voice, which a canceller would take out of what comes in
+        # next: `auto` never cancels here, whatever the client says (`--echo-cancel on` still does).
+        io.echo.declare(client_cancels=True)
         self.delay_ms = config.delay_ms
         self._line: collections.deque[tuple[float, np.ndarray]] = collections.deque()
         self.reserve_ms = JITTER_RESERVE_MS

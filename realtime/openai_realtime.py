@@ -44,6 +44,7 @@ from realtime.events import (
     TranscriptionCompleted,
     TranscriptionDelta,
 )
+from realtime.echo import EchoCanceller
 from realtime.output import FrameClock
 from realtime.session import AgentFactory, SessionRegistry
 from realtime.wire import SessionStart
@@ -268,10 +269,10 @@ class Translator:
 class OpenAIRealtimeSession(WebSocketSession):
     """A Session carried by one `/v1/realtime` WebSocket."""
 
-    def __init__(self, ws: web.WebSocketResponse, transport: Any, send_queue_s: float, model: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, transport: Any, send_queue_s: float, model: str, echo: EchoCanceller) -> None:
         self._translator = Translator(model)
         self._pending_audio: list[bytes] = []
-        super().__init__(ws, transport, SessionStart(RATE, RATE), send_queue_s, name="openai-realtime")
+        super().__init__(ws, transport, SessionStart(RATE, RATE), send_queue_s, echo, name="openai-realtime")
 
     def _encode(self, event: ServerEvent) -> list[str]:
         return [json.dumps({"event_id": _event_id(), **message}) for message in self._translator.server(event)]
@@ -308,5 +309,7 @@ async def serve_openai_realtime(
     ws = web.WebSocketResponse(heartbeat=config.ping_timeout_s, max_msg_size=config.max_body_bytes * 4)
     await ws.prepare(request)
     model = request.query.get("model", "default")
-    await hold(ws, OpenAIRealtimeSession(ws, prepare_socket(request), config.ws_send_queue_s, model), registry, factory)
+    # The protocol has no word for the client's own echo canceller: only `--echo-cancel on` cancels.
+    session = OpenAIRealtimeSession(ws, prepare_socket(request), config.ws_send_queue_s, model, EchoCanceller(config.echo_cancel))
+    await hold(ws, session, registry, factory)
     return ws

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from typing import Callable
 
 import numpy as np
 import soxr
@@ -72,6 +73,7 @@ class PacedOutput:
         self.worst_gap_ms = 0.0
         self.late_frames = 0
         self._last_frame_at: float | None = None
+        self.on_sent: Callable[[np.ndarray, int], None] | None = None  # each frame handed out, and the rate
 
     @property
     def queued_ms(self) -> float:
@@ -140,6 +142,12 @@ class PacedOutput:
 
     def next_frame(self) -> np.ndarray:
         """Exactly one frame of int16 samples."""
+        frame = self._frame()
+        if self.on_sent is not None:
+            self.on_sent(frame, self.sample_rate)
+        return frame
+
+    def _frame(self) -> np.ndarray:
         now = time.monotonic()
         if self._last_frame_at is not None:
             gap_ms = (now - self._last_frame_at) * 1000.0

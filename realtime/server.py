@@ -142,6 +142,9 @@ class Routes:
             return json_error(400, "invalid_offer", "body must be {sdp: string, type: 'offer'}")
         if "m=audio" not in body["sdp"]:
             return json_error(400, "invalid_sdp", "the SDP offer has no audio section")
+        client_cancels = body.get("client_echo_cancellation")
+        if client_cancels is not None and not isinstance(client_cancels, bool):
+            return json_error(400, "invalid_offer", "client_echo_cancellation must be true or false")
         try:
             session, answer = await open_webrtc_session(
                 RTCSessionDescription(sdp=body["sdp"], type="offer"),
@@ -149,6 +152,7 @@ class Routes:
                 self.registry,
                 self.factory,
                 request.remote,
+                client_cancels,
             )
         except SessionLimitReached as exc:
             return json_error(503, exc.code, str(exc), RETRY_AFTER_S)

@@ -16,6 +16,7 @@ import numpy as np
 import structlog
 
 from realtime.capacity import LoadMonitor
+from realtime.echo import EchoCanceller
 from realtime.events import ClientEvent, Error, EventError, Ping, Pong, ServerEvent, SessionClosed
 from realtime.output import PacedOutput, PlaybackTracker
 from realtime.wire import EventEncoder, parse_client_event
@@ -44,6 +45,7 @@ class SessionIO:
     frames: asyncio.Queue[np.ndarray]  # 20 ms frames of 16 kHz mono int16
     output: PacedOutput
     emit: Callable[[ServerEvent], None]
+    echo: EchoCanceller = field(default_factory=lambda: EchoCanceller("off"))  # on the input before the agent sees it
     playback: PlaybackTracker = field(init=False)  # how much of the current reply the client has played
 
     def __post_init__(self) -> None:
@@ -54,14 +56,17 @@ AgentFactory = Callable[[SessionIO], Agent]
 
 
 class Session:
-    """Owns one call: its tasks, its input queue, its paced output and its event channel."""
+    """Owns one call: its tasks, its input queue (through its echo canceller, whose reference is
+    what the paced output sends), its paced output and its event channel."""
 
-    def __init__(self, transport: str, output: PacedOutput, send_text: Callable[[str], None]) -> None:
+    def __init__(self, transport: str, output: PacedOutput, send_text: Callable[[str], None], echo: EchoCanceller) -> None:
         self.id = "sess_" + uuid.uuid4().hex[:16]
         self.transport = transport
         self.started = time.monotonic()
         self.frames: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=INPUT_QUEUE_FRAMES)
         self.output = output
+        self.echo = echo
+        output.on_sent = self.echo.reference
         self.frames_received = 0
         self.frames_dropped = 0
         self.closed = asyncio.Event()  # set once everything is freed
@@ -78,7 +83,7 @@ class Session:
         self.remote_address: str | None = None  # the client's, for limits per address
         self.pending = False  # answered, but the peer has shown no life yet (WebRTC)
         self.pings = False  # the client sends `ping`s (and so promises one a second)
-        self._io = SessionIO(self.id, self.frames, self.output, self.emit)
+        self._io = SessionIO(self.id, self.frames, self.output, self.emit, self.echo)
 
     @property
     def tasks(self) -> frozenset[asyncio.Task[Any]]:
@@ -91,7 +96,7 @@ class Session:
         self.agent = factory(self.io())
         agent = self.spawn(self.agent.run(), "agent")
         agent.add_done_callback(self._agent_done)
-        self.log.info("session.started")
+        self.log.info("session.started", echo_cancel=self.echo.enabled)
 
     def watch(self, observer: Callable[[ServerEvent], None]) -> None:
         """Have `observer` see every event this session emits."""
@@ -136,7 +141,7 @@ class Session:
         if self.frames.full():
             self.frames.get_nowait()
             self.frames_dropped += 1
-        self.frames.put_nowait(frame)
+        self.frames.put_nowait(self.echo.clean(frame))
 
     def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Register transport teardown, run after every task is cancelled and awaited."""

@@ -21,6 +21,7 @@ from av import AudioFrame
 
 from config import IceServer, ServerConfig
 from realtime.audio import InputFramer, frame_to_mono
+from realtime.echo import EchoCanceller
 from realtime.opus import hold_received_frames
 from realtime.output import FrameClock, PacedOutput
 from realtime.session import AgentFactory, Session, SessionRegistry
@@ -103,12 +104,12 @@ def _rtc_ice_servers(servers: tuple[IceServer, ...]) -> list[RTCIceServer]:
 class WebRTCSession(Session):
     """A Session carried by an aiortc peer connection."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, echo: EchoCanceller) -> None:
         self._channel: RTCDataChannel | None = None
         self._pending: list[str] = []
         self._alive = asyncio.Event()  # set by every received audio frame and client message
         self._config = config
-        super().__init__("webrtc", PacedOutput(OUTPUT_RATE), self._send_text)
+        super().__init__("webrtc", PacedOutput(OUTPUT_RATE), self._send_text, echo)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=_rtc_ice_servers(config.ice_servers)))
         self.track = PacedAudioTrack(self.output)
         self.on_close(self._teardown)
@@ -232,8 +233,10 @@ async def open_webrtc_session(
     registry: SessionRegistry,
     factory: AgentFactory,
     address: str | None = None,
+    client_cancels_echo: bool | None = None,
 ) -> tuple[WebRTCSession, RTCSessionDescription]:
-    """Answer an offer from `address` with a new registered session.
+    """Answer an offer from `address` with a new registered session (`client_cancels_echo`: what
+    the offer said of the client's own echo canceller, if anything).
 
     Raises SessionLimitReached when full, TooManyPendingOffers when `address` already holds
     `pending_offers_per_address` sessions that never showed life, and any error of the offer's own
@@ -246,7 +249,7 @@ async def open_webrtc_session(
     check_offer(offer.sdp)
     if config.loopback_ice:
         offer = RTCSessionDescription(sdp=keep_loopback_candidates(offer.sdp), type=offer.type)
-    session = WebRTCSession(config)
+    session = WebRTCSession(config, EchoCanceller(config.echo_cancel, client_cancels_echo))
     session.remote_address, session.pending = address, True
     registry.add(session)
     try:

@@ -19,11 +19,13 @@ WS_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 @dataclass(frozen=True)
 class SessionStart:
     """The first message on `/ws` (a handshake, not an event): the sample rates of the PCM16 audio
-    the client sends and wants back."""
+    the client sends and wants back, and whether it cancels the echo of what it plays itself
+    (`client_echo_cancellation`: false, and with `--echo-cancel auto` the server does)."""
 
     type: ClassVar[str] = "session.start"
     input_sample_rate: int
     output_sample_rate: int = SAMPLE_RATE
+    client_echo_cancellation: bool | None = None
 
     @classmethod
     def parse(cls, raw: str) -> SessionStart:
@@ -41,7 +43,10 @@ class SessionStart:
             if type(rate) is not int or rate not in WS_SAMPLE_RATES:  # not 16000.0, not True
                 raise EventError("invalid_session_start", f"{key} must be one of {list(WS_SAMPLE_RATES)}")
             rates.append(rate)
-        return cls(rates[0], rates[1])
+        client_cancels = msg.get("client_echo_cancellation")
+        if client_cancels is not None and not isinstance(client_cancels, bool):
+            raise EventError("invalid_session_start", "client_echo_cancellation must be true or false")
+        return cls(rates[0], rates[1], client_cancels)
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **asdict(self)}

@@ -15,6 +15,7 @@ from aiohttp import WSMsgType, web
 
 from config import ServerConfig
 from realtime.audio import InputFramer
+from realtime.echo import EchoCanceller
 from realtime.events import Error, EventError
 from realtime.output import FrameClock, PacedOutput
 from realtime.session import AgentFactory, Session, SessionLimitReached, SessionRegistry
@@ -38,6 +39,7 @@ class WebSocketSession(Session):
         transport: asyncio.Transport | None,
         start: SessionStart,
         send_queue_s: float,
+        echo: EchoCanceller,
         name: str = "websocket",
     ) -> None:
         self._ws = ws
@@ -45,7 +47,7 @@ class WebSocketSession(Session):
         # One ordered outbox for events and audio, drained by a single writer task; a client that
         # stops reading is closed once `send_queue_s` of frames wait in it, not buffered forever.
         self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=max(1, round(send_queue_s * 1000 / FRAME_MS)))
-        super().__init__(name, PacedOutput(start.output_sample_rate), self._send)
+        super().__init__(name, PacedOutput(start.output_sample_rate), self._send, echo)
         self.input_rate = start.input_sample_rate
         self._framer = InputFramer()
         self.on_close(self._teardown)
@@ -159,5 +161,6 @@ async def serve_websocket(
         await ws.send_json(Error("invalid_session_start", message).to_dict())
         await ws.close(code=1008, message=b"invalid session.start")
         return ws
-    await hold(ws, WebSocketSession(ws, transport, start, config.ws_send_queue_s), registry, factory)
+    echo = EchoCanceller(config.echo_cancel, start.client_echo_cancellation)
+    await hold(ws, WebSocketSession(ws, transport, start, config.ws_send_queue_s, echo), registry, factory)
     return ws

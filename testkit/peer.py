@@ -26,6 +26,7 @@ from realtime.wire import ChunkJoiner
 from runtime.tasks import TaskOwner
 from testkit.impair import Impairment, UdpRelay
 from testkit.notifier import Notifier
+from testkit.room import SpeakerphoneMic, SpeakerRoom
 
 RATE = 48000
 # A browser's playout delay on a loopback call: headless Chromium's jitter buffer held 30 ms
@@ -70,7 +71,12 @@ class ClientPeer:
         playout_frames: int = BROWSER_PLAYOUT_FRAMES,
         headers: dict[str, str] | None = None,
         impairment: Impairment | None = None,
+        room: SpeakerRoom | None = None,
+        cancels_echo: bool | None = None,
     ) -> None:
+        """`room`: a speakerphone, whose echo of the agent comes back in the microphone;
+        `cancels_echo`: what the offer says of the client's own echo canceller (None: nothing)."""
+        self.cancels_echo = cancels_echo
         self.base_url = base_url.rstrip("/")
         self.offer_path = offer_path
         self.headers = headers or {}  # e.g. the server's bearer token
@@ -78,7 +84,7 @@ class ClientPeer:
         # gateway) opens no data channel at all.
         self.expect_events = events and data_channel
         self.playout_frames = playout_frames  # received frames held before one is played
-        self.mic = PacedOutput(RATE)
+        self.mic = PacedOutput(RATE) if room is None else SpeakerphoneMic(RATE, room)
         aiortc_patches.install()  # as a browser: FEC sent, losses concealed, SCTP on Chromium's timers
         self.pc = RTCPeerConnection()
         self.session_id: str | None = None
@@ -101,7 +107,9 @@ class ClientPeer:
 
     async def connect(self, timeout: float = 10.0) -> str:
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        offer: dict[str, Any] = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        if self.cancels_echo is not None:
+            offer["client_echo_cancellation"] = self.cancels_echo
         if self.relay is not None:
             await self.relay.start()
             offer["sdp"] = self.relay.steer_offer(offer["sdp"])
@@ -178,6 +186,8 @@ class ClientPeer:
             except MediaStreamError:
                 return
             self.received.append(ReceivedFrame(time.monotonic(), frame_to_mono(frame)))
+            if isinstance(self.mic, SpeakerphoneMic):
+                self.mic.played(self.received[-1].pcm)
             self.changed.notify()
 
     async def wait_event(

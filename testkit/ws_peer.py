@@ -15,14 +15,16 @@ from realtime.wire import ChunkJoiner, SessionStart
 from runtime.tasks import TaskOwner
 from testkit.notifier import Notifier
 from testkit.peer import RATE, OfferRefused, ReceivedFrame
+from testkit.room import SpeakerphoneMic, SpeakerRoom
 
 
 class WsPeer:
     """One call over the WebSocket: a paced microphone task and a reader task, both owned here."""
 
-    def __init__(self, base_url: str, **_: Any) -> None:
+    def __init__(self, base_url: str, room: SpeakerRoom | None = None, cancels_echo: bool | None = None, **_: Any) -> None:
         self.url = base_url.rstrip("/").replace("http", "ws", 1) + "/ws"
-        self.mic = PacedOutput(RATE)
+        self.mic = PacedOutput(RATE) if room is None else SpeakerphoneMic(RATE, room)
+        self.cancels_echo = cancels_echo  # what session.start says of the client's own echo canceller
         self.events: list[dict[str, Any]] = []
         self.received: list[ReceivedFrame] = []
         self.pongs: set[str] = set()  # the event_ids the server's pongs answered
@@ -40,7 +42,7 @@ class WsPeer:
             self._ws = await self._http.ws_connect(self.url)
         except aiohttp.WSServerHandshakeError as exc:  # refused before the upgrade (503 when full)
             raise OfferRefused(exc.status, {"error": {"message": exc.message}}) from None
-        await self._ws.send_str(json.dumps(SessionStart(RATE, RATE).to_dict()))
+        await self._ws.send_str(json.dumps(SessionStart(RATE, RATE, self.cancels_echo).to_dict()))
         self._tasks.spawn(self._send_mic(), "mic")
         self._tasks.spawn(self._read(), "read")
         created = await self.changed.wait_for(self._created, timeout)
@@ -74,6 +76,8 @@ class WsPeer:
             if message.type == aiohttp.WSMsgType.BINARY:
                 pcm = np.frombuffer(message.data, "<i2").astype(np.float32) / 32768
                 self.received.append(ReceivedFrame(time.monotonic(), pcm))
+                if isinstance(self.mic, SpeakerphoneMic):
+                    self.mic.played(pcm)
             elif message.type == aiohttp.WSMsgType.TEXT:
                 event = self._joiner.feed(message.data)
                 if event is not None and event["type"] == "pong":

@@ -37,6 +37,7 @@ async def test_bad_requests_leave_a_healthy_call_alone(server):
             (dict(data="{not json", headers={"Content-Type": "application/json"}), 400, "invalid_json"),
             (dict(json={"sdp": 5, "type": "offer"}), 400, "invalid_offer"),
             (dict(json={"sdp": VALID_LOOKING_SDP, "type": "answer"}), 400, "invalid_offer"),
+            (dict(json={"sdp": VALID_LOOKING_SDP, "type": "offer", "client_echo_cancellation": "yes"}), 400, "invalid_offer"),
             (dict(json={"sdp": "hello", "type": "offer"}), 400, "invalid_sdp"),
             (dict(json={"sdp": VALID_LOOKING_SDP, "type": "offer"}), 400, "invalid_sdp"),
             (dict(json={"sdp": VALID_LOOKING_SDP + "a=" + "x" * 70000, "type": "offer"}), 413, "body_too_large"),
@@ -61,6 +62,7 @@ async def test_bad_requests_leave_a_healthy_call_alone(server):
         for start, field in (
             ({"type": "session.start", "input_sample_rate": 12345}, "input_sample_rate"),
             ({"type": "session.start", "input_sample_rate": 16000, "output_sample_rate": 16000.0}, "output_sample_rate"),
+            ({"type": "session.start", "input_sample_rate": 16000, "client_echo_cancellation": 1}, "client_echo_cancellation"),
             (DEEP, "session.start"),
         ):
             async with http.ws_connect(f"{server.url}/ws") as ws:

@@ -183,6 +183,7 @@ async def test_the_page_types_tunes_and_is_interrupted(start_server, embedded_mo
             wait = WebDriverWait(driver, 60)
             wait.until(lambda d: d.find_element(By.ID, "profile").text == "embedded")
             wait.until(lambda d: d.find_element(By.ID, "say-send").is_enabled())
+            assert driver.find_element(By.ID, "echo-note").is_displayed()  # the server cancels instead
             driver.find_element(By.CSS_SELECTOR, "#settings-panel summary").click()
             Select(driver.find_element(By.NAME, "type")).select_by_value("vad")
             wait.until(lambda d: d.find_element(By.ID, "settings-state").text == "applied")
@@ -195,6 +196,7 @@ async def test_the_page_types_tunes_and_is_interrupted(start_server, embedded_mo
             return driver.find_element(By.TAG_NAME, "body").get_attribute("data-session-id")
 
         session_id = await asyncio.to_thread(settings_and_message)
+        assert server.registry.get(session_id).echo.enabled  # the page said its browser does not cancel
         turn_config = server.registry.get(session_id).agent.config
         assert (turn_config.endpointing.type, turn_config.endpointing.commit_ms) == ("vad", 600)
 

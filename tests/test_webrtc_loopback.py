@@ -178,10 +178,11 @@ import aiortc.rtcsctptransport as sctp
 from config import AppConfig
 from context.dialog import TranscriptStore
 from realtime.server import build_app
+from realtime.echo import EchoCanceller
 from realtime.webrtc import WebRTCSession
 from pathlib import Path
 before = sctp.SCTP_RTO_MIN
-WebRTCSession(AppConfig().server)  # a session no longer installs anything
+WebRTCSession(AppConfig().server, EchoCanceller("off"))  # a session no longer installs anything
 assert sctp.SCTP_RTO_MIN == before, before
 build_app(AppConfig(profile="loopback"), lambda io: None, TranscriptStore(Path("/nonexistent")))
 print(before, sctp.SCTP_RTO_MIN)

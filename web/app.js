@@ -302,6 +302,16 @@ function openMicrophone() {
   });
 }
 
+// Whether the browser cancels the echo of what it plays: what its track says it does, not what was
+// asked. The server cancels it when the browser does not (--echo-cancel auto).
+function browserCancelsEcho(stream) {
+  const track = stream.getAudioTracks()[0];
+  const settings = track && track.getSettings ? track.getSettings() : {};
+  const cancels = settings.echoCancellation === undefined ? $("aec").checked : Boolean(settings.echoCancellation);
+  $("echo-note").hidden = cancels;
+  return cancels;
+}
+
 async function listMicrophones() {
   if (!navigator.mediaDevices || !navigator.mediaDevices.enumerateDevices) return;
   const select = $("mic-select");
@@ -320,6 +330,7 @@ async function switchMicrophone() {
     await sender.replaceTrack(stream.getAudioTracks()[0]);
     call.mic.getTracks().forEach((t) => t.stop());
     call.mic = stream;
+    send({ type: "session.update", session: { client_echo_cancellation: browserCancelsEcho(stream) } });
     clearInterval(call.micMeter);
     call.micMeter = meter(stream, "mic-level");
   } catch (err) {
@@ -395,7 +406,7 @@ async function startCall() {
     response = await fetch("/api/offer", {
       method: "POST",
       headers: { "Content-Type": "application/json", ...AUTH },
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer" }),
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", client_echo_cancellation: browserCancelsEcho(call.mic) }),
     });
   } catch (err) {
     showError(`The server is unreachable (${err.message}).`);

@@ -1,0 +1,149 @@
+"""Server-side echo cancellation: WebRTC's AEC3 (livekit's audio processing module) on a call's own
+output, measured on speech played through a synthetic speakerphone room."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from realtime.echo import EchoCanceller
+from realtime.events import ClientEvent, SessionCreated, SessionUpdate
+from realtime.output import PacedOutput
+from realtime.session import Session, SessionIO
+from runtime.audio import FRAME_MS, SAMPLE_RATE, float_to_int16
+from testkit.peer import ClientPeer
+from testkit.room import SpeakerRoom
+from testkit.speech import espeak
+from testkit.ws_peer import WsPeer
+from tests.test_controller import make_rig
+
+pytestmark = pytest.mark.unit
+
+FRAME = SAMPLE_RATE * FRAME_MS // 1000
+REPLY = "The old lighthouse stood at the edge of the cliff, and every night its light swept across the dark water."
+USER = "Actually, wait, I have another question."
+
+
+def _db(pcm: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(np.asarray(pcm, dtype=np.float64) ** 2) + 1e-12))
+
+
+def _frames(pcm: np.ndarray) -> list[np.ndarray]:
+    return [pcm[i : i + FRAME] for i in range(0, len(pcm) - FRAME + 1, FRAME)]
+
+
+def _call(echo: EchoCanceller, reply: np.ndarray, room: SpeakerRoom, user: np.ndarray | None = None, user_at_s: float = 3.0):
+    """The reply sent frame by frame through a Session's paced output, the room's echo of it (and
+    the user's speech, if any) coming back into the Session's input: (microphone, what the agent
+    hears), int16, 16 kHz."""
+    output = PacedOutput(48000)
+    session = Session("test", output, lambda text: None, echo)
+    output.write(reply, SAMPLE_RATE)
+    mic_frames, heard = [], []
+    rng = np.random.default_rng(1)
+    for index in range(len(reply) // FRAME):
+        sent = output.next_frame()  # as the pacer sends it: the canceller's reference
+        played = sent[::3].astype(np.float32) / 32768  # the client plays it (48 -> 16 kHz is enough here)
+        mic = room.echo(played) + rng.normal(0, 3e-4, FRAME).astype(np.float32)
+        if user is not None:
+            offset = index * FRAME - int(user_at_s * SAMPLE_RATE)
+            if 0 <= offset < len(user):
+                part = user[offset : offset + FRAME]
+                mic[: len(part)] += part
+        mic_frames.append(float_to_int16(mic))
+        session.push_frame(mic_frames[-1])
+        heard.append(session.frames.get_nowait())
+    return np.concatenate(mic_frames), np.concatenate(heard)
+
+
+@pytest.fixture(scope="module")
+def reply() -> np.ndarray:
+    return np.concatenate([espeak(REPLY), np.zeros(SAMPLE_RATE, dtype=np.float32)])
+
+
+@pytest.mark.parametrize(("delay_ms", "loss_db"), [(50, 6), (150, 0), (300, 0)])
+def test_the_echo_of_a_reply_is_taken_out_of_the_microphone(reply, delay_ms, loss_db):
+    mic, heard = _call(EchoCanceller("on"), reply, SpeakerRoom(delay_ms, loss_db))
+    # After the first second (the canceller finds the delay and the room within it): the echo,
+    # as loud as the agent's own voice at 0 dB of return loss, comes out at least 18 dB quieter.
+    after = slice(SAMPLE_RATE, len(mic) - SAMPLE_RATE)
+    assert _db(mic[after]) - _db(heard[after]) >= 18.0, (_db(mic[after]), _db(heard[after]))
+    # And in the first second too: its suppressor holds back what the filter has not yet learnt.
+    first = slice(0, SAMPLE_RATE)
+    assert _db(mic[first]) - _db(heard[first]) >= 15.0
+
+
+def test_the_user_talking_over_the_echo_is_kept(reply):
+    user = espeak(USER, options=["-v", "en-us+f3"])
+    during = slice(3 * SAMPLE_RATE, 3 * SAMPLE_RATE + len(user))
+    mic, heard = _call(EchoCanceller("on"), reply, SpeakerRoom(150, 0), user)
+    echo_only = _call(EchoCanceller("on"), reply, SpeakerRoom(150, 0))[1]
+    # Double-talk: the user's words come through within 8 dB of their level, well above the echo left.
+    assert abs(_db(heard[during]) - _db(float_to_int16(user))) <= 8.0, (_db(heard[during]), _db(float_to_int16(user)))
+    assert _db(heard[during]) - _db(echo_only[during]) >= 12.0
+
+
+def test_off_the_input_passes_untouched_and_the_module_is_never_made(reply):
+    echo = EchoCanceller("off")
+    mic, heard = _call(echo, reply, SpeakerRoom(150, 0))
+    assert np.array_equal(mic, heard)
+    assert echo._apm is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "client_cancels", "enabled"),
+    [("auto", None, False), ("auto", True, False), ("auto", False, True), ("on", True, True), ("off", None, False), ("off", False, False)],
+)
+def test_who_cancels(mode, client_cancels, enabled):
+    assert EchoCanceller(mode, client_cancels).enabled is enabled
+
+
+async def test_the_client_says_mid_call_whether_it_cancels_echo_itself(tmp_path):
+    """The page's switch: `session.update` with `client_echo_cancellation`, answered in
+    `session.updated`; anything but a boolean is refused and changes nothing."""
+    rig = make_rig(tmp_path)
+    rig.controller.io.echo = EchoCanceller("auto")
+    assert not rig.controller.io.echo.enabled  # the client said nothing
+    rig.controller.on_client_event(SessionUpdate({"client_echo_cancellation": True}))
+    assert rig.of("session.updated")[-1]["session"]["echo_cancellation"] is False
+    assert not rig.controller.io.echo.enabled
+    rig.controller.on_client_event(SessionUpdate({"client_echo_cancellation": "yes"}, event_id="e2"))
+    assert rig.of("error")[-1]["error"]["code"] == "invalid_value" and len(rig.of("session.updated")) == 1
+    rig.controller.on_client_event(SessionUpdate({"client_echo_cancellation": False, "turn_detection": {"commit_ms": 900}}))
+    updated = rig.of("session.updated")[-1]["session"]
+    assert updated["echo_cancellation"] is True and updated["turn_detection"]["commit_ms"] == 900
+
+
+class Speaker:
+    """An agent that says one thing as the call starts and keeps what it hears."""
+
+    def __init__(self, io: SessionIO, reply: np.ndarray) -> None:
+        self.io, self.reply = io, reply
+        self.heard: list[np.ndarray] = []
+
+    async def run(self) -> None:
+        self.io.emit(SessionCreated({"id": self.io.session_id, "echo_cancellation": self.io.echo.enabled}))
+        self.io.output.write(self.reply, SAMPLE_RATE)
+        while True:
+            self.heard.append(await self.io.frames.get())
+
+    def on_client_event(self, event: ClientEvent) -> None:
+        pass
+
+
+@pytest.mark.parametrize("transport", ["ws", "webrtc"])
+async def test_a_call_on_a_speakerphone_hears_the_echo_cancelled(start_server, reply, transport):
+    """The same reply played into a speakerphone (150 ms, 0 dB) over a real call, with and without
+    the canceller: what the agent hears of it, the whole reply through."""
+    heard_db = {}
+    for mode in ("off", "on"):
+        agents: list[Speaker] = []
+        server = await start_server(factory=lambda io: agents.append(Speaker(io, reply)) or agents[-1], echo_cancel=mode)
+        room = SpeakerRoom(150, 0.0)
+        peer = WsPeer(server.url, room=room) if transport == "ws" else ClientPeer(server.url, room=room, events=False)
+        await peer.connect()
+        frames = len(reply) // FRAME + 25  # the reply and its echo's way back
+        await peer.changed.wait_for(lambda: len(agents) == 1 and len(agents[0].heard) >= frames, timeout=30)
+        heard_db[mode] = _db(np.concatenate(agents[0].heard[:frames]))
+        await peer.close()
+    assert heard_db["off"] - heard_db["on"] >= 15.0, heard_db
