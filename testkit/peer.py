@@ -187,7 +187,7 @@ class ClientPeer:
                 return
             self.received.append(ReceivedFrame(time.monotonic(), frame_to_mono(frame)))
             if isinstance(self.mic, SpeakerphoneMic):
-                self.mic.played(self.received[-1].pcm)
+                self.mic.play(self.received[-1].pcm)
             self.changed.notify()
 
     async def wait_event(

@@ -14,6 +14,9 @@ from runtime.audio import SAMPLE_RATE, float_to_int16
 TAIL_S = 0.25  # the room's reverberation, after the direct path
 DECAY_S = 0.05  # its energy falls by 1/e every DECAY_S
 DRIVE = 1.5  # how hard the speaker is driven into its soft clipping
+PLAYOUT_START_MS = 60  # a speakerphone client's playout buffer: it plays once this much came in
+PLAYOUT_MAX_MS = 300  # and drops the oldest beyond this (after a stalled loop's burst)
+ECHO_LEAD_FRAMES = 2  # echo held before the microphone sends any (see SpeakerphoneMic)
 
 
 class SpeakerRoom:
@@ -33,6 +36,8 @@ class SpeakerRoom:
         self._history = np.zeros(delay_ms * SAMPLE_RATE // 1000 + taps - 1, dtype=np.float32)
 
     def echo(self, played: np.ndarray) -> np.ndarray:
+        if len(played) == 0:  # (np.convolve would turn the empty span into samples of its own)
+            return np.zeros(0, dtype=np.float32)
         speaker = np.tanh(DRIVE * np.asarray(played, dtype=np.float32)) / DRIVE
         window = np.concatenate([self._history, speaker])
         # Each sample heard is the response over what was played `delay` and more samples before it.
@@ -67,23 +72,50 @@ class RoomSpec:
 
 
 class SpeakerphoneMic(PacedOutput):
-    """A client's microphone beside its loudspeaker: the frames it sends are what it is told to
-    say plus the room's echo of the audio the client plays (`played()`, each frame as it plays)."""
+    """A client's microphone beside its loudspeaker, on one device clock: the frames it sends are
+    what it is told to say plus the room's echo of what the loudspeaker plays in the same 20 ms.
+    Received audio (`play()`, as it arrives) waits in the loudspeaker's buffer, which starts once
+    `PLAYOUT_START_MS` is in and plays a frame for each frame the microphone takes, so the echo
+    keeps a fixed delay behind the audio played, as on a real device; arrivals that come in bursts
+    or late only fill or drain the buffer (an empty one plays silence and starts over)."""
 
     def __init__(self, sample_rate: int, room: SpeakerRoom) -> None:
         super().__init__(sample_rate)
         self._room = room
         self._down = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32")
         self._up = soxr.ResampleStream(SAMPLE_RATE, sample_rate, 1, dtype="float32")
-        self._echo = np.zeros(0, dtype=np.float32)  # echo that has reached the microphone, not yet sent
+        self._speaker = np.zeros(0, dtype=np.float32)  # received, not yet played
+        self._playing = False
+        # The echo of what was played, not yet sent. The resamplers hand it out in uneven chunks
+        # (and late at first): it is sent from once ECHO_LEAD_FRAMES are in, so a frame never
+        # finds too little and the echo keeps its delay.
+        self._echo = np.zeros(0, dtype=np.float32)
+        self._echoing = False
 
-    def played(self, pcm: np.ndarray) -> None:
-        echo = self._up.resample_chunk(self._room.echo(self._down.resample_chunk(pcm.astype(np.float32))))
-        self._echo = np.concatenate([self._echo, echo])[-self.sample_rate :]  # a stalled sender keeps 1 s
+    def play(self, pcm: np.ndarray) -> None:
+        """Audio the client received, for its loudspeaker."""
+        self._speaker = np.concatenate([self._speaker, pcm.astype(np.float32)])
+        most = self.sample_rate * PLAYOUT_MAX_MS // 1000
+        self._speaker = self._speaker[-most:]
+
+    def _loudspeaker(self, samples: int) -> np.ndarray:
+        """What the loudspeaker plays while the microphone takes `samples`."""
+        self._playing = self._playing or len(self._speaker) >= self.sample_rate * PLAYOUT_START_MS // 1000
+        if not self._playing:
+            return np.zeros(samples, dtype=np.float32)
+        played, self._speaker = self._speaker[:samples], self._speaker[samples:]
+        if len(played) < samples:
+            self._playing = False
+            played = np.concatenate([played, np.zeros(samples - len(played), dtype=np.float32)])
+        return played
 
     def next_frame(self) -> np.ndarray:
         frame = super().next_frame().astype(np.float32) / 32768
-        take = min(len(self._echo), len(frame))
-        frame[:take] += self._echo[:take]
-        self._echo = self._echo[take:]
+        echo = self._up.resample_chunk(self._room.echo(self._down.resample_chunk(self._loudspeaker(len(frame)))))
+        self._echo = np.concatenate([self._echo, echo])
+        self._echoing = self._echoing or len(self._echo) >= ECHO_LEAD_FRAMES * len(frame)
+        if self._echoing:
+            take = min(len(self._echo), len(frame))
+            frame[:take] += self._echo[:take]
+            self._echo = self._echo[take:]
         return float_to_int16(frame)

@@ -77,7 +77,7 @@ class WsPeer:
                 pcm = np.frombuffer(message.data, "<i2").astype(np.float32) / 32768
                 self.received.append(ReceivedFrame(time.monotonic(), pcm))
                 if isinstance(self.mic, SpeakerphoneMic):
-                    self.mic.played(pcm)
+                    self.mic.play(pcm)
             elif message.type == aiohttp.WSMsgType.TEXT:
                 event = self._joiner.feed(message.data)
                 if event is not None and event["type"] == "pong":

@@ -12,7 +12,7 @@ from realtime.output import PacedOutput
 from realtime.session import Session, SessionIO
 from runtime.audio import FRAME_MS, SAMPLE_RATE, float_to_int16
 from testkit.peer import ClientPeer
-from testkit.room import SpeakerRoom
+from testkit.room import SpeakerphoneMic, SpeakerRoom
 from testkit.speech import espeak
 from testkit.ws_peer import WsPeer
 from tests.test_controller import make_rig
@@ -54,6 +54,32 @@ def _call(echo: EchoCanceller, reply: np.ndarray, room: SpeakerRoom, user: np.nd
         session.push_frame(mic_frames[-1])
         heard.append(session.frames.get_nowait())
     return np.concatenate(mic_frames), np.concatenate(heard)
+
+
+def test_a_speakerphone_echo_keeps_its_delay_however_the_audio_arrives():
+    """The harness's speakerphone plays on its microphone's clock: audio that arrives in bursts
+    and late comes back a fixed time after it is played, through a long call (an echo that drifts
+    would be the harness's doing, and no canceller follows that)."""
+    rate, period_s, seconds = 48000, 0.5, 60
+    frame = rate * FRAME_MS // 1000
+    received = np.zeros(int(rate * seconds), dtype=np.float32)
+    received[:: int(rate * period_s)] = 0.5  # a click every half second
+    mic = SpeakerphoneMic(rate, SpeakerRoom(150, 0.0))
+    rng = np.random.default_rng(3)
+    arrived, heard = 0, []
+    for tick in range(len(received) // frame):
+        due = min(tick + 1, len(received) // frame)
+        # The network hands over none, one, or what is due at once, never more than 60 ms late.
+        burst = due - arrived if due - arrived >= 3 else int(rng.integers(0, due - arrived + 1))
+        for _ in range(burst):
+            mic.play(received[arrived * frame : (arrived + 1) * frame])
+            arrived += 1
+        heard.append(mic.next_frame())
+    echo = np.concatenate(heard).astype(np.float32)
+    window = int(rate * period_s)
+    where = [int(np.argmax(np.abs(echo[start : start + window]))) for start in range(window, len(echo) - window, window)]
+    assert 0.15 * rate < np.median(where) < 0.4 * rate, "the room's 150 ms and the loudspeaker's buffer"
+    assert max(where) - min(where) <= 2, f"the echo's delay moved by {(max(where) - min(where)) / rate * 1000:.1f} ms"
 
 
 @pytest.fixture(scope="module")
