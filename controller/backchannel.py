@@ -21,9 +21,14 @@ def _fragment(token: str) -> bool:
     return (len(token) == 1 and token not in "ia") or token.endswith("'")
 
 
+def words(transcript: str) -> list[str]:
+    """The words of an ASR transcript, lower case, without punctuation and the fragments it makes
+    of sounds it could not read."""
+    return [t for t in re.findall(r"[a-z']+", transcript.lower().replace("-", " ")) if not _fragment(t)]
+
+
 def is_backchannel(transcript: str) -> bool:
     """Whether `transcript` holds no words, or only a listener's acknowledgement (at most
     MAX_WORDS, no word that says something): the speaker should go on."""
-    tokens = re.findall(r"[a-z']+", transcript.lower().replace("-", " "))
-    words = PHRASES.sub(" ", " ".join(t for t in tokens if not _fragment(t))).split()
-    return len(words) <= MAX_WORDS and all(word in WORDS or word in FUNCTION_WORDS for word in words)
+    said = PHRASES.sub(" ", " ".join(words(transcript))).split()
+    return len(said) <= MAX_WORDS and all(word in WORDS or word in FUNCTION_WORDS for word in said)

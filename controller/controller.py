@@ -20,6 +20,7 @@ import structlog
 from config import TurnConfig
 from context.dialog import DialogContext
 from controller.backchannel import is_backchannel
+from controller.own_voice import SAID_AFTER_MS, SAID_BEFORE_MS, is_own_voice
 from controller.replies import Counters, Replies
 from controller.reply import Reply, SessionModels
 from controller.utterance import Utterance
@@ -142,14 +143,27 @@ class Controller:
         return False
 
     def _heard_over_held(self, text: str | None) -> None:
-        """At the first pause of the speech over the held reply: a backchannel or no words resumes
-        it; anything else is a barge-in, and the speech is the user's next turn."""
-        if text is not None and is_backchannel(text):
+        """At the first pause of the speech over the held reply: a backchannel, no words, or the
+        reply's own words come back resume it; anything else is a barge-in, and the speech is the
+        user's next turn."""
+        if text is not None and (is_backchannel(text) or self._own_voice(text)):
             self._resume_held(text)
             return
         self._barge_in_over_held(State.USER_PAUSED, text)
         self.turns.new_pause()
         self.replies.start(self.utterance.item_id, speculative=True)
+
+    def _own_voice(self, text: str) -> bool:
+        """Whether the speech over the held reply was its own words, come back through a client
+        that does not cancel its echo (what the server's canceller and its guard let through)."""
+        held = self.replies.held
+        if held is None or not self.io.echo.enabled:
+            return False
+        if not is_own_voice(text, held.reply.said_around_heard(SAID_BEFORE_MS, SAID_AFTER_MS)):
+            return False
+        self.log.info("controller.own_voice_heard", response_id=held.reply.id, transcript=text)
+        self.counters.own_voice += 1
+        return True
 
     def _barge_in_over_held(self, then: State, transcript: str | None) -> None:
         held = self.replies.held

@@ -30,6 +30,7 @@ class Counters:
     bargeins: int = 0
     resumes: int = 0  # speech over the agent that proved not a turn: the reply played on
     late_resumes: int = 0  # speech soon after a commit (the reply barely heard): one utterance continued
+    own_voice: int = 0  # of the resumes: the reply's own words, come back from a client that does not cancel echo
 
 
 class Replies:

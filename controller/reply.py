@@ -194,6 +194,12 @@ class Reply:
             self._exchange.add_reply(Turn("assistant", heard, status, self.id))
         self._finish(status, heard)
 
+    def said_around_heard(self, before_ms: float, after_ms: float) -> str:
+        """The reply's words from `before_ms` before the point the client has heard to `after_ms` after it."""
+        heard = self._io.playback.heard_ms()
+        skipped = len(heard_text(self._played, max(0.0, heard - before_ms)).split())
+        return " ".join(heard_text(self._played, heard + after_ms).split()[skipped:])
+
     def heard_in(self, played_ms: float) -> str:
         """The text of the reply's first `played_ms` of audio."""
         return heard_text(self._played, played_ms)

@@ -18,8 +18,9 @@ UNDER_ECHO = 0.5  # over the agent, sound counts from 3 dB under the level its e
 HELD_UNDER_ECHO = 0.25  # 6 dB under it, for HOLD_MS after sound that counted (quieter sounds of the same speech)
 HOLD_MS = 200
 COUPLING_FRAMES = 150  # the last 3 s of echo, from which how loud it comes back is judged
-COUPLING_START = 1.0  # until a second of it is heard: as loud as what was sent
-SILENCED = 0.01  # -40 dB
+COUPLING_START = 1.0  # until then: as loud as what was sent
+NO_ECHO = 1e-3  # after a second, echo 30 dB under what was sent is no echo (headphones): judged at once
+SILENCED = 0.001  # -60 dB: loud echo, silenced, stays under what the VAD hears (Silero hears speech to -60 dBFS)
 
 
 def _power(frame: np.ndarray) -> float:
@@ -45,10 +46,13 @@ class ResidualGuard:
 
     @property
     def coupling(self) -> float:
-        """How loud the echo comes back, as a share of the power sent (the median of the last 3 s)."""
+        """How loud the echo comes back, as a share of the power sent (the median of the last 3 s).
+        Until 3 s of it are heard, as loud as sent: AEC3 first mutes its output, then, finding the
+        delay, lets the echo through for a moment (measured 0.9-1.2 s into a call's first echo)."""
         if len(self._coupling) < COUPLING_FRAMES // 3:
             return COUPLING_START
-        return float(np.median(self._coupling))
+        coupling = float(np.median(self._coupling))
+        return coupling if coupling <= NO_ECHO or len(self._coupling) == COUPLING_FRAMES else COUPLING_START
 
     def guard(self, heard: np.ndarray, cleaned: np.ndarray) -> np.ndarray:
         """`cleaned`, the canceller's output for the microphone's frame `heard`, or silence."""

@@ -31,6 +31,7 @@ SUMMARY_COUNTERS = {
     "speculative_cancels": "speculative replies dropped because the user went on",
     "resumes": "speech over a reply that proved not to be a turn",
     "late_resumes": "speech soon after a commit that continued the utterance",
+    "own_voice": "speech over a reply that was its own words come back (a speakerphone's echo)",
 }
 
 

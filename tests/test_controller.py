@@ -24,6 +24,7 @@ from realtime.events import (
     ServerEvent,
     SessionUpdate,
 )
+from realtime.echo import EchoCanceller
 from realtime.output import PacedOutput
 from realtime.session import SessionIO
 from runtime.bridge import thread_stream
@@ -79,7 +80,9 @@ def rig(tmp_path) -> Rig:
     return make_rig(tmp_path)
 
 
-def make_rig(tmp_path, hold: bool = False, config: TurnConfig | None = None, turn_end=None, lm=None) -> Rig:
+def make_rig(
+    tmp_path, hold: bool = False, config: TurnConfig | None = None, turn_end=None, lm=None, echo: EchoCanceller | None = None
+) -> Rig:
     notifier = Notifier()
     events: list[dict] = []
     output = PacedOutput(48000)
@@ -88,7 +91,7 @@ def make_rig(tmp_path, hold: bool = False, config: TurnConfig | None = None, tur
         events.append(event.to_dict())
         notifier.notify()
 
-    io = SessionIO("sess_test", asyncio.Queue(), output, emit)
+    io = SessionIO("sess_test", asyncio.Queue(), output, emit, echo or EchoCanceller("off"))
     model = lm
     lm, decoder, tokenizer = CuedLM(notifier, hold=hold), ToneDecoder(notifier), CountingTokenizer(notifier)
     store = TranscriptStore(tmp_path)
@@ -272,6 +275,35 @@ async def test_words_over_the_agent_are_a_barge_in_at_their_pause(rig):
     assert turns[2].text == "Okay, but what about Paris?"
     # The new reply's prompt already holds what was heard of the interrupted one.
     assert rig.lm.calls[-1][-2].content == turns[1].text
+
+
+@pytest.mark.parametrize(
+    "server_cancels, transcript, own",
+    [
+        (True, "Six, seven.", True),  # the reply's last words come back as the client heard them
+        (True, "Three for five", True),  # misheard, mostly its own
+        (True, "Wait, what about seven?", False),  # the user, with a word of the reply
+        (True, "Seven?", False),  # one word: judged as any other speech
+        (False, "Six, seven.", False),  # the client cancels its echo: that was the user
+    ],
+)
+async def test_the_reply_s_own_words_come_back_are_not_a_barge_in(tmp_path, server_cancels, transcript, own):
+    rig = make_rig(tmp_path, echo=EchoCanceller("on" if server_cancels else "off"))
+    await spoken_over(rig)  # 1.5 s sent, 1.4 s heard: "one" to "seven"
+    rig.tokenizer.transcript = transcript
+    rig.frames(True, 20)
+    rig.frames(False, 13)
+    if own:
+        resumed = await rig.until(lambda: rig.of("response.audio.resumed"))
+        assert resumed[0]["transcript"] == transcript and rig.controller.state == State.RESPONDING
+        done = await rig.play_until_done()
+        assert done["response"]["output_text"] == rig.lm.reply
+        assert [t.role for t in rig.controller.context.turns] == ["user", "assistant"]  # the echo is no turn
+        assert (rig.controller.counters.own_voice, rig.controller.counters.bargeins) == (1, 0)
+    else:
+        done = await rig.until(lambda: rig.of("response.done"))
+        assert done[0]["response"]["status"] == "interrupted"
+        assert (rig.controller.counters.own_voice, rig.controller.counters.bargeins) == (0, 1)
 
 
 async def test_cancel_while_speech_is_judged_ends_the_held_reply(rig):

@@ -1,0 +1,20 @@
+"""The agent's own voice heard back: speech over a reply whose words are the words the reply was
+just saying is the echo a speakerphone returned and the canceller left, not a turn of the user's."""
+
+from __future__ import annotations
+
+from controller.backchannel import words
+
+SAID_BEFORE_MS = 4000  # how far back from what the client heard the reply's words are looked for
+SAID_AFTER_MS = 1000  # and ahead of it: the client's buffer, a word heard in part
+MIN_WORDS = 2  # one word is as likely the user's ("seven?"): it is judged as any other speech
+SHARE = 2 / 3  # of the words heard, at least this many the reply's own (the ASR mishears an echo)
+
+
+def is_own_voice(transcript: str, said: str) -> bool:
+    """Whether `transcript`, heard over the agent, is mostly the words it `said` around then."""
+    heard = words(transcript)
+    if len(heard) < MIN_WORDS:
+        return False
+    own = set(words(said))
+    return sum(word in own for word in heard) >= SHARE * len(heard)
