@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from realtime.echo_delay import EchoDelay
 from runtime.audio import FRAME_MS, SAMPLE_RATE
 
 BLOCK_MS = 10  # the module takes exactly 10 ms a call
@@ -20,6 +21,7 @@ HOLD_MS = 200
 COUPLING_FRAMES = 150  # the last 3 s of echo, from which how loud it comes back is judged
 COUPLING_START = 1.0  # until then: as loud as what was sent
 NO_ECHO = 1e-3  # after a second, echo 30 dB under what was sent is no echo (headphones): judged at once
+REACH_FRAMES = 18  # AEC3 finds an echo up to 360 ms late itself (measured live; ~450 offline): later, the reference is held back
 SILENCED = 0.001  # -60 dB: loud echo, silenced, stays under what the VAD hears (Silero hears speech to -60 dBFS)
 
 
@@ -54,6 +56,10 @@ class ResidualGuard:
         coupling = float(np.median(self._coupling))
         return coupling if coupling <= NO_ECHO or len(self._coupling) == COUPLING_FRAMES else COUPLING_START
 
+    def start_over(self) -> None:
+        """The echo's path changed: its level is learnt anew, taken as loud as sent meanwhile."""
+        self._coupling.clear()
+
     def guard(self, heard: np.ndarray, cleaned: np.ndarray) -> np.ndarray:
         """`cleaned`, the canceller's output for the microphone's frame `heard`, or silence."""
         loudest = max(self._sent, default=0.0)
@@ -79,8 +85,9 @@ class EchoCanceller:
     time to answer and to stop at a barge-in (measured: client_v2v p50 594 -> 698 ms, barge-in
     stop p95 242 -> 843 ms), so it is for callers known to need it. While off both calls pass
     everything through; the module is made on first
-    use, so a call that never cancels never loads it. It finds the echo's delay itself (the
-    client's buffer, the network, the room: 50 to 300 ms measured here)."""
+    use, so a call that never cancels never loads it. The echo's delay (the client's buffer, the
+    network, the room: 200 to 600 ms measured here) is found by EchoDelay, and the reference held
+    back by what is over REACH_FRAMES: AEC3 alone finds no echo over ~500 ms late."""
 
     def __init__(self, mode: str, client_cancels: bool | None = None) -> None:
         self.mode = mode
@@ -89,6 +96,9 @@ class EchoCanceller:
         self._apm: Any = None
         self._rtc: Any = None
         self._guard = ResidualGuard()
+        self._delay = EchoDelay()
+        self._held_back: collections.deque[np.ndarray] = collections.deque()  # sent, not yet the canceller's
+        self._hold = 0  # frames the reference is held back
 
     def declare(self, client_cancels: bool | None) -> None:
         """What the client says of its own echo canceller (None: nothing)."""
@@ -103,9 +113,20 @@ class EchoCanceller:
         return self._apm
 
     def reference(self, frame: np.ndarray, sample_rate: int) -> None:
-        """An output frame (int16, any rate the module takes: 16, 32 or 48 kHz), as it is sent."""
+        """An output frame (int16, any rate the module takes: 16, 32 or 48 kHz), as it is sent.
+        The canceller gets it at most `REACH_FRAMES` before its echo is due, once that is found."""
         if not self.enabled:
             return
+        self._delay.sent(frame)
+        self._held_back.append(frame)
+        hold = max(0, (self._delay.frames or 0) - REACH_FRAMES)
+        if hold != self._hold:  # the canceller learns the new delay anew: the guard starts over meanwhile
+            self._hold = hold
+            self._guard.start_over()
+        while len(self._held_back) > hold + 1:  # the delay found shrank: what is late is dropped
+            self._held_back.popleft()
+        # One frame to the canceller for each sent, silence while the delay found grows.
+        frame = self._held_back.popleft() if len(self._held_back) > hold else np.zeros_like(frame)
         self._guard.sent(frame)
         apm, block = self._module(), sample_rate * BLOCK_MS // 1000
         for start in range(0, len(frame) - block + 1, block):
@@ -115,6 +136,7 @@ class EchoCanceller:
         """An input frame of 16 kHz int16 samples, without the echo of what was sent."""
         if not self.enabled:
             return frame
+        self._delay.heard(frame)
         apm, block = self._module(), SAMPLE_RATE * BLOCK_MS // 1000
         out = frame.copy()
         for start in range(0, len(frame) - block + 1, block):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from realtime.echo import EchoCanceller
+from realtime.echo_delay import EchoDelay
 from realtime.events import ClientEvent, SessionCreated, SessionUpdate
 from realtime.output import PacedOutput
 from realtime.session import Session, SessionIO
@@ -97,6 +98,31 @@ def test_the_echo_of_a_reply_is_taken_out_of_the_microphone(reply, delay_ms, los
     # And in the first second too: its suppressor holds back what the filter has not yet learnt.
     first = slice(0, SAMPLE_RATE)
     assert _db(mic[first]) - _db(heard[first]) >= 15.0
+
+
+def test_an_echo_later_than_the_canceller_reaches_is_found_and_taken_out(reply):
+    """700 ms late (a client's deep buffer, a slow network, a room): AEC3 alone finds no echo over
+    ~500 ms late; the reference is held back by the delay found from the two levels."""
+    echo = EchoCanceller("on")
+    mic, heard = _call(echo, np.concatenate([reply, reply]), SpeakerRoom(700, 0.0))
+    assert echo._delay.frames is not None and abs(echo._delay.frames * FRAME_MS - 700) <= 60
+    after = slice(5 * SAMPLE_RATE, len(mic) - SAMPLE_RATE)
+    assert _db(mic[after]) - _db(heard[after]) >= 18.0, (_db(mic[after]), _db(heard[after]))
+
+
+def test_no_delay_is_found_where_nothing_comes_back(reply):
+    """Headphones: the microphone hears only its own noise and the user, never the reply."""
+    finder = EchoDelay()
+    user = espeak(USER, options=["-v", "en-us+f3"])
+    rng = np.random.default_rng(2)
+    for index, sent in enumerate(_frames(float_to_int16(np.concatenate([reply, reply])))):
+        finder.sent(sent)
+        heard = rng.normal(0, 3e-4, FRAME).astype(np.float32)
+        offset = index * FRAME - 2 * SAMPLE_RATE
+        if 0 <= offset < len(user) - FRAME:
+            heard += user[offset : offset + FRAME]
+        finder.heard(float_to_int16(heard))
+    assert finder.frames is None
 
 
 def test_the_user_talking_over_the_echo_is_kept(reply):

@@ -1,0 +1,59 @@
+"""How long a call's echo takes to come back: found from the levels of what was sent and what the
+microphone heard, so the canceller is handed its reference that much later and works on the rest."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+WINDOW_FRAMES = 250  # the last 5 s of both, compared
+FIRST_FRAMES = 100  # from the first 2 s on
+MAX_FRAMES = 60  # lags looked at: up to 1.2 s (the client's buffer, the network both ways, the room)
+EVERY_FRAMES = 50  # looked for again each second
+MATCH = 0.5  # correlation of the two levels (dB, frame by frame) that counts as the echo found
+VARIED_DB = 6.0  # and only over sent audio that varies this much (speech, not silence or a tone)
+MOVED_FRAMES = 3  # a delay found within 60 ms of the one in use changes nothing: the canceller re-learns at each change
+
+
+def level_db(frame: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(np.square(frame, dtype=np.float64)) + 1.0))
+
+
+class EchoDelay:
+    """Owns the estimate of the echo's delay in frames (None until found): the level of each frame
+    sent and each frame heard, in order (both streams run at one frame each 20 ms, so the n-th
+    heard frame holds the echo of the sent frame `delay` before it), and the lag at which the
+    two match best, while they match clearly."""
+
+    def __init__(self) -> None:
+        self._sent: collections.deque[float] = collections.deque(maxlen=WINDOW_FRAMES + MAX_FRAMES)
+        self._heard: collections.deque[float] = collections.deque(maxlen=WINDOW_FRAMES)
+        self._since = 0
+        self.frames: int | None = None
+
+    def sent(self, frame: np.ndarray) -> None:
+        self._sent.append(level_db(frame))
+
+    def heard(self, frame: np.ndarray) -> None:
+        self._heard.append(level_db(frame))
+        self._since += 1
+        if self._since >= EVERY_FRAMES and min(len(self._heard), len(self._sent) - MAX_FRAMES) >= FIRST_FRAMES:
+            self._since = 0
+            self._find()
+
+    def _find(self) -> None:
+        frames = min(len(self._heard), len(self._sent) - MAX_FRAMES)
+        heard = np.array(self._heard)[-frames:]
+        sent = np.array(self._sent)[-frames - MAX_FRAMES :]
+        if np.std(sent) < VARIED_DB:
+            return
+        heard = heard - heard.mean()
+        scores = []
+        for lag in range(MAX_FRAMES + 1):
+            part = sent[MAX_FRAMES - lag : MAX_FRAMES - lag + len(heard)]
+            part = part - part.mean()
+            scores.append(float(np.dot(part, heard) / (np.linalg.norm(part) * np.linalg.norm(heard) + 1e-9)))
+        best = int(np.argmax(scores))
+        if scores[best] >= MATCH and (self.frames is None or abs(best - self.frames) >= MOVED_FRAMES):
+            self.frames = best
