@@ -1,6 +1,7 @@
 """Server-side echo cancellation: the call's own output, frame by frame as it is sent, is the
 reference that WebRTC's audio processing module (AEC3, from the `livekit` package) takes out of
-the caller's microphone, before the VAD and the ASR hear it."""
+the caller's microphone, before the VAD and the ASR hear it; while the agent speaks, a linear
+canceller of our own keeps a user who talks over it whole."""
 
 from __future__ import annotations
 
@@ -8,18 +9,23 @@ import collections
 from typing import Any
 
 import numpy as np
+import soxr
+import structlog
 
 from realtime.echo_delay import EchoDelay
-from runtime.audio import FRAME_MS, SAMPLE_RATE
+from realtime.echo_linear import LinearEcho
+from runtime.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 
 BLOCK_MS = 10  # the module takes exactly 10 ms a call
 ECHO_PATH_MS = 700  # the longest way back looked for: the client's buffer, the network and the room
 AUDIBLE = 100.0**2  # a sent frame quieter than this (-50 dBFS) leaves no echo worth guarding against
 UNDER_ECHO = 0.5  # over the agent, sound counts from 3 dB under the level its echo comes back at
-HELD_UNDER_ECHO = 0.25  # 6 dB under it, for HOLD_MS after sound that counted (quieter sounds of the same speech)
+LINEAR_UNDER_ECHO = 0.2  # after the linear canceller, from 7 dB under it, and over what that leaves of the echo
+HELD = 0.5  # and 3 dB lower still for HOLD_MS after sound that counted (quieter sounds of the same speech)
 HOLD_MS = 200
 COUPLING_FRAMES = 150  # the last 3 s of echo, from which how loud it comes back is judged
 COUPLING_START = 1.0  # until then: as loud as what was sent
+COUPLING_FIRST = 25  # (the microphone's own level, judged after the linear canceller, from half a second on)
 NO_ECHO = 1e-3  # after a second, echo 30 dB under what was sent is no echo (headphones): judged at once
 REACH_FRAMES = 18  # AEC3 finds an echo up to 360 ms late itself (measured live; ~450 offline): later, the reference is held back
 SILENCED = 0.001  # -60 dB: loud echo, silenced, stays under what the VAD hears (Silero hears speech to -60 dBFS)
@@ -60,19 +66,29 @@ class ResidualGuard:
         """The echo's path changed: its level is learnt anew, taken as loud as sent meanwhile."""
         self._coupling.clear()
 
-    def guard(self, heard: np.ndarray, cleaned: np.ndarray) -> np.ndarray:
-        """`cleaned`, the canceller's output for the microphone's frame `heard`, or silence."""
+    def guard(self, heard: np.ndarray, cleaned: np.ndarray, residual: np.ndarray | None = None, remainder: float = 0.0) -> np.ndarray:
+        """`cleaned`, the canceller's output for the microphone's frame `heard`, or silence. Given
+        `residual`, the linear canceller's output once it has converged, and `remainder`, what it
+        may have left of the echo: the residual is judged and kept instead (AEC3's suppressor
+        mutes a user talking over the echo, the linear canceller does not)."""
         loudest = max(self._sent, default=0.0)
         if loudest < AUDIBLE:
             self._held = 0
             return cleaned
-        echo = self.coupling * loudest
-        if _power(cleaned) > echo * (HELD_UNDER_ECHO if self._held else UNDER_ECHO):
+        if residual is None:
+            kept, threshold = cleaned, self.coupling * loudest * UNDER_ECHO
+        else:
+            # The microphone's level is what the echo comes back at from the first half second:
+            # the first seconds' caution is for AEC3's output, not for the microphone's.
+            coupling = float(np.median(self._coupling)) if len(self._coupling) >= COUPLING_FIRST else COUPLING_START
+            kept = np.clip(residual, -32768, 32767).astype(np.int16)
+            threshold = max(remainder, coupling * loudest * LINEAR_UNDER_ECHO)
+        if _power(kept) > threshold * (HELD if self._held else 1.0):
             self._held = HOLD_MS // FRAME_MS
-            return cleaned
+            return kept
         self._held = max(0, self._held - 1)
         self._coupling.append(_power(heard) / loudest)
-        return (cleaned * SILENCED).astype(np.int16)
+        return (kept * SILENCED).astype(np.int16)
 
 
 class EchoCanceller:
@@ -87,7 +103,9 @@ class EchoCanceller:
     everything through; the module is made on first
     use, so a call that never cancels never loads it. The echo's delay (the client's buffer, the
     network, the room: 200 to 600 ms measured here) is found by EchoDelay, and the reference held
-    back by what is over REACH_FRAMES: AEC3 alone finds no echo over ~500 ms late."""
+    back by what is over REACH_FRAMES: AEC3 alone finds no echo over ~500 ms late. Once the delay
+    is found, LinearEcho learns the echo too; from when it takes out 13 dB, its residual, not
+    AEC3's output, is what the guard judges and keeps while the agent is audible."""
 
     def __init__(self, mode: str, client_cancels: bool | None = None) -> None:
         self.mode = mode
@@ -99,6 +117,12 @@ class EchoCanceller:
         self._delay = EchoDelay()
         self._held_back: collections.deque[np.ndarray] = collections.deque()  # sent, not yet the canceller's
         self._hold = 0  # frames the reference is held back
+        self._linear = LinearEcho()
+        self._aligned: int | None = None  # the delay the linear canceller was aligned to
+        self._to_16k: soxr.ResampleStream | None = None
+        self._pending = np.zeros(0, dtype=np.float32)  # the reference at 16 kHz, not yet a whole frame
+        self._converged = False
+        self.log = structlog.get_logger()  # the session binds its own
 
     def declare(self, client_cancels: bool | None) -> None:
         """What the client says of its own echo canceller (None: nothing)."""
@@ -118,6 +142,7 @@ class EchoCanceller:
         if not self.enabled:
             return
         self._delay.sent(frame)
+        self._linear_reference(frame, sample_rate)
         self._held_back.append(frame)
         hold = max(0, (self._delay.frames or 0) - REACH_FRAMES)
         if hold != self._hold:  # the canceller learns the new delay anew: the guard starts over meanwhile
@@ -132,15 +157,36 @@ class EchoCanceller:
         for start in range(0, len(frame) - block + 1, block):
             apm.process_reverse_stream(self._rtc.AudioFrame(frame[start : start + block].tobytes(), sample_rate, 1, block))
 
+    def _linear_reference(self, frame: np.ndarray, sample_rate: int) -> None:
+        if sample_rate != SAMPLE_RATE and self._to_16k is None:
+            self._to_16k = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32")
+        samples = frame.astype(np.float32)
+        if self._to_16k is not None:
+            samples = self._to_16k.resample_chunk(samples)
+        self._pending = np.concatenate([self._pending, samples])
+        # One reference frame for each frame sent: the resampler's first chunks are short.
+        part, self._pending = self._pending[:FRAME_SAMPLES], self._pending[FRAME_SAMPLES:]
+        self._linear.sent(np.pad(part, (FRAME_SAMPLES - len(part), 0)))
+
     def clean(self, frame: np.ndarray) -> np.ndarray:
         """An input frame of 16 kHz int16 samples, without the echo of what was sent."""
         if not self.enabled:
             return frame
         self._delay.heard(frame)
+        if self._delay.frames is not None and self._delay.frames != self._aligned:
+            self._aligned = self._delay.frames
+            self.log.info("echo.delay_found", delay_ms=self._delay.frames * FRAME_MS, match=round(self._delay.score, 2))
+            self._linear.align(self._delay.frames)
+        residual = self._linear.cancel(frame)
+        if self._linear.converged != self._converged:
+            self._converged = self._linear.converged
+            self.log.info("echo.linear_converged" if self._converged else "echo.linear_lost", left_db=round(self._linear.left_db, 1))
         apm, block = self._module(), SAMPLE_RATE * BLOCK_MS // 1000
         out = frame.copy()
         for start in range(0, len(frame) - block + 1, block):
             audio = self._rtc.AudioFrame(frame[start : start + block].tobytes(), SAMPLE_RATE, 1, block)
             apm.process_stream(audio)
             out[start : start + block] = np.frombuffer(audio.data, dtype=np.int16)
-        return self._guard.guard(frame, out)
+        if not self._linear.converged:
+            return self._guard.guard(frame, out)
+        return self._guard.guard(frame, out, residual, self._linear.remainder)

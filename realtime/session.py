@@ -80,6 +80,7 @@ class Session:
         self._observers: list[Callable[[ServerEvent], None]] = []
         self.agent: Agent | None = None
         self.log = log.bind(session_id=self.id, transport=transport)
+        echo.log = self.log
         self.remote_address: str | None = None  # the client's, for limits per address
         self.pending = False  # answered, but the peer has shown no life yet (WebRTC)
         self.pings = False  # the client sends `ping`s (and so promises one a second)

@@ -8,6 +8,7 @@ import pytest
 
 from realtime.echo import EchoCanceller
 from realtime.echo_delay import EchoDelay
+from bench.metrics import word_error_rate
 from realtime.events import ClientEvent, SessionCreated, SessionUpdate
 from realtime.output import PacedOutput
 from realtime.session import Session, SessionIO
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.unit
 FRAME = SAMPLE_RATE * FRAME_MS // 1000
 REPLY = "The old lighthouse stood at the edge of the cliff, and every night its light swept across the dark water."
 USER = "Actually, wait, I have another question."
+MORE = "Sailors far out at sea would look for it, and know that they were close to home, and safe from the rocks below."
 
 
 def _db(pcm: np.ndarray) -> float:
@@ -133,6 +135,30 @@ def test_the_user_talking_over_the_echo_is_kept(reply):
     # Double-talk: the user's words come through within 8 dB of their level, well above the echo left.
     assert abs(_db(heard[during]) - _db(float_to_int16(user))) <= 8.0, (_db(heard[during]), _db(float_to_int16(user)))
     assert _db(heard[during]) - _db(echo_only[during]) >= 12.0
+
+
+@pytest.fixture(scope="module")
+def long_reply(reply) -> np.ndarray:
+    """Eleven seconds of the agent's voice: long enough for the linear canceller to have converged."""
+    return np.concatenate([reply[:-SAMPLE_RATE], espeak(MORE), np.zeros(SAMPLE_RATE, dtype=np.float32)])
+
+
+def test_the_user_talking_over_the_agent_at_its_echo_s_level_is_heard_whole(long_reply, embedded_models):
+    """Double-talk once the linear canceller has learnt the room: the user's request, as loud as
+    the echo (0 dB of return loss), comes through at its own level and the ASR hears it as said;
+    AEC3 alone mutes and garbles it (measured: "And she went on another list...")."""
+    user = espeak(USER, options=["-v", "en-us+f3"])
+    at_s = 6.0
+    during = slice(int(at_s * SAMPLE_RATE), int(at_s * SAMPLE_RATE) + len(user))
+    echo = EchoCanceller("on")
+    mic, heard = _call(echo, long_reply, SpeakerRoom(150, 0), user, user_at_s=at_s)
+    assert echo._linear.converged
+    assert abs(_db(heard[during]) - _db(float_to_int16(user))) <= 3.0, (_db(heard[during]), _db(float_to_int16(user)))
+    transcript = embedded_models.asr.transcribe_now(heard[during.start - SAMPLE_RATE // 10 : during.stop])
+    assert word_error_rate(USER, transcript) <= 0.2, transcript  # a word of six, at most
+    # And the echo alone, over the same seconds, is silenced.
+    echo_only = _call(EchoCanceller("on"), long_reply, SpeakerRoom(150, 0))[1]
+    assert _db(heard[during]) - _db(echo_only[during]) >= 30.0
 
 
 def test_off_the_input_passes_untouched_and_the_module_is_never_made(reply):

@@ -1,0 +1,153 @@
+"""A linear echo canceller of our own, for double-talk: AEC3's suppressor mutes a user who talks
+over the agent at the echo's level (100-500 ms and more, measured), where a linear filter only
+subtracts the echo it has learnt and leaves the user's voice whole, with what remains of the echo
+known frame by frame."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from runtime.audio import FRAME_SAMPLES
+
+PARTITIONS = 12  # the filter spans 12 frames (240 ms): the room's reverberation after the delay found
+LEAD_FRAMES = 3  # and starts 3 frames (60 ms) before it: the delay is found to a frame, late or early
+STEP = 0.5  # the adaptation's step, normalized per frequency (0.8 and more measured unstable on speech)
+REGULARIZE = 0.1  # of the mean power: bins the reference hardly excites are not learnt from the user's voice
+HISTORY_FRAMES = 150  # once the delay is found, the last 3 s are learnt from at once (18+ dB at once, measured)
+REPLAY_FRAMES = 150  # once aligned, passes over the echo in the history, ~3 s in all (~40 ms of CPU, once)
+MAX_REPLAYS = 3  # (more passes over a short history learnt its noise: worse, measured)
+RATIO_FRAMES = 250  # what is left of the echo (residual / microphone), over the last 5 s it was audible
+RATIO_PERCENTILE = 25  # its quarter-low: a user talking over most of those 5 s does not raise it
+CONVERGED = 0.05  # the remainder judged frame by frame once the filter takes out 13 dB (at 10, residual echo got through live)
+MARGIN = 8.0  # sound 9 dB over what the filter leaves of the echo is more than echo
+ESTIMATE_FRAMES = 3  # the echo's estimate: the loudest of the last 60 ms (a word's echo fades over a few frames)
+ADAPT_UNDER = 2.0  # the filter learns from frames whose residual is under twice the usual: echo, not the user
+AUDIBLE = 100.0**2  # reference frames quieter than this (-50 dBFS) teach nothing
+FLOOR = 2 * FRAME_SAMPLES * PARTITIONS * AUDIBLE  # the normalization's least: the power of a span at AUDIBLE
+FIRST_RATIOS = 100  # the remainder is judged from 2 s of echo on (from 0.5 s, some frames of echo it had not yet learnt got through)
+
+
+def _power(samples: np.ndarray) -> float:
+    return float(np.mean(np.square(samples, dtype=np.float64)))
+
+
+class LinearEcho:
+    """Owns a partitioned-block frequency-domain adaptive filter (one block a 20 ms frame) from
+    the reference (`sent()`, 16 kHz) to the microphone (`cancel()`), aligned by the delay that
+    EchoDelay finds (`align()`), and what it knows of its own work: how much of the echo it
+    leaves (`converged`), and how loud the echo it took out of the last frame was (`remainder`:
+    what may be left of it). It learns only from frames its residual calls echo, so a user
+    talking over the agent does not teach it their voice."""
+
+    def __init__(self) -> None:
+        bins = FRAME_SAMPLES + 1
+        self._spectra = np.zeros((PARTITIONS, bins), dtype=np.complex128)  # the reference, newest first
+        self._weights = np.zeros((PARTITIONS, bins), dtype=np.complex128)
+        self._power = np.zeros(bins)
+        self._previous = np.zeros(FRAME_SAMPLES)
+        self._residual = np.zeros(FRAME_SAMPLES)
+        self._sent: collections.deque[np.ndarray] = collections.deque(maxlen=HISTORY_FRAMES + 64)
+        self._heard: collections.deque[np.ndarray] = collections.deque(maxlen=HISTORY_FRAMES)
+        self._sent_count = 0
+        self._heard_count = 0
+        self._offset: int | None = None  # heard frame n holds the echo of sent frame n + offset
+        self._converged = False
+        self._ratios: collections.deque[float] = collections.deque(maxlen=RATIO_FRAMES)
+        self._estimates: collections.deque[float] = collections.deque(maxlen=ESTIMATE_FRAMES)
+        self._levels: collections.deque[float] = collections.deque(maxlen=PARTITIONS)  # of the reference the filter spans
+
+    def sent(self, frame: np.ndarray) -> None:
+        """A frame of the reference (float, 16 kHz, one per frame sent)."""
+        self._sent.append(np.asarray(frame, dtype=np.float64))
+        self._sent_count += 1
+
+    def align(self, delay_frames: int) -> None:
+        """The echo comes back `delay_frames` after it was sent, counted from now: the filter
+        starts over from the last seconds heard."""
+        self._offset = self._sent_count - 1 - self._heard_count - delay_frames + LEAD_FRAMES
+        self._weights[:] = 0
+        self._ratios.clear()
+        self._converged = False
+        self._replay()
+
+    def _replay(self) -> None:
+        """Learn from the echo heard so far, from its start: a few passes over a short one (a
+        call's first: the delay is found 2 s into it), about REPLAY_FRAMES frames in all."""
+        first = self._heard_count - len(self._heard)
+        echoed = [_power(self._reference(first + index)) > AUDIBLE for index in range(len(self._heard))]
+        start = max(0, echoed.index(True) - PARTITIONS) if True in echoed else len(echoed)
+        for _ in range(min(MAX_REPLAYS, -(-REPLAY_FRAMES // max(1, len(echoed) - start)))):
+            self._spectra[:] = 0
+            self._previous[:] = 0
+            self._levels.clear()
+            for index in range(start, len(self._heard)):
+                self._filter(self._reference(first + index), self._heard[index])
+                self._adapt(None)
+
+    @property
+    def converged(self) -> bool:
+        """Whether the filter takes out CONVERGED of the echo (judged again each frame: it is lost
+        only at twice that, so it does not come and go at every frame around the line)."""
+        return self._converged
+
+    @property
+    def left_db(self) -> float:
+        """What the filter leaves of the echo, in dB (0 until it has learnt)."""
+        return 10 * float(np.log10(max(self._ratio(), 1e-9)))
+
+    @property
+    def remainder(self) -> float:
+        """The power of what may be left of the echo in the last residual."""
+        return min(0.5, MARGIN * self._ratio()) * max(self._estimates, default=0.0)
+
+    def cancel(self, frame: np.ndarray) -> np.ndarray:
+        """The microphone's frame (16 kHz) less the echo learnt (float; the frame itself until
+        the delay is found); the filter learns from it if it is echo."""
+        heard = np.asarray(frame, dtype=np.float64)
+        self._heard.append(heard)
+        self._heard_count += 1
+        if self._offset is None:
+            return heard
+        residual = self._filter(self._reference(self._heard_count - 1), heard)
+        echo, left = _power(heard - residual), _power(residual)
+        self._estimates.append(echo)
+        if max(self._levels) > AUDIBLE:
+            ratio = self._ratio()
+            self._ratios.append(left / (_power(heard) + 1.0))
+            if left < ADAPT_UNDER * ratio * _power(heard):
+                self._adapt(ratio * _power(heard))
+            ratio = self._ratio()
+            self._converged = len(self._ratios) >= FIRST_RATIOS and ratio < CONVERGED * (2 if self._converged else 1)
+        return residual
+
+    def _ratio(self) -> float:
+        return float(np.percentile(self._ratios, RATIO_PERCENTILE)) if len(self._ratios) >= FIRST_RATIOS else 1.0
+
+    def _reference(self, heard_index: int) -> np.ndarray:
+        assert self._offset is not None
+        position = heard_index + self._offset - (self._sent_count - len(self._sent))
+        return self._sent[position] if 0 <= position < len(self._sent) else np.zeros(FRAME_SAMPLES)
+
+    def _filter(self, reference: np.ndarray, heard: np.ndarray) -> np.ndarray:
+        self._spectra[1:] = self._spectra[:-1]
+        self._spectra[0] = np.fft.rfft(np.concatenate([self._previous, reference]))
+        self._previous = reference
+        self._levels.append(_power(reference))
+        self._power = 0.5 * self._power + 0.5 * np.sum(np.abs(self._spectra) ** 2, axis=0)
+        echo = np.fft.irfft(np.sum(self._weights * self._spectra, axis=0))[FRAME_SAMPLES:]
+        self._residual = heard - echo
+        return self._residual
+
+    def _adapt(self, limit: float | None) -> None:
+        residual = self._residual
+        if limit is not None and _power(residual) > limit:  # a loud residual teaches at most the usual
+            residual = residual * np.sqrt(limit / _power(residual))
+        error = np.fft.rfft(np.concatenate([np.zeros(FRAME_SAMPLES), residual]))
+        normal = self._power / 2 + REGULARIZE * float(np.mean(self._power)) + FLOOR
+        self._weights += STEP * np.conj(self._spectra) * error / normal
+        # Each partition's filter kept to one frame's length (a linear, not a circular, convolution).
+        taps = np.fft.irfft(self._weights, axis=1)
+        taps[:, FRAME_SAMPLES:] = 0
+        self._weights = np.fft.rfft(taps, axis=1)
