@@ -15,7 +15,8 @@ SEEKING_FRAMES = 10  # and each 200 ms until first found
 MATCH = 0.5  # correlation of the two levels (dB, frame by frame) that counts as the echo found
 VARIED_DB = 6.0  # and only over sent audio that varies this much (speech, not silence or a tone)
 AUDIBLE_DB = 40.0  # a frame sent under -50 dBFS is silence
-CLEARER = 0.2  # and only for a lag that matches this much better than the one in use (a window mostly of silence matches anything a little)
+CLEARER = 0.2  # a new lag only once the one in use no longer matches, and this much better (live, the user
+# answering ~1.2 s after each reply ends matched at 1.2 s in windows of mostly their own speech)
 MOVED_FRAMES = 3  # a delay found within 60 ms of the one in use changes nothing: the canceller re-learns at each change
 
 
@@ -69,7 +70,9 @@ class EchoDelay:
         best = int(np.argmax(scores))
         if scores[best] < MATCH:
             return
-        if self.frames is not None and (abs(best - self.frames) < MOVED_FRAMES or scores[self.frames] >= scores[best] - CLEARER):
+        if self.frames is not None and (
+            abs(best - self.frames) < MOVED_FRAMES or scores[self.frames] >= min(MATCH, scores[best] - CLEARER)
+        ):
             self._candidate = None
             return
         if self.frames is not None and (self._candidate is None or abs(best - self._candidate) >= MOVED_FRAMES):

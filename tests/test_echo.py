@@ -112,6 +112,22 @@ def test_an_echo_later_than_the_canceller_reaches_is_found_and_taken_out(reply):
     assert _db(mic[after]) - _db(heard[after]) >= 18.0, (_db(mic[after]), _db(heard[after]))
 
 
+def test_an_echo_path_that_moves_is_followed(reply):
+    """The client's buffer grows mid-call (300 -> 600 ms): the old delay stops matching, the new
+    one is taken once found twice; until then the old one stays."""
+    finder = EchoDelay()
+    sent = _frames(float_to_int16(np.concatenate([reply] * 4)))
+    rng = np.random.default_rng(4)
+    for index, frame in enumerate(sent):
+        finder.sent(frame)
+        lag = 15 if index < len(sent) // 2 else 30
+        echo = sent[index - lag] if index >= lag else np.zeros(FRAME, dtype=np.int16)
+        finder.heard((echo * 0.5 + rng.normal(0, 10, FRAME)).astype(np.int16))
+        if index == len(sent) // 2:
+            assert finder.frames == 15
+    assert finder.frames == 30
+
+
 def test_no_delay_is_found_where_nothing_comes_back(reply):
     """Headphones: the microphone hears only its own noise and the user, never the reply."""
     finder = EchoDelay()
