@@ -14,11 +14,10 @@ import structlog
 
 from realtime.echo_delay import EchoDelay
 from realtime.echo_linear import LinearEcho
-from runtime.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
+from runtime.audio import AUDIBLE, FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, power
 
 BLOCK_MS = 10  # the module takes exactly 10 ms a call
 ECHO_PATH_MS = 700  # the longest way back looked for: the client's buffer, the network and the room
-AUDIBLE = 100.0**2  # a sent frame quieter than this (-50 dBFS) leaves no echo worth guarding against
 UNDER_ECHO = 0.5  # over the agent, sound counts from 3 dB under the level its echo comes back at
 LINEAR_UNDER_ECHO = 0.2  # after the linear canceller, from 7 dB under it, and over what that leaves of the echo
 HELD = 0.5  # and 3 dB lower still for HOLD_MS after sound that counted (quieter sounds of the same speech)
@@ -29,10 +28,6 @@ COUPLING_FIRST = 25  # (the microphone's own level, judged after the linear canc
 NO_ECHO = 1e-3  # after a second, echo 30 dB under what was sent is no echo (headphones): judged at once
 REACH_FRAMES = 18  # AEC3 finds an echo up to 360 ms late itself (measured live; ~450 offline): later, the reference is held back
 SILENCED = 0.001  # -60 dB: loud echo, silenced, stays under what the VAD hears (Silero hears speech to -60 dBFS)
-
-
-def _power(frame: np.ndarray) -> float:
-    return float(np.mean(np.square(frame, dtype=np.float64)))
 
 
 class ResidualGuard:
@@ -50,7 +45,7 @@ class ResidualGuard:
         self._held = 0  # frames that still count from HELD_UNDER_ECHO
 
     def sent(self, frame: np.ndarray) -> None:
-        self._sent.append(_power(frame))
+        self._sent.append(power(frame))
 
     @property
     def coupling(self) -> float:
@@ -83,11 +78,11 @@ class ResidualGuard:
             coupling = float(np.median(self._coupling)) if len(self._coupling) >= COUPLING_FIRST else COUPLING_START
             kept = np.clip(residual, -32768, 32767).astype(np.int16)
             threshold = max(remainder, coupling * loudest * LINEAR_UNDER_ECHO)
-        if _power(kept) > threshold * (HELD if self._held else 1.0):
+        if power(kept) > threshold * (HELD if self._held else 1.0):
             self._held = HOLD_MS // FRAME_MS
             return kept
         self._held = max(0, self._held - 1)
-        self._coupling.append(_power(heard) / loudest)
+        self._coupling.append(power(heard) / loudest)
         return (kept * SILENCED).astype(np.int16)
 
 

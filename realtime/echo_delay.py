@@ -4,8 +4,11 @@ microphone heard, so the canceller is handed its reference that much later and w
 from __future__ import annotations
 
 import collections
+import math
 
 import numpy as np
+
+from runtime.audio import AUDIBLE, power
 
 WINDOW_FRAMES = 250  # the last 5 s of both, compared
 FIRST_FRAMES = 100  # from 2 s of the agent audible on (from 0.8 s the delay found was a frame late, and wrong once)
@@ -14,14 +17,14 @@ EVERY_FRAMES = 50  # looked for again each second
 SEEKING_FRAMES = 10  # and each 200 ms until first found
 MATCH = 0.5  # correlation of the two levels (dB, frame by frame) that counts as the echo found
 VARIED_DB = 6.0  # and only over sent audio that varies this much (speech, not silence or a tone)
-AUDIBLE_DB = 40.0  # a frame sent under -50 dBFS is silence
+AUDIBLE_DB = 10 * math.log10(AUDIBLE)  # a frame sent under it is silence
 CLEARER = 0.2  # a new lag only once the one in use no longer matches, and this much better (live, the user
 # answering ~1.2 s after each reply ends matched at 1.2 s in windows of mostly their own speech)
 MOVED_FRAMES = 3  # a delay found within 60 ms of the one in use changes nothing: the canceller re-learns at each change
 
 
 def level_db(frame: np.ndarray) -> float:
-    return float(10 * np.log10(np.mean(np.square(frame, dtype=np.float64)) + 1.0))
+    return 10 * math.log10(power(frame) + 1.0)
 
 
 class EchoDelay:

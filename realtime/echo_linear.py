@@ -9,7 +9,7 @@ import collections
 
 import numpy as np
 
-from runtime.audio import FRAME_SAMPLES
+from runtime.audio import AUDIBLE, FRAME_SAMPLES, power
 
 PARTITIONS = 12  # the filter spans 12 frames (240 ms): the room's reverberation after the delay found
 LEAD_FRAMES = 3  # and starts 3 frames (60 ms) before it: the delay is found to a frame, late or early
@@ -24,13 +24,8 @@ CONVERGED = 0.05  # the remainder judged frame by frame once the filter takes ou
 MARGIN = 8.0  # sound 9 dB over what the filter leaves of the echo is more than echo
 ESTIMATE_FRAMES = 3  # the echo's estimate: the loudest of the last 60 ms (a word's echo fades over a few frames)
 ADAPT_UNDER = 2.0  # the filter learns from frames whose residual is under twice the usual: echo, not the user
-AUDIBLE = 100.0**2  # reference frames quieter than this (-50 dBFS) teach nothing
 FLOOR = 2 * FRAME_SAMPLES * PARTITIONS * AUDIBLE  # the normalization's least: the power of a span at AUDIBLE
 FIRST_RATIOS = 100  # the remainder is judged from 2 s of echo on (from 0.5 s, some frames of echo it had not yet learnt got through)
-
-
-def _power(samples: np.ndarray) -> float:
-    return float(np.mean(np.square(samples, dtype=np.float64)))
 
 
 class LinearEcho:
@@ -45,7 +40,7 @@ class LinearEcho:
         bins = FRAME_SAMPLES + 1
         self._spectra = np.zeros((PARTITIONS, bins), dtype=np.complex128)  # the reference, newest first
         self._weights = np.zeros((PARTITIONS, bins), dtype=np.complex128)
-        self._power = np.zeros(bins)
+        self._bin_power = np.zeros(bins)
         self._previous = np.zeros(FRAME_SAMPLES)
         self._residual = np.zeros(FRAME_SAMPLES)
         self._sent: collections.deque[np.ndarray] = collections.deque(maxlen=HISTORY_FRAMES + 64)
@@ -76,7 +71,7 @@ class LinearEcho:
         """Learn from the echo heard so far, from its start: a few passes over a short one (a
         call's first: the delay is found 2 s into it), about REPLAY_FRAMES frames in all."""
         first = self._heard_count - len(self._heard)
-        echoed = [_power(self._reference(first + index)) > AUDIBLE for index in range(len(self._heard))]
+        echoed = [power(self._reference(first + index)) > AUDIBLE for index in range(len(self._heard))]
         start = max(0, echoed.index(True) - PARTITIONS) if True in echoed else len(echoed)
         for _ in range(min(MAX_REPLAYS, -(-REPLAY_FRAMES // max(1, len(echoed) - start)))):
             self._spectra[:] = 0
@@ -111,13 +106,13 @@ class LinearEcho:
         if self._offset is None:
             return heard
         residual = self._filter(self._reference(self._heard_count - 1), heard)
-        echo, left = _power(heard - residual), _power(residual)
+        echo, left, whole = power(heard - residual), power(residual), power(heard)
         self._estimates.append(echo)
         if max(self._levels) > AUDIBLE:
             ratio = self._ratio()
-            self._ratios.append(left / (_power(heard) + 1.0))
-            if left < ADAPT_UNDER * ratio * _power(heard):
-                self._adapt(ratio * _power(heard))
+            self._ratios.append(left / (whole + 1.0))
+            if left < ADAPT_UNDER * ratio * whole:
+                self._adapt(ratio * whole)
             ratio = self._ratio()
             self._converged = len(self._ratios) >= FIRST_RATIOS and ratio < CONVERGED * (2 if self._converged else 1)
         return residual
@@ -134,18 +129,18 @@ class LinearEcho:
         self._spectra[1:] = self._spectra[:-1]
         self._spectra[0] = np.fft.rfft(np.concatenate([self._previous, reference]))
         self._previous = reference
-        self._levels.append(_power(reference))
-        self._power = 0.5 * self._power + 0.5 * np.sum(np.abs(self._spectra) ** 2, axis=0)
+        self._levels.append(power(reference))
+        self._bin_power = 0.5 * self._bin_power + 0.5 * np.sum(np.abs(self._spectra) ** 2, axis=0)
         echo = np.fft.irfft(np.sum(self._weights * self._spectra, axis=0))[FRAME_SAMPLES:]
         self._residual = heard - echo
         return self._residual
 
     def _adapt(self, limit: float | None) -> None:
         residual = self._residual
-        if limit is not None and _power(residual) > limit:  # a loud residual teaches at most the usual
-            residual = residual * np.sqrt(limit / _power(residual))
+        if limit is not None and power(residual) > limit:  # a loud residual teaches at most the usual
+            residual = residual * np.sqrt(limit / power(residual))
         error = np.fft.rfft(np.concatenate([np.zeros(FRAME_SAMPLES), residual]))
-        normal = self._power / 2 + REGULARIZE * float(np.mean(self._power)) + FLOOR
+        normal = self._bin_power / 2 + REGULARIZE * float(np.mean(self._bin_power)) + FLOOR
         self._weights += STEP * np.conj(self._spectra) * error / normal
         # Each partition's filter kept to one frame's length (a linear, not a circular, convolution).
         taps = np.fft.irfft(self._weights, axis=1)

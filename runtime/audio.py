@@ -7,6 +7,7 @@ import numpy as np
 SAMPLE_RATE = 16000
 FRAME_MS = 20
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
+AUDIBLE = 100.0**2  # the power (int16 units) of a frame at -50 dBFS: quieter is silence
 
 
 def to_float(pcm: np.ndarray) -> np.ndarray:
@@ -18,3 +19,8 @@ def to_float(pcm: np.ndarray) -> np.ndarray:
 
 def float_to_int16(pcm: np.ndarray) -> np.ndarray:
     return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+
+
+def power(pcm: np.ndarray) -> float:
+    """The mean square of the samples, in their own units."""
+    return float(np.mean(np.square(pcm, dtype=np.float64)))
