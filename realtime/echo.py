@@ -99,7 +99,7 @@ class EchoCanceller:
     use, so a call that never cancels never loads it. The echo's delay (the client's buffer, the
     network, the room: 200 to 600 ms measured here) is found by EchoDelay, and the reference held
     back by what is over REACH_FRAMES: AEC3 alone finds no echo over ~500 ms late. Once the delay
-    is found, LinearEcho learns the echo too; from when it takes out 13 dB, its residual, not
+    is found, LinearEcho learns the echo too; from when it takes out 11 dB, its residual, not
     AEC3's output, is what the guard judges and keeps while the agent is audible."""
 
     def __init__(self, mode: str, client_cancels: bool | None = None) -> None:
@@ -136,8 +136,7 @@ class EchoCanceller:
         The canceller gets it at most `REACH_FRAMES` before its echo is due, once that is found."""
         if not self.enabled:
             return
-        self._delay.sent(frame)
-        self._linear_reference(frame, sample_rate)
+        self._delay.sent(self._linear_reference(frame, sample_rate))
         self._held_back.append(frame)
         hold = max(0, (self._delay.frames or 0) - REACH_FRAMES)
         if hold != self._hold:  # the canceller learns the new delay anew: the guard starts over meanwhile
@@ -152,7 +151,8 @@ class EchoCanceller:
         for start in range(0, len(frame) - block + 1, block):
             apm.process_reverse_stream(self._rtc.AudioFrame(frame[start : start + block].tobytes(), sample_rate, 1, block))
 
-    def _linear_reference(self, frame: np.ndarray, sample_rate: int) -> None:
+    def _linear_reference(self, frame: np.ndarray, sample_rate: int) -> np.ndarray:
+        """The frame at 16 kHz (float, in int16's units), for the linear canceller and the delay."""
         if sample_rate != SAMPLE_RATE and self._to_16k is None:
             self._to_16k = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32")
         samples = frame.astype(np.float32)
@@ -161,7 +161,9 @@ class EchoCanceller:
         self._pending = np.concatenate([self._pending, samples])
         # One reference frame for each frame sent: the resampler's first chunks are short.
         part, self._pending = self._pending[:FRAME_SAMPLES], self._pending[FRAME_SAMPLES:]
-        self._linear.sent(np.pad(part, (FRAME_SAMPLES - len(part), 0)))
+        reference = np.pad(part, (FRAME_SAMPLES - len(part), 0))
+        self._linear.sent(reference)
+        return reference
 
     def clean(self, frame: np.ndarray) -> np.ndarray:
         """An input frame of 16 kHz int16 samples, without the echo of what was sent."""

@@ -20,12 +20,18 @@ REPLAY_FRAMES = 150  # once aligned, passes over the echo in the history, ~3 s i
 MAX_REPLAYS = 3  # (more passes over a short history learnt its noise: worse, measured)
 RATIO_FRAMES = 250  # what is left of the echo (residual / microphone), over the last 5 s it was audible
 RATIO_PERCENTILE = 25  # its quarter-low: a user talking over most of those 5 s does not raise it
-CONVERGED = 0.05  # the remainder judged frame by frame once the filter takes out 13 dB (at 10, residual echo got through live)
+CONVERGED = 0.08  # the remainder judged frame by frame once the filter takes out 11 dB (live, it takes out 10-13 in its first seconds)
+LOST = 0.1  # and no longer once it takes out under 10 dB (with one filter trusted from 10 dB, residual echo got through live)
 MARGIN = 8.0  # sound 9 dB over what the filter leaves of the echo is more than echo
 ESTIMATE_FRAMES = 3  # the echo's estimate: the loudest of the last 60 ms (a word's echo fades over a few frames)
-ADAPT_UNDER = 2.0  # the filter learns from frames whose residual is under twice the usual: echo, not the user
 FLOOR = 2 * FRAME_SAMPLES * PARTITIONS * AUDIBLE  # the normalization's least: the power of a span at AUDIBLE
-FIRST_RATIOS = 100  # the remainder is judged from 2 s of echo on (from 0.5 s, some frames of echo it had not yet learnt got through)
+JUDGED_FRAMES = 50  # it is judged over 1 s of echo, the last pass over what it learnt from at once included
+# (a user who talks over the first reply, 1.3 s into its echo, is heard; from 0.5 s some echo got through)
+MOSTLY_ECHO = 0.5  # frames whose echo, as the filter has learnt it, is over half of what was heard
+COMPARED_FRAMES = 8  # the two filters are compared over the last 160 ms
+BETTER = 0.9  # the learning one is kept once it leaves 1.5 dB less than the one in use
+ECHO_ALONE = 0.125  # and leaves under 9 dB of what was heard: over a user's voice (double-talk) it does not
+WORSE = 4.0  # and starts over from the one in use once it leaves 6 dB more (it learnt a user's voice)
 
 
 class LinearEcho:
@@ -33,16 +39,17 @@ class LinearEcho:
     the reference (`sent()`, 16 kHz) to the microphone (`cancel()`), aligned by the delay that
     EchoDelay finds (`align()`), and what it knows of its own work: how much of the echo it
     leaves (`converged`), and how loud the echo it took out of the last frame was (`remainder`:
-    what may be left of it). It learns only from frames its residual calls echo, so a user
-    talking over the agent does not teach it their voice."""
+    what may be left of it). Two filters of that shape: one learns from every frame the agent is
+    audible in, the other, whose output is used, takes its weights only once they leave less of
+    the echo over the last 160 ms, so a user talking over the agent does not teach it their voice."""
 
     def __init__(self) -> None:
         bins = FRAME_SAMPLES + 1
         self._spectra = np.zeros((PARTITIONS, bins), dtype=np.complex128)  # the reference, newest first
-        self._weights = np.zeros((PARTITIONS, bins), dtype=np.complex128)
+        self._weights = np.zeros((PARTITIONS, bins), dtype=np.complex128)  # in use
+        self._learning = np.zeros((PARTITIONS, bins), dtype=np.complex128)
         self._bin_power = np.zeros(bins)
         self._previous = np.zeros(FRAME_SAMPLES)
-        self._residual = np.zeros(FRAME_SAMPLES)
         self._sent: collections.deque[np.ndarray] = collections.deque(maxlen=HISTORY_FRAMES + 64)
         self._heard: collections.deque[np.ndarray] = collections.deque(maxlen=HISTORY_FRAMES)
         self._sent_count = 0
@@ -50,8 +57,10 @@ class LinearEcho:
         self._offset: int | None = None  # heard frame n holds the echo of sent frame n + offset
         self._converged = False
         self._ratios: collections.deque[float] = collections.deque(maxlen=RATIO_FRAMES)
+        self._replayed: list[float] = []  # the history's, in the last pass over it: judged with the first ones
         self._estimates: collections.deque[float] = collections.deque(maxlen=ESTIMATE_FRAMES)
         self._levels: collections.deque[float] = collections.deque(maxlen=PARTITIONS)  # of the reference the filter spans
+        self._left: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=COMPARED_FRAMES)  # (in use, learning, heard)
 
     def sent(self, frame: np.ndarray) -> None:
         """A frame of the reference (float, 16 kHz, one per frame sent)."""
@@ -61,30 +70,39 @@ class LinearEcho:
     def align(self, delay_frames: int) -> None:
         """The echo comes back `delay_frames` after it was sent, counted from now: the filter
         starts over from the last seconds heard."""
-        self._offset = self._sent_count - 1 - self._heard_count - delay_frames + LEAD_FRAMES
-        self._weights[:] = 0
+        # (No further ahead than the newest frame sent: the filter would be fed only silence.)
+        self._offset = self._sent_count - 1 - self._heard_count - delay_frames + min(LEAD_FRAMES, delay_frames)
+        self._learning[:] = 0
         self._ratios.clear()
+        self._replayed.clear()
+        self._left.clear()
         self._converged = False
         self._replay()
+        self._weights = self._learning.copy()
 
     def _replay(self) -> None:
         """Learn from the echo heard so far, from its start: a few passes over a short one (a
-        call's first: the delay is found 2 s into it), about REPLAY_FRAMES frames in all."""
+        call's first: the delay is found within a second of it), about REPLAY_FRAMES frames in all."""
         first = self._heard_count - len(self._heard)
         echoed = [power(self._reference(first + index)) > AUDIBLE for index in range(len(self._heard))]
         start = max(0, echoed.index(True) - PARTITIONS) if True in echoed else len(echoed)
-        for _ in range(min(MAX_REPLAYS, -(-REPLAY_FRAMES // max(1, len(echoed) - start)))):
+        passes = min(MAX_REPLAYS, -(-REPLAY_FRAMES // max(1, len(echoed) - start)))
+        for number in range(passes):
             self._spectra[:] = 0
             self._previous[:] = 0
             self._levels.clear()
             for index in range(start, len(self._heard)):
-                self._filter(self._reference(first + index), self._heard[index])
-                self._adapt(None)
+                heard = self._heard[index]
+                self._shift(self._reference(first + index))
+                residual = heard - self._echo(self._learning)
+                if number == passes - 1 and max(self._levels) > AUDIBLE:
+                    self._replayed.append(power(residual) / (power(heard) + 1.0))
+                self._adapt(residual)
 
     @property
     def converged(self) -> bool:
         """Whether the filter takes out CONVERGED of the echo (judged again each frame: it is lost
-        only at twice that, so it does not come and go at every frame around the line)."""
+        only at LOST, so it does not come and go at every frame around the line)."""
         return self._converged
 
     @property
@@ -99,50 +117,69 @@ class LinearEcho:
 
     def cancel(self, frame: np.ndarray) -> np.ndarray:
         """The microphone's frame (16 kHz) less the echo learnt (float; the frame itself until
-        the delay is found); the filter learns from it if it is echo."""
+        the delay is found); the learning filter learns from it while the agent is audible."""
         heard = np.asarray(frame, dtype=np.float64)
         self._heard.append(heard)
         self._heard_count += 1
         if self._offset is None:
             return heard
-        residual = self._filter(self._reference(self._heard_count - 1), heard)
+        self._shift(self._reference(self._heard_count - 1))
+        residual = heard - self._echo(self._weights)
         echo, left, whole = power(heard - residual), power(residual), power(heard)
         self._estimates.append(echo)
         if max(self._levels) > AUDIBLE:
-            ratio = self._ratio()
-            self._ratios.append(left / (whole + 1.0))
-            if left < ADAPT_UNDER * ratio * whole:
-                self._adapt(ratio * whole)
-            ratio = self._ratio()
-            self._converged = len(self._ratios) >= FIRST_RATIOS and ratio < CONVERGED * (2 if self._converged else 1)
+            learnt = heard - self._echo(self._learning)
+            self._left.append((left, power(learnt), whole))
+            self._adapt(learnt)
+            self._compare()
+            if echo > MOSTLY_ECHO * whole:  # judged on the echo alone, not on a user talking over it
+                self._ratios.append(left / (whole + 1.0))
+            self._converged = len(self._replayed) + len(self._ratios) >= JUDGED_FRAMES and self._ratio() < (
+                LOST if self._converged else CONVERGED
+            )
         return residual
 
+    def _compare(self) -> None:
+        """The filter in use takes the learning one's weights once they do better on echo alone; the learning
+        one starts over from the one in use once it does far worse."""
+        if len(self._left) < COMPARED_FRAMES:
+            return
+        in_use, learning, heard = (sum(values) for values in zip(*self._left))
+        if learning < BETTER * in_use and learning < ECHO_ALONE * heard:
+            self._weights = self._learning.copy()
+            self._left.clear()
+        elif learning > WORSE * in_use:
+            self._learning = self._weights.copy()
+            self._left.clear()
+
     def _ratio(self) -> float:
-        return float(np.percentile(self._ratios, RATIO_PERCENTILE)) if len(self._ratios) >= FIRST_RATIOS else 1.0
+        """What the filter in use leaves of the echo (residual / microphone, the quarter-low):
+        at first with the history's, learnt from and so judged too well, until there are enough
+        of its own."""
+        missing = max(0, JUDGED_FRAMES - len(self._ratios))
+        ratios = [*self._replayed[len(self._replayed) - missing :], *self._ratios]
+        return float(np.percentile(ratios, RATIO_PERCENTILE)) if ratios else 1.0
 
     def _reference(self, heard_index: int) -> np.ndarray:
         assert self._offset is not None
         position = heard_index + self._offset - (self._sent_count - len(self._sent))
         return self._sent[position] if 0 <= position < len(self._sent) else np.zeros(FRAME_SAMPLES)
 
-    def _filter(self, reference: np.ndarray, heard: np.ndarray) -> np.ndarray:
+    def _shift(self, reference: np.ndarray) -> None:
         self._spectra[1:] = self._spectra[:-1]
         self._spectra[0] = np.fft.rfft(np.concatenate([self._previous, reference]))
         self._previous = reference
         self._levels.append(power(reference))
         self._bin_power = 0.5 * self._bin_power + 0.5 * np.sum(np.abs(self._spectra) ** 2, axis=0)
-        echo = np.fft.irfft(np.sum(self._weights * self._spectra, axis=0))[FRAME_SAMPLES:]
-        self._residual = heard - echo
-        return self._residual
 
-    def _adapt(self, limit: float | None) -> None:
-        residual = self._residual
-        if limit is not None and power(residual) > limit:  # a loud residual teaches at most the usual
-            residual = residual * np.sqrt(limit / power(residual))
+    def _echo(self, weights: np.ndarray) -> np.ndarray:
+        return np.fft.irfft(np.sum(weights * self._spectra, axis=0))[FRAME_SAMPLES:]
+
+    def _adapt(self, residual: np.ndarray) -> None:
         error = np.fft.rfft(np.concatenate([np.zeros(FRAME_SAMPLES), residual]))
         normal = self._bin_power / 2 + REGULARIZE * float(np.mean(self._bin_power)) + FLOOR
-        self._weights += STEP * np.conj(self._spectra) * error / normal
+        self._learning += STEP * np.conj(self._spectra) * error / normal
         # Each partition's filter kept to one frame's length (a linear, not a circular, convolution).
-        taps = np.fft.irfft(self._weights, axis=1)
+        taps = np.fft.irfft(self._learning, axis=1)
         taps[:, FRAME_SAMPLES:] = 0
-        self._weights = np.fft.rfft(taps, axis=1)
+        self._learning = np.fft.rfft(taps, axis=1)

@@ -8,6 +8,7 @@ import pytest
 
 from realtime.echo import EchoCanceller
 from realtime.echo_delay import EchoDelay
+from realtime.echo_linear import LinearEcho
 from bench.metrics import word_error_rate
 from realtime.events import ClientEvent, SessionCreated, SessionUpdate
 from realtime.output import PacedOutput
@@ -128,6 +129,23 @@ def test_an_echo_path_that_moves_is_followed(reply):
     assert finder.frames == 30
 
 
+@pytest.mark.parametrize(("delay_ms", "loss_db"), [(50, 0), (300, 6), (700, 0)])
+def test_a_call_s_first_echo_delay_is_found_within_a_second_of_it(reply, delay_ms, loss_db):
+    """From the waveforms: a user who talks over the first reply 1.5 s in finds the cancellers
+    placed (from the levels alone it took 2 s of echo)."""
+    finder, room = EchoDelay(), SpeakerRoom(delay_ms, loss_db)
+    rng = np.random.default_rng(5)
+    request = np.zeros(2 * SAMPLE_RATE, dtype=np.float32)  # the user's request: the agent silent
+    for index, sent in enumerate(_frames(float_to_int16(np.concatenate([request, reply])))):
+        finder.sent(sent)
+        finder.heard(float_to_int16(room.echo(sent.astype(np.float32) / 32768) + rng.normal(0, 3e-4, FRAME).astype(np.float32)))
+        if finder.frames is not None:
+            break
+    first_echo = (len(request) // FRAME + delay_ms // FRAME_MS)
+    assert finder.frames is not None and index - first_echo <= 1000 // FRAME_MS, index
+    assert abs(finder.frames - delay_ms / FRAME_MS) <= 1
+
+
 def test_no_delay_is_found_where_nothing_comes_back(reply):
     """Headphones: the microphone hears only its own noise and the user, never the reply."""
     finder = EchoDelay()
@@ -175,6 +193,34 @@ def test_the_user_talking_over_the_agent_at_its_echo_s_level_is_heard_whole(long
     # And the echo alone, over the same seconds, is silenced.
     echo_only = _call(EchoCanceller("on"), long_reply, SpeakerRoom(150, 0))[1]
     assert _db(heard[during]) - _db(echo_only[during]) >= 30.0
+
+
+def test_a_user_talking_over_the_echo_does_not_teach_the_linear_canceller_their_voice(long_reply):
+    """Placed 1 s into the echo, the filter hears the user talk over it 6 dB louder from 1.5 s
+    for 2 s, before it has learnt much: the echo after them is taken out as well as without them
+    (with one filter that learnt from every frame in its first 2 s, it was not)."""
+    user = 2 * espeak(USER, options=["-v", "en-us+f3"])
+    user_at, aligned_at = int(1.5 * SAMPLE_RATE) // FRAME, SAMPLE_RATE // FRAME
+
+    def left_db(with_user: bool) -> float:
+        linear, room, rng = LinearEcho(), SpeakerRoom(150, 0), np.random.default_rng(6)
+        mic, residual = [], []
+        for index, sent in enumerate(_frames(float_to_int16(long_reply))):
+            linear.sent(sent.astype(np.float32))
+            heard = room.echo(sent.astype(np.float32) / 32768) + rng.normal(0, 3e-4, FRAME).astype(np.float32)
+            offset = (index - user_at) * FRAME
+            if with_user and 0 <= offset < len(user) - FRAME:
+                heard += user[offset : offset + FRAME]
+            if index == aligned_at:
+                linear.align(150 // FRAME_MS)
+            mic.append(float_to_int16(heard))
+            residual.append(linear.cancel(mic[-1]))
+        after = slice((user_at + len(user) // FRAME) * FRAME, (user_at + len(user) // FRAME + 50) * FRAME)
+        return _db(np.concatenate(residual)[after]) - _db(np.concatenate(mic)[after])
+
+    alone, after_user = left_db(False), left_db(True)
+    assert alone <= -15.0, alone
+    assert after_user <= alone + 3.0, (after_user, alone)
 
 
 def test_off_the_input_passes_untouched_and_the_module_is_never_made(reply):
