@@ -99,7 +99,7 @@ class EchoCanceller:
     use, so a call that never cancels never loads it. The echo's delay (the client's buffer, the
     network, the room: 200 to 600 ms measured here) is found by EchoDelay, and the reference held
     back by what is over REACH_FRAMES: AEC3 alone finds no echo over ~500 ms late. Once the delay
-    is found, LinearEcho learns the echo too; from when it takes out 11 dB, its residual, not
+    is found, LinearEcho learns the echo too; from when it takes out 13 dB, its residual, not
     AEC3's output, is what the guard judges and keeps while the agent is audible."""
 
     def __init__(self, mode: str, client_cancels: bool | None = None) -> None:
