@@ -69,6 +69,9 @@ class TranscriptStore:
                 if line.strip():
                     log.warning("transcript.torn_line", session_id=session_id, chars=len(line))
                 continue
+            if record.get("deleted"):  # the item left the history
+                records = [r for r in records if r.get("item_id") != record.get("item_id")]
+                continue
             if record.pop("replaces", False):  # a later text for a turn already written
                 earlier = [i for i, r in enumerate(records) if (r.get("item_id"), r.get("role")) == (record.get("item_id"), record.get("role"))]
                 if earlier:
@@ -130,14 +133,32 @@ class DialogContext:
                 return True
         return False
 
-    def messages(self, pending_user: str | None = None) -> list[Message]:
-        """The LM prompt: system prompt, the newest turns within budget, then the turn being answered.
+    def find(self, item_id: str) -> Turn | None:
+        """The newest turn of `item_id` (its latest text), if the history holds one."""
+        return next((turn for turn in reversed(self.turns) if turn.item_id == item_id), None)
+
+    def delete(self, item_id: str) -> bool:
+        """Take every turn of `item_id` out of the history (the transcript records that it left);
+        False if there was none."""
+        kept = [turn for turn in self.turns if turn.item_id != item_id]
+        if len(kept) == len(self.turns):
+            return False
+        self._start -= sum(turn.item_id == item_id for turn in self.turns[: self._start])
+        self.turns = kept
+        if self._store is not None:
+            self._store.append(self._session_id, {"item_id": item_id, "deleted": True, "at": time.time()})
+        return True
+
+    def messages(self, pending_user: str | None = None, system_prompt: str | None = None) -> list[Message]:
+        """The LM prompt: system prompt (`system_prompt` for this prompt only, if given), the newest
+        turns within budget, then the turn being answered.
 
         Old turns leave in steps, down to `refill` of the budget, rather than one per turn: the
         prompt then keeps the same beginning for several turns, and an LM that caches the
         previous prompt only processes what is new.
         """
-        budget = self.max_tokens - self._count(self.system_prompt)
+        system_prompt = self.system_prompt if system_prompt is None else system_prompt
+        budget = self.max_tokens - self._count(system_prompt)
         tail: list[Message] = []
         if pending_user is not None:
             tail.append(Message("user", pending_user))
@@ -151,7 +172,7 @@ class DialogContext:
         # A history that opens with an assistant turn confuses chat templates: drop the orphan.
         while kept and kept[0].role in ("assistant", "tool"):
             kept.pop(0)
-        return [Message("system", self.system_prompt), *kept, *tail]
+        return [Message("system", system_prompt), *kept, *tail]
 
 
 def _as_messages(turns: list[Turn]) -> list[Message]:

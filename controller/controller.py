@@ -18,7 +18,7 @@ import numpy as np
 import structlog
 
 from config import TurnConfig
-from context.dialog import DialogContext
+from context.dialog import DialogContext, Turn
 from controller.backchannel import is_backchannel
 from controller.own_voice import SAID_AFTER_MS, SAID_BEFORE_MS, is_own_voice
 from controller.replies import Counters, Replies
@@ -36,6 +36,10 @@ from vad.endpointer import Phase
 __all__ = ["Controller", "SessionModels", "State"]
 
 CLIENT_ECHO = "client_echo_cancellation"  # session.update: the client cancels the echo of what it plays itself (or not)
+# session.update: the session's system prompt; whether a committed turn gets a reply on its own
+# (else the client asks with `response.create`); whether speech over a reply interrupts it.
+INSTRUCTIONS, CREATE_RESPONSE, INTERRUPT_RESPONSE = "instructions", "create_response", "interrupt_response"
+CONTROLLER_SETTINGS = (CLIENT_ECHO, INSTRUCTIONS, CREATE_RESPONSE, INTERRUPT_RESPONSE)
 
 
 class State(enum.StrEnum):
@@ -59,7 +63,9 @@ class Controller:
         self.counters = Counters()
         self.replies = Replies(io, models, context, self._tasks, self.log, self.counters, self._reply_ended)
         self.state = State.LISTENING
-        io.playback.buffer_ms = self.config.interruption.client_buffer_ms
+        self.create_response = True
+        self.interrupt_response = True
+        self._apply_session(io.defaults)
 
     @property
     def config(self) -> TurnConfig:
@@ -75,6 +81,8 @@ class Controller:
             await self._shutdown()
 
     def on_frame(self, frame: np.ndarray) -> None:
+        if self.state == State.RESPONDING and not self.interrupt_response:
+            frame = np.zeros_like(frame)  # the agent holds the floor: nothing said over it is heard
         speaking = self.turns.phase == Phase.SPEAKING  # before this frame
         events = self.turns.feed(frame, self.replies.transcript, judging=self.replies.held is None)
         started = next((e for e in events if isinstance(e, turn.SpeechStarted)), None)
@@ -99,7 +107,8 @@ class Controller:
                 held.judge(self.models.tokenizer, self._heard_over_held)
             case turn.SpeechPaused():
                 self._set_state(State.USER_PAUSED)
-                self.replies.start(self.utterance.item_id, speculative=True)
+                if self.create_response:
+                    self.replies.start(self.utterance.item_id, speculative=True)
             case turn.SpeechResumed() if held is not None:
                 held.stop_judging()  # judged again at the next pause, on more speech
             case turn.SpeechResumed():
@@ -180,6 +189,10 @@ class Controller:
     def _on_commit(self, event: turn.TurnCommitted) -> None:
         self.replies.end_held("interrupted", bargein=True)
         self.io.emit(ev.SpeechStopped(self.utterance.item_id, event.audio_end_ms))
+        if not self.create_response:
+            self._set_state(State.LISTENING)
+            self._tasks.spawn(self._record_turn(self.utterance.item_id), f"user-turn:{self.utterance.item_id}")
+            return
         self._set_state(State.RESPONDING)
         self.replies.commit(self.utterance.item_id, event.voice_end_at, self.config.interruption.merge_heard_ms, event.metrics())
 
@@ -201,14 +214,29 @@ class Controller:
                 self._on_commit(self.turns.commit_now("client"))
             case ev.InputAudioBufferCommit():
                 self.io.emit(ev.Error("input_audio_buffer_commit_empty", "no speech to commit since the last turn", event.event_id))
-            case ev.InputAudioBufferClear() if self.turns.in_turn and self.replies.held is not None:
-                self._resume_held("")  # the speech was dropped: the reply it paused plays on
-            case ev.InputAudioBufferClear() if self.turns.in_turn:
-                self.replies.cancel_speculation()
-                self.turns.dismiss()
-                self._set_state(State.LISTENING)
+            case ev.InputAudioBufferClear():
+                self._clear()
+                self.io.emit(ev.InputAudioBufferCleared())
+            case ev.ConversationItemCreate() if event.respond:
+                self._answer_typed(event.item)
             case ev.ConversationItemCreate():
-                self._answer_typed(event.text)
+                self._add_item(event)
+            case ev.ConversationItemRetrieve() if (found := self.context.find(event.item_id)) is not None:
+                self.io.emit(ev.ConversationItemRetrieved(_item(found).to_dict()))
+            case ev.ConversationItemDelete() if self.context.delete(event.item_id):
+                self.io.emit(ev.ConversationItemDeleted(event.item_id))
+            case ev.ConversationItemRetrieve() | ev.ConversationItemDelete():
+                self.io.emit(ev.Error("item_not_found", f"no item {event.item_id!r} in the history", event.event_id))
+            case ev.ResponseCreate():
+                self._respond(event)
+
+    def _clear(self) -> None:
+        if self.turns.in_turn and self.replies.held is not None:
+            self._resume_held("")  # the speech was dropped: the reply it paused plays on
+        elif self.turns.in_turn:
+            self.replies.cancel_speculation()
+            self.turns.dismiss()
+            self._set_state(State.LISTENING)
 
     def _cancel(self) -> None:
         if self.replies.end_held("cancelled"):
@@ -218,30 +246,69 @@ class Controller:
         else:
             self.replies.cancel_speculation()
 
-    def _answer_typed(self, text: str) -> None:
+    def _answer_typed(self, item: ev.Item) -> None:
         """A typed message is a committed turn of its own: whatever was under way ends."""
         self.replies.end_held("interrupted")
         if self.state == State.RESPONDING:
             self.replies.interrupt("interrupted")
         self.replies.cancel_speculation()
-        typed = self.replies.start(self.utterance.new_item(), False, UtteranceInput(text))
+        typed = self.replies.start(self.utterance.new_item(item.id), False, UtteranceInput(item.text))
         self._set_state(State.RESPONDING)
         self.replies.commit_reply(typed, self.turns.voice_end_at(), self.config.interruption.merge_heard_ms, {})
 
+    def _add_item(self, event: ev.ConversationItemCreate) -> None:
+        """An item the client adds to the history, answered by nothing until a reply is asked for."""
+        item = event.item
+        if self.context.find(item.id) is not None:
+            self.io.emit(ev.Error("item_already_exists", f"the history already holds an item {item.id!r}", event.event_id))
+            return
+        self.context.add(Turn(item.kind, item.text, "completed", item.id, call_id=item.call_id, name=item.name))
+        self.io.emit(ev.ConversationItemCreated(item.to_dict()))
+
+    def _respond(self, event: ev.ResponseCreate) -> None:
+        """A reply to the conversation as it stands, asked for by the client: one at a time."""
+        if self.replies.active:
+            self.io.emit(ev.Error("conversation_already_has_active_response", "a reply is under way: cancel it or wait for its response.done", event.event_id))
+            return
+        self.replies.cancel_speculation()
+        reply = self.replies.start(self.utterance.item_id, False, order=event.order)
+        self._set_state(State.RESPONDING)
+        self.replies.commit_reply(reply, self.turns.voice_end_at(), 0, {})
+
+    async def _record_turn(self, item_id: str) -> None:
+        """With `create_response` off, a committed turn is transcribed and kept, and not answered."""
+        heard = await self.models.tokenizer.finalize()
+        text = await heard.transcribe() if heard.transcribe is not None else heard.text
+        if heard.empty:
+            return
+        self.io.emit(ev.TranscriptionCompleted(item_id, text))
+        self.context.add(Turn("user", text.strip() or heard.lm_content or "", "completed", item_id))
+
     def _update_session(self, event: ev.SessionUpdate) -> None:
-        turn_settings = {k: v for k, v in event.session.items() if k != CLIENT_ECHO}
-        client_cancels = event.session.get(CLIENT_ECHO)
         try:
-            if client_cancels is not None and not isinstance(client_cancels, bool):
-                raise ValueError(f"{CLIENT_ECHO} must be true or false")
-            self.turns.reconfigure(self.config.with_session(turn_settings))
+            self._apply_session(event.session)
         except ValueError as exc:
             self.io.emit(ev.Error("invalid_value", str(exc), event.event_id))
             return
+        self.io.emit(ev.SessionUpdated(self._session_info()))
+
+    def _apply_session(self, session: dict[str, Any]) -> None:
+        """A `session.update`'s settings, all taken or (ValueError) none."""
+        client_cancels, instructions = session.get(CLIENT_ECHO), session.get(INSTRUCTIONS)
+        flags = {k: session[k] for k in (CREATE_RESPONSE, INTERRUPT_RESPONSE) if k in session}
+        for key, value in ((CLIENT_ECHO, client_cancels), *flags.items()):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false")
+        if instructions is not None and not isinstance(instructions, str):
+            raise ValueError(f"{INSTRUCTIONS} must be a string")
+        self.turns.reconfigure(self.config.with_session({k: v for k, v in session.items() if k not in CONTROLLER_SETTINGS}))
         if client_cancels is not None:
             self.io.echo.declare(client_cancels)
+        if instructions is not None:
+            self.context.system_prompt = instructions
+        self.create_response = flags.get(CREATE_RESPONSE, self.create_response)
+        self.interrupt_response = flags.get(INTERRUPT_RESPONSE, self.interrupt_response)
         self.io.playback.buffer_ms = self.config.interruption.client_buffer_ms
-        self.io.emit(ev.SessionUpdated(self._session_info()))
 
     def _session_info(self) -> dict[str, Any]:
         return {
@@ -249,6 +316,9 @@ class Controller:
             "profile": self.profile,
             "turn_detection": self.config.public(),
             "echo_cancellation": self.io.echo.enabled,
+            INSTRUCTIONS: self.context.system_prompt,
+            CREATE_RESPONSE: self.create_response,
+            INTERRUPT_RESPONSE: self.interrupt_response,
         }
 
     def _task_failed(self, task: asyncio.Task[Any], exc: BaseException) -> None:
@@ -272,3 +342,8 @@ class Controller:
         await self._tasks.aclose()
         await self.models.tokenizer.aclose()
         self.log.info("controller.summary", state=self.state.value, **asdict(self.counters))
+
+
+def _item(turn: Turn) -> ev.Item:
+    status = "incomplete" if turn.status == "interrupted" else "completed"
+    return ev.Item(turn.item_id, turn.role, turn.text, turn.call_id, turn.name, status)

@@ -14,10 +14,13 @@ from config import LoopbackConfig
 from realtime.events import (
     ClientEvent,
     ConversationItemCreate,
+    ConversationItemDelete,
+    ConversationItemRetrieve,
     Error,
     InputAudioBufferClear,
     InputAudioBufferCommit,
     ResponseCancel,
+    ResponseCreate,
     SessionCreated,
     SessionUpdate,
     SessionUpdated,
@@ -92,7 +95,9 @@ class LoopbackAgent:
             self._line.clear()
             self._io.output.flush()
             self._playing = False
-        elif isinstance(event, (ConversationItemCreate, InputAudioBufferCommit, InputAudioBufferClear)):
+        elif isinstance(
+            event, (ConversationItemCreate, ConversationItemRetrieve, ConversationItemDelete, ResponseCreate, InputAudioBufferCommit, InputAudioBufferClear)
+        ):
             self._io.emit(Error("unsupported", "the loopback profile has no conversation and no turns", event.event_id))
         # playback.position carries nothing the loopback needs.
 

@@ -13,7 +13,7 @@ import structlog
 from context.dialog import DialogContext
 from controller.overlap import Overlap
 from controller.reply import Reply, SessionModels
-from realtime.events import ConversationItemTruncate, ConversationItemTruncated, Error, SessionSummary
+from realtime.events import ConversationItemTruncate, ConversationItemTruncated, Error, ResponseOrder, SessionSummary
 from realtime.session import SessionIO
 from runtime.tasks import TaskOwner
 from streaming_tokenizer.base import UtteranceInput
@@ -59,15 +59,21 @@ class Replies:
         self._ended: dict[str, Reply] = {}
 
     @property
+    def active(self) -> bool:
+        """Whether a reply is playing or held (not just being prepared)."""
+        return self.held is not None or (self.current is not None and self.current.committed)
+
+    @property
     def transcript(self) -> str | None:
         """The transcript of the utterance the current reply answers, once it has one."""
         reply = self.current
         return reply.user.text if reply is not None and reply.user is not None else None
 
-    def start(self, item_id: str, speculative: bool, preset: UtteranceInput | None = None) -> Reply:
-        """A new reply to the utterance `item_id` (`preset`: a typed message), under way at once."""
+    def start(self, item_id: str, speculative: bool, preset: UtteranceInput | None = None, order: ResponseOrder | None = None) -> Reply:
+        """A new reply to the utterance `item_id` (`preset`: a typed message; `order`: a
+        `response.create`, which answers the history as it stands), under way at once."""
         reply_id = "resp_" + uuid.uuid4().hex[:12]
-        self.current = Reply(reply_id, item_id, speculative, self._io, self._models, self._context, self._tasks, self._done, preset)
+        self.current = Reply(reply_id, item_id, speculative, self._io, self._models, self._context, self._tasks, self._done, preset, order)
         self.counters.speculative_starts += speculative
         return self.current
 

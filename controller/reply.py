@@ -22,6 +22,7 @@ from realtime.events import (
     ResponseAudioStarted,
     ResponseCreated,
     ResponseDone,
+    ResponseOrder,
     ResponseTextDelta,
     TranscriptionCompleted,
 )
@@ -79,11 +80,13 @@ class Reply:
         tasks: TaskOwner,
         on_done: Callable[[Reply], None],
         preset: UtteranceInput | None = None,
+        order: ResponseOrder | None = None,
     ) -> None:
         self.id = reply_id
         self.item_id = item_id
         self.speculative = speculative
         self.preset = preset  # a typed user message: no transcription needed
+        self.order = order  # a `response.create`: the reply answers the history as it stands
         self.user: UtteranceInput | None = None
         self.text = ""
         # Stage timings and how the turn was ended (the rule, the end-of-turn scores): `metrics.turn`.
@@ -95,14 +98,14 @@ class Reply:
         self._context = context
         self._tasks = tasks
         self._on_done = on_done
-        self._exchange = Exchange(context, item_id, hold_reply=preset is None)
+        self._exchange = Exchange(context, item_id, hold_reply=preset is None and order is None, keep=order is None or not order.out_of_band)
         self._committed = asyncio.Event()
         self.paused = False
         self._announced = False  # the user's transcript was sent to the client
         # The user's turn goes into the history once it is final: when they have heard
         # `merge_heard_ms` of the reply, or it ends. Until then speech that resumes continues the
         # same utterance (merge()).
-        self._user_final = preset is not None
+        self._user_final = preset is not None or order is not None
         self._pending_deltas: list[str] = []
         self._pending_chunks: list[SpeechChunk] = []
         self._played: list[tuple[str, float]] = []  # (text, ms) written to the output
@@ -136,7 +139,7 @@ class Reply:
         self._merge_heard_ms = merge_heard_ms
         self._io.playback.begin(self.id)
         self._committed.set()
-        self._io.emit(ResponseCreated(self.id))
+        self._io.emit(ResponseCreated(self.id, self.order))
         self._record_user()
         for delta in self._pending_deltas:
             self._io.emit(ResponseTextDelta(self.id, delta))
@@ -226,6 +229,39 @@ class Reply:
     # ---- the pipeline -----------------------------------------------------------------------
 
     async def _generate(self) -> None:
+        if self.order is not None:
+            messages = self._context.messages(system_prompt=self.order.instructions)
+        else:
+            messages = await self._user_turn()
+            if not messages:
+                return
+        # Both generators are closed here, whatever ends the reply: a cancel lands in only one of
+        # them, and the LM stops generating only when its stream is closed.
+        async with aclosing(self._text_stream(messages)) as text:
+            if self.order is not None and self.order.text_only:
+                async for _ in text:
+                    pass
+            else:
+                async with aclosing(self._models.decoder.synthesize(text)) as speech:
+                    async for chunk in speech:
+                        if "tts_first_audio_ms" not in self.metrics and self._first_delta_at is not None:
+                            self.metrics["tts_first_audio_ms"] = _ms(time.monotonic() - self._first_delta_at)
+                        if self.committed:
+                            self._play(chunk)
+                        else:
+                            self._pending_chunks.append(chunk)
+        await self._committed.wait()
+        if self._last_playout is not None:
+            await self._last_playout.finished.wait()
+        if self.done.done():
+            return
+        text = self.text.strip()
+        self._exchange.add_reply(Turn("assistant", text, "completed", self.id))
+        self._complete("completed", text)
+
+    async def _user_turn(self) -> list[Message]:
+        """The user's turn, final (transcribed, or typed), recorded once committed; the prompt that
+        answers it, or none if it was empty (the reply then ends, cancelled)."""
         started = time.monotonic()
         if self.preset is not None:
             self.user = self.preset
@@ -236,32 +272,14 @@ class Reply:
             await self._committed.wait()
             self._record_user()
             self._complete("cancelled", "")
-            return
+            return []
         # The prompt first: recording the turn adds it to the history (when already committed),
         # and the prompt must carry it once, as `pending_user`.
         messages = self._context.messages(pending_user=self.user.lm_content or self.user.text)
         if self.user.transcribe is not None:
             self._transcriber = self._tasks.spawn(self._transcribe(), f"transcript:{self.id}")
         self._record_user()
-        # Both generators are closed here, whatever ends the reply: a cancel lands in only one of
-        # them, and the LM stops generating only when its stream is closed.
-        async with aclosing(self._text_stream(messages)) as text:
-            async with aclosing(self._models.decoder.synthesize(text)) as speech:
-                async for chunk in speech:
-                    if "tts_first_audio_ms" not in self.metrics and self._first_delta_at is not None:
-                        self.metrics["tts_first_audio_ms"] = _ms(time.monotonic() - self._first_delta_at)
-                    if self.committed:
-                        self._play(chunk)
-                    else:
-                        self._pending_chunks.append(chunk)
-        await self._committed.wait()
-        if self._last_playout is not None:
-            await self._last_playout.finished.wait()
-        if self.done.done():
-            return
-        text = self.text.strip()
-        self._exchange.add_reply(Turn("assistant", text, "completed", self.id))
-        self._complete("completed", text)
+        return messages
 
     def _complete(self, status: str, text: str) -> None:
         """The reply ended by itself: all of it went out (or there was nothing to say)."""

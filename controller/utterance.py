@@ -20,8 +20,8 @@ class Utterance:
         self.tokenizer = tokenizer
         self.item_id = ""
 
-    def new_item(self) -> str:
-        self.item_id = "item_" + uuid.uuid4().hex[:12]
+    def new_item(self, item_id: str | None = None) -> str:
+        self.item_id = item_id or "item_" + uuid.uuid4().hex[:12]
         return self.item_id
 
     def begin(self, audio: tuple[np.ndarray, ...], continued: bool) -> None:

@@ -5,7 +5,8 @@ text, pieces, the `/ws` handshake) is `wire.py`'s.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import uuid
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from runtime.checks import json_number
@@ -117,11 +118,18 @@ class TranscriptionCompleted(ServerEvent):
 
 @dataclass(frozen=True)
 class ResponseCreated(ServerEvent):
+    """A reply is committed. `order` is the `response.create` that asked for it, if one did (its
+    `metadata`, out of band or not, text only or not)."""
+
     type = "response.created"
     response_id: str
+    order: ResponseOrder | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "response": {"id": self.response_id, "status": "in_progress"}}
+        response: dict[str, Any] = {"id": self.response_id, "status": "in_progress"}
+        if self.order is not None and self.order.metadata is not None:
+            response["metadata"] = self.order.metadata
+        return {"type": self.type, "response": response}
 
 
 @dataclass(frozen=True)
@@ -185,10 +193,34 @@ class FunctionCallArgumentsDone(ServerEvent):
 @dataclass(frozen=True)
 class ConversationItemCreated(ServerEvent):
     """An item joined the history: a function's output (`{id, type: function_call_output,
-    call_id, output}`), once the function returned, failed or timed out."""
+    call_id, output}`), once the function returned, failed or timed out, or an item the client
+    added (`conversation.item.create`), in the form of `Item.to_dict()`."""
 
     type = "conversation.item.created"
     item: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ConversationItemRetrieved(ServerEvent):
+    """The answer to `conversation.item.retrieve`: the item as the history holds it now."""
+
+    type = "conversation.item.retrieved"
+    item: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ConversationItemDeleted(ServerEvent):
+    """The item left the history (`conversation.item.delete`): later replies no longer see it."""
+
+    type = "conversation.item.deleted"
+    item_id: str
+
+
+@dataclass(frozen=True)
+class InputAudioBufferCleared(ServerEvent):
+    """The answer to `input_audio_buffer.clear`: no turn is made of the speech so far."""
+
+    type = "input_audio_buffer.cleared"
 
 
 @dataclass(frozen=True)
@@ -359,32 +391,178 @@ class ConversationItemTruncate(ClientEvent):
         return cls(item_id, ms_at_least_zero(msg, "audio_end_ms"), event_id)
 
 
-@dataclass(frozen=True)
-class ConversationItemCreate(ClientEvent):
-    """A typed user message: answered at once, as a committed turn."""
+ROLES = ("user", "assistant", "system")
 
-    type = "conversation.item.create"
+
+@dataclass(frozen=True)
+class Item:
+    """One history item as a client gives it or asks for it: a message (`role` user, assistant or
+    system, and its `text`), a `function_call` (`text`: its arguments) or a `function_call_output`
+    (`text`: the output). `kind` is the role for a message, else the item type, as the history's."""
+
+    id: str
+    kind: str
     text: str
-    event_id: str | None = None
+    call_id: str = ""
+    name: str = ""
+    status: str = "completed"
 
     @classmethod
-    def parse(cls, msg: dict[str, Any], event_id: str | None) -> ConversationItemCreate:
-        item = msg.get("item")
-        if not isinstance(item, dict) or item.get("role", "user") != "user":
-            raise EventError("invalid_value", "conversation.item.create needs an 'item' with role 'user'")
+    def parse(cls, item: Any, default_id: str) -> Item:
+        if not isinstance(item, dict):
+            raise EventError("invalid_value", "conversation.item.create needs an 'item' object")
+        item_id = item.get("id", default_id)
+        if not isinstance(item_id, str) or not 0 < len(item_id) <= 64:
+            raise EventError("invalid_value", "item.id must be a string of 1 to 64 characters")
+        kind = item.get("type", "message")
+        if kind == "function_call_output":
+            call_id, output = item.get("call_id"), item.get("output")
+            if not isinstance(call_id, str) or not call_id or not isinstance(output, str):
+                raise EventError("invalid_value", "a function_call_output item needs a string call_id and output")
+            return cls(item_id, kind, output, call_id=call_id)
+        if kind == "function_call":
+            call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "")
+            if not all(isinstance(v, str) for v in (call_id, name, arguments)) or not call_id or not name:
+                raise EventError("invalid_value", "a function_call item needs a string call_id, name and arguments")
+            return cls(item_id, kind, arguments, call_id=call_id, name=name)
+        if kind != "message":
+            raise EventError("invalid_value", "item.type must be message, function_call or function_call_output")
+        role = item.get("role", "user")
+        if role not in ROLES:
+            raise EventError("invalid_value", f"item.role must be one of {list(ROLES)}")
         content = item.get("content")
         if not isinstance(content, list) or not content:
             raise EventError("invalid_value", "item.content must be a non-empty list")
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "input_text" or not isinstance(part.get("text"), str):
-                raise EventError("invalid_value", "item.content parts must be {type: 'input_text', text: string}")
-            texts.append(part["text"])
+            text = part.get("text", part.get("transcript")) if isinstance(part, dict) else None
+            if not isinstance(text, str) or part.get("type") not in _TEXT_PARTS[role]:
+                raise EventError("invalid_value", f"{role} item.content parts must be {{type: {' or '.join(_TEXT_PARTS[role])}, text: string}}")
+            texts.append(text)
         text = " ".join(t.strip() for t in texts).strip()
         if not text:
             raise EventError("invalid_value", "item text is empty")
-        return cls(text, event_id)
+        return cls(item_id, role, text)
 
     def to_dict(self) -> dict[str, Any]:
-        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": self.text}]}
+        if self.kind == "function_call_output":
+            return {"id": self.id, "type": self.kind, "call_id": self.call_id, "output": self.text}
+        if self.kind == "function_call":
+            return {"id": self.id, "type": self.kind, "call_id": self.call_id, "name": self.name, "arguments": self.text}
+        part = {"type": "output_text" if self.kind == "assistant" else "input_text", "text": self.text}
+        return {"id": self.id, "type": "message", "role": self.kind, "status": self.status, "content": [part]}
+
+
+_TEXT_PARTS = {"user": ("input_text",), "system": ("input_text",), "assistant": ("output_text", "output_audio", "text")}
+
+
+@dataclass(frozen=True)
+class ConversationItemCreate(ClientEvent):
+    """An item for the history (`Item`). On this protocol a user message is a typed turn, answered
+    at once (`respond`); any other item is added, and answered with the next reply."""
+
+    type = "conversation.item.create"
+    item: Item
+    respond: bool = True
+    event_id: str | None = None
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any], event_id: str | None, respond: bool | None = None) -> ConversationItemCreate:
+        item = Item.parse(msg.get("item"), "item_" + uuid.uuid4().hex[:12])
+        return cls(item, item.kind == "user" if respond is None else respond, event_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        item = {k: v for k, v in self.item.to_dict().items() if k != "status"}
         return {"type": self.type, "item": item, **({"event_id": self.event_id} if self.event_id else {})}
+
+
+@dataclass(frozen=True)
+class ConversationItemRetrieve(ClientEvent):
+    """Asks for an item of the history as it is now: answered by `conversation.item.retrieved`."""
+
+    type = "conversation.item.retrieve"
+    item_id: str
+    event_id: str | None = None
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any], event_id: str | None) -> ConversationItemRetrieve:
+        return cls(_item_id(msg), event_id)
+
+
+@dataclass(frozen=True)
+class ConversationItemDelete(ClientEvent):
+    """Takes an item out of the history: answered by `conversation.item.deleted`."""
+
+    type = "conversation.item.delete"
+    item_id: str
+    event_id: str | None = None
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any], event_id: str | None) -> ConversationItemDelete:
+        return cls(_item_id(msg), event_id)
+
+
+def _item_id(msg: dict[str, Any]) -> str:
+    item_id = msg.get("item_id")
+    if not isinstance(item_id, str) or not item_id:
+        raise EventError("invalid_value", "item_id must name an item of this session")
+    return item_id
+
+
+@dataclass(frozen=True)
+class ResponseOrder:
+    """What a `response.create` asks of its reply: other `instructions` (the system prompt, for
+    this reply only), `metadata` echoed in its events, `out_of_band` (conversation `none`: the
+    reply is not added to the history), `text_only` (no speech)."""
+
+    instructions: str | None = None
+    metadata: dict[str, str] | None = None
+    out_of_band: bool = False
+    text_only: bool = False
+
+    @classmethod
+    def parse(cls, response: Any) -> ResponseOrder:
+        if response is None:
+            return cls()
+        if not isinstance(response, dict):
+            raise EventError("invalid_value", "response must be an object")
+        instructions = response.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise EventError("invalid_value", "response.instructions must be a string")
+        metadata = response.get("metadata")
+        if metadata is not None and (
+            not isinstance(metadata, dict) or len(metadata) > 16 or not all(isinstance(v, str) for v in metadata.values())
+        ):
+            raise EventError("invalid_value", "response.metadata must be an object of at most 16 string values")
+        conversation = response.get("conversation", "auto")
+        if conversation not in ("auto", "none"):
+            raise EventError("invalid_value", "response.conversation must be 'auto' or 'none'")
+        modalities = response.get("output_modalities", ["audio"])
+        if modalities not in (["audio"], ["text"]):
+            raise EventError("invalid_value", "response.output_modalities must be ['audio'] or ['text']")
+        if response.get("input") is not None:
+            raise EventError("unsupported", "response.input is not supported: a reply answers the conversation")
+        return cls(instructions, metadata, conversation == "none", modalities == ["text"])
+
+
+@dataclass(frozen=True)
+class ResponseCreate(ClientEvent):
+    """Starts a reply to the conversation as it stands (after items added without one, or with
+    turn_detection's `create_response` off); `order` says what is special about it."""
+
+    type = "response.create"
+    order: ResponseOrder = field(default_factory=ResponseOrder)
+    event_id: str | None = None
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any], event_id: str | None) -> ResponseCreate:
+        return cls(ResponseOrder.parse(msg.get("response")), event_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        order = self.order
+        response: dict[str, Any] = {"conversation": "none" if order.out_of_band else "auto", "output_modalities": ["text" if order.text_only else "audio"]}
+        if order.instructions is not None:
+            response["instructions"] = order.instructions
+        if order.metadata is not None:
+            response["metadata"] = order.metadata
+        return {"type": self.type, "response": response, **({"event_id": self.event_id} if self.event_id else {})}

@@ -1,11 +1,15 @@
-"""`/v1/realtime`: the OpenAI Realtime API (GA event names) over a WebSocket, so that clients written
-for it (the official SDKs among them) talk to this server. A transport only: it translates messages
-both ways, and the Controller decides everything as on any other transport.
+"""`/v1/realtime`: the OpenAI Realtime API (GA) over a WebSocket, so that clients written for it
+(the official SDKs, openai-agents, LiveKit's and Pipecat's OpenAI services) talk to this server
+unchanged. A transport only: it translates messages both ways, and the Controller decides
+everything as on any other transport; the session object is `openai_session.py`'s.
 
-Audio is base64 PCM16 mono at 24 kHz both ways. `server_vad` maps to our `vad` turn detection,
-`semantic_vad` to `semantic`, and `null` to `manual` (the client commits each turn). Replies start
-at the end of a turn and after a typed message, so `response.create` starts nothing of its own.
-`conversation.item.truncate` cuts a reply's history back to what the client played.
+Audio is base64 PCM16 mono at 24 kHz both ways. Each item has GA's lifecycle: a committed user turn
+is `conversation.item.added` / `.done` (its transcript follows); a reply is `response.created`, its
+message `response.output_item.added`, `conversation.item.added`, `response.content_part.added`, the
+deltas, then the `.done` of each in reverse order and `response.done`; a function the reply calls is
+an output item of its own, and its output a conversation item. Assistant items are `item_` + the
+response id's suffix; `conversation.item.truncate` cuts a reply's history back to what the client
+played.
 """
 
 from __future__ import annotations
@@ -14,24 +18,31 @@ import base64
 import binascii
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from config import ServerConfig
+from realtime.echo import EchoCanceller
 from realtime.events import (
     ClientEvent,
     ConversationItemCreate,
     ConversationItemCreated,
+    ConversationItemDelete,
+    ConversationItemDeleted,
+    ConversationItemRetrieve,
+    ConversationItemRetrieved,
     ConversationItemTruncate,
     ConversationItemTruncated,
     Error,
     EventError,
     FunctionCallArgumentsDone,
     InputAudioBufferClear,
+    InputAudioBufferCleared,
     InputAudioBufferCommit,
     ResponseCancel,
+    ResponseCreate,
     ResponseCreated,
     ResponseDone,
     ResponseTextDelta,
@@ -44,40 +55,21 @@ from realtime.events import (
     TranscriptionCompleted,
     TranscriptionDelta,
 )
-from realtime.echo import EchoCanceller
+from realtime.openai_session import RATE, RealtimeSession
 from realtime.output import FrameClock
 from realtime.session import AgentFactory, SessionRegistry
 from realtime.wire import SessionStart
 from realtime.ws import WebSocketSession, hold, prepare_socket
 from runtime.audio import FRAME_MS
 
-RATE = 24000
-AUDIO_FORMAT = {"type": "audio/pcm", "rate": RATE}
 DELTA_FRAMES = 5  # 100 ms of reply audio per response.output_audio.delta
 STATUS = {"completed": "completed", "interrupted": "cancelled", "cancelled": "cancelled"}
+CANCEL_REASON = {"interrupted": "turn_detected", "cancelled": "client_cancelled"}
+ITEM = "realtime.item"
 
 
 def _event_id() -> str:
     return "event_" + uuid.uuid4().hex[:16]
-
-
-def turn_detection_to_ours(detection: Any) -> dict[str, Any]:
-    """An OpenAI `turn_detection` object as our `session.update` turn_detection, or EventError."""
-    if detection is None:
-        return {"type": "manual"}
-    if not isinstance(detection, dict):
-        raise EventError("invalid_value", "turn_detection must be an object")
-    kind = detection.get("type", "server_vad")
-    if kind == "server_vad":
-        ours: dict[str, Any] = {"type": "vad"}
-        for theirs, mine in (("threshold", "threshold"), ("prefix_padding_ms", "prefix_padding_ms"), ("silence_duration_ms", "commit_ms")):
-            if theirs in detection:
-                ours[mine] = detection[theirs]
-        return ours
-    if kind == "semantic_vad":
-        eagerness = detection.get("eagerness", "auto")
-        return {"type": "semantic", "eagerness": "medium" if eagerness == "auto" else eagerness}
-    raise EventError("invalid_value", f"unknown turn_detection type {kind!r}: server_vad or semantic_vad")
 
 
 @dataclass(frozen=True)
@@ -97,74 +89,119 @@ class AudioAppend:
         return cls(pcm)
 
 
+@dataclass
+class _Response:
+    """What the translation keeps of one reply while it runs: its message item, its function-call
+    items, how it speaks (audio or text only), whether it is in the conversation."""
+
+    id: str
+    text_only: bool
+    out_of_band: bool
+    metadata: dict[str, str] | None
+    previous_item_id: str | None = None  # the item before its message in the conversation
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def item_id(self) -> str:
+        return "item_" + self.id.removeprefix("resp_")
+
+    def part(self) -> dict[str, Any]:
+        return {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
+
+    def message(self, status: str, text: str | None) -> dict[str, Any]:
+        content = [] if text is None else [{"type": "output_text", "text": text} if self.text_only else {"type": "output_audio", "transcript": text}]
+        return {"id": self.item_id, "object": ITEM, "type": "message", "role": "assistant", "status": status, "content": content}
+
+    def content_part(self, text: str) -> dict[str, Any]:
+        return {"type": "text", "text": text} if self.text_only else {"type": "audio", "transcript": text}
+
+    def body(self, status: str, output: list[dict[str, Any]], conversation: str | None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "realtime.response",
+            "status": status,
+            "output": output,
+            "conversation_id": None if self.out_of_band else conversation,
+            "output_modalities": ["text" if self.text_only else "audio"],
+            "metadata": self.metadata,
+        }
+
+
 class Translator:
     """One connection's mapping between our events and OpenAI Realtime's. Owns what the mapping
-    needs to remember: the reply being spoken, the transcript already sent as deltas."""
+    needs to remember: the GA session, the replies under way, the items announced (for
+    `previous_item_id` and the assistant items' ids), the user transcript already sent as deltas."""
 
     def __init__(self, model: str) -> None:
-        self.model = model
+        self.session = RealtimeSession(model)
+        self.conversation = "conv_" + uuid.uuid4().hex[:16]
         self.response_id: str | None = None  # the reply whose audio is going out
-        self.text_only = False  # output_modalities ["text"]: the reply's words, no audio
+        self._responses: dict[str, _Response] = {}
+        self._assistant_items: dict[str, str] = {}  # GA item id -> our response id
         self._transcripts: dict[str, str] = {}  # the user transcript sent so far, per item
-        self._previous_item: str | None = None
+        self._speech_ms: dict[str, int] = {}  # where each user item's speech started
+        self._seconds: dict[str, float] = {}  # each committed user item's length
+        self._last_item: str | None = None
 
-    def session(self, ours: dict[str, Any]) -> dict[str, Any]:
-        detection = ours.get("turn_detection", {})
-        theirs: dict[str, Any] | None = {"type": "server_vad", "silence_duration_ms": detection.get("commit_ms")}
-        if detection.get("type") == "semantic":
-            theirs = {"type": "semantic_vad", "eagerness": detection.get("eagerness")}
-        elif detection.get("type") == "manual":
-            theirs = None
-        return {
-            "type": "realtime",
-            "object": "realtime.session",
-            "id": ours.get("id"),
-            "model": self.model,
-            "output_modalities": ["text" if self.text_only else "audio"],
-            "audio": {
-                "input": {"format": AUDIO_FORMAT, "turn_detection": theirs},
-                "output": {"format": AUDIO_FORMAT, "voice": ours.get("profile")},
-            },
-        }
+    @property
+    def text_only(self) -> bool:
+        return self.session.text_only
 
     def server(self, event: ServerEvent) -> list[dict[str, Any]]:
         """Our event as the OpenAI events that say the same (none for ours alone: state, metrics)."""
         match event:
-            case SessionCreated() | SessionUpdated():
-                return [{"type": event.type, "session": self.session(event.session)}]
+            case SessionCreated():
+                return [{"type": event.type, "session": self.session.echo(event.session)}]
+            case SessionUpdated():
+                self.session.applied()
+                return [{"type": event.type, "session": self.session.echo(event.session)}]
             case SpeechStarted():
+                self._speech_ms[event.item_id] = event.audio_start_ms
                 return [{"type": event.type, "item_id": event.item_id, "audio_start_ms": event.audio_start_ms}]
             case SpeechStopped():
-                previous, self._previous_item = self._previous_item, event.item_id
-                return [
-                    {"type": event.type, "item_id": event.item_id, "audio_end_ms": event.audio_end_ms},
-                    {"type": "input_audio_buffer.committed", "item_id": event.item_id, "previous_item_id": previous},
-                ]
+                return self._committed(event)
             case TranscriptionDelta():
                 return self._transcription_delta(event)
             case TranscriptionCompleted():
                 self._transcripts.pop(event.item_id, None)
-                return [{"type": event.type, "item_id": event.item_id, "content_index": 0, "transcript": event.transcript}]
+                usage = {"type": "duration", "seconds": self._seconds.pop(event.item_id, 0.0)}
+                return [{"type": event.type, "item_id": event.item_id, "content_index": 0, "transcript": event.transcript, "usage": usage}]
             case ResponseCreated():
-                self.response_id = event.response_id
-                return [{"type": event.type, "response": self._response(event.response_id, "in_progress", [])}]
-            case ResponseTextDelta():
-                kind = "response.output_text.delta" if self.text_only else "response.output_audio_transcript.delta"
-                return [{**self._part(event.response_id), "type": kind, "delta": event.delta}]
-            case ResponseDone():
+                return self._response_created(event)
+            case ResponseTextDelta() if (response := self._responses.get(event.response_id)) is not None:
+                kind = "response.output_text.delta" if response.text_only else "response.output_audio_transcript.delta"
+                return [{**response.part(), "type": kind, "delta": event.delta}]
+            case ResponseDone() if event.response_id in self._responses:
                 return self._response_done(event)
-            case FunctionCallArgumentsDone():
-                call = {"response_id": event.response_id, "item_id": event.item_id, "output_index": 0, "call_id": event.call_id}
-                return [{"type": event.type, **call, "name": event.name, "arguments": event.arguments}]
+            case FunctionCallArgumentsDone() if (response := self._responses.get(event.response_id)) is not None:
+                return self._function_call(response, event)
             case ConversationItemCreated():
-                return [{"type": event.type, "item": {"object": "realtime.item", "status": "completed", **event.item}}]
+                return self._item_added(self._ga_item(event.item))
+            case ConversationItemRetrieved():
+                return [{"type": event.type, "item": self._ga_item(event.item)}]
+            case ConversationItemDeleted():
+                return [{"type": event.type, "item_id": self.ga_item_id(event.item_id)}]
             case ConversationItemTruncated():
-                item = self.item_id(event.item_id)
-                return [{"type": event.type, "item_id": item, "content_index": 0, "audio_end_ms": round(event.audio_end_ms)}]
+                return [{"type": event.type, "item_id": self.ga_item_id(event.item_id), "content_index": 0, "audio_end_ms": round(event.audio_end_ms)}]
+            case InputAudioBufferCleared():
+                return [{"type": event.type}]
             case Error():
-                error = {"type": "invalid_request_error", "code": event.code, "message": event.message, "event_id": event.event_id}
+                error = {"type": "invalid_request_error", "code": event.code, "message": event.message, "param": None, "event_id": event.event_id}
                 return [{"type": "error", "error": error}]
         return []
+
+    def _committed(self, event: SpeechStopped) -> list[dict[str, Any]]:
+        start = self._speech_ms.pop(event.item_id, event.audio_end_ms)
+        self._seconds[event.item_id] = max(0, event.audio_end_ms - start) / 1000
+        committed = {"type": "input_audio_buffer.committed", "item_id": event.item_id, "previous_item_id": self._last_item}
+        item = {"id": event.item_id, "object": ITEM, "type": "message", "role": "user", "status": "completed",
+                "content": [{"type": "input_audio", "transcript": None}]}
+        return [{"type": event.type, "item_id": event.item_id, "audio_end_ms": event.audio_end_ms}, committed, *self._item_added(item)]
+
+    def _item_added(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        """An item joined the conversation, whole: `conversation.item.added` then `.done`."""
+        previous, self._last_item = self._last_item, item["id"]
+        return [{"type": f"conversation.item.{step}", "previous_item_id": previous, "item": item} for step in ("added", "done")]
 
     def _transcription_delta(self, event: TranscriptionDelta) -> list[dict[str, Any]]:
         sent = self._transcripts.get(event.item_id, "")
@@ -174,48 +211,85 @@ class Translator:
         delta = event.transcript[len(sent) :]
         return [{"type": event.type, "item_id": event.item_id, "content_index": 0, "delta": delta}]
 
+    def _response_created(self, event: ResponseCreated) -> list[dict[str, Any]]:
+        order = event.order
+        response = _Response(
+            event.response_id,
+            self.text_only or (order is not None and order.text_only),
+            order is not None and order.out_of_band,
+            order.metadata if order is not None else None,
+        )
+        self._responses[response.id] = response
+        self._assistant_items[response.item_id] = response.id
+        self.response_id = None if response.text_only else response.id
+        item = response.message("in_progress", None)
+        messages = [
+            {"type": "response.created", "response": response.body("in_progress", [], self.conversation)},
+            {"type": "response.output_item.added", "response_id": response.id, "output_index": 0, "item": item},
+        ]
+        if not response.out_of_band:
+            response.previous_item_id, self._last_item = self._last_item, item["id"]
+            messages.append({"type": "conversation.item.added", "previous_item_id": response.previous_item_id, "item": item})
+        messages.append({**response.part(), "type": "response.content_part.added", "part": response.content_part("")})
+        return messages
+
+    def _function_call(self, response: _Response, event: FunctionCallArgumentsDone) -> list[dict[str, Any]]:
+        index = len(response.calls) + 1  # the message is output 0
+        call = {"id": event.item_id, "object": ITEM, "type": "function_call", "call_id": event.call_id, "name": event.name}
+        done = {**call, "status": "completed", "arguments": event.arguments}
+        response.calls.append(done)
+        where = {"response_id": response.id, "item_id": event.item_id, "output_index": index, "call_id": event.call_id}
+        messages = [{"type": "response.output_item.added", "response_id": response.id, "output_index": index, "item": {**call, "status": "in_progress", "arguments": ""}}]
+        messages.append({"type": "response.function_call_arguments.delta", **where, "delta": event.arguments})
+        messages.append({"type": "response.function_call_arguments.done", **where, "name": event.name, "arguments": event.arguments})
+        messages.append({"type": "response.output_item.done", "response_id": response.id, "output_index": index, "item": done})
+        return messages if response.out_of_band else [*messages, *self._item_added(done)[1:]]
+
     def _response_done(self, event: ResponseDone) -> list[dict[str, Any]]:
+        response = self._responses.pop(event.response_id)
         if self.response_id == event.response_id:
             self.response_id = None
-        item = {
-            "id": self.item_id(event.response_id),
-            "object": "realtime.item",
-            "type": "message",
-            "role": "assistant",
-            "status": "completed" if event.status == "completed" else "incomplete",
-            "content": [
-                {"type": "output_text", "text": event.output_text}
-                if self.text_only
-                else {"type": "output_audio", "transcript": event.output_text}
-            ],
-        }
-        part = self._part(event.response_id)
-        done = (
-            [{**part, "type": "response.output_text.done", "text": event.output_text}]
-            if self.text_only
-            else [
-                {**part, "type": "response.output_audio.done"},
-                {**part, "type": "response.output_audio_transcript.done", "transcript": event.output_text},
-            ]
-        )
-        status = STATUS.get(event.status, "failed")
-        return [*done, {"type": event.type, "response": self._response(event.response_id, status, [item])}]
+        part, text = response.part(), event.output_text
+        status = "completed" if event.status == "completed" else "incomplete"
+        item = response.message(status, text)
+        if response.text_only:
+            messages = [{**part, "type": "response.output_text.done", "text": text}]
+        else:
+            messages = [{**part, "type": "response.output_audio.done"}, {**part, "type": "response.output_audio_transcript.done", "transcript": text}]
+        messages.append({**part, "type": "response.content_part.done", "part": response.content_part(text)})
+        messages.append({"type": "response.output_item.done", "response_id": response.id, "output_index": 0, "item": item})
+        if not response.out_of_band:
+            messages.append({"type": "conversation.item.done", "previous_item_id": response.previous_item_id, "item": item})
+        body = response.body(STATUS.get(event.status, "failed"), [item, *response.calls], self.conversation)
+        if event.status in CANCEL_REASON:
+            body["status_details"] = {"type": "cancelled", "reason": CANCEL_REASON[event.status]}
+        return [*messages, {"type": "response.done", "response": body}]
+
+    def _ga_item(self, ours: dict[str, Any]) -> dict[str, Any]:
+        """Our item (`Item.to_dict()`) as a GA conversation item."""
+        item = {**ours, "id": self.ga_item_id(ours["id"]), "object": ITEM}
+        if item["type"] != "message":
+            return {**item, "status": "completed"}
+        if item["role"] == "assistant" and not self.text_only:
+            item["content"] = [{"type": "output_audio", "transcript": part["text"]} for part in item["content"]]
+        return item
 
     def audio(self, pcm: bytes) -> dict[str, Any] | None:
-        if self.response_id is None or self.text_only:
+        response = self._responses.get(self.response_id) if self.response_id is not None else None
+        if response is None:
             return None
-        return {**self._part(self.response_id), "type": "response.output_audio.delta", "delta": base64.b64encode(pcm).decode()}
+        return {**response.part(), "type": "response.output_audio.delta", "delta": base64.b64encode(pcm).decode()}
 
     @staticmethod
-    def item_id(response_id: str) -> str:
-        return "item_" + response_id.removeprefix("resp_")
+    def ga_item_id(ours: str) -> str:
+        """An assistant item is named after its reply (`resp_X` -> `item_X`); others keep their id."""
+        return "item_" + ours.removeprefix("resp_") if ours.startswith("resp_") and "-" not in ours else ours
 
-    def _part(self, response_id: str) -> dict[str, Any]:
-        return {"response_id": response_id, "item_id": self.item_id(response_id), "output_index": 0, "content_index": 0}
-
-    @staticmethod
-    def _response(response_id: str, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": response_id, "object": "realtime.response", "status": status, "output": output}
+    def _our_item_id(self, message: dict[str, Any]) -> dict[str, Any]:
+        item_id = message.get("item_id")
+        if not isinstance(item_id, str) or not item_id:
+            raise EventError("invalid_value", "item_id must name an item of this session")
+        return {**message, "item_id": self._assistant_items.get(item_id, item_id)}
 
     def client(self, text: str | bytes) -> ClientEvent | AudioAppend | None:
         """One client message as our event, audio to append, or None (one that needs nothing)."""
@@ -231,39 +305,25 @@ class Translator:
             case "input_audio_buffer.append":
                 return AudioAppend.parse(message)
             case "session.update":
-                return self._session_update(message, event_id)
+                return SessionUpdate(self.session.update(message.get("session")), event_id)
             case "conversation.item.create":
-                return ConversationItemCreate.parse(message, event_id)
+                return ConversationItemCreate.parse(message, event_id, respond=False)
+            case "conversation.item.retrieve":
+                return ConversationItemRetrieve.parse(self._our_item_id(message), event_id)
+            case "conversation.item.delete":
+                return ConversationItemDelete.parse(self._our_item_id(message), event_id)
+            case "conversation.item.truncate":
+                return ConversationItemTruncate.parse(self._our_item_id(message), event_id)
+            case "response.create":
+                return ResponseCreate.parse(message, event_id)
             case "response.cancel":
                 return ResponseCancel(event_id)
             case "input_audio_buffer.commit":
                 return InputAudioBufferCommit(event_id)
             case "input_audio_buffer.clear":
                 return InputAudioBufferClear(event_id)
-            case "response.create":
-                return None
-            case "conversation.item.truncate":
-                item_id = message.get("item_id")
-                if not isinstance(item_id, str) or not item_id.startswith("item_"):
-                    raise EventError("invalid_value", "item_id must name an assistant item of this session")
-                ours = {**message, "item_id": "resp_" + item_id.removeprefix("item_")}
-                return ConversationItemTruncate.parse(ours, event_id)
             case kind:
                 raise EventError("unknown_event", f"unknown event type {kind!r}")
-
-    def _session_update(self, message: dict[str, Any], event_id: str | None) -> SessionUpdate:
-        session = message.get("session")
-        if not isinstance(session, dict):
-            raise EventError("invalid_value", "session.update needs a 'session' object")
-        modalities = session.get("output_modalities")
-        if modalities is not None:
-            if modalities not in (["audio"], ["text"]):
-                raise EventError("invalid_value", "output_modalities must be ['audio'] or ['text']")
-            self.text_only = modalities == ["text"]
-        audio_in = session.get("audio", {}).get("input", {}) if isinstance(session.get("audio"), dict) else {}
-        if isinstance(audio_in, dict) and "turn_detection" in audio_in:
-            return SessionUpdate({"turn_detection": turn_detection_to_ours(audio_in["turn_detection"])}, event_id)
-        return SessionUpdate({}, event_id)
 
 
 class OpenAIRealtimeSession(WebSocketSession):
@@ -272,10 +332,18 @@ class OpenAIRealtimeSession(WebSocketSession):
     def __init__(self, ws: web.WebSocketResponse, transport: Any, send_queue_s: float, model: str, echo: EchoCanceller) -> None:
         self._translator = Translator(model)
         self._pending_audio: list[bytes] = []
-        super().__init__(ws, transport, SessionStart(RATE, RATE), send_queue_s, echo, name="openai-realtime")
+        start = SessionStart(RATE, RATE)
+        super().__init__(ws, transport, start, send_queue_s, echo, name="openai-realtime", defaults=self._translator.session.initial())
 
     def _encode(self, event: ServerEvent) -> list[str]:
-        return [json.dumps({"event_id": _event_id(), **message}) for message in self._translator.server(event)]
+        audio = self._audio_delta() if isinstance(event, ResponseDone) else []  # the reply's last audio before its end
+        return audio + [json.dumps({"event_id": _event_id(), **message}) for message in self._translator.server(event)]
+
+    def _audio_delta(self) -> list[str]:
+        """The reply audio gathered since the last delta, as one `response.output_audio.delta`."""
+        message = self._translator.audio(b"".join(self._pending_audio))
+        self._pending_audio.clear()
+        return [] if message is None else [json.dumps({"event_id": _event_id(), **message})]
 
     def parse_message(self, message: str | bytes) -> ClientEvent | None:
         event = self._translator.client(message)
@@ -297,10 +365,8 @@ class OpenAIRealtimeSession(WebSocketSession):
             if self.output.audio_frames_sent > before:
                 self._pending_audio.append(frame.astype("<i2").tobytes())
             if self._pending_audio and (len(self._pending_audio) >= DELTA_FRAMES or self.output.audio_frames_sent == before):
-                message = self._translator.audio(b"".join(self._pending_audio))
-                self._pending_audio.clear()
-                if message is not None:
-                    self._send(json.dumps({"event_id": _event_id(), **message}))
+                for message in self._audio_delta():
+                    self._send(message)
 
 
 async def serve_openai_realtime(

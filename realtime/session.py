@@ -46,6 +46,7 @@ class SessionIO:
     output: PacedOutput
     emit: Callable[[ServerEvent], None]
     echo: EchoCanceller = field(default_factory=lambda: EchoCanceller("off"))  # on the input before the agent sees it
+    defaults: dict[str, Any] = field(default_factory=dict)  # the `session.update` the transport's protocol starts a call with
     playback: PlaybackTracker = field(init=False)  # how much of the current reply the client has played
 
     def __post_init__(self) -> None:
@@ -59,7 +60,9 @@ class Session:
     """Owns one call: its tasks, its input queue (through its echo canceller, whose reference is
     what the paced output sends), its paced output and its event channel."""
 
-    def __init__(self, transport: str, output: PacedOutput, send_text: Callable[[str], None], echo: EchoCanceller) -> None:
+    def __init__(
+        self, transport: str, output: PacedOutput, send_text: Callable[[str], None], echo: EchoCanceller, defaults: dict[str, Any] | None = None
+    ) -> None:
         self.id = "sess_" + uuid.uuid4().hex[:16]
         self.transport = transport
         self.started = time.monotonic()
@@ -84,7 +87,7 @@ class Session:
         self.remote_address: str | None = None  # the client's, for limits per address
         self.pending = False  # answered, but the peer has shown no life yet (WebRTC)
         self.pings = False  # the client sends `ping`s (and so promises one a second)
-        self._io = SessionIO(self.id, self.frames, self.output, self.emit, self.echo)
+        self._io = SessionIO(self.id, self.frames, self.output, self.emit, self.echo, defaults or {})
 
     @property
     def tasks(self) -> frozenset[asyncio.Task[Any]]:

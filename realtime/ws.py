@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -41,13 +42,14 @@ class WebSocketSession(Session):
         send_queue_s: float,
         echo: EchoCanceller,
         name: str = "websocket",
+        defaults: dict[str, Any] | None = None,
     ) -> None:
         self._ws = ws
         self._transport = transport
         # One ordered outbox for events and audio, drained by a single writer task; a client that
         # stops reading is closed once `send_queue_s` of frames wait in it, not buffered forever.
         self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=max(1, round(send_queue_s * 1000 / FRAME_MS)))
-        super().__init__(name, PacedOutput(start.output_sample_rate), self._send, echo)
+        super().__init__(name, PacedOutput(start.output_sample_rate), self._send, echo, defaults)
         self.input_rate = start.input_sample_rate
         self._framer = InputFramer()
         self.on_close(self._teardown)

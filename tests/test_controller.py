@@ -19,6 +19,7 @@ from realtime.events import (
     ConversationItemTruncate,
     InputAudioBufferClear,
     InputAudioBufferCommit,
+    Item,
     PlaybackPosition,
     ResponseCancel,
     ServerEvent,
@@ -421,7 +422,7 @@ async def test_malformed_session_update_is_refused_and_changes_nothing(rig, sess
 
 async def test_typed_message_gets_a_reply_and_cancel_stops_it(rig):
     rig.controller.on_client_event(
-        ConversationItemCreate("What time is it?")
+        ConversationItemCreate(Item("typed_1", "user", "What time is it?"))
     )
     await rig.until(lambda: rig.decoder.chunks >= 2)
     assert rig.lm.calls[0][-1].content == "What time is it?"

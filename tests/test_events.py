@@ -28,6 +28,11 @@ pytestmark = pytest.mark.unit
         ('{"type": "playback.position", "position_ms": true}', "invalid_value"),
         ('{"type": "conversation.item.create", "item": {"role": "assistant", "content": []}}', "invalid_value"),
         ('{"type": "conversation.item.create", "item": {"content": [{"type": "input_text", "text": "  "}]}}', "invalid_value"),
+        ('{"type": "conversation.item.create", "item": {"role": "tool", "content": [{"type": "input_text", "text": "x"}]}}', "invalid_value"),
+        ('{"type": "conversation.item.create", "item": {"type": "function_call_output", "output": "x"}}', "invalid_value"),
+        ('{"type": "response.create", "response": {"conversation": "other"}}', "invalid_value"),
+        ('{"type": "response.create", "response": {"metadata": {"k": 1}}}', "invalid_value"),
+        ('{"type": "conversation.item.retrieve"}', "invalid_value"),
         (json.dumps({"type": "ping", "pad": "x" * MAX_MESSAGE_BYTES}), "message_too_large"),
     ],
 )
@@ -46,7 +51,15 @@ def test_good_client_messages_are_parsed():
                     "item": {"role": "user", "content": [{"type": "input_text", "text": "Hello "},
                                                           {"type": "input_text", "text": "there"}]}})
     )
-    assert item.data == {"text": "Hello there"}
+    assert (item.item.kind, item.item.text, item.respond) == ("user", "Hello there", True)  # a typed turn: answered at once
+    system = parse_client_event(json.dumps({"type": "conversation.item.create", "item": {
+        "id": "sys_1", "role": "system", "content": [{"type": "input_text", "text": "Be terse."}]}}))
+    assert (system.item.id, system.item.kind, system.respond) == ("sys_1", "system", False)  # added, not answered
+    output = parse_client_event(json.dumps({"type": "conversation.item.create", "item": {
+        "type": "function_call_output", "call_id": "c1", "output": "{}"}}))
+    assert (output.item.kind, output.item.call_id, output.item.text) == ("function_call_output", "c1", "{}")
+    create = parse_client_event('{"type": "response.create", "response": {"conversation": "none", "metadata": {"k": "v"}}}')
+    assert create.order.out_of_band and create.order.metadata == {"k": "v"} and not create.order.text_only
     assert parse_client_event('{"type": "session.update", "session": {"commit_ms": 600}}').data == {
         "session": {"commit_ms": 600}
     }

@@ -1,30 +1,41 @@
-"""`/v1/realtime`, driven by the official `openai` SDK: its realtime client pointed at this server."""
+"""`/v1/realtime`, driven by the official `openai` SDK: its realtime client pointed at this server.
+Every event the server sends in a scripted session is checked against the SDK's typed server-event
+models, strictly: each must parse, and carry no field the models do not declare."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp
 import numpy as np
 import pytest
 from openai import AsyncOpenAI
+from openai.types.realtime import RealtimeServerEvent
+from pydantic import BaseModel, TypeAdapter
 
-from realtime.events import (
-    ConversationItemCreated,
-    FunctionCallArgumentsDone,
-    ResponseCreated,
-    ResponseDone,
-    ResponseTextDelta,
-    SpeechStopped,
-    TranscriptionDelta,
-)
-from realtime.openai_realtime import Translator, turn_detection_to_ours
-from realtime.events import EventError
+from config import TurnConfig
+from context.dialog import DialogContext
+from controller.controller import Controller, SessionModels
+from realtime.events import EventError, FunctionCallArgumentsDone, ResponseCreated, ResponseDone, ResponseOrder, ResponseTextDelta, SpeechStopped, TranscriptionDelta
+from realtime.openai_realtime import Translator
+from realtime.openai_session import turn_detection_to_ours
+from realtime.session import SessionIO
+from testkit.notifier import Notifier
+from tests.fakes import CountingTokenizer, CuedLM, ScriptedDetector, ToneDecoder
+from tools.builtin import current_time
+from tools.toolbox import Toolbox, tool_from_function
+from turns.judge import TurnEndScorers
 
 pytestmark = pytest.mark.unit
+
+SERVER_EVENT: TypeAdapter[Any] = TypeAdapter(RealtimeServerEvent)
+# OpenAI's own server sends the session's `id` and `object` in session.created / .updated; the
+# SDK types that session as the request it answers, which has neither. Nothing else is let through.
+SESSION_FIELDS_BEYOND_THE_SDK = {"session.id", "session.object"}
+RATE = 24000
 
 
 def client(url: str, token: str = "unused") -> AsyncOpenAI:
@@ -40,62 +51,251 @@ async def next_of(connection: Any, kind: str, timeout: float = 10) -> Any:
     raise AssertionError(f"the connection ended before a {kind}")
 
 
-def test_turn_detection_maps_to_ours():
-    assert turn_detection_to_ours({"type": "server_vad", "silence_duration_ms": 600, "threshold": 0.6}) == {
-        "type": "vad", "commit_ms": 600, "threshold": 0.6,
-    }
+def _extras(model: BaseModel, path: str) -> list[str]:
+    found = [f"{path}{key}" for key in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        for inner in value if isinstance(value, list) else [value]:
+            if isinstance(inner, BaseModel):
+                found += _extras(inner, f"{path}{name}.")
+    return found
+
+
+def strictly(message: dict[str, Any]) -> Any:
+    """`message` as the SDK's typed server event; fails on a missing or wrong field, and on a field
+    the type does not declare."""
+    event = SERVER_EVENT.validate_python(message)
+    allowed = SESSION_FIELDS_BEYOND_THE_SDK if event.type in ("session.created", "session.updated") else set()
+    extra = set(_extras(event, "")) - allowed
+    assert not extra, f"{event.type}: fields the SDK does not declare: {sorted(extra)} in {message}"
+    return event
+
+
+# ---- the mapping, one event at a time ------------------------------------------------------------
+
+
+def test_turn_detection_maps_to_ours_for_any_values_ga_accepts():
+    ga = {"type": "server_vad", "threshold": 0.6, "prefix_padding_ms": 300, "silence_duration_ms": 200}
+    assert turn_detection_to_ours(ga) == {"type": "vad", "threshold": 0.6, "prefix_padding_ms": 300, "commit_ms": 200, "pause_ms": 150}
+    tiny = turn_detection_to_ours({**ga, "threshold": 0.99, "silence_duration_ms": 0, "prefix_padding_ms": 5000})
+    assert tiny == {"type": "vad", "threshold": 0.95, "prefix_padding_ms": 2000, "commit_ms": 100, "pause_ms": 60}
+    TurnConfig().updated({k: v for k, v in tiny.items()})  # ours takes every value the mapping gives
     assert turn_detection_to_ours({"type": "semantic_vad", "eagerness": "auto"}) == {"type": "semantic", "eagerness": "medium"}
     assert turn_detection_to_ours(None) == {"type": "manual"}
-    for bad in ("x", {"type": "push_to_talk"}):
+    for bad in ("x", {"type": "push_to_talk"}, {**ga, "threshold": "high"}):
         with pytest.raises(EventError):
             turn_detection_to_ours(bad)
 
 
-def test_transcripts_become_appended_deltas_and_replies_end_with_their_item():
+def test_a_reply_s_events_are_the_ga_lifecycle_and_each_parses_strictly():
     translator = Translator("m")
-    assert translator.server(TranscriptionDelta("item_1", "What is"))[0]["delta"] == "What is"
-    assert translator.server(TranscriptionDelta("item_1", "What is the"))[0]["delta"] == " the"
-    assert translator.server(TranscriptionDelta("item_1", "What was"))[0:] == []  # ours rewrote it; theirs cannot
-    stopped = translator.server(SpeechStopped("item_1", 900))
-    assert [e["type"] for e in stopped] == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
-    done = translator.server(ResponseDone("resp_1", "interrupted", "Paris is"))
-    assert [e["type"] for e in done][-1] == "response.done"
-    assert done[-1]["response"]["status"] == "cancelled"
-    assert done[-1]["response"]["output"][0]["content"][0]["transcript"] == "Paris is"
+    out = [*translator.server(SpeechStopped("item_u1", 900))]
+    out += translator.server(TranscriptionDelta("item_u1", "What is"))
+    out += translator.server(TranscriptionDelta("item_u1", "What was"))  # ours rewrote it; theirs cannot
+    out += translator.server(ResponseCreated("resp_1", ResponseOrder(metadata={"topic": "t"})))
+    out += translator.server(ResponseTextDelta("resp_1", "Paris"))
+    out += translator.server(FunctionCallArgumentsDone("resp_1", "resp_1-call1", "call_a", "current_time", "{}"))
+    out += translator.server(ResponseDone("resp_1", "interrupted", "Paris is"))
+    events = [strictly({"event_id": f"e{i}", **m}) for i, m in enumerate(out)]
+    assert [e.type for e in events] == [
+        "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done",
+        "conversation.item.input_audio_transcription.delta",
+        "response.created", "response.output_item.added", "conversation.item.added", "response.content_part.added",
+        "response.output_audio_transcript.delta",
+        "response.output_item.added", "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "conversation.item.done",
+        "response.output_audio.done", "response.output_audio_transcript.done", "response.content_part.done",
+        "response.output_item.done", "conversation.item.done", "response.done",
+    ]
+    done = events[-1].response
+    assert (done.status, done.status_details.reason, done.metadata) == ("cancelled", "turn_detected", {"topic": "t"})
+    assert [o.type for o in done.output] == ["message", "function_call"] and done.output[0].content[0].transcript == "Paris is"
+    assert events[7].previous_item_id == "item_u1" and events[7].item.id == "item_1"
 
 
-def test_function_calls_and_their_outputs_are_events_the_sdk_parses():
-    from openai.types.realtime import ConversationItemCreatedEvent, ResponseFunctionCallArgumentsDoneEvent
-
-    translator = Translator("m")
-    call = FunctionCallArgumentsDone("resp_1", "resp_1-call1", "call_a", "current_time", "{}")
-    (done,) = translator.server(call)
-    parsed = ResponseFunctionCallArgumentsDoneEvent.model_validate({**done, "event_id": "e1"})
-    assert (parsed.call_id, parsed.name, parsed.arguments, parsed.response_id) == ("call_a", "current_time", "{}", "resp_1")
-    item = {"id": "resp_1-output2", "type": "function_call_output", "call_id": "call_a", "output": '{"time": "02:00"}'}
-    (created,) = translator.server(ConversationItemCreated(item))
-    parsed_item = ConversationItemCreatedEvent.model_validate({**created, "event_id": "e2"}).item
-    assert (parsed_item.type, parsed_item.call_id, parsed_item.output) == ("function_call_output", "call_a", '{"time": "02:00"}')
+# ---- a whole session, over the socket ----------------------------------------------------------
 
 
-def test_a_text_only_session_gets_text_events_and_no_audio():
-    translator = Translator("m")
-    translator.client('{"type": "session.update", "session": {"output_modalities": ["text"]}}')
-    translator.server(ResponseCreated("resp_1"))
-    assert translator.server(ResponseTextDelta("resp_1", "Paris"))[0]["type"] == "response.output_text.delta"
-    assert translator.audio(b"\x00\x00") is None
-    done = translator.server(ResponseDone("resp_1", "completed", "Paris."))
-    assert [e["type"] for e in done] == ["response.output_text.done", "response.done"]
-    assert done[-1]["response"]["output"][0]["content"] == [{"type": "output_text", "text": "Paris."}]
-    with pytest.raises(EventError):
-        translator.client('{"type": "session.update", "session": {"output_modalities": ["video"]}}')
+class Scripted:
+    """The agents of a server whose engines are the controller tests' stand-ins: speech wherever
+    the audio is not silent, each utterance transcribed as `transcript`, the LM's reply cued."""
+
+    def __init__(self) -> None:
+        self.notifier = Notifier()
+        self.tokenizer = CountingTokenizer(self.notifier)
+        self.lm = CuedLM(self.notifier, reply="Here is a rather long answer that goes on for quite a while yet.")
+        self.contexts: list[DialogContext] = []
+
+    def __call__(self, io: SessionIO) -> Controller:
+        tools = Toolbox([tool_from_function(current_time, 5)])
+        judge = TurnEndScorers(text=self._finished)  # semantic_vad (openai-agents' default) judges with it
+        models = SessionModels(ScriptedDetector(), self.tokenizer, self.lm, ToneDecoder(self.notifier, ms_per_word=150), judge, tools)
+        self.contexts.append(DialogContext("Be brief.", 500))
+        return Controller(io, models, self.contexts[-1], TurnConfig(), "scripted")
+
+    @staticmethod
+    async def _finished(text: str) -> float:
+        return 1.0
+
+
+def speech(seconds: float, voiced: bool) -> str:
+    return base64.b64encode(np.full(round(RATE * seconds), 3000 if voiced else 0, "<i2").tobytes()).decode()
+
+
+class Recorder:
+    """Every event of a connection, checked strictly as it comes."""
+
+    def __init__(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        self.socket = socket
+        self.events: list[Any] = []
+
+    async def until(self, kind: str, timeout: float = 15, after: int = 0) -> Any:
+        async with asyncio.timeout(timeout):
+            while True:
+                found = [e for e in self.events[after:] if e.type == kind]
+                if found:
+                    return found[0]
+                message = await self.socket.receive()
+                assert message.type == aiohttp.WSMsgType.TEXT, message
+                self.events.append(strictly(json.loads(message.data)))
+
+    async def send(self, **message: Any) -> None:
+        await self.socket.send_json(message)
+
+
+@pytest.fixture
+async def scripted(start_server) -> AsyncIterator[tuple[Recorder, Scripted]]:
+    agents = Scripted()
+    server = await start_server(factory=agents, echo_cancel="off")
+    url = server.url.replace("http", "ws", 1) + "/v1/realtime?model=scripted"
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as socket:
+        yield Recorder(socket), agents
+
+
+async def test_every_event_of_a_scripted_session_is_the_sdks_type_strictly(scripted):
+    """Speech answered, a typed item and a system item added without a reply, a reply asked for
+    out of band with its own instructions and metadata, a tool call, barge-in, cancel, truncate,
+    retrieve and delete: each event parses strictly, in GA's order."""
+    peer, agents = scripted
+    created = await peer.until("session.created")
+    assert created.session.audio.input.turn_detection.type == "server_vad"  # GA's default, not our semantic
+    await peer.send(type="session.update", session={
+        "type": "realtime", "instructions": "Speak like a pirate.",
+        "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 200}}, "output": {"voice": "marin"}},
+    })
+    updated = await peer.until("session.updated")
+    assert updated.session.instructions == "Speak like a pirate." and updated.session.audio.output.voice == "marin"
+    assert updated.session.audio.input.turn_detection.silence_duration_ms == 200
+    assert agents.contexts[0].system_prompt == "Speak like a pirate."
+
+    # Spoken: speech, then silence past the 200 ms commit.
+    agents.tokenizer.transcript = "What is the capital of France?"
+    await peer.send(type="input_audio_buffer.append", audio=speech(1.0, True))
+    await peer.send(type="input_audio_buffer.append", audio=speech(0.5, False))
+    completed = await peer.until("conversation.item.input_audio_transcription.completed")
+    assert completed.usage.type == "duration" and completed.usage.seconds > 0.5
+    done = await peer.until("response.done", timeout=30)
+    assert done.response.status == "completed"
+    kinds = [e.type for e in peer.events]
+    assert kinds.index("input_audio_buffer.committed") < kinds.index("conversation.item.added") < kinds.index("response.created")
+    assert agents.lm.calls[-1][0].content == "Speak like a pirate."
+
+    # Items of every role join the history without a reply; a reply comes when asked for.
+    mark = len(peer.events)
+    await peer.send(type="conversation.item.create", item={"type": "message", "role": "system", "content": [{"type": "input_text", "text": "Be terse."}]})
+    await peer.send(type="conversation.item.create", item={"id": "typed_1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "And of Spain?"}]})
+    added = await peer.until("conversation.item.done", after=mark + 2)
+    assert added.item.id == "typed_1" and added.previous_item_id is not None
+    assert not any(e.type == "response.created" for e in peer.events[mark:])
+    await peer.send(type="response.create", response={"conversation": "none", "instructions": "Answer in one word.", "metadata": {"purpose": "summary"}})
+    oob = await peer.until("response.created", after=mark)
+    assert oob.response.metadata == {"purpose": "summary"} and oob.response.conversation_id is None
+    assert [m.content for m in agents.lm.calls[-1]][0] == "Answer in one word." and agents.lm.calls[-1][-1].content == "And of Spain?"
+    await peer.until("response.done", timeout=30, after=mark)
+    assert not any(e.type == "conversation.item.added" and e.item.role == "assistant" for e in peer.events[mark:])
+    assert [t.text for t in agents.contexts[0].turns][-2:] == ["Be terse.", "And of Spain?"]  # out of band: not kept
+
+    # A tool call, the server's own: announced as an output item, its output a conversation item.
+    mark = len(peer.events)
+    agents.tokenizer.transcript = "What time is it?"
+    await peer.send(type="input_audio_buffer.append", audio=speech(1.0, True))
+    await peer.send(type="input_audio_buffer.append", audio=speech(0.5, False))
+    call = await peer.until("response.function_call_arguments.done", after=mark)
+    output = await peer.until("conversation.item.done", after=len(peer.events) - 1, timeout=15)
+    while output.item.type != "function_call_output":
+        output = await peer.until("conversation.item.done", after=peer.events.index(output) + 1)
+    assert output.item.call_id == call.call_id
+    await peer.until("response.done", timeout=30, after=mark)
+
+    # Barge-in: speech over the reply ends it, cancelled for turn_detected, the history cut to what was heard.
+    mark = len(peer.events)
+    agents.tokenizer.transcript = "Tell me more."
+    await peer.send(type="response.create")
+    await peer.until("response.output_audio.delta", after=mark)
+    for _ in range(2):  # 1.5 s, over the held reply's backchannel limit: a turn
+        await peer.send(type="input_audio_buffer.append", audio=speech(0.75, True))
+    await peer.send(type="input_audio_buffer.append", audio=speech(0.5, False))
+    interrupted = await peer.until("response.done", after=mark)
+    assert interrupted.response.status == "cancelled" and interrupted.response.status_details.reason == "turn_detected"
+
+    # Cancel, truncate, retrieve, delete.
+    answer = await peer.until("response.created", after=peer.events.index(interrupted) + 1)
+    await peer.until("response.output_audio.delta", after=peer.events.index(answer))
+    await peer.send(type="response.cancel")
+    cancelled = await peer.until("response.done", after=peer.events.index(answer))
+    assert cancelled.response.status_details.reason == "client_cancelled"
+    item_id = cancelled.response.output[0].id
+    await peer.send(type="conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=0)
+    assert (await peer.until("conversation.item.truncated", after=peer.events.index(cancelled))).item_id == item_id
+    mark = len(peer.events)
+    await peer.send(type="conversation.item.retrieve", item_id="typed_1")
+    retrieved = await peer.until("conversation.item.retrieved", after=mark)
+    assert retrieved.item.content[0].text == "And of Spain?"
+    await peer.send(type="conversation.item.delete", item_id="typed_1")
+    assert (await peer.until("conversation.item.deleted", after=mark)).item_id == "typed_1"
+    assert all(t.item_id != "typed_1" for t in agents.contexts[0].turns)
+    await peer.send(type="conversation.item.retrieve", item_id="typed_1")
+    assert (await peer.until("error", after=mark)).error.code == "item_not_found"
+    await peer.send(type="input_audio_buffer.clear")
+    await peer.until("input_audio_buffer.cleared", after=mark)
+
+
+async def test_create_response_off_keeps_the_turn_and_waits_to_be_asked(scripted):
+    peer, agents = scripted
+    await peer.until("session.created")
+    await peer.send(type="session.update", session={"type": "realtime", "audio": {"input": {"turn_detection": {
+        "type": "server_vad", "silence_duration_ms": 300, "create_response": False, "interrupt_response": False}}}})
+    await peer.until("session.updated")
+    agents.tokenizer.transcript = "Remember the number seven."
+    await peer.send(type="input_audio_buffer.append", audio=speech(1.0, True))
+    await peer.send(type="input_audio_buffer.append", audio=speech(0.6, False))
+    completed = await peer.until("conversation.item.input_audio_transcription.completed")
+    assert completed.transcript == "Remember the number seven."
+    assert not any(e.type == "response.created" for e in peer.events) and not agents.lm.calls
+    await peer.send(type="response.create")
+    await peer.until("response.output_audio.delta")
+    assert agents.lm.calls[-1][-1].content == "Remember the number seven."
+    # interrupt_response off: speech over the reply neither stops it nor makes a turn.
+    mark = len(peer.events)
+    await peer.send(type="input_audio_buffer.append", audio=speech(1.0, True))
+    await peer.send(type="input_audio_buffer.append", audio=speech(0.6, False))
+    done = await peer.until("response.done", timeout=30)
+    assert done.response.status == "completed"
+    assert not any(e.type == "input_audio_buffer.speech_started" for e in peer.events[mark:])
+    await peer.send(type="response.create")
+    assert (await peer.until("response.created", after=peer.events.index(done))).type == "response.created"
+    await peer.send(type="response.create")
+    assert (await peer.until("error", after=peer.events.index(done))).error.code == "conversation_already_has_active_response"
+
+
+# ---- the SDK itself ----------------------------------------------------------------------------
 
 
 async def test_the_sdk_connects_and_bad_messages_get_errors(server):
     async with client(server.url).realtime.connect(model="loopback") as connection:
         created = await next_of(connection, "session.created")
         assert created.session.audio.input.format.rate == 24000
-        await connection.send({"type": "conversation.item.truncate", "item_id": "x", "content_index": 0, "audio_end_ms": 5})
+        await connection.send({"type": "conversation.item.truncate", "item_id": "", "content_index": 0, "audio_end_ms": 5})
         error = await next_of(connection, "error")
         assert error.error.code == "invalid_value"
         await connection.input_audio_buffer.commit()  # the loopback profile makes no turns
