@@ -402,6 +402,19 @@ class Interruption:
 
 
 @dataclass(frozen=True)
+class Idle:
+    """A user who says nothing after a reply: asked whether they are still there, then hung up on."""
+
+    idle_timeout_ms: int = turn_ms(
+        0, (0, 3_600_000), "silence after a reply has played that makes the agent ask whether the user is still there (`input_audio_buffer.timeout_triggered`); `0`: never"
+    )
+    idle_hangup_s: float = setting(
+        0.0, parse=float, limits=(0.0, 3600.0), metavar="S", help="after that question, this much more silence ends the call (`session.closed` `idle_timeout`); `0`: never"
+    )
+    idle_prompt: str = setting("Are you still there?", parse=non_empty, metavar="TEXT", help="what the agent says when the user has been silent `idle_timeout_ms`")
+
+
+@dataclass(frozen=True)
 class TurnConfig:
     """Turn-taking, by concern. A session changes it with the flat field names of `session.update`'s
     `turn_detection` (all but the speech detector's own settings)."""
@@ -409,6 +422,7 @@ class TurnConfig:
     endpointing: Endpointing = field(default_factory=Endpointing)
     speculation: Speculation = field(default_factory=Speculation)
     interruption: Interruption = field(default_factory=Interruption)
+    idle: Idle = field(default_factory=Idle)
 
     def __post_init__(self) -> None:
         e, s = self.endpointing, self.speculation

@@ -26,6 +26,7 @@ from controller.reply import Reply, SessionModels
 from controller.utterance import Utterance
 from realtime import events as ev
 from realtime.session import SessionIO
+from runtime.audio import FRAME_MS
 from runtime.tasks import TaskOwner
 from runtime.workers import StageStuck
 from streaming_tokenizer.base import UtteranceInput
@@ -65,6 +66,8 @@ class Controller:
         self.state = State.LISTENING
         self.create_response = True
         self.interrupt_response = True
+        self._quiet_since: int | None = None  # the frame when the last reply ended, while the user is silent
+        self._asked_if_there = False  # the idle prompt was said since the user last spoke
         self._apply_session(io.defaults)
 
     @property
@@ -95,6 +98,8 @@ class Controller:
             self._barge_in_over_held(State.USER_SPEAKING, None)
         for event in events:
             self._on_turn_event(event)
+        if self._quiet_since is not None and self.state == State.LISTENING:
+            self._check_idle()
 
     def _on_turn_event(self, event: turn.TurnEvent) -> None:
         reply, held = self.replies.current, self.replies.held
@@ -126,7 +131,28 @@ class Controller:
     def _user_state(self) -> State:
         return {Phase.PAUSED: State.USER_PAUSED, Phase.SPEAKING: State.USER_SPEAKING}.get(self.turns.phase, State.LISTENING)
 
+    def _check_idle(self) -> None:
+        """After `idle_timeout_ms` of silence since a reply ended: ask whether the user is still
+        there; after `idle_hangup_s` more, hang up."""
+        idle = self.config.idle
+        limit_ms = idle.idle_hangup_s * 1000 if self._asked_if_there else idle.idle_timeout_ms
+        since = self._quiet_since
+        if since is None or limit_ms <= 0 or (self.turns.frame_index - since) * FRAME_MS < limit_ms:
+            return
+        self._quiet_since = None
+        self.io.emit(ev.TimeoutTriggered(self.utterance.new_item(), (since + 1) * FRAME_MS, (self.turns.frame_index + 1) * FRAME_MS))
+        if self._asked_if_there:
+            self.log.info("controller.idle_hangup", silent_s=round((self.turns.frame_index - since) * FRAME_MS / 1000, 2))
+            self.io.close("idle_timeout")
+            return
+        self._asked_if_there = True
+        prompt = self.replies.start(self.utterance.item_id, False, order=ev.ResponseOrder(say=idle.idle_prompt))
+        self._set_state(State.RESPONDING)
+        self.replies.commit_reply(prompt, self.turns.voice_end_at(), 0, {})
+
     def _on_speech_started(self, event: turn.SpeechStarted) -> None:
+        self._quiet_since = None
+        self._asked_if_there = False
         continuing = self.state == State.RESPONDING and self._barge_in()
         self.utterance.begin(event.audio, continued=continuing)
         self.turns.utterance(event.audio, continued=continuing)
@@ -199,6 +225,8 @@ class Controller:
     def _reply_ended(self, reply: Reply, held: bool) -> None:
         if held or (reply.committed and self.state == State.RESPONDING):
             self._set_state(self._user_state() if held else State.LISTENING)
+        if reply.committed and self.state == State.LISTENING:
+            self._quiet_since = self.turns.frame_index
 
     def on_client_event(self, event: ev.ClientEvent) -> None:
         match event:

@@ -295,6 +295,9 @@ class Reply:
         whose answer is then the tool's own sentence."""
         self._lm_start = time.monotonic()
         toolbox, lm = self._models.tools, self._models.lm
+        if self.order is not None and self.order.say is not None:
+            yield self._said(self.order.say)
+            return
         if toolbox is None:
             async for delta in self._lm_text(messages, None, []):
                 yield delta

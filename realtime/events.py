@@ -101,6 +101,17 @@ class SpeechStopped(ServerEvent):
 
 
 @dataclass(frozen=True)
+class TimeoutTriggered(ServerEvent):
+    """The user said nothing for `idle_timeout_ms` after a reply had played (from `audio_start_ms`
+    to `audio_end_ms` of the call's input): the agent asks whether they are still there."""
+
+    type = "input_audio_buffer.timeout_triggered"
+    item_id: str
+    audio_start_ms: int
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
 class TranscriptionDelta(ServerEvent):
     """A provisional transcript of the utterance so far; each replaces the one before."""
 
@@ -513,12 +524,14 @@ def _item_id(msg: dict[str, Any]) -> str:
 class ResponseOrder:
     """What a `response.create` asks of its reply: other `instructions` (the system prompt, for
     this reply only), `metadata` echoed in its events, `out_of_band` (conversation `none`: the
-    reply is not added to the history), `text_only` (no speech)."""
+    reply is not added to the history), `text_only` (no speech). The server's own replies may
+    `say` a fixed sentence instead of asking the LM (the idle prompt)."""
 
     instructions: str | None = None
     metadata: dict[str, str] | None = None
     out_of_band: bool = False
     text_only: bool = False
+    say: str | None = None
 
     @classmethod
     def parse(cls, response: Any) -> ResponseOrder:

@@ -52,6 +52,7 @@ from realtime.events import (
     SessionUpdated,
     SpeechStarted,
     SpeechStopped,
+    TimeoutTriggered,
     TranscriptionCompleted,
     TranscriptionDelta,
 )
@@ -185,6 +186,8 @@ class Translator:
                 return [{"type": event.type, "item_id": self.ga_item_id(event.item_id), "content_index": 0, "audio_end_ms": round(event.audio_end_ms)}]
             case InputAudioBufferCleared():
                 return [{"type": event.type}]
+            case TimeoutTriggered():
+                return [{"type": event.type, "item_id": event.item_id, "audio_start_ms": event.audio_start_ms, "audio_end_ms": event.audio_end_ms}]
             case Error():
                 error = {"type": "invalid_request_error", "code": event.code, "message": event.message, "param": None, "event_id": event.event_id}
                 return [{"type": "error", "error": error}]

@@ -6,7 +6,8 @@ What the GA session says and what this server does with it:
   `silence_duration_ms` as `commit_ms` (any value: under our 100 ms floor it commits at 100 ms) and
   a speculative reply prepared at a shorter pause; `threshold` and `prefix_padding_ms` are clamped
   to what our detector takes; `semantic_vad` is our `semantic`; `null` our `manual`.
-  `create_response` and `interrupt_response` are honoured; `idle_timeout_ms` is not (echoed null).
+  `create_response`, `interrupt_response` and `idle_timeout_ms` (the agent asks whether the user
+  is still there) are honoured.
 - `instructions`: the session's system prompt.
 - `output_modalities`: `["audio"]` or `["text"]`.
 - `audio.input.format` / `audio.output.format`: only `audio/pcm` at 24 kHz.
@@ -40,6 +41,7 @@ THRESHOLD = (0.05, 0.95)
 PREFIX_PADDING_MS = (0, 2000)
 COMMIT_MS = (100, 10000)
 PAUSE_MS = (60, 250)  # the speculative reply starts this long into the silence, before the commit
+IDLE_TIMEOUT_MS = (0, 3_600_000)  # ours (config.Idle)
 EAGERNESS = ("low", "medium", "high", "auto")
 
 
@@ -59,12 +61,14 @@ def turn_detection_to_ours(detection: Any) -> dict[str, Any]:
     kind = detection.get("type")
     if kind == "server_vad":
         commit_ms = round(_clamp(detection["silence_duration_ms"], COMMIT_MS, "silence_duration_ms"))
+        idle_ms = detection.get("idle_timeout_ms")
         return {
             "type": "vad",
             "threshold": _clamp(detection["threshold"], THRESHOLD, "threshold"),
             "prefix_padding_ms": round(_clamp(detection["prefix_padding_ms"], PREFIX_PADDING_MS, "prefix_padding_ms")),
             "commit_ms": commit_ms,
             "pause_ms": round(min(max(commit_ms - 50, PAUSE_MS[0]), PAUSE_MS[1])),
+            "idle_timeout_ms": 0 if idle_ms is None else round(_clamp(idle_ms, IDLE_TIMEOUT_MS, "idle_timeout_ms")),
         }
     if kind == "semantic_vad":
         eagerness = detection.get("eagerness", "auto")
@@ -167,8 +171,6 @@ class RealtimeSession:
         else:
             raise EventError("invalid_value", f"unknown turn_detection type {kind!r}: server_vad or semantic_vad")
         detection = {key: given.get(key, value) for key, value in defaults.items()}
-        if kind == "server_vad":
-            detection["idle_timeout_ms"] = None  # not applied
         for flag in ("create_response", "interrupt_response"):
             if not isinstance(detection[flag], bool):
                 raise EventError("invalid_value", f"turn_detection.{flag} must be true or false")

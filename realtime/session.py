@@ -47,6 +47,7 @@ class SessionIO:
     emit: Callable[[ServerEvent], None]
     echo: EchoCanceller = field(default_factory=lambda: EchoCanceller("off"))  # on the input before the agent sees it
     defaults: dict[str, Any] = field(default_factory=dict)  # the `session.update` the transport's protocol starts a call with
+    close: Callable[[str], None] = lambda reason: None  # ends the call (`reason`, as `session.closed` says it)
     playback: PlaybackTracker = field(init=False)  # how much of the current reply the client has played
 
     def __post_init__(self) -> None:
@@ -87,7 +88,7 @@ class Session:
         self.remote_address: str | None = None  # the client's, for limits per address
         self.pending = False  # answered, but the peer has shown no life yet (WebRTC)
         self.pings = False  # the client sends `ping`s (and so promises one a second)
-        self._io = SessionIO(self.id, self.frames, self.output, self.emit, self.echo, defaults or {})
+        self._io = SessionIO(self.id, self.frames, self.output, self.emit, self.echo, defaults or {}, self.request_close)
 
     @property
     def tasks(self) -> frozenset[asyncio.Task[Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -694,3 +694,54 @@ async def test_a_stage_that_hangs_fails_its_reply_with_an_error_and_the_next_tur
     finally:
         lm.hung.set()
         lm.worker.close()
+
+
+def _idle_rig(tmp_path, timeout_ms: int, hangup_s: float) -> tuple[Rig, list[str]]:
+    config = TurnConfig().updated({"idle_timeout_ms": timeout_ms})
+    rig = make_rig(tmp_path, config=replace(config, idle=replace(config.idle, idle_hangup_s=hangup_s)))
+    closed: list[str] = []
+    rig.controller.io.close = closed.append
+    return rig, closed
+
+
+async def test_a_silent_user_is_asked_if_still_there_then_hung_up_on(tmp_path):
+    rig, closed = _idle_rig(tmp_path, 2000, 3.0)
+    rig.frames(False, 200)  # no reply yet: nothing to time
+    rig.frames(True, 40)
+    rig.frames(False, 38)
+    await rig.play_until_done()
+    rig.frames(False, 99)  # 1.98 s after the reply
+    assert not rig.of("input_audio_buffer.timeout_triggered")
+    rig.frames(False, 1)
+    (idle,) = rig.of("input_audio_buffer.timeout_triggered")
+    assert idle["audio_end_ms"] - idle["audio_start_ms"] == 2000
+    asked = await rig.play_until_done()
+    assert asked["response"]["output_text"] == "Are you still there?" and len(rig.lm.calls) == 1  # said, not generated
+    rig.frames(False, 149)
+    assert not closed
+    rig.frames(False, 1)  # 3 s after the question
+    assert closed == ["idle_timeout"] and len(rig.of("input_audio_buffer.timeout_triggered")) == 2
+
+
+async def test_a_user_who_answers_the_idle_question_is_asked_again_later_not_hung_up_on(tmp_path):
+    rig, closed = _idle_rig(tmp_path, 1000, 1.0)
+    rig.frames(True, 40)
+    rig.frames(False, 38)
+    await rig.play_until_done()
+    rig.frames(False, 50)
+    await rig.play_until_done()  # the question
+    rig.frames(True, 40)  # "yes, I'm here"
+    rig.frames(False, 38)
+    await rig.play_until_done()
+    rig.frames(False, 50)
+    assert not closed and len(rig.of("input_audio_buffer.timeout_triggered")) == 2
+    assert rig.controller.state == State.RESPONDING  # asked again: speaking reset the count
+
+
+async def test_idle_timeout_off_never_asks(tmp_path):
+    rig, closed = _idle_rig(tmp_path, 0, 1.0)
+    rig.frames(True, 40)
+    rig.frames(False, 38)
+    await rig.play_until_done()
+    rig.frames(False, 3000)
+    assert not rig.of("input_audio_buffer.timeout_triggered") and not closed

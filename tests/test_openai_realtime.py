@@ -76,9 +76,11 @@ def strictly(message: dict[str, Any]) -> Any:
 
 def test_turn_detection_maps_to_ours_for_any_values_ga_accepts():
     ga = {"type": "server_vad", "threshold": 0.6, "prefix_padding_ms": 300, "silence_duration_ms": 200}
-    assert turn_detection_to_ours(ga) == {"type": "vad", "threshold": 0.6, "prefix_padding_ms": 300, "commit_ms": 200, "pause_ms": 150}
-    tiny = turn_detection_to_ours({**ga, "threshold": 0.99, "silence_duration_ms": 0, "prefix_padding_ms": 5000})
-    assert tiny == {"type": "vad", "threshold": 0.95, "prefix_padding_ms": 2000, "commit_ms": 100, "pause_ms": 60}
+    assert turn_detection_to_ours(ga) == {
+        "type": "vad", "threshold": 0.6, "prefix_padding_ms": 300, "commit_ms": 200, "pause_ms": 150, "idle_timeout_ms": 0,
+    }
+    tiny = turn_detection_to_ours({**ga, "threshold": 0.99, "silence_duration_ms": 0, "prefix_padding_ms": 5000, "idle_timeout_ms": 6000})
+    assert tiny == {"type": "vad", "threshold": 0.95, "prefix_padding_ms": 2000, "commit_ms": 100, "pause_ms": 60, "idle_timeout_ms": 6000}
     TurnConfig().updated({k: v for k, v in tiny.items()})  # ours takes every value the mapping gives
     assert turn_detection_to_ours({"type": "semantic_vad", "eagerness": "auto"}) == {"type": "semantic", "eagerness": "medium"}
     assert turn_detection_to_ours(None) == {"type": "manual"}
@@ -336,3 +338,20 @@ async def test_garbage_on_the_socket_gets_errors_and_the_session_stays(server):
                 codes.append(event["error"]["code"])
         assert codes == ["invalid_json", "invalid_json", "invalid_event", "invalid_event", "unknown_event", "invalid_event"]
         assert len(server.registry) == 1 and not ws.closed
+
+
+async def test_idle_timeout_ms_asks_whether_the_user_is_still_there(scripted):
+    peer, agents = scripted
+    await peer.until("session.created")
+    await peer.send(type="session.update", session={"type": "realtime", "audio": {"input": {"turn_detection": {
+        "type": "server_vad", "silence_duration_ms": 300, "idle_timeout_ms": 1000}}}})
+    assert (await peer.until("session.updated")).session.audio.input.turn_detection.idle_timeout_ms == 1000
+    await peer.send(type="input_audio_buffer.append", audio=speech(1.0, True))
+    await peer.send(type="input_audio_buffer.append", audio=speech(0.6, False))
+    answered = await peer.until("response.done", timeout=30)
+    await peer.send(type="input_audio_buffer.append", audio=speech(0.9, False))
+    await peer.send(type="input_audio_buffer.append", audio=speech(0.2, False))
+    idle = await peer.until("input_audio_buffer.timeout_triggered", after=peer.events.index(answered))
+    assert idle.audio_end_ms - idle.audio_start_ms == 1000
+    asked = await peer.until("response.done", timeout=30, after=peer.events.index(idle))
+    assert asked.response.output[0].content[0].transcript == "Are you still there?"

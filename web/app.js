@@ -155,7 +155,7 @@ function showToolOutput(item) {
 
 function showSettings(detection) {
   const form = $("settings");
-  for (const name of ["type", "eagerness", "commit_ms", "threshold"]) {
+  for (const name of ["type", "eagerness", "commit_ms", "threshold", "idle_timeout_ms"]) {
     if (detection[name] !== undefined) form.elements[name].value = detection[name];
   }
   const manual = detection.type === "manual";
@@ -187,6 +187,10 @@ function onServerEvent(event) {
       break;
     case "input_audio_buffer.speech_started":
       turnElement(event.item_id, "user").classList.add("partial");
+      break;
+    case "input_audio_buffer.timeout_triggered": // you said nothing for a while: the agent asks
+      turnElement(event.item_id, "user idle").textContent =
+        `(silent for ${((event.audio_end_ms - event.audio_start_ms) / 1000).toFixed(0)} s)`;
       break;
     case "response.audio.started":
       call.playback = { responseId: event.response_id, audibleSince: null, pausedMs: 0, pausedAt: null };
