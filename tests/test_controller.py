@@ -50,6 +50,12 @@ class Rig:
         for _ in range(count):
             self.controller.on_frame(VOICED if voiced else SILENT)
 
+    async def answered_turn(self) -> dict:
+        """A spoken turn, committed (vad timing) and its reply played to the end."""
+        self.frames(True, 40)
+        self.frames(False, 38)
+        return await self.play_until_done()
+
     def types(self) -> list[str]:
         return [e["type"] for e in self.events]
 
@@ -707,9 +713,7 @@ def _idle_rig(tmp_path, timeout_ms: int, hangup_s: float) -> tuple[Rig, list[str
 async def test_a_silent_user_is_asked_if_still_there_then_hung_up_on(tmp_path):
     rig, closed = _idle_rig(tmp_path, 2000, 3.0)
     rig.frames(False, 200)  # no reply yet: nothing to time
-    rig.frames(True, 40)
-    rig.frames(False, 38)
-    await rig.play_until_done()
+    await rig.answered_turn()
     rig.frames(False, 99)  # 1.98 s after the reply
     assert not rig.of("input_audio_buffer.timeout_triggered")
     rig.frames(False, 1)
@@ -725,14 +729,10 @@ async def test_a_silent_user_is_asked_if_still_there_then_hung_up_on(tmp_path):
 
 async def test_a_user_who_answers_the_idle_question_is_asked_again_later_not_hung_up_on(tmp_path):
     rig, closed = _idle_rig(tmp_path, 1000, 1.0)
-    rig.frames(True, 40)
-    rig.frames(False, 38)
-    await rig.play_until_done()
+    await rig.answered_turn()
     rig.frames(False, 50)
     await rig.play_until_done()  # the question
-    rig.frames(True, 40)  # "yes, I'm here"
-    rig.frames(False, 38)
-    await rig.play_until_done()
+    await rig.answered_turn()  # "yes, I'm here"
     rig.frames(False, 50)
     assert not closed and len(rig.of("input_audio_buffer.timeout_triggered")) == 2
     assert rig.controller.state == State.RESPONDING  # asked again: speaking reset the count
@@ -740,8 +740,6 @@ async def test_a_user_who_answers_the_idle_question_is_asked_again_later_not_hun
 
 async def test_idle_timeout_off_never_asks(tmp_path):
     rig, closed = _idle_rig(tmp_path, 0, 1.0)
-    rig.frames(True, 40)
-    rig.frames(False, 38)
-    await rig.play_until_done()
+    await rig.answered_turn()
     rig.frames(False, 3000)
     assert not rig.of("input_audio_buffer.timeout_triggered") and not closed
