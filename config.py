@@ -338,6 +338,11 @@ class ServerConfig:
         "`auto` for each call whose client says it does not cancel echo itself (the page, while the browser's canceller is off), `on`, `off`",
     )
     data_dir: Path = setting(Path("data"), parse=Path, metavar="DIR", shown_default="./data", help="where session data is written; created at startup")
+    otel_endpoint: str | None = setting(
+        None, parse=http_url, metavar="URL",
+        help="send OpenTelemetry traces (a span per call, turn and stage) by OTLP over HTTP to this collector (`/v1/traces` is added); "
+        "the standard `OTEL_EXPORTER_OTLP_ENDPOINT` does the same",
+    )
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 from aiortc import RTCSessionDescription
+from opentelemetry.sdk.trace import TracerProvider
 
 from config import AppConfig, ServerConfig
 from realtime import aiortc_patches
@@ -20,7 +21,8 @@ from realtime.access import PROTECTED_PREFIXES, OfferRate, origin_allowed, token
 from realtime.capacity import RETRY_AFTER_S, LoadMonitor
 from realtime.openai_realtime import serve_openai_realtime
 from realtime.prometheus import CONTENT_TYPE, ServerMetrics
-from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry
+from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry, SessionWatcher
+from realtime.tracing import CallTraces, otlp_provider
 from realtime.webrtc import TooManyPendingOffers, open_webrtc_session, use_loopback_ice_only
 from realtime.wire import MAX_MESSAGE_BYTES
 from realtime.ws import serve_websocket
@@ -187,9 +189,17 @@ class Routes:
         return await serve(request, self.config.server, self.registry, self.factory)
 
 
-def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptSource, call_share: float = 0.0) -> web.Application:
+def build_app(
+    config: AppConfig,
+    factory: AgentFactory,
+    transcripts: TranscriptSource,
+    call_share: float = 0.0,
+    tracer_provider: TracerProvider | None = None,
+) -> web.Application:
     """The app; `call_share` is the share of the machine one call's turn takes (the profile's, timed
-    at start-up; 0 for a profile without models): what `--max-load` counts each call for."""
+    at start-up; 0 for a profile without models): what `--max-load` counts each call for. Calls are
+    traced to `tracer_provider`, or by OTLP when `--otel-endpoint` (or the standard variable) says
+    where (that provider is the app's, shut down with it)."""
     aiortc_patches.install()
     if config.server.loopback_ice:
         use_loopback_ice_only()
@@ -200,7 +210,10 @@ def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptS
     )
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
     monitor = LoadMonitor(config.server.max_load, call_share)
-    registry = SessionRegistry(config.server.max_sessions, metrics, monitor)
+    owned_provider = None if tracer_provider is not None else otlp_provider(config.server.otel_endpoint)
+    provider = tracer_provider or owned_provider
+    watchers: list[SessionWatcher] = [metrics] if provider is None else [metrics, CallTraces(provider)]
+    registry = SessionRegistry(config.server.max_sessions, watchers, monitor)
     app[REGISTRY], app[METRICS] = registry, metrics
     routes = Routes(config, registry, factory, transcripts)
     app.router.add_get("/", routes.index)
@@ -225,6 +238,12 @@ def build_app(config: AppConfig, factory: AgentFactory, transcripts: TranscriptS
         await tasks.aclose()
 
     app.cleanup_ctx.append(measure_load)
+
+    async def send_traces(app: web.Application) -> None:
+        if owned_provider is not None:  # in a thread: the exporter's last sends may go to this very loop
+            await asyncio.to_thread(owned_provider.shutdown)
+
+    app.on_cleanup.append(send_traces)
     return app
 
 

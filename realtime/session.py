@@ -10,7 +10,8 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Coroutine, Iterator, Protocol
+from functools import partial
+from typing import Any, Awaitable, Callable, Coroutine, Iterator, Protocol, Sequence
 
 import numpy as np
 import structlog
@@ -230,9 +231,9 @@ class SessionLimitReached(RuntimeError):
 class SessionRegistry:
     """All live sessions, bounded by max_sessions; a session leaves it when it closes."""
 
-    def __init__(self, max_sessions: int, watcher: SessionWatcher | None = None, load: LoadMonitor | None = None) -> None:
+    def __init__(self, max_sessions: int, watchers: Sequence[SessionWatcher] = (), load: LoadMonitor | None = None) -> None:
         self.max_sessions = max_sessions
-        self._watcher = watcher
+        self._watchers = tuple(watchers)
         self.load = load
         self._sessions: dict[str, Session] = {}
         self._supervisors = TaskOwner("registry")
@@ -259,10 +260,9 @@ class SessionRegistry:
     def add(self, session: Session) -> None:
         self.check_capacity()
         self._sessions[session.id] = session
-        if self._watcher is not None:
-            watcher = self._watcher
+        for watcher in self._watchers:
             watcher.opened(session)
-            session.watch(lambda event: watcher.event(session, event))
+            session.watch(partial(watcher.event, session))
         session.on_close(self._forget(session.id))
         self._supervisors.spawn(self._supervise(session), f"{session.id}:supervisor")
 
@@ -273,8 +273,8 @@ class SessionRegistry:
     def _forget(self, session_id: str) -> Callable[[], Awaitable[None]]:
         async def forget() -> None:
             session = self._sessions.pop(session_id, None)
-            if session is not None and self._watcher is not None:
-                self._watcher.closed(session)
+            for watcher in self._watchers if session is not None else ():
+                watcher.closed(session)
 
         return forget
 

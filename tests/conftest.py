@@ -51,13 +51,15 @@ async def start_server(tmp_path) -> AsyncIterator[ServerStarter]:
     """Start servers with config overrides; all of them stop (and close their sessions) at teardown."""
     runners: list[web.AppRunner] = []
 
-    async def start(factory: AgentFactory | None = None, call_share: float = 0.0, **server_overrides: Any) -> RunningServer:
+    async def start(
+        factory: AgentFactory | None = None, call_share: float = 0.0, tracer_provider: Any = None, **server_overrides: Any
+    ) -> RunningServer:
         server = dataclasses.replace(
             ServerConfig(port=0, loopback_ice=True, data_dir=tmp_path / "data", max_load=None), **server_overrides
         )
         config = AppConfig(profile="loopback", server=server, loopback=LoopbackConfig(delay_ms=300))
         app = build_app(
-            config, factory or (lambda io: LoopbackAgent(io, config.loopback)), TranscriptStore(server.data_dir), call_share
+            config, factory or (lambda io: LoopbackAgent(io, config.loopback)), TranscriptStore(server.data_dir), call_share, tracer_provider
         )
         runner = web.AppRunner(app)
         await runner.setup()
