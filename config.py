@@ -338,6 +338,11 @@ class ServerConfig:
         "`auto` for each call whose client says it does not cancel echo itself (the page, while the browser's canceller is off), `on`, `off`",
     )
     data_dir: Path = setting(Path("data"), parse=Path, metavar="DIR", shown_default="./data", help="where session data is written; created at startup")
+    record: bool = setting(
+        False, parse=boolean, switch=True,
+        help="keep each call as a stereo WAV beside its transcript (caller left, agent right, as the server heard and sent them): "
+        "`GET /api/sessions/<id>/recording`",
+    )
     otel_endpoint: str | None = setting(
         None, parse=http_url, metavar="URL",
         help="send OpenTelemetry traces (a span per call, turn and stage) by OTLP over HTTP to this collector (`/v1/traces` is added); "

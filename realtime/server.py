@@ -22,6 +22,7 @@ from realtime.capacity import RETRY_AFTER_S, LoadMonitor
 from realtime.openai_realtime import serve_openai_realtime
 from realtime.prometheus import CONTENT_TYPE, ServerMetrics
 from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry, SessionWatcher
+from realtime.recording import Recordings, recording_path
 from realtime.tracing import CallTraces, otlp_provider
 from realtime.webrtc import TooManyPendingOffers, open_webrtc_session, use_loopback_ice_only
 from realtime.wire import MAX_MESSAGE_BYTES
@@ -174,6 +175,16 @@ class Routes:
             return json_error(404, "not_found", f"no transcript for session {session_id!r}")
         return web.json_response({"session_id": session_id, "turns": turns})
 
+    async def recording(self, request: web.Request) -> web.StreamResponse:
+        """A call's recording, once the call has ended (while it is up, its WAV has no length yet)."""
+        session_id = request.match_info["session_id"]
+        path = recording_path(self.config.server.data_dir, session_id)
+        if path is None or not path.is_file():
+            return json_error(404, "not_found", f"no recording for session {session_id!r} (calls are recorded with --record)")
+        if self.registry.get(session_id) is not None:
+            return json_error(409, "call_in_progress", f"session {session_id!r} is still up: its recording is ready when it ends")
+        return web.FileResponse(path, headers={"Content-Type": "audio/wav", "Content-Disposition": f'attachment; filename="{session_id}.wav"'})
+
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         return await self._upgrade(request, serve_websocket)
 
@@ -212,8 +223,7 @@ def build_app(
     monitor = LoadMonitor(config.server.max_load, call_share)
     owned_provider = None if tracer_provider is not None else otlp_provider(config.server.otel_endpoint)
     provider = tracer_provider or owned_provider
-    watchers: list[SessionWatcher] = [metrics] if provider is None else [metrics, CallTraces(provider)]
-    registry = SessionRegistry(config.server.max_sessions, watchers, monitor)
+    registry = SessionRegistry(config.server.max_sessions, _watchers(config, metrics, provider), monitor)
     app[REGISTRY], app[METRICS] = registry, metrics
     routes = Routes(config, registry, factory, transcripts)
     app.router.add_get("/", routes.index)
@@ -224,6 +234,7 @@ def build_app(
     app.router.add_get("/ws", routes.websocket)
     app.router.add_get("/v1/realtime", routes.openai_realtime)
     app.router.add_get("/api/sessions/{session_id}/transcript", routes.transcript)
+    app.router.add_get("/api/sessions/{session_id}/recording", routes.recording)
     app.router.add_static("/web/", WEB_DIR)
 
     async def close_sessions(app: web.Application) -> None:
@@ -245,6 +256,16 @@ def build_app(
 
     app.on_cleanup.append(send_traces)
     return app
+
+
+def _watchers(config: AppConfig, metrics: ServerMetrics, tracer_provider: TracerProvider | None) -> list[SessionWatcher]:
+    """What sees every call: the metrics always; traces and recordings when asked for."""
+    watchers: list[SessionWatcher] = [metrics]
+    if tracer_provider is not None:
+        watchers.append(CallTraces(tracer_provider))
+    if config.server.record:
+        watchers.append(Recordings(config.server.data_dir))
+    return watchers
 
 
 def ssl_context(config: AppConfig) -> ssl.SSLContext | None:

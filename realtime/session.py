@@ -20,6 +20,7 @@ from realtime.capacity import LoadMonitor
 from realtime.echo import EchoCanceller
 from realtime.events import ClientEvent, Error, EventError, Ping, Pong, ServerEvent, SessionClosed
 from realtime.output import PacedOutput, PlaybackTracker
+from realtime.recording import CallRecording
 from realtime.wire import EventEncoder, parse_client_event
 from runtime.tasks import TaskOwner
 
@@ -71,7 +72,8 @@ class Session:
         self.frames: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=INPUT_QUEUE_FRAMES)
         self.output = output
         self.echo = echo
-        output.on_sent = self.echo.reference
+        self.recording: CallRecording | None = None  # `--record`: the call's recording, while it is up
+        output.on_sent = self._sent
         self.frames_received = 0
         self.frames_dropped = 0
         self.closed = asyncio.Event()  # set once everything is freed
@@ -142,8 +144,15 @@ class Session:
         self.log.info("event.rejected", code=code, reason=message)
         self.emit(Error(code, message))
 
+    def _sent(self, frame: np.ndarray, sample_rate: int) -> None:
+        self.echo.reference(frame, sample_rate)
+        if self.recording is not None:
+            self.recording.sent(frame, sample_rate)
+
     def push_frame(self, frame: np.ndarray) -> None:
         self.frames_received += 1
+        if self.recording is not None:
+            self.recording.heard(frame)
         if self.frames.full():
             self.frames.get_nowait()
             self.frames_dropped += 1

@@ -426,6 +426,7 @@ async function startCall() {
   call.sessionIds.push(body.session_id);
   document.body.dataset.sessionId = body.session_id;
   $("download").disabled = false;
+  $("download-recording").disabled = false;
   await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
   $("hangup").disabled = false;
   $("mute").disabled = false;
@@ -506,6 +507,21 @@ async function downloadTranscript() {
   URL.revokeObjectURL(link.href);
 }
 
+// The latest call's recording (a server started with --record keeps one when the call ends).
+async function downloadRecording() {
+  const id = call.sessionIds[call.sessionIds.length - 1];
+  const response = await fetch(`/api/sessions/${id}/recording`, { headers: AUTH });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error(body.error ? body.error.message : `HTTP ${response.status}`);
+  }
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = `recording-${id}.wav`;
+  link.click();
+  URL.revokeObjectURL(link.href);
+}
+
 function toggleMute() {
   const track = call.mic && call.mic.getAudioTracks()[0];
   if (!track) return;
@@ -521,6 +537,7 @@ $("commit").addEventListener("click", () => send({ type: "input_audio_buffer.com
 $("say").addEventListener("submit", sayTyped);
 $("settings").addEventListener("change", changeSetting);
 $("download").addEventListener("click", () => downloadTranscript().catch((err) => showError(err.message)));
+$("download-recording").addEventListener("click", () => downloadRecording().catch((err) => showError(err.message)));
 $("mic-select").addEventListener("change", switchMicrophone);
 $("aec").addEventListener("change", switchMicrophone);
 if (navigator.mediaDevices) navigator.mediaDevices.addEventListener("devicechange", listMicrophones);
