@@ -338,6 +338,11 @@ class ServerConfig:
         "`auto` for each call whose client says it does not cancel echo itself (the page, while the browser's canceller is off), `on`, `off`",
     )
     data_dir: Path = setting(Path("data"), parse=Path, metavar="DIR", shown_default="./data", help="where session data is written; created at startup")
+    twilio_auth_token: str | None = setting(
+        None, parse=non_empty, metavar="T",
+        help="take phone calls through Twilio Media Streams (`POST /twilio/voice`, the number's voice webhook): the account's auth "
+        "token, which checks each request's `X-Twilio-Signature`; prefer the environment variable",
+    )
     record: bool = setting(
         False, parse=boolean, switch=True,
         help="keep each call as a stereo WAV beside its transcript (caller left, agent right, as the server heard and sent them): "
@@ -606,8 +611,9 @@ class AppConfig:
         for server in out["server"]["ice_servers"]:
             if server.get("credential"):
                 server["credential"] = "***"
-        if out["server"]["auth_token"]:
-            out["server"]["auth_token"] = "***"
+        for secret in ("auth_token", "twilio_auth_token"):
+            if out["server"][secret]:
+                out["server"][secret] = "***"
         return json.loads(json.dumps(out, default=str))
 
 

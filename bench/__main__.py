@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import shlex
 import time
 from pathlib import Path
@@ -54,7 +55,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--manifest", type=Path, action="append", default=[], help="a scenario manifest (repeatable)")
     parser.add_argument("--sweep", default="1,2,4,8", help="simultaneous sessions to measure (default 1,2,4,8)")
     parser.add_argument("--sweep-scenarios", default="single", help="scenarios each session plays at N>1 (default single)")
-    parser.add_argument("--transport", choices=("webrtc", "ws"), default="webrtc", help="WebRTC (default) or the /ws WebSocket")
+    parser.add_argument("--transport", choices=("webrtc", "ws", "twilio"), default="webrtc", help="WebRTC (default), the /ws "
+                        "WebSocket, or a phone call as Twilio Media Streams carries one (8 kHz mu-law; measured from its audio)")
+    parser.add_argument("--twilio-auth-token", default=secrets.token_hex(16), help="what --transport twilio signs with (--local: given to the server)")
     parser.add_argument("--offer-path", default=DEFAULT_OFFER_PATH, help=f"where to POST the offer (default {DEFAULT_OFFER_PATH})")
     parser.add_argument(
         "--signaling",
@@ -121,7 +124,7 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None) -> dict[i
         started = time.monotonic()
         results, totals = await run_sessions(
             url, plays, level, transcribe, args.offer_path, args.signaling == "ours", args.transport, args.playout_frames,
-            args.impair, args.room,
+            args.impair, args.room, args.twilio_auth_token,
         )
         run: dict[str, Any] = {"turns": as_rows(results), **totals.as_dict()}
         if args.impair:
@@ -154,7 +157,8 @@ async def main(argv: list[str] | None = None) -> None:
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     where = machine()  # before the run: its load is the machine's own
     if args.local:
-        async with local_server(args.profile, *shlex.split(args.server_args), checkout=args.checkout) as (url, pid):
+        phone = ("--twilio-auth-token", args.twilio_auth_token) if args.transport == "twilio" else ()
+        async with local_server(args.profile, *shlex.split(args.server_args), *phone, checkout=args.checkout) as (url, pid):
             by_level = await measure(args, url, pid)
     else:
         by_level = await measure(args, args.url, args.server_pid)

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable
 
+import aiohttp
 import numpy as np
 import soxr
 
@@ -31,6 +32,7 @@ from testkit.impair import Direction, Impairment
 from testkit.peer import BROWSER_PLAYOUT_FRAMES, ClientPeer, OfferRefused
 from testkit.peer import RATE as PEER_RATE
 from testkit.room import RoomSpec
+from testkit.twilio_peer import TwilioPeer
 from testkit.ws_peer import WsPeer
 
 DEFAULT_OFFER_PATH = "/api/offer"
@@ -90,17 +92,22 @@ class SessionRun:
         playout_frames: int = BROWSER_PLAYOUT_FRAMES,
         impairment: Impairment | None = None,
         room: RoomSpec | None = None,
+        twilio_token: str | None = None,
     ) -> None:
         # A speakerphone client has no echo canceller of its own, and says so.
         speaker, cancels = (room.make(seed=index), False) if room is not None else (None, None)
-        self.peer: ClientPeer | WsPeer = (
-            WsPeer(url, room=speaker, cancels_echo=cancels)
-            if transport == "ws"
-            else ClientPeer(
+        self.url = url
+        self.peer: ClientPeer | WsPeer | TwilioPeer
+        if transport == "twilio":
+            assert twilio_token is not None, "a phone call is signed with the server's Twilio auth token"
+            self.peer = TwilioPeer(url, twilio_token)
+        elif transport == "ws":
+            self.peer = WsPeer(url, room=speaker, cancels_echo=cancels)
+        else:
+            self.peer = ClientPeer(
                 url, offer_path=offer_path, events=events, playout_frames=playout_frames, impairment=impairment, room=speaker,
                 cancels_echo=cancels,
             )
-        )
         self.heard = HeardLog(self.peer)
         self.index = index
         self.transcribe = transcribe
@@ -118,6 +125,21 @@ class SessionRun:
             # A reply that the next turn will interrupt is measured only until it starts.
             interrupted = number < len(turns) and turns[number].when == "bargein"
             self.results.append(await self._turn(scenario.name, number, utterance, interrupted))
+        if isinstance(self.peer, TwilioPeer):
+            await self._heard_from_the_transcript(self.peer.session_id)
+
+    async def _heard_from_the_transcript(self, session_id: str) -> None:
+        """A phone carries no events: what the server heard of each turn is read from the call's
+        transcript, its user turns in order, when there is one per turn that expected a reply."""
+        async with aiohttp.ClientSession() as http, http.get(f"{self.url}/api/sessions/{session_id}/transcript") as response:
+            if response.status != 200:
+                return
+            turns = (await response.json())["turns"]
+        heard = [t["text"] for t in turns if t["role"] == "user"]
+        asked = [r for r in self.results if r.text and r.client_v2v_ms is not None]
+        if len(heard) == len(asked):
+            for result, text in zip(asked, heard):
+                result.user_wer = round(word_error_rate(result.text, text), 3)
 
     async def _turn(self, scenario: str, number: int, utterance: Utterance, interrupted: bool) -> TurnResult:
         peer = self.peer
@@ -323,6 +345,7 @@ async def run_sessions(
     playout_frames: int = BROWSER_PLAYOUT_FRAMES,
     impairment: Impairment | None = None,
     room: RoomSpec | None = None,
+    twilio_token: str | None = None,
 ) -> tuple[list[TurnResult], CallTotals]:
     """`sessions` calls at once, each playing every scenario in turn (a fresh call per scenario),
     each through its own relay with `impairment` if given, each on a speakerphone in `room` if
@@ -332,7 +355,7 @@ async def run_sessions(
 
     async def one(index: int) -> None:
         for scenario in scenarios:
-            run = SessionRun(url, index, transcribe, offer_path, events, transport, playout_frames, impairment, room)
+            run = SessionRun(url, index, transcribe, offer_path, events, transport, playout_frames, impairment, room, twilio_token)
             totals.offered += 1
             try:
                 await run.play(scenario)

@@ -24,6 +24,7 @@ from realtime.prometheus import CONTENT_TYPE, ServerMetrics
 from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry, SessionWatcher
 from realtime.recording import Recordings, recording_path
 from realtime.tracing import CallTraces, otlp_provider
+from realtime.twilio import MEDIA_PATH, TwilioRoutes
 from realtime.webrtc import TooManyPendingOffers, open_webrtc_session, use_loopback_ice_only
 from realtime.wire import MAX_MESSAGE_BYTES
 from realtime.ws import serve_websocket
@@ -235,6 +236,9 @@ def build_app(
     app.router.add_get("/v1/realtime", routes.openai_realtime)
     app.router.add_get("/api/sessions/{session_id}/transcript", routes.transcript)
     app.router.add_get("/api/sessions/{session_id}/recording", routes.recording)
+    twilio = TwilioRoutes(config.server, registry, factory)
+    app.router.add_post("/twilio/voice", twilio.voice)
+    app.router.add_get(MEDIA_PATH, twilio.media)
     app.router.add_static("/web/", WEB_DIR)
 
     async def close_sessions(app: web.Application) -> None:

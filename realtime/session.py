@@ -64,9 +64,15 @@ class Session:
     what the paced output sends), its paced output and its event channel."""
 
     def __init__(
-        self, transport: str, output: PacedOutput, send_text: Callable[[str], None], echo: EchoCanceller, defaults: dict[str, Any] | None = None
+        self,
+        transport: str,
+        output: PacedOutput,
+        send_text: Callable[[str], None],
+        echo: EchoCanceller,
+        defaults: dict[str, Any] | None = None,
+        session_id: str | None = None,
     ) -> None:
-        self.id = "sess_" + uuid.uuid4().hex[:16]
+        self.id = session_id or "sess_" + uuid.uuid4().hex[:16]
         self.transport = transport
         self.started = time.monotonic()
         self.frames: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=INPUT_QUEUE_FRAMES)

@@ -43,13 +43,14 @@ class WebSocketSession(Session):
         echo: EchoCanceller,
         name: str = "websocket",
         defaults: dict[str, Any] | None = None,
+        session_id: str | None = None,
     ) -> None:
         self._ws = ws
         self._transport = transport
         # One ordered outbox for events and audio, drained by a single writer task; a client that
         # stops reading is closed once `send_queue_s` of frames wait in it, not buffered forever.
         self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=max(1, round(send_queue_s * 1000 / FRAME_MS)))
-        super().__init__(name, PacedOutput(start.output_sample_rate), self._send, echo, defaults)
+        super().__init__(name, PacedOutput(start.output_sample_rate), self._send, echo, defaults, session_id)
         self.input_rate = start.input_sample_rate
         self._framer = InputFramer()
         self.on_close(self._teardown)
