@@ -28,13 +28,44 @@ def frame_to_mono(frame: AudioFrame) -> np.ndarray:
     return mono
 
 
-def quality(sample_rate: int) -> str:
-    """soxr's quality for a live stream from `sample_rate` to 16 kHz. Upsampling (a phone's 8 kHz),
-    its high-quality stream hands its output on in blocks of ~100 ms: frames would reach the speech
-    detector that late, in bursts. The quick one hands each chunk on at once, and only interpolates
-    what the narrower band never had. Downsampling (48 kHz) keeps the high quality: it hands each
-    chunk on within a frame."""
-    return "QQ" if sample_rate < SAMPLE_RATE else "HQ"
+class WindowedUpsampler:
+    """A rate that divides 16 kHz (a phone's 8 kHz) up to 16 kHz at soxr's high quality, handing each
+    chunk on `LOOKAHEAD` input samples later. soxr's own high-quality stream hands upsampled output
+    on in blocks of ~100 ms, so frames would reach the speech detector that late, in bursts; here
+    each chunk is resampled in a window with the history and the look-ahead the filter reaches,
+    and only its middle is kept: equal to the whole signal's resampling (to 1e-7 with these
+    lengths), as the streaming one is."""
+
+    LOOKAHEAD = 128  # input samples after the last one handed on (16 ms at 8 kHz)
+    HISTORY = 4 * LOOKAHEAD
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._factor = SAMPLE_RATE // rate
+        self._buffer = np.zeros(self.HISTORY, dtype=np.float32)  # silence before the first sample
+        self._done = self.HISTORY  # where in the buffer the output so far ends
+
+    def resample_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        self._buffer = np.concatenate((self._buffer, chunk))
+        end = len(self._buffer) - self.LOOKAHEAD
+        if end <= self._done:
+            return np.zeros(0, dtype=np.float32)
+        start = self._done - self.HISTORY
+        window = soxr.resample(self._buffer[start:], self.rate, SAMPLE_RATE, quality="HQ")
+        out = window[(self._done - start) * self._factor : (end - start) * self._factor]
+        self._buffer, self._done = self._buffer[end - self.HISTORY :], self.HISTORY
+        return out
+
+
+def resampler(sample_rate: int) -> soxr.ResampleStream | WindowedUpsampler | None:
+    """A live stream from `sample_rate` to 16 kHz: none at 16 kHz; windowed for a rate that divides
+    it; soxr's stream otherwise (downsampling: it hands each chunk on within a frame; 11025 and
+    12000 Hz, rare /ws rates, at its quick quality, which hands chunks on at once)."""
+    if sample_rate == SAMPLE_RATE:
+        return None
+    if SAMPLE_RATE % sample_rate == 0:
+        return WindowedUpsampler(sample_rate)
+    return soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="QQ" if sample_rate < SAMPLE_RATE else "HQ")
 
 
 class InputFramer:
@@ -42,15 +73,13 @@ class InputFramer:
 
     def __init__(self) -> None:
         self._rate: int | None = None
-        self._resampler: soxr.ResampleStream | None = None
+        self._resampler: soxr.ResampleStream | WindowedUpsampler | None = None
         self._pending = np.zeros(0, dtype=np.float32)
 
     def push(self, mono: np.ndarray, sample_rate: int) -> list[np.ndarray]:
         if sample_rate != self._rate:
             self._rate = sample_rate
-            self._resampler = (
-                None if sample_rate == SAMPLE_RATE else soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality=quality(sample_rate))
-            )
+            self._resampler = resampler(sample_rate)
         mono = np.ascontiguousarray(mono, dtype=np.float32)
         resampled = mono if self._resampler is None else self._resampler.resample_chunk(mono)
         self._pending = np.concatenate((self._pending, resampled))

@@ -8,10 +8,11 @@ import math
 import aiortc.rtp
 import numpy as np
 import pytest
+import soxr
 from av import AudioFrame
 
 from realtime import audio_level
-from realtime.audio import InputFramer, frame_to_mono
+from realtime.audio import InputFramer, WindowedUpsampler, frame_to_mono
 from realtime.audio_level import audio_level_dbov
 from realtime.output import PacedOutput
 from runtime.audio import FRAME_SAMPLES
@@ -184,3 +185,17 @@ def test_each_chunk_reaches_the_server_within_a_frame_of_arriving(rate):
     # Never more behind than the frame being filled and one in the resampler (8 kHz at soxr's high
     # quality was up to 5 behind: its blocks of ~100 ms).
     assert behind.max() <= 2, behind
+
+
+def test_a_phone_s_8khz_is_upsampled_as_the_whole_signal_would_be():
+    """In chunks of any size, the windowed upsampler's output is the high-quality resampling of the
+    whole signal, one look-ahead behind."""
+    x = (np.random.default_rng(3).standard_normal(8000 * 3) * 0.1).astype(np.float32)
+    upsampler, out, at = WindowedUpsampler(8000), [], 0
+    for size in [160, 1, 7, 333, 160, 2000, 80] * 20:
+        out.append(upsampler.resample_chunk(x[at : at + size]))
+        at += size
+    out = np.concatenate(out)
+    whole = soxr.resample(x, 8000, 16000, quality="HQ")
+    assert len(out) == 2 * (min(at, len(x)) - WindowedUpsampler.LOOKAHEAD)
+    assert np.max(np.abs(out - whole[: len(out)])) < 1e-5
