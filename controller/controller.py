@@ -39,8 +39,9 @@ __all__ = ["Controller", "SessionModels", "State"]
 CLIENT_ECHO = "client_echo_cancellation"  # session.update: the client cancels the echo of what it plays itself (or not)
 # session.update: the session's system prompt; whether a committed turn gets a reply on its own
 # (else the client asks with `response.create`); whether speech over a reply interrupts it.
-INSTRUCTIONS, CREATE_RESPONSE, INTERRUPT_RESPONSE = "instructions", "create_response", "interrupt_response"
-CONTROLLER_SETTINGS = (CLIENT_ECHO, INSTRUCTIONS, CREATE_RESPONSE, INTERRUPT_RESPONSE)
+# whether replies are text alone (no speech synthesized).
+INSTRUCTIONS, CREATE_RESPONSE, INTERRUPT_RESPONSE, TEXT_ONLY = "instructions", "create_response", "interrupt_response", "text_only"
+CONTROLLER_SETTINGS = (CLIENT_ECHO, INSTRUCTIONS, CREATE_RESPONSE, INTERRUPT_RESPONSE, TEXT_ONLY)
 
 
 class State(enum.StrEnum):
@@ -323,7 +324,7 @@ class Controller:
     def _apply_session(self, session: dict[str, Any]) -> None:
         """A `session.update`'s settings, all taken or (ValueError) none."""
         client_cancels, instructions = session.get(CLIENT_ECHO), session.get(INSTRUCTIONS)
-        flags = {k: session[k] for k in (CREATE_RESPONSE, INTERRUPT_RESPONSE) if k in session}
+        flags = {k: session[k] for k in (CREATE_RESPONSE, INTERRUPT_RESPONSE, TEXT_ONLY) if k in session}
         for key, value in ((CLIENT_ECHO, client_cancels), *flags.items()):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{key} must be true or false")
@@ -336,6 +337,7 @@ class Controller:
             self.context.system_prompt = instructions
         self.create_response = flags.get(CREATE_RESPONSE, self.create_response)
         self.interrupt_response = flags.get(INTERRUPT_RESPONSE, self.interrupt_response)
+        self.replies.speak = not flags.get(TEXT_ONLY, not self.replies.speak)
         self.io.playback.buffer_ms = self.config.interruption.client_buffer_ms
 
     def _session_info(self) -> dict[str, Any]:
@@ -347,6 +349,7 @@ class Controller:
             INSTRUCTIONS: self.context.system_prompt,
             CREATE_RESPONSE: self.create_response,
             INTERRUPT_RESPONSE: self.interrupt_response,
+            TEXT_ONLY: not self.replies.speak,
         }
 
     def _task_failed(self, task: asyncio.Task[Any], exc: BaseException) -> None:

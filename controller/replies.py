@@ -55,6 +55,7 @@ class Replies:
         self._on_ended = on_ended
         self.current: Reply | None = None
         self.held: Overlap | None = None
+        self.speak = True  # the session's replies are spoken (else text only)
         self._turn_numbers = itertools.count(1)
         self._ended: dict[str, Reply] = {}
 
@@ -73,7 +74,9 @@ class Replies:
         """A new reply to the utterance `item_id` (`preset`: a typed message; `order`: a
         `response.create`, which answers the history as it stands), under way at once."""
         reply_id = "resp_" + uuid.uuid4().hex[:12]
-        self.current = Reply(reply_id, item_id, speculative, self._io, self._models, self._context, self._tasks, self._done, preset, order)
+        self.current = Reply(
+            reply_id, item_id, speculative, self._io, self._models, self._context, self._tasks, self._done, preset, order, self.speak
+        )
         self.counters.speculative_starts += speculative
         return self.current
 

@@ -81,12 +81,14 @@ class Reply:
         on_done: Callable[[Reply], None],
         preset: UtteranceInput | None = None,
         order: ResponseOrder | None = None,
+        speak: bool = True,
     ) -> None:
         self.id = reply_id
         self.item_id = item_id
         self.speculative = speculative
         self.preset = preset  # a typed user message: no transcription needed
         self.order = order  # a `response.create`: the reply answers the history as it stands
+        self.speaks = speak and (order is None or not order.text_only)  # else its text alone: no synthesis
         self.user: UtteranceInput | None = None
         self.text = ""
         # Stage timings and how the turn was ended (the rule, the end-of-turn scores): `metrics.turn`.
@@ -238,7 +240,7 @@ class Reply:
         # Both generators are closed here, whatever ends the reply: a cancel lands in only one of
         # them, and the LM stops generating only when its stream is closed.
         async with aclosing(self._text_stream(messages)) as text:
-            if self.order is not None and self.order.text_only:
+            if not self.speaks:
                 async for _ in text:
                     pass
             else:

@@ -9,7 +9,7 @@ What the GA session says and what this server does with it:
   `create_response`, `interrupt_response` and `idle_timeout_ms` (the agent asks whether the user
   is still there) are honoured.
 - `instructions`: the session's system prompt.
-- `output_modalities`: `["audio"]` or `["text"]`.
+- `output_modalities`: `["audio"]` or `["text"]` (text only: no speech is synthesized).
 - `audio.input.format` / `audio.output.format`: only `audio/pcm` at 24 kHz.
 - `audio.output.voice`, `audio.input.transcription`: echoed as set; every voice is the profile's
   one voice, and the profile's own ASR transcribes.
@@ -128,6 +128,7 @@ class RealtimeSession:
             if modalities not in (["audio"], ["text"]):
                 raise EventError("invalid_value", "output_modalities must be ['audio'] or ['text']")
             settings["output_modalities"] = modalities
+            ours["text_only"] = modalities == ["text"]  # then no speech is synthesized at all
         if "instructions" in session:
             if not isinstance(session["instructions"], str):
                 raise EventError("invalid_value", "instructions must be a string")

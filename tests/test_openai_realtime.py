@@ -127,11 +127,13 @@ class Scripted:
         self.tokenizer = CountingTokenizer(self.notifier)
         self.lm = CuedLM(self.notifier, reply="Here is a rather long answer that goes on for quite a while yet.")
         self.contexts: list[DialogContext] = []
+        self.decoders: list[ToneDecoder] = []
 
     def __call__(self, io: SessionIO) -> Controller:
         tools = Toolbox([tool_from_function(current_time, 5)])
         judge = TurnEndScorers(text=self._finished)  # semantic_vad (openai-agents' default) judges with it
-        models = SessionModels(ScriptedDetector(), self.tokenizer, self.lm, ToneDecoder(self.notifier, ms_per_word=150), judge, tools)
+        self.decoders.append(ToneDecoder(self.notifier, ms_per_word=150))
+        models = SessionModels(ScriptedDetector(), self.tokenizer, self.lm, self.decoders[-1], judge, tools)
         self.contexts.append(DialogContext("Be brief.", 500))
         return Controller(io, models, self.contexts[-1], TurnConfig(), "scripted")
 
@@ -355,3 +357,17 @@ async def test_idle_timeout_ms_asks_whether_the_user_is_still_there(scripted):
     assert idle.audio_end_ms - idle.audio_start_ms == 1000
     asked = await peer.until("response.done", timeout=30, after=peer.events.index(idle))
     assert asked.response.output[0].content[0].transcript == "Are you still there?"
+
+
+async def test_a_text_only_session_gets_the_reply_s_text_and_no_speech_is_made(scripted):
+    peer, agents = scripted
+    await peer.until("session.created")
+    await peer.send(type="session.update", session={"type": "realtime", "output_modalities": ["text"]})
+    assert (await peer.until("session.updated")).session.output_modalities == ["text"]
+    await peer.send(type="input_audio_buffer.append", audio=speech(1.0, True))
+    await peer.send(type="input_audio_buffer.append", audio=speech(0.6, False))
+    done = await peer.until("response.done", timeout=30)
+    assert done.response.output[0].content[0].text == agents.lm.reply
+    kinds = {e.type for e in peer.events}
+    assert "response.output_text.delta" in kinds and not kinds & {"response.output_audio.delta", "response.output_audio_transcript.delta"}
+    assert agents.decoders[0].chunks == 0  # nothing synthesized
