@@ -73,6 +73,11 @@ def _event_id() -> str:
     return "event_" + uuid.uuid4().hex[:16]
 
 
+def ga_item_id(ours: str) -> str:
+    """An assistant item is named after its reply (`resp_X` -> `item_X`); others keep their id."""
+    return "item_" + ours.removeprefix("resp_") if ours.startswith("resp_") and "-" not in ours else ours
+
+
 @dataclass(frozen=True)
 class AudioAppend:
     """`input_audio_buffer.append`: PCM16 for the input, not an event of ours."""
@@ -104,7 +109,7 @@ class _Response:
 
     @property
     def item_id(self) -> str:
-        return "item_" + self.id.removeprefix("resp_")
+        return ga_item_id(self.id)
 
     def part(self) -> dict[str, Any]:
         return {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
@@ -181,9 +186,9 @@ class Translator:
             case ConversationItemRetrieved():
                 return [{"type": event.type, "item": self._ga_item(event.item)}]
             case ConversationItemDeleted():
-                return [{"type": event.type, "item_id": self.ga_item_id(event.item_id)}]
+                return [{"type": event.type, "item_id": ga_item_id(event.item_id)}]
             case ConversationItemTruncated():
-                return [{"type": event.type, "item_id": self.ga_item_id(event.item_id), "content_index": 0, "audio_end_ms": round(event.audio_end_ms)}]
+                return [{"type": event.type, "item_id": ga_item_id(event.item_id), "content_index": 0, "audio_end_ms": round(event.audio_end_ms)}]
             case InputAudioBufferCleared():
                 return [{"type": event.type}]
             case TimeoutTriggered():
@@ -270,7 +275,7 @@ class Translator:
 
     def _ga_item(self, ours: dict[str, Any]) -> dict[str, Any]:
         """Our item (`Item.to_dict()`) as a GA conversation item."""
-        item = {**ours, "id": self.ga_item_id(ours["id"]), "object": ITEM}
+        item = {**ours, "id": ga_item_id(ours["id"]), "object": ITEM}
         if item["type"] != "message":
             return {**item, "status": "completed"}
         if item["role"] == "assistant" and not self.text_only:
@@ -282,11 +287,6 @@ class Translator:
         if response is None:
             return None
         return {**response.part(), "type": "response.output_audio.delta", "delta": base64.b64encode(pcm).decode()}
-
-    @staticmethod
-    def ga_item_id(ours: str) -> str:
-        """An assistant item is named after its reply (`resp_X` -> `item_X`); others keep their id."""
-        return "item_" + ours.removeprefix("resp_") if ours.startswith("resp_") and "-" not in ours else ours
 
     def _our_item_id(self, message: dict[str, Any]) -> dict[str, Any]:
         item_id = message.get("item_id")
