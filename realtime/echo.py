@@ -57,15 +57,28 @@ class ResidualGuard:
         coupling = float(np.median(self._coupling))
         return coupling if coupling <= NO_ECHO or len(self._coupling) == COUPLING_FRAMES else COUPLING_START
 
+    @property
+    def no_echo(self) -> bool:
+        """Whether the microphone has heard nothing of a second of the agent (headphones): not
+        the median but nine frames in ten, so an echo that comes back late in that second counts."""
+        return len(self._coupling) >= COUPLING_FRAMES // 3 and float(np.percentile(self._coupling, 90)) <= NO_ECHO
+
     def start_over(self) -> None:
-        """The echo's path changed: its level is learnt anew, taken as loud as sent meanwhile."""
-        self._coupling.clear()
+        """The echo's path changed: its level is learnt anew, taken as loud as sent meanwhile.
+        Not where none came back: a delay found then is a user's voice that resembled the agent's
+        (live, over headphones, 0.8-1.1 s, as they talked over it)."""
+        if not self.no_echo:
+            self._coupling.clear()
 
     def guard(self, heard: np.ndarray, cleaned: np.ndarray, residual: np.ndarray | None = None, remainder: float = 0.0) -> np.ndarray:
         """`cleaned`, the canceller's output for the microphone's frame `heard`, or silence. Given
         `residual`, the linear canceller's output once it has converged, and `remainder`, what it
         may have left of the echo: the residual is judged and kept instead (AEC3's suppressor
         mutes a user talking over the echo, the linear canceller does not)."""
+        if residual is None and self.no_echo:
+            # Nothing to take out, and AEC3's suppressor, which has found no echo either, mutes a
+            # user talking over the agent all the same (measured: 50 dB of their words, 2-4 s in).
+            return heard
         loudest = max(self._sent, default=0.0)
         if loudest < AUDIBLE:
             self._held = 0

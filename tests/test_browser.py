@@ -15,7 +15,7 @@ from controller.loopback import LoopbackAgent
 from realtime.events import ClientEvent
 from realtime.session import SessionIO
 from runtime.audio import SAMPLE_RATE
-from testkit.browser import CHROMEDRIVER, CHROMIUM, chromium
+from testkit.browser import CHROMEDRIVER, CHROMIUM, chromium, speak_on_demand
 from testkit.notifier import Notifier
 from testkit.speech import espeak, write_wav
 from tests.signals import envelope_alignment
@@ -166,15 +166,15 @@ async def test_the_page_types_tunes_and_is_interrupted(start_server, embedded_mo
     from context.dialog import TranscriptStore
     from profiles import open_profile
 
-    # The fake microphone: quiet while the typed request is answered, then the barge-in, then quiet.
-    barge_in = espeak("Wait, stop please.", 48000)
-    write_wav(tmp_path / "mic.wav", np.concatenate([np.zeros(48000 * 9), barge_in, np.zeros(48000 * 60)]), 48000)
+    # The fake microphone is quiet; the barge-in is spoken into it once the reply has played a while.
+    write_wav(tmp_path / "mic.wav", np.zeros(48000 * 5), 48000)
     config = AppConfig(server=ServerConfig(data_dir=tmp_path / "data"), models=embedded_models.config)
     profile = await open_profile(config, TranscriptStore(tmp_path / "data"), models=embedded_models)
     server = await start_server(factory=profile.factory)
     driver = await asyncio.to_thread(chromium, tmp_path / "mic.wav", tmp_path / "profile")
     try:
         def settings_and_message() -> str:
+            speak_on_demand(driver, espeak("Wait, stop please.", 48000), 48000)
             driver.get(server.url)
             # As with headphones: the fake microphone hears none of the agent, and the browser's echo
             # canceller would muffle speech over it.
@@ -203,6 +203,10 @@ async def test_the_page_types_tunes_and_is_interrupted(start_server, embedded_mo
         def interrupted() -> tuple[str, str, str]:
             wait = WebDriverWait(driver, 60)
             typed = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .turn.user.typed"))[0].text
+            wait.until(lambda d: d.execute_script(
+                "const p = call.playback; return p && p.audibleSince !== null && performance.now() - p.audibleSince > 1500"
+            ))
+            driver.execute_script("return speakNow()")
             cut = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .turn.assistant.interrupted .cut"))[0]
             heard = cut.find_element(By.XPATH, "../span[@class='heard']").text
             # Each turn's latency row has its stages as a stacked bar.

@@ -161,6 +161,26 @@ def test_no_delay_is_found_where_nothing_comes_back(reply):
     assert finder.frames is None
 
 
+class Headphones:
+    """A room that returns nothing of what is played."""
+
+    def echo(self, played: np.ndarray) -> np.ndarray:
+        return np.zeros_like(played)
+
+
+@pytest.mark.parametrize("at_s", [1.2, 2.5, 4.0, 6.0])
+def test_over_headphones_the_user_talking_over_the_agent_is_heard_whole(long_reply, at_s):
+    """Nothing comes back, so nothing is taken out: from a second into the reply the user's words
+    reach the VAD at their own level, quiet or loud. AEC3 alone mutes them by up to 40 dB, and a
+    delay that their voice seemed to match made the guard start over and mute them too (live,
+    a browser with its canceller off, one CI run in a few)."""
+    user = espeak(USER, options=["-v", "en-us+f3"])
+    during = slice(int(at_s * SAMPLE_RATE), int(at_s * SAMPLE_RATE) + len(user))
+    for gain in (1.0, 0.1):
+        heard = _call(EchoCanceller("on"), long_reply, Headphones(), user * gain, user_at_s=at_s)[1]
+        assert abs(_db(heard[during]) - _db(float_to_int16(user * gain))) <= 1.0, (gain, _db(heard[during]))
+
+
 def test_the_user_talking_over_the_echo_is_kept(reply):
     user = espeak(USER, options=["-v", "en-us+f3"])
     during = slice(3 * SAMPLE_RATE, 3 * SAMPLE_RATE + len(user))
