@@ -94,6 +94,12 @@ def lm_backend(text: str) -> str:
     raise ValueError(f"must be embedded, openai or hf:<directory>; got {text!r}")
 
 
+def redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {text!r}")
+    return text
+
+
 def http_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
@@ -579,6 +585,31 @@ class StepAudioConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """One server among many behind one address: the registry it announces itself in, the address
+    it is reached at, and how it stops."""
+
+    registry: str | None = setting(
+        None, parse=redis_url, metavar="URL",
+        help="register this server as a worker in the Redis at URL (`redis://host:6379/0`): its address, load, whether it "
+        "drains, and the sessions it holds, renewed every `--heartbeat-s`; without it, one process and no Redis",
+    )
+    advertise_url: str | None = setting(
+        None, parse=http_url, metavar="URL", shown_default="http://HOST:PORT",
+        help="the address the proxy and the other workers reach this worker at, as registered",
+    )
+    heartbeat_s: float = setting(
+        2.0, parse=positive_float, metavar="S", help="how often a worker renews its record in the registry; it lapses after three missed",
+    )
+    drain_timeout_s: float = setting(
+        0.0, parse=bounded(float, lambda v: v >= 0, "must be >= 0"), metavar="S",
+        help="on SIGTERM: refuse new calls (HTTP 503 `draining`, `/healthz` 503, out of the registry) and let the calls "
+        "up finish for at most S seconds, then close them and exit (0: close them at once); keep it under the grace "
+        "period of what sends the SIGTERM (Docker's 10 s, Kubernetes' 30 s)",
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """How the server logs."""
 
@@ -599,6 +630,7 @@ class AppConfig:
     models: ModelConfig = field(default_factory=ModelConfig)
     loopback: LoopbackConfig = field(default_factory=LoopbackConfig)
     stepaudio: StepAudioConfig = field(default_factory=StepAudioConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
@@ -614,6 +646,8 @@ class AppConfig:
         for secret in ("auth_token", "twilio_auth_token"):
             if out["server"][secret]:
                 out["server"][secret] = "***"
+        if out["worker"]["registry"]:  # redis://user:password@host: the password masked
+            out["worker"]["registry"] = re.sub(r"(//[^/@]*:)[^/@]*@", r"\1***@", out["worker"]["registry"])
         return json.loads(json.dumps(out, default=str))
 
 

@@ -14,7 +14,8 @@ from context.dialog import TranscriptStore
 from models.base import ModelSetupError
 from profiles import open_profile
 from realtime.capacity import call_share
-from realtime.server import build_app, ssl_context
+from realtime.server import REGISTRY, build_app, ssl_context
+from realtime.worker import drain_on_sigterm
 from runtime.memory import release_free_memory_every
 from runtime.tasks import TaskOwner
 
@@ -62,6 +63,7 @@ async def serve_profile(config: AppConfig, store: TranscriptStore) -> web.Applic
         await tasks.aclose()
 
     app.cleanup_ctx.append(release_memory)
+    app.cleanup_ctx.append(drain_on_sigterm(app[REGISTRY], config.worker.drain_timeout_s))
     # Everything loaded so far lives as long as the server: out of the collector's sight, a full
     # collection no longer walks the models' and libraries' objects, which stopped every thread,
     # the event loop too, for 60-120 ms (gaps in every call's audio).

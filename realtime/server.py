@@ -25,6 +25,7 @@ from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry,
 from realtime.recording import Recordings, recording_path
 from realtime.tracing import CallTraces, otlp_provider
 from realtime.twilio import MEDIA_PATH, TwilioRoutes
+from realtime.worker import announce
 from realtime.webrtc import TooManyPendingOffers, open_webrtc_session, use_loopback_ice_only
 from realtime.wire import MAX_MESSAGE_BYTES
 from realtime.ws import serve_websocket
@@ -116,12 +117,10 @@ class Routes:
     async def healthz(self, request: web.Request) -> web.Response:
         # tasks: every asyncio task of the server, for leak checks (bench.soak); load: what a load
         # balancer reads to send a call elsewhere (`admitting` false: a call now gets 503).
-        sessions, monitor = len(self.registry), self.registry.load
-        body = {"status": "ok", "profile": self.config.profile, "sessions": sessions, "tasks": len(asyncio.all_tasks())}
-        if monitor is not None:
-            body |= {"load": monitor.load(sessions).as_dict(), "max_load": monitor.max_load, "capacity": monitor.capacity}
-            body["admitting"] = sessions < self.registry.max_sessions and monitor.admits(sessions)
-        return web.json_response(body)
+        # A draining server answers 503, so that a proxy's health check takes it out of rotation.
+        body = {"status": "draining" if self.registry.draining else "ok", "profile": self.config.profile}
+        body |= self.registry.health() | {"tasks": len(asyncio.all_tasks())}
+        return web.json_response(body, status=503 if self.registry.draining else 200)
 
     async def client_config(self, request: web.Request) -> web.Response:
         server = self.config.server
@@ -226,6 +225,7 @@ def build_app(
     provider = tracer_provider or owned_provider
     registry = SessionRegistry(config.server.max_sessions, _watchers(config, metrics, provider), monitor)
     app[REGISTRY], app[METRICS] = registry, metrics
+    announce(app, config, registry)
     routes = Routes(config, registry, factory, transcripts)
     app.router.add_get("/", routes.index)
     app.router.add_get("/healthz", routes.healthz)

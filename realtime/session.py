@@ -235,8 +235,8 @@ class SessionWatcher(Protocol):
 
 
 class SessionLimitReached(RuntimeError):
-    """The server refuses a new call: `code` says why (`session_limit`, or `at_capacity`: its
-    load would go past `--max-load`)."""
+    """The server refuses a new call: `code` says why (`session_limit`, `at_capacity`: its
+    load would go past `--max-load`, or `draining`: it is stopping)."""
 
     def __init__(self, message: str, code: str = "session_limit") -> None:
         super().__init__(message)
@@ -244,14 +244,22 @@ class SessionLimitReached(RuntimeError):
 
 
 class SessionRegistry:
-    """All live sessions, bounded by max_sessions; a session leaves it when it closes."""
+    """All live sessions, bounded by max_sessions; a session leaves it when it closes. While it
+    drains (the server is stopping) it takes no new one, and `empty` says when the last has gone."""
 
     def __init__(self, max_sessions: int, watchers: Sequence[SessionWatcher] = (), load: LoadMonitor | None = None) -> None:
         self.max_sessions = max_sessions
-        self._watchers = tuple(watchers)
+        self._watchers = list(watchers)
         self.load = load
+        self.draining = False
+        self.empty = asyncio.Event()
+        self.empty.set()
         self._sessions: dict[str, Session] = {}
         self._supervisors = TaskOwner("registry")
+
+    def watch(self, watcher: SessionWatcher) -> None:
+        """`watcher` is told of the sessions opened from now on."""
+        self._watchers.append(watcher)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -267,6 +275,8 @@ class SessionRegistry:
         return sum(1 for s in self._sessions.values() if s.pending and s.remote_address == address)
 
     def check_capacity(self) -> None:
+        if self.draining:
+            raise SessionLimitReached("draining: this server is stopping and takes no new call", "draining")
         if len(self._sessions) >= self.max_sessions:
             raise SessionLimitReached(f"session limit of {self.max_sessions} reached")
         if self.load is not None and not self.load.admits(len(self._sessions)):
@@ -275,6 +285,7 @@ class SessionRegistry:
     def add(self, session: Session) -> None:
         self.check_capacity()
         self._sessions[session.id] = session
+        self.empty.clear()
         for watcher in self._watchers:
             watcher.opened(session)
             session.watch(partial(watcher.event, session))
@@ -290,8 +301,23 @@ class SessionRegistry:
             session = self._sessions.pop(session_id, None)
             for watcher in self._watchers if session is not None else ():
                 watcher.closed(session)
+            if not self._sessions:
+                self.empty.set()
 
         return forget
+
+    def health(self) -> dict[str, Any]:
+        """What a load balancer and the workers' registry read: the calls up, the load measured and
+        whether a new call would be taken now (`admitting` false: it gets 503)."""
+        try:
+            self.check_capacity()
+            admitting = True
+        except SessionLimitReached:
+            admitting = False
+        body: dict[str, Any] = {"sessions": len(self._sessions), "max_sessions": self.max_sessions, "admitting": admitting}
+        if self.load is not None:
+            body |= {"load": self.load.load(len(self._sessions)).as_dict(), "max_load": self.load.max_load, "capacity": self.load.capacity}
+        return body | {"draining": self.draining}
 
     async def close_all(self, reason: str) -> None:
         await asyncio.gather(*(s.close(reason) for s in list(self._sessions.values())))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 import pytest
 from aiohttp import web
 
-from config import AppConfig, LoopbackConfig, ModelConfig, ServerConfig
+from config import AppConfig, LoopbackConfig, ModelConfig, ServerConfig, WorkerConfig
 from context.dialog import TranscriptStore
 from controller.loopback import LoopbackAgent
 from realtime.server import REGISTRY, build_app
@@ -52,12 +52,16 @@ async def start_server(tmp_path) -> AsyncIterator[ServerStarter]:
     runners: list[web.AppRunner] = []
 
     async def start(
-        factory: AgentFactory | None = None, call_share: float = 0.0, tracer_provider: Any = None, **server_overrides: Any
+        factory: AgentFactory | None = None,
+        call_share: float = 0.0,
+        tracer_provider: Any = None,
+        worker: WorkerConfig | None = None,
+        **server_overrides: Any,
     ) -> RunningServer:
         server = dataclasses.replace(
             ServerConfig(port=0, loopback_ice=True, data_dir=tmp_path / "data", max_load=None), **server_overrides
         )
-        config = AppConfig(profile="loopback", server=server, loopback=LoopbackConfig(delay_ms=300))
+        config = AppConfig(profile="loopback", server=server, loopback=LoopbackConfig(delay_ms=300), worker=worker or WorkerConfig())
         app = build_app(
             config, factory or (lambda io: LoopbackAgent(io, config.loopback)), TranscriptStore(server.data_dir), call_share, tracer_provider
         )
