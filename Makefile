@@ -9,8 +9,8 @@ ARGS ?=
 PYTEST_ARGS ?=
 # chromium + chromium-driver (its /usr/bin/chromedriver): the browser test; espeak-ng and flite:
 # speech the tests and the harness synthesize (the harness's second voice, the speech it was never
-# tuned on); redis-server: the workers' registry, run for real.
-TEST_SYSTEM_PACKAGES := chromium chromium-driver espeak-ng flite redis-server
+# tuned on); redis-server and haproxy: the workers' registry and the proxy in front of them, run for real.
+TEST_SYSTEM_PACKAGES := chromium chromium-driver espeak-ng flite redis-server haproxy
 
 .PHONY: run test test-fast bench imports system-packages
 

@@ -163,7 +163,10 @@ class Routes:
             return json_error(429, "too_many_pending_offers", str(exc))
         except Exception as exc:  # aiortc raises assorted errors for SDP it cannot use
             return json_error(400, "invalid_sdp", f"cannot use this SDP offer: {exc}")
-        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
+        # The header: for a proxy in front of many workers, which remembers where the session lives.
+        return web.json_response(
+            {"sdp": answer.sdp, "type": answer.type, "session_id": session.id}, headers={"X-Session-Id": session.id}
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE})

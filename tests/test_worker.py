@@ -96,15 +96,19 @@ async def _gone(client: Any, key: str) -> bool:
     return not await client.exists(key)
 
 
+def registered(redis_url: str) -> tuple[str, ...]:
+    return ("--registry", redis_url, "--heartbeat-s", "0.2")
+
+
 @contextlib.asynccontextmanager
-async def running_worker(redis_url: str, tmp_path: Path, *flags: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """run_server.py on the loopback profile as a worker, and its URL once it answers; killed at
+async def running_worker(tmp_path: Path, *flags: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """run_server.py on the loopback profile with `flags`, and its URL once it answers; killed at
     the end if it has not exited."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "run_server.py", "--profile", "loopback", "--port", str(port), "--loopback-ice",
-        "--data-dir", str(tmp_path / f"data-{port}"), "--registry", redis_url, "--heartbeat-s", "0.2", *flags,
+        "--data-dir", str(tmp_path / f"data-{port}"), *flags,
         cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
 
@@ -126,7 +130,7 @@ async def running_worker(redis_url: str, tmp_path: Path, *flags: str) -> AsyncIt
 
 
 async def test_a_worker_that_dies_lapses_from_the_registry(redis_url, client, tmp_path):
-    async with running_worker(redis_url, tmp_path) as (process, url):
+    async with running_worker(tmp_path, *registered(redis_url)) as (process, url):
         [worker] = await until(lambda: live_workers(client), 10, "the worker registered")
         assert worker.url == url
         peer = WsPeer(url)
@@ -143,7 +147,7 @@ async def test_a_worker_that_dies_lapses_from_the_registry(redis_url, client, tm
 
 
 async def test_sigterm_drains_a_worker_its_call_finishes_then_it_leaves(redis_url, client, tmp_path):
-    async with running_worker(redis_url, tmp_path, "--drain-timeout-s", "60") as (process, url):
+    async with running_worker(tmp_path, *registered(redis_url), "--drain-timeout-s", "60") as (process, url):
         [worker] = await until(lambda: live_workers(client), 10, "the worker registered")
         peer = WsPeer(url)
         session_id = await peer.connect()
@@ -157,8 +161,10 @@ async def test_sigterm_drains_a_worker_its_call_finishes_then_it_leaves(redis_ur
         # Out of the set new calls are picked from; its record and its session's still there.
         await until(lambda: _gone_from_set(client, worker.id), 2, "the worker left the set of workers")
         assert await session_worker(client, session_id) == worker.id
+        refused_peer = WsPeer(url)
         with pytest.raises(OfferRefused) as refused:
-            await WsPeer(url).connect()
+            await refused_peer.connect()
+        await refused_peer.close()
         assert refused.value.status == 503
         # The call up goes on: the loopback agent still answers it.
         peer.speak(_tone(), 16000)
@@ -170,7 +176,7 @@ async def test_sigterm_drains_a_worker_its_call_finishes_then_it_leaves(redis_ur
 
 
 async def test_a_drain_that_times_out_closes_the_calls_left(redis_url, client, tmp_path):
-    async with running_worker(redis_url, tmp_path, "--drain-timeout-s", "0.5") as (process, url):
+    async with running_worker(tmp_path, *registered(redis_url), "--drain-timeout-s", "0.5") as (process, url):
         async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/ws") as ws:
             await ws.send_str(json.dumps({"type": "session.start", "input_sample_rate": 16000}))
             assert (await ws.receive_json(timeout=5))["type"] == "session.created"
