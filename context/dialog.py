@@ -10,11 +10,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import structlog
-
 from models.base import Message, ToolCall
+from runtime.transcripts import fold_transcript
 
-log = structlog.get_logger()
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -35,10 +33,16 @@ class Turn:
 
 
 class TranscriptStore:
-    """Owns the per-session JSONL transcripts under DATA_DIR/sessions/."""
+    """Owns the per-session JSONL transcripts under DATA_DIR/sessions/, and hands each record
+    written to a mirror, if one is set (the workers' shared store)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir / "sessions"
+        self._mirror: Callable[[str, str], None] | None = None
+
+    def mirror(self, copy: Callable[[str, str], None]) -> None:
+        """From now on, each record written is also given to `copy` (session id, JSON line)."""
+        self._mirror = copy
 
     def path(self, session_id: str) -> Path:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", session_id):
@@ -49,10 +53,13 @@ class TranscriptStore:
         # One line written and fsync'd per turn, before the reply's response.done is sent: a crash,
         # even of the machine, loses at most the turn in flight.
         self.root.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, ensure_ascii=False)
         with self.path(session_id).open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self._mirror is not None:
+            self._mirror(session_id, line)
 
     def read(self, session_id: str) -> list[dict[str, Any]] | None:
         try:
@@ -61,24 +68,7 @@ class TranscriptStore:
             return None
         if not path.exists():
             return None
-        records: list[dict[str, Any]] = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line torn by a crash mid-write: the turns before it still count
-                if line.strip():
-                    log.warning("transcript.torn_line", session_id=session_id, chars=len(line))
-                continue
-            if record.get("deleted"):  # the item left the history
-                records = [r for r in records if r.get("item_id") != record.get("item_id")]
-                continue
-            if record.pop("replaces", False):  # a later text for a turn already written
-                earlier = [i for i, r in enumerate(records) if (r.get("item_id"), r.get("role")) == (record.get("item_id"), record.get("role"))]
-                if earlier:
-                    records[earlier[-1]] = record
-                    continue
-            records.append(record)
-        return records
+        return fold_transcript(path.read_text(encoding="utf-8", errors="replace").splitlines(), session_id)
 
 
 class DialogContext:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import structlog
 from aiohttp import web
@@ -21,6 +21,7 @@ from realtime.access import PROTECTED_PREFIXES, OfferRate, origin_allowed, token
 from realtime.capacity import RETRY_AFTER_S, LoadMonitor
 from realtime.openai_realtime import serve_openai_realtime
 from realtime.prometheus import CONTENT_TYPE, ServerMetrics
+from realtime.shared_transcripts import SharedTranscripts
 from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry, SessionWatcher
 from realtime.recording import Recordings, recording_path
 from realtime.tracing import CallTraces, otlp_provider
@@ -39,6 +40,9 @@ PING_INTERVAL_MS = 1000
 class TranscriptSource(Protocol):
     def read(self, session_id: str) -> list[dict[str, Any]] | None:
         """A session's stored turns, or None if there is no such session."""
+
+    def mirror(self, copy: Callable[[str, str], None]) -> None:
+        """Each record written from now on is also given to `copy` (session id, JSON line)."""
 
 
 REGISTRY = web.AppKey("registry", SessionRegistry)
@@ -104,12 +108,18 @@ class Routes:
     """The request handlers of one app, bound to its configuration, registry and agent factory."""
 
     def __init__(
-        self, config: AppConfig, registry: SessionRegistry, factory: AgentFactory, transcripts: TranscriptSource
+        self,
+        config: AppConfig,
+        registry: SessionRegistry,
+        factory: AgentFactory,
+        transcripts: TranscriptSource,
+        shared: SharedTranscripts | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.factory = factory
         self.transcripts = transcripts
+        self.shared = shared  # with --registry: every worker's transcripts
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB_DIR / "index.html")
@@ -174,6 +184,8 @@ class Routes:
     async def transcript(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]
         turns = self.transcripts.read(session_id)
+        if turns is None and self.shared is not None:  # a session another worker held
+            turns = await self.shared.read(session_id)
         if turns is None:
             return json_error(404, "not_found", f"no transcript for session {session_id!r}")
         return web.json_response({"session_id": session_id, "turns": turns})
@@ -228,8 +240,8 @@ def build_app(
     provider = tracer_provider or owned_provider
     registry = SessionRegistry(config.server.max_sessions, _watchers(config, metrics, provider), monitor)
     app[REGISTRY], app[METRICS] = registry, metrics
-    announce(app, config, registry)
-    routes = Routes(config, registry, factory, transcripts)
+    shared = announce(app, config, registry, transcripts)
+    routes = Routes(config, registry, factory, transcripts, shared)
     app.router.add_get("/", routes.index)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/metrics", routes.metrics)

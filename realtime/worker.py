@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Callable, Protocol
 
 import structlog
 from aiohttp import web
 
 from config import AppConfig
 from realtime.session import SessionRegistry
+from realtime.shared_transcripts import SharedTranscripts
 from realtime.worker_registry import WorkerAnnouncer
 from runtime.tasks import TaskOwner
 
@@ -19,28 +21,38 @@ ANNOUNCER = web.AppKey("announcer", WorkerAnnouncer)
 log = structlog.get_logger()
 
 
+class Mirrored(Protocol):
+    def mirror(self, copy: Callable[[str, str], None]) -> None: ...
+
+
 def advertised_url(config: AppConfig) -> str:
     server = config.server
     scheme = "https" if server.cert else "http"
     return config.worker.advertise_url or f"{scheme}://{server.host}:{server.port}"
 
 
-def announce(app: web.Application, config: AppConfig, registry: SessionRegistry) -> None:
-    """With `--registry`: the app announces itself there from start-up to cleanup."""
+def announce(app: web.Application, config: AppConfig, registry: SessionRegistry, transcripts: Mirrored) -> SharedTranscripts | None:
+    """With `--registry`: the app announces itself there from start-up to cleanup, and copies the
+    transcripts it writes to the store every worker reads (returned)."""
     if config.worker.registry is None:
-        return
+        return None
     announcer = WorkerAnnouncer(config.worker.registry, advertised_url(config), config.profile, registry, config.worker.heartbeat_s)
     registry.watch(announcer)
     app[ANNOUNCER] = announcer
+    shared = SharedTranscripts(config.worker.registry)
+    transcripts.mirror(shared.copy)
 
     async def announced(app: web.Application):
         tasks = TaskOwner("worker")
         tasks.spawn(announcer.run(), "announce")
+        tasks.spawn(shared.run(), "transcripts")
         yield
         await tasks.aclose()
+        await shared.aclose()
         await announcer.aclose()
 
     app.cleanup_ctx.append(announced)
+    return shared
 
 
 async def drain(app: web.Application, registry: SessionRegistry, timeout_s: float) -> bool:

@@ -56,6 +56,7 @@ async def start_server(tmp_path) -> AsyncIterator[ServerStarter]:
         call_share: float = 0.0,
         tracer_provider: Any = None,
         worker: WorkerConfig | None = None,
+        transcripts: TranscriptStore | None = None,
         **server_overrides: Any,
     ) -> RunningServer:
         server = dataclasses.replace(
@@ -63,7 +64,11 @@ async def start_server(tmp_path) -> AsyncIterator[ServerStarter]:
         )
         config = AppConfig(profile="loopback", server=server, loopback=LoopbackConfig(delay_ms=300), worker=worker or WorkerConfig())
         app = build_app(
-            config, factory or (lambda io: LoopbackAgent(io, config.loopback)), TranscriptStore(server.data_dir), call_share, tracer_provider
+            config,
+            factory or (lambda io: LoopbackAgent(io, config.loopback)),
+            transcripts or TranscriptStore(server.data_dir),
+            call_share,
+            tracer_provider,
         )
         runner = web.AppRunner(app)
         await runner.setup()

@@ -17,7 +17,7 @@ from openai.types.realtime import RealtimeServerEvent
 from pydantic import BaseModel, TypeAdapter
 
 from config import TurnConfig
-from context.dialog import DialogContext
+from context.dialog import DialogContext, TranscriptStore
 from controller.controller import Controller, SessionModels
 from realtime.events import EventError, FunctionCallArgumentsDone, ResponseCreated, ResponseDone, ResponseOrder, ResponseTextDelta, SpeechStopped, TranscriptionDelta
 from realtime.openai_realtime import Translator
@@ -122,7 +122,8 @@ class Scripted:
     """The agents of a server whose engines are the controller tests' stand-ins: speech wherever
     the audio is not silent, each utterance transcribed as `transcript`, the LM's reply cued."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: TranscriptStore | None = None) -> None:
+        self.store = store  # where each session's transcript is written, if anywhere
         self.notifier = Notifier()
         self.tokenizer = CountingTokenizer(self.notifier)
         self.lm = CuedLM(self.notifier, reply="Here is a rather long answer that goes on for quite a while yet.")
@@ -134,7 +135,7 @@ class Scripted:
         judge = TurnEndScorers(text=self._finished)  # semantic_vad (openai-agents' default) judges with it
         self.decoders.append(ToneDecoder(self.notifier, ms_per_word=150))
         models = SessionModels(ScriptedDetector(), self.tokenizer, self.lm, self.decoders[-1], judge, tools)
-        self.contexts.append(DialogContext("Be brief.", 500))
+        self.contexts.append(DialogContext("Be brief.", 500, self.store, io.session_id))
         return Controller(io, models, self.contexts[-1], TurnConfig(), "scripted")
 
     @staticmethod

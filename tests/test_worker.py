@@ -19,10 +19,14 @@ import pytest
 from redis import asyncio as redis
 
 from config import WorkerConfig
+from context.dialog import TranscriptStore
+from realtime.shared_transcripts import transcript_key
 from realtime.worker_registry import WORKERS, live_workers, session_key, session_worker, worker_key
 from testkit.local import free_port
 from testkit.peer import OfferRefused
 from testkit.ws_peer import WsPeer
+from tests.test_openai_realtime import Scripted
+from tests.test_tracing import _call
 
 pytestmark = pytest.mark.unit
 
@@ -85,6 +89,25 @@ async def test_workers_announce_themselves_and_the_sessions_they_hold(start_serv
     await peer.close()
     await until(lambda: _gone(client, session_key(session_id)), 5, "the session's record removed when it closed")
     assert a.registry.health()["sessions"] == 0
+
+
+async def test_a_transcript_written_on_one_worker_is_read_through_another(start_server, redis_url, client, tmp_path):
+    """Each record a worker writes goes to its own JSONL and, in order, to Redis: the transcript is
+    answered through any worker, the same as its own worker answers it."""
+    agents = Scripted(TranscriptStore(tmp_path / "a"))
+    a = await start_server(factory=agents, transcripts=agents.store, echo_cancel="off", worker=WorkerConfig(registry=redis_url))
+    b = await start_server(data_dir=tmp_path / "b", worker=WorkerConfig(registry=redis_url))
+    session_id, _ = await _call(a, agents, ("What is the capital of France?", "And of Spain?"))
+
+    async def read(server: Any) -> Any:
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/api/sessions/{session_id}/transcript") as response:
+            return response.status, await response.json()
+
+    own = await read(a)
+    assert own[0] == 200 and [t["role"] for t in own[1]["turns"]] == ["user", "assistant", "user", "assistant"]
+    assert await client.llen(transcript_key(session_id)) >= 4
+    assert await read(b) == own
+    assert not (tmp_path / "b" / "sessions").exists()  # b has no copy of its own: it read the shared one
 
 
 async def _two(client: Any) -> Any:
