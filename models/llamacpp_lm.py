@@ -35,6 +35,31 @@ class PromptUse:
     evaluated: int = 0
 
 
+def llama_params(
+    gguf: Path, threads: int, parallel: int, context_per_slot: int, busy_wait: bool, host: str, port: int, http_threads: int
+) -> Any:
+    """llama.cpp's server parameters for `gguf`: `parallel` slots of `context_per_slot` tokens,
+    computed by `threads` threads, its HTTP listener on `host`:`port` (0: a free port)."""
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(gguf)
+    params.n_parallel = parallel
+    params.n_ctx = context_per_slot * parallel
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
+    if not busy_wait:
+        params.cpuparams.poll = 0
+        params.cpuparams_batch.poll = 0
+    params.cache_ram_mib = PROMPT_CACHE_MIB
+    params.n_threads_http = http_threads
+    params.hostnames = [host]
+    params.port = port
+    params.warmup = True
+    params.verbosity = -1
+    return params
+
+
 class LlamaCppLM:
     """Owns one llama.cpp server context for a GGUF file. `parallel` generations run at once in
     one batch; each waits in a thread of `worker` (it only blocks there: llama.cpp computes in its
@@ -57,21 +82,8 @@ class LlamaCppLM:
         by bench/loop_lag.py: they take the core the event loop needs)."""
         import xllamacpp
 
-        params = xllamacpp.CommonParams()
-        params.model.path = str(gguf)
-        params.n_parallel = parallel
-        params.n_ctx = context_per_slot * parallel
-        params.cpuparams.n_threads = threads
-        params.cpuparams_batch.n_threads = threads
-        if not busy_wait:
-            params.cpuparams.poll = 0
-            params.cpuparams_batch.poll = 0
-        params.cache_ram_mib = PROMPT_CACHE_MIB
-        params.n_threads_http = 1  # its HTTP listener (127.0.0.1, a free port) is not used
-        params.hostnames = ["127.0.0.1"]
-        params.port = 0
-        params.warmup = True
-        params.verbosity = -1
+        # Its HTTP listener (127.0.0.1, a free port) is not used: requests go in by function call.
+        params = llama_params(gguf, threads, parallel, context_per_slot, busy_wait, "127.0.0.1", 0, http_threads=1)
         self.worker = worker
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

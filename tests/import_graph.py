@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("controller",),
     ("profiles",),
     ("testkit",),
-    ("run_server", "bench"),
+    ("run_server", "run_lm_server", "bench"),
     ("tests",),
 )
 RANK = {room: rank for rank, rooms in enumerate(LAYERS) for room in rooms}

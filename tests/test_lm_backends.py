@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 import time
 from contextlib import aclosing
 from pathlib import Path
@@ -16,6 +18,7 @@ from models.base import Message
 from models.openai_lm import LMServiceError, OpenAICompatibleLM
 from models.transformers_lm import TransformersLM
 from runtime.workers import ModelWorker
+from testkit.local import free_port
 from tests.fakes import serve
 
 pytestmark = pytest.mark.models
@@ -225,3 +228,38 @@ async def test_openai_backend_reports_http_errors(chat_server):
 async def test_openai_backend_reports_an_unreachable_endpoint():
     lm = OpenAICompatibleLM("http://127.0.0.1:9/v1", "tiny", None, 8, 0.0, timeout_s=2)
     assert "127.0.0.1:9" in await _reply_error(lm)
+
+
+async def test_the_shared_lm_server_answers_workers_at_once(tmp_path):
+    """run_lm_server.py: the embedded LM behind llama.cpp's own OpenAI-compatible server, which the
+    `openai` backend of each worker streams from, two conversations at once in its slots; SIGTERM
+    stops it."""
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "run_lm_server.py", "--port", str(port), "--slots", "2", "--threads", "2",
+        cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert server.stdout is not None
+        async with asyncio.timeout(120):  # the line it logs once it listens
+            while b"lm_server.listening" not in (line := await server.stdout.readline()):
+                assert line, "the LM server exited"
+        assert f"127.0.0.1:{port}/v1".encode() in line, line
+        lms = [OpenAICompatibleLM(f"http://127.0.0.1:{port}/v1", "smollm2", None, 24, 0.0) for _ in range(2)]
+
+        async def answer(lm: OpenAICompatibleLM, question: str) -> str:
+            async with aclosing(lm.stream([Message("system", "Be brief."), Message("user", question)])) as stream:
+                return "".join([piece async for piece in stream if isinstance(piece, str)])
+
+        answers = await asyncio.wait_for(
+            asyncio.gather(answer(lms[0], "What is the capital of France?"), answer(lms[1], "Name a colour.")), 60
+        )
+        assert all(a.strip() for a in answers), answers
+        for lm in lms:
+            await lm.aclose()
+        server.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.wait(), 30) == 0
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
