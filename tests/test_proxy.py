@@ -131,3 +131,21 @@ async def test_a_draining_worker_takes_no_new_call_through_the_proxy(tmp_path):
 async def _draining(url: str) -> Any:
     async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as response:
         return response.status == 503
+
+
+async def test_a_worker_killed_leaves_the_calls_to_the_other(tmp_path):
+    """SIGKILL: no drain, no goodbye. New calls through the proxy land on the worker left, at once
+    (a refused connection is retried elsewhere) and after the health check has noticed."""
+    async with (
+        running_worker(tmp_path) as (killed, a),
+        running_worker(tmp_path) as (_, b),
+        haproxy(a, b) as front,
+    ):
+        killed.send_signal(signal.SIGKILL)
+        await killed.wait()
+        peers = [WsPeer(front) for _ in range(4)]
+        for peer in peers:
+            await peer.connect()
+        assert await _sessions(b) == 4
+        for peer in peers:
+            await peer.close()
