@@ -43,6 +43,7 @@ class ResidualGuard:
         self._sent: collections.deque[float] = collections.deque(maxlen=ECHO_PATH_MS // FRAME_MS)
         self._coupling: collections.deque[float] = collections.deque(maxlen=COUPLING_FRAMES)
         self._held = 0  # frames that still count from HELD_UNDER_ECHO
+        self._no_echo: bool | None = None  # judged again only when the coupling heard changes
 
     def sent(self, frame: np.ndarray) -> None:
         self._sent.append(power(frame))
@@ -61,7 +62,9 @@ class ResidualGuard:
     def no_echo(self) -> bool:
         """Whether the microphone has heard nothing of a second of the agent (headphones): not
         the median but nine frames in ten, so an echo that comes back late in that second counts."""
-        return len(self._coupling) >= COUPLING_FRAMES // 3 and float(np.percentile(self._coupling, 90)) <= NO_ECHO
+        if self._no_echo is None:
+            self._no_echo = len(self._coupling) >= COUPLING_FRAMES // 3 and float(np.percentile(self._coupling, 90)) <= NO_ECHO
+        return self._no_echo
 
     def start_over(self) -> None:
         """The echo's path changed: its level is learnt anew, taken as loud as sent meanwhile.
@@ -69,6 +72,7 @@ class ResidualGuard:
         (live, over headphones, 0.8-1.1 s, as they talked over it)."""
         if not self.no_echo:
             self._coupling.clear()
+            self._no_echo = None
 
     def guard(self, heard: np.ndarray, cleaned: np.ndarray, residual: np.ndarray | None = None, remainder: float = 0.0) -> np.ndarray:
         """`cleaned`, the canceller's output for the microphone's frame `heard`, or silence. Given
@@ -96,6 +100,7 @@ class ResidualGuard:
             return kept
         self._held = max(0, self._held - 1)
         self._coupling.append(power(heard) / loudest)
+        self._no_echo = None
         return (kept * SILENCED).astype(np.int16)
 
 

@@ -55,9 +55,9 @@ def announce(app: web.Application, config: AppConfig, registry: SessionRegistry,
     return shared
 
 
-async def drain(app: web.Application, registry: SessionRegistry, timeout_s: float) -> bool:
+async def drain(app: web.Application, registry: SessionRegistry, timeout_s: float) -> None:
     """Take no new call (and say so to the registry); wait for the calls up to end, `timeout_s`
-    at most. Returns whether they all ended in time."""
+    at most."""
     registry.draining = True
     if ANNOUNCER in app:
         app[ANNOUNCER].changed()
@@ -66,9 +66,8 @@ async def drain(app: web.Application, registry: SessionRegistry, timeout_s: floa
         await asyncio.wait_for(registry.empty.wait(), timeout_s)
     except TimeoutError:
         log.info("server.drain_timeout", sessions=len(registry))
-        return False
+        return
     log.info("server.drained")
-    return True
 
 
 def drain_on_sigterm(registry: SessionRegistry, timeout_s: float):
