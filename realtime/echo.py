@@ -12,7 +12,7 @@ import numpy as np
 import soxr
 import structlog
 
-from realtime.echo_delay import EchoDelay
+from realtime.echo_delay import MAX_FRAMES, EchoDelay
 from realtime.echo_linear import LinearEcho
 from runtime.audio import AUDIBLE, FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, power
 
@@ -27,6 +27,10 @@ COUPLING_START = 1.0  # until then: as loud as what was sent
 COUPLING_FIRST = 25  # (the microphone's own level, judged after the linear canceller, from half a second on)
 NO_ECHO = 1e-3  # after a second, echo 30 dB under what was sent is no echo (headphones): judged at once
 REACH_FRAMES = 18  # AEC3 finds an echo up to 360 ms late itself (measured live; ~450 offline): later, the reference is held back
+# The first echo can come back as late as the delay finder looks: the microphone's level is
+# learnt only after that. Learnt from the first second, a live echo that came back late was once
+# judged none, and passed whole.
+FIRST_ECHO_FRAMES = MAX_FRAMES
 SILENCED = 0.001  # -60 dB: loud echo, silenced, stays under what the VAD hears (Silero hears speech to -60 dBFS)
 
 
@@ -44,6 +48,7 @@ class ResidualGuard:
         self._coupling: collections.deque[float] = collections.deque(maxlen=COUPLING_FRAMES)
         self._held = 0  # frames that still count from HELD_UNDER_ECHO
         self._no_echo: bool | None = None  # judged again only when the coupling heard changes
+        self._audible = 0  # frames with the agent audible so far: the coupling is learnt from FIRST_ECHO_FRAMES on
 
     def sent(self, frame: np.ndarray) -> None:
         self._sent.append(power(frame))
@@ -60,8 +65,8 @@ class ResidualGuard:
 
     @property
     def no_echo(self) -> bool:
-        """Whether the microphone has heard nothing of a second of the agent (headphones): not
-        the median but nine frames in ten, so an echo that comes back late in that second counts."""
+        """Whether the microphone has heard nothing of a second of the agent (headphones): nine
+        frames in ten, not the median, so an echo that comes back late in that second counts."""
         if self._no_echo is None:
             self._no_echo = len(self._coupling) >= COUPLING_FRAMES // 3 and float(np.percentile(self._coupling, 90)) <= NO_ECHO
         return self._no_echo
@@ -99,8 +104,10 @@ class ResidualGuard:
             self._held = HOLD_MS // FRAME_MS
             return kept
         self._held = max(0, self._held - 1)
-        self._coupling.append(power(heard) / loudest)
-        self._no_echo = None
+        self._audible += 1
+        if self._audible > FIRST_ECHO_FRAMES:  # before, a late echo may still be on its way
+            self._coupling.append(power(heard) / loudest)
+            self._no_echo = None
         return (kept * SILENCED).astype(np.int16)
 
 

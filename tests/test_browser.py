@@ -166,7 +166,8 @@ async def test_the_page_types_tunes_and_is_interrupted(start_server, embedded_mo
     from context.dialog import TranscriptStore
     from profiles import open_profile
 
-    # The fake microphone is quiet; the barge-in is spoken into it once the reply has played a while.
+    # The fake microphone is quiet; the barge-in is spoken into it once the reply has played 3.5 s
+    # (over headphones, the server's canceller lets the user through from 3 s of the agent heard).
     write_wav(tmp_path / "mic.wav", np.zeros(48000 * 5), 48000)
     config = AppConfig(server=ServerConfig(data_dir=tmp_path / "data"), models=embedded_models.config)
     profile = await open_profile(config, TranscriptStore(tmp_path / "data"), models=embedded_models)
@@ -204,7 +205,7 @@ async def test_the_page_types_tunes_and_is_interrupted(start_server, embedded_mo
             wait = WebDriverWait(driver, 60)
             typed = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .turn.user.typed"))[0].text
             wait.until(lambda d: d.execute_script(
-                "const p = call.playback; return p && p.audibleSince !== null && performance.now() - p.audibleSince > 1500"
+                "const p = call.playback; return p && p.audibleSince !== null && performance.now() - p.audibleSince > 3500"
             ))
             driver.execute_script("return speakNow()")
             cut = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .turn.assistant.interrupted .cut"))[0]
