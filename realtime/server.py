@@ -21,12 +21,12 @@ from realtime.access import PROTECTED_PREFIXES, OfferRate, origin_allowed, token
 from realtime.capacity import RETRY_AFTER_S, LoadMonitor
 from realtime.openai_realtime import serve_openai_realtime
 from realtime.prometheus import CONTENT_TYPE, ServerMetrics
-from realtime.shared_transcripts import SharedTranscripts
 from realtime.session import AgentFactory, SessionLimitReached, SessionRegistry, SessionWatcher
 from realtime.recording import Recordings, recording_path
 from realtime.tracing import CallTraces, otlp_provider
 from realtime.twilio import MEDIA_PATH, TwilioRoutes
-from realtime.worker import announce
+from realtime.session_homes import HomeUnreachable
+from realtime.worker import Shared, announce
 from realtime.webrtc import TooManyPendingOffers, open_webrtc_session, use_loopback_ice_only
 from realtime.wire import MAX_MESSAGE_BYTES
 from realtime.ws import serve_websocket
@@ -113,13 +113,13 @@ class Routes:
         registry: SessionRegistry,
         factory: AgentFactory,
         transcripts: TranscriptSource,
-        shared: SharedTranscripts | None = None,
+        shared: Shared | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.factory = factory
         self.transcripts = transcripts
-        self.shared = shared  # with --registry: every worker's transcripts
+        self.shared = shared  # with --registry: what the other workers hold
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB_DIR / "index.html")
@@ -185,7 +185,7 @@ class Routes:
         session_id = request.match_info["session_id"]
         turns = self.transcripts.read(session_id)
         if turns is None and self.shared is not None:  # a session another worker held
-            turns = await self.shared.read(session_id)
+            turns = await self.shared.transcripts.read(session_id)
         if turns is None:
             return json_error(404, "not_found", f"no transcript for session {session_id!r}")
         return web.json_response({"session_id": session_id, "turns": turns})
@@ -194,6 +194,13 @@ class Routes:
         """A call's recording, once the call has ended (while it is up, its WAV has no length yet)."""
         session_id = request.match_info["session_id"]
         path = recording_path(self.config.server.data_dir, session_id)
+        if (path is None or not path.is_file()) and self.shared is not None:  # held by another worker?
+            try:
+                answer = await self.shared.homes.pass_on(request, session_id)
+            except HomeUnreachable as exc:
+                return json_error(502, "worker_unreachable", str(exc))
+            if answer is not None:
+                return answer
         if path is None or not path.is_file():
             return json_error(404, "not_found", f"no recording for session {session_id!r} (calls are recorded with --record)")
         if self.registry.get(session_id) is not None:

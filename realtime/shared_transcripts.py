@@ -12,10 +12,9 @@ import structlog
 from redis import asyncio as redis
 from redis.exceptions import RedisError
 
-from realtime.worker_registry import CONNECT_TIMEOUT_S, PREFIX
+from realtime.worker_registry import CONNECT_TIMEOUT_S, KEEP_S, PREFIX
 from runtime.transcripts import fold_transcript
 
-KEEP_S = 30 * 24 * 3600  # a transcript stays 30 days after its last record
 RETRY_S = 1.0  # Redis out of reach: the records wait, and are tried again this often
 FLUSH_S = 2.0  # at shutdown, how long the records still waiting may take
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import structlog
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from config import AppConfig
 from realtime.session import SessionRegistry
+from realtime.session_homes import SessionHomes
 from realtime.shared_transcripts import SharedTranscripts
 from realtime.worker_registry import WorkerAnnouncer
 from runtime.tasks import TaskOwner
@@ -25,30 +27,40 @@ class Mirrored(Protocol):
     def mirror(self, copy: Callable[[str, str], None]) -> None: ...
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What a worker reads of the others: their transcripts, and where their sessions lived."""
+
+    transcripts: SharedTranscripts
+    homes: SessionHomes
+
+
 def advertised_url(config: AppConfig) -> str:
     server = config.server
     scheme = "https" if server.cert else "http"
     return config.worker.advertise_url or f"{scheme}://{server.host}:{server.port}"
 
 
-def announce(app: web.Application, config: AppConfig, registry: SessionRegistry, transcripts: Mirrored) -> SharedTranscripts | None:
-    """With `--registry`: the app announces itself there from start-up to cleanup, and copies the
-    transcripts it writes to the store every worker reads (returned)."""
+def announce(app: web.Application, config: AppConfig, registry: SessionRegistry, transcripts: Mirrored) -> Shared | None:
+    """With `--registry`: the app announces itself there from start-up to cleanup, copies the
+    transcripts it writes to the store every worker reads, and reads the others' (returned)."""
     if config.worker.registry is None:
         return None
-    announcer = WorkerAnnouncer(config.worker.registry, advertised_url(config), config.profile, registry, config.worker.heartbeat_s)
+    url = advertised_url(config)
+    announcer = WorkerAnnouncer(config.worker.registry, url, config.profile, registry, config.worker.heartbeat_s)
     registry.watch(announcer)
     app[ANNOUNCER] = announcer
-    shared = SharedTranscripts(config.worker.registry)
-    transcripts.mirror(shared.copy)
+    shared = Shared(SharedTranscripts(config.worker.registry), SessionHomes(config.worker.registry, url))
+    transcripts.mirror(shared.transcripts.copy)
 
     async def announced(app: web.Application):
         tasks = TaskOwner("worker")
         tasks.spawn(announcer.run(), "announce")
-        tasks.spawn(shared.run(), "transcripts")
+        tasks.spawn(shared.transcripts.run(), "transcripts")
         yield
         await tasks.aclose()
-        await shared.aclose()
+        await shared.transcripts.aclose()
+        await shared.homes.aclose()
         await announcer.aclose()
 
     app.cleanup_ctx.append(announced)

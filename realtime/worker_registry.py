@@ -5,7 +5,8 @@ with room for a new call and the worker that holds a session.
 The layout, under `voice:`:
 - `worker:<id>`: a hash (the worker's `WorkerRecord`), expiring three heartbeats after it was last written;
 - `workers`: a sorted set of the worker ids, scored by the time of their last heartbeat (ms);
-- `session:<session id>`: the id of the worker that holds it, expiring as the worker's record does.
+- `session:<session id>`: the id of the worker that holds it, expiring as the worker's record does;
+- `home:<session id>`: the URL of the worker that held it, kept `KEEP_S` (its files are there).
 A worker that dies leaves keys that lapse on their own; its id leaves `workers` when a reader next
 finds its record gone.
 """
@@ -30,6 +31,7 @@ PREFIX = "voice:"
 WORKERS = PREFIX + "workers"
 MISSED_BEATS = 3  # a record lapses after this many heartbeats are missed
 CONNECT_TIMEOUT_S = 2.0
+KEEP_S = 30 * 24 * 3600  # what outlives a call (its transcript, where it lived) stays 30 days
 
 
 def worker_key(worker_id: str) -> str:
@@ -38,6 +40,10 @@ def worker_key(worker_id: str) -> str:
 
 def session_key(session_id: str) -> str:
     return f"{PREFIX}session:{session_id}"
+
+
+def home_key(session_id: str) -> str:
+    return f"{PREFIX}home:{session_id}"
 
 
 @dataclass(frozen=True)
@@ -76,12 +82,14 @@ class WorkerAnnouncer:
         self._heartbeat_s = heartbeat_s
         self._changed = asyncio.Event()
         self._gone: set[str] = set()  # sessions closed since the last heartbeat
+        self._opened: set[str] = set()  # sessions opened whose home is not yet written
         self._reachable = True
         self.log = structlog.get_logger().bind(worker_id=self.id)
 
     # SessionWatcher: a call opening or closing is written at once.
     def opened(self, session: Session) -> None:
         self._gone.discard(session.id)
+        self._opened.add(session.id)
         self._changed.set()
 
     def event(self, session: Session, event: ServerEvent) -> None:
@@ -116,7 +124,7 @@ class WorkerAnnouncer:
                 pass
 
     async def _beat(self) -> None:
-        record, gone = self.record(), set(self._gone)
+        record, gone, opened = self.record(), set(self._gone), set(self._opened)
         ttl_ms = int(self._heartbeat_s * MISSED_BEATS * 1000)
         pipe = self._client.pipeline(transaction=True)
         pipe.hset(worker_key(self.id), mapping=record.to_redis())
@@ -129,6 +137,8 @@ class WorkerAnnouncer:
             pipe.set(session_key(session.id), self.id, px=ttl_ms)
         for session_id in gone:
             pipe.delete(session_key(session_id))
+        for session_id in opened:
+            pipe.set(home_key(session_id), self._advertise_url, ex=KEEP_S)
         try:
             await pipe.execute()
         except (RedisError, OSError) as exc:
@@ -137,6 +147,7 @@ class WorkerAnnouncer:
             self._reachable = False
             return
         self._gone -= gone
+        self._opened -= opened
         if not self._reachable:
             self.log.info("worker.registry_reached")
         self._reachable = True

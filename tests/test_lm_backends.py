@@ -4,10 +4,12 @@ OpenAI-compatible streaming server the test runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -230,13 +232,12 @@ async def test_openai_backend_reports_an_unreachable_endpoint():
     assert "127.0.0.1:9" in await _reply_error(lm)
 
 
-async def test_the_shared_lm_server_answers_workers_at_once(tmp_path):
-    """run_lm_server.py: the embedded LM behind llama.cpp's own OpenAI-compatible server, which the
-    `openai` backend of each worker streams from, two conversations at once in its slots; SIGTERM
-    stops it."""
+@contextlib.asynccontextmanager
+async def running_lm_server(slots: int, threads: int) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """run_lm_server.py, and its API's base URL once it listens; killed at the end if still up."""
     port = free_port()
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "run_lm_server.py", "--port", str(port), "--slots", "2", "--threads", "2",
+        sys.executable, "run_lm_server.py", "--port", str(port), "--slots", str(slots), "--threads", str(threads),
         cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
     try:
@@ -245,7 +246,19 @@ async def test_the_shared_lm_server_answers_workers_at_once(tmp_path):
             while b"lm_server.listening" not in (line := await server.stdout.readline()):
                 assert line, "the LM server exited"
         assert f"127.0.0.1:{port}/v1".encode() in line, line
-        lms = [OpenAICompatibleLM(f"http://127.0.0.1:{port}/v1", "smollm2", None, 24, 0.0) for _ in range(2)]
+        yield server, f"http://127.0.0.1:{port}/v1"
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+
+
+async def test_the_shared_lm_server_answers_workers_at_once():
+    """run_lm_server.py: the embedded LM behind llama.cpp's own OpenAI-compatible server, which the
+    `openai` backend of each worker streams from, two conversations at once in its slots; SIGTERM
+    stops it."""
+    async with running_lm_server(slots=2, threads=2) as (server, url):
+        lms = [OpenAICompatibleLM(url, "smollm2", None, 24, 0.0) for _ in range(2)]
 
         async def answer(lm: OpenAICompatibleLM, question: str) -> str:
             async with aclosing(lm.stream([Message("system", "Be brief."), Message("user", question)])) as stream:
@@ -259,7 +272,3 @@ async def test_the_shared_lm_server_answers_workers_at_once(tmp_path):
             await lm.aclose()
         server.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(server.wait(), 30) == 0
-    finally:
-        if server.returncode is None:
-            server.kill()
-            await server.wait()

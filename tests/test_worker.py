@@ -124,10 +124,12 @@ def registered(redis_url: str) -> tuple[str, ...]:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(tmp_path: Path, *flags: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """run_server.py on the loopback profile with `flags`, and its URL once it answers; killed at
-    the end if it has not exited."""
-    port = free_port()
+async def running_worker(
+    tmp_path: Path, *flags: str, port: int | None = None, ready_s: float = 60
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """run_server.py on the loopback profile (unless `flags` name another) with `flags`, and its URL
+    once it answers; killed at the end if it has not exited."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "run_server.py", "--profile", "loopback", "--port", str(port), "--loopback-ice",
@@ -144,7 +146,7 @@ async def running_worker(tmp_path: Path, *flags: str) -> AsyncIterator[tuple[asy
             return False
 
     try:
-        await until(answers, 60, "the worker answered /healthz")
+        await until(answers, ready_s, "the worker answered /healthz")
         yield process, url
     finally:
         if process.returncode is None:
