@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from testkit.browser import CHROMEDRIVER, CHROMIUM, chromium, speak_on_demand
 from testkit.notifier import Notifier
 from testkit.speech import espeak, write_wav
 from tests.signals import envelope_alignment
+from tests.test_proxy import _sessions, haproxy
+from tests.test_worker import running_worker
 
 pytestmark = pytest.mark.browser
 
@@ -297,3 +300,41 @@ async def test_the_page_shows_a_tool_call_and_its_output(start_server, embedded_
     assert kinds == ["user", "assistant", "tool"] or kinds == ["user", "tool", "assistant"], turns
     tool_line = next(text for classes, text in turns if "tool" in classes)
     assert tool_line.startswith("current_time({}) → {") and '"spoken": "It\'s' in tool_line, tool_line
+
+
+async def test_the_page_redials_into_the_other_worker_when_its_worker_dies(tmp_path):
+    """Headless Chromium on the page, through the proxy: its call's worker is killed (no goodbye,
+    the media just stops); the page notices (its pings go unanswered), calls again by itself
+    and is connected through the same address to the worker left."""
+    require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    write_wav(tmp_path / "mic.wav", espeak("Hello, is anyone there?", 48000), 48000)
+    async with (
+        running_worker(tmp_path) as (process_a, a),
+        running_worker(tmp_path) as (process_b, b),
+        haproxy(a, b) as front,
+    ):
+        driver = await asyncio.to_thread(chromium, tmp_path / "mic.wav", tmp_path / "profile")
+
+        def session_id() -> str:
+            return driver.find_element(By.TAG_NAME, "body").get_attribute("data-session-id") or ""
+
+        def connected_other_than(previous: str) -> str:
+            return WebDriverWait(driver, 40).until(
+                lambda d: session_id() not in ("", previous) and d.find_element(By.ID, "connection").text == "connected" and session_id()
+            )
+
+        try:
+            await asyncio.to_thread(driver.get, front)
+            await asyncio.to_thread(lambda: driver.find_element(By.ID, "call").click())
+            first = await asyncio.to_thread(connected_other_than, "")
+            (killed, other) = (process_a, b) if await _sessions(a) == 1 else (process_b, a)
+            killed.send_signal(signal.SIGKILL)
+            await killed.wait()
+            second = await asyncio.to_thread(connected_other_than, first)
+            assert await _sessions(other) == 1
+            assert await asyncio.to_thread(lambda: driver.execute_script("return call.sessionIds")) == [first, second]
+        finally:
+            await asyncio.to_thread(driver.quit)

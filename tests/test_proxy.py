@@ -289,3 +289,4 @@ async def _answers(url: str) -> bool:
             return response.status == 200
     except aiohttp.ClientError:
         return False
+
