@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from runtime.checks import json_number
+from runtime.procfs import usable_cores
 
 ENV_PREFIX = "VOICE_AGENT_"
 PROFILES = ("embedded", "loopback", "stepaudio")
@@ -532,7 +533,7 @@ class ModelConfig:
         1, parse=positive_int, metavar="N", help="piper processes: pieces of this many calls are spoken at once"
     )
     threads: int = setting(
-        factory=lambda: os.cpu_count() or 2, flag="--model-threads", parse=positive_int, metavar="N", shown_default="the machine's cores",
+        factory=usable_cores, flag="--model-threads", parse=positive_int, metavar="N", shown_default="the machine's cores",
         help="CPU threads the models share: the LM all but one, ASR and speech one each",
     )
 

@@ -7,16 +7,16 @@ conversation's prompt cached. Runs until SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from models.llamacpp_lm import llama_params
 from profiles.embedded import smollm2_gguf
+from runtime.procfs import usable_cores
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class LMServerConfig:
     host: str = "127.0.0.1"
     port: int = 8081
     slots: int = 8
-    threads: int = os.cpu_count() or 1
+    threads: int = field(default_factory=usable_cores)
     context_per_slot: int = 2048
 
 

@@ -8,6 +8,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from runtime.procfs import usable_cores
+
 # What makes the engines' kernels fast or slow: llama.cpp, ONNX Runtime and CTranslate2 pick their
 # code paths by these.
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
@@ -19,7 +21,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu.get("model name", platform.processor() or platform.machine()),
         "flags": [flag for flag in FLAGS if flag in flags],
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": usable_cores(),
         "load_1m": round(os.getloadavg()[0], 2),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }

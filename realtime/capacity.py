@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from runtime.procfs import tree_cpu_seconds
+from runtime.procfs import tree_cpu_seconds, usable_cores
 from runtime.workers import ModelWorker
 
 SAMPLE_S = 1.0  # how often the CPU and the queues are read
@@ -49,7 +49,7 @@ class Load:
 def call_share(turn_cpu_s: float, cores: int | None = None) -> float:
     """The share of the machine one call takes while its caller and the agent talk without pause:
     a turn's CPU seconds every TURN_CYCLE_S, over the cores."""
-    return turn_cpu_s / (TURN_CYCLE_S * (cores or len(os.sched_getaffinity(0))))
+    return turn_cpu_s / (TURN_CYCLE_S * (cores or usable_cores()))
 
 
 class LoadMonitor:
@@ -62,7 +62,7 @@ class LoadMonitor:
     def __init__(self, max_load: float | None, call_share: float, cores: int | None = None) -> None:
         self.max_load = max_load
         self.call_share = call_share
-        self.cores = cores or len(os.sched_getaffinity(0))
+        self.cores = cores or usable_cores()
         self._cpu = 0.0
         self._lag_ms = 0.0
         self._queued = 0.0

@@ -5,12 +5,19 @@ the calls already up go on."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from realtime.capacity import AVERAGE_S, LAG_FULL_MS, RETRY_AFTER_S, LoadMonitor, call_share
+from runtime.procfs import usable_cores
 from testkit.peer import ClientPeer, OfferRefused
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.unit
 
@@ -73,3 +80,24 @@ async def test_a_call_past_capacity_is_refused_at_once_and_the_others_go_on(star
     await fourth.close()
     await first.close()
 
+
+
+def test_the_cores_counted_are_those_the_process_may_use(tmp_path):
+    """Pinned to one core (taskset, as a cpuset does) it counts one; a container's CPU quota caps
+    what the affinity shows (cgroup v2 and v1 files); no quota leaves the affinity."""
+    script = "from runtime.procfs import usable_cores; print(usable_cores())"
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert pinned.stdout.strip() == "1"
+    cores = len(os.sched_getaffinity(0))
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "cpu.max").write_text("150000 100000\n")
+    assert usable_cores(tmp_path / "v2") == min(cores, 2)  # 1.5 CPUs keep two cores partly busy
+    (tmp_path / "v2" / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(tmp_path / "v2") == cores
+    (tmp_path / "v1" / "cpu").mkdir(parents=True)
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cores(tmp_path / "v1") == 1
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cores(tmp_path / "v1") == cores
+    assert usable_cores(tmp_path / "none") == cores
