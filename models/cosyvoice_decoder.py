@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.sinc_resample import resample
+
 SAMPLE_RATE = 22050
 MEL_HOP = 256
 OVERLAP_TOKENS = 20  # each streamed chunk's look-ahead, decoded again at the head of the next
@@ -102,6 +104,23 @@ class VoiceCondition:
     embedding: "object"  # torch float (1, 192)
 
 
+def xvector_features(audio16: np.ndarray) -> np.ndarray:
+    """CAM++'s input (frames, 80): Kaldi's 80-bin fbank of 16 kHz audio as [-1, 1] samples (the
+    reference's scale: where the log floor is reached, in digital silence, another scale changes
+    the features), mean-normalized over time."""
+    import kaldi_native_fbank as knf
+
+    opts = knf.FbankOptions()
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.samp_freq = XVECTOR_RATE
+    opts.mel_opts.num_bins = 80
+    fbank = knf.OnlineFbank(opts)
+    fbank.accept_waveform(XVECTOR_RATE, np.asarray(audio16, dtype=np.float32).tolist())
+    fbank.input_finished()
+    feats = np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)]).astype(np.float32)
+    return feats - feats.mean(axis=0, keepdims=True)
+
+
 class CosyVoiceDecoder:
     """Owns one CosyVoice model directory (`cosyvoice.yaml`, `flow.pt`, `hift.pt`, `campplus.onnx`)
     loaded on one device, and its noise buffer. Stateless between calls: each utterance decodes in
@@ -141,23 +160,12 @@ class CosyVoiceDecoder:
 
     def condition(self, prompt_wav: np.ndarray, rate: int, prompt_tokens: list[int]) -> VoiceCondition:
         """The flow's conditioning for a voice prompt (float audio at `rate`, its flow tokens). As in
-        the reference, the mel and the x-vector are of the whole prompt, while the tokens may be of
-        its trimmed copy: the flow stretches the tokens over the mel's length."""
-        import kaldi_native_fbank as knf
-        import soxr
+        the reference, the mel and the x-vector are of the whole prompt, resampled as torchaudio
+        does, while the tokens may be of its trimmed copy: the flow stretches the tokens over the
+        mel's length."""
         import torch
-        audio16 = soxr.resample(prompt_wav, rate, XVECTOR_RATE).astype(np.float32) if rate != XVECTOR_RATE else prompt_wav
-        audio22 = soxr.resample(prompt_wav, rate, SAMPLE_RATE).astype(np.float32)
-        # CAM++ x-vector: Kaldi fbank, mean-normalized over time.
-        opts = knf.FbankOptions()
-        opts.frame_opts.dither = 0.0
-        opts.frame_opts.samp_freq = XVECTOR_RATE
-        opts.mel_opts.num_bins = 80
-        fbank = knf.OnlineFbank(opts)
-        fbank.accept_waveform(XVECTOR_RATE, (audio16 * 32768.0).tolist())
-        fbank.input_finished()
-        feats = np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)]).astype(np.float32)
-        feats -= feats.mean(axis=0, keepdims=True)
+        audio22 = resample(prompt_wav, rate, SAMPLE_RATE)
+        feats = xvector_features(resample(prompt_wav, rate, XVECTOR_RATE))
         embedding = self._campplus.run(None, {self._campplus.get_inputs()[0].name: feats[None]})[0]
         mel = self.prompt_mel(torch.from_numpy(audio22)[None]).transpose(1, 2)
         return VoiceCondition(

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import numpy as np
-import soxr
 import structlog
 
 from runtime.audio import SAMPLE_RATE as RATE
 from runtime.audio import to_float
 from runtime.audio_tokens import AUDIO_ID_BASE, VQ02_SIZE
+from runtime.sinc_resample import resample
 from runtime.tasks import TaskOwner
 from runtime.workers import ModelWorker
 from streaming_tokenizer.base import PartialCallback, UtteranceInput
@@ -209,8 +209,8 @@ class StepAudioTokenizer:
         audio = to_float(audio)
         if audio.ndim > 1:
             audio = audio.mean(axis=1)
-        if rate != RATE:
-            audio = soxr.resample(audio, rate, RATE).astype(np.float32)
+        if rate != RATE:  # as the reference resamples (torchaudio's sinc), so that prompts get its codes
+            audio = resample(audio, rate, RATE)
         audio = energy_normalize(audio, float(np.abs(audio).max()) if len(audio) else 0.0)
         if trim and len(audio):
             audio = trim_silence(audio)

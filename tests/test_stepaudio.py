@@ -76,6 +76,60 @@ def test_telephony_rate_input_is_upsampled(tokenizer):
     assert len(codes.vq06) == 100 and len(codes.vq02) in (66, 67, 68)
 
 
+def windowed_sinc_sample(audio: np.ndarray, rate: int, to_rate: int, m: int) -> float:
+    """Output sample `m` of the reference's resampler by its formula, summed over every input
+    sample in float64: the input band-limited at 0.99 of the lower Nyquist frequency by a sinc
+    tapered with a Hann window to 6 zero crossings either side."""
+    cutoff = min(rate, to_rate) * 0.99
+    t = np.clip((np.arange(len(audio)) / rate - m / to_rate) * cutoff, -6, 6)
+    sinc = np.sinc(t)  # sin(pi t) / (pi t)
+    return float(np.sum(audio.astype(np.float64) * sinc * np.cos(np.pi * t / 12) ** 2) * cutoff / rate)
+
+
+@pytest.mark.parametrize("rate, to_rate", [(22050, 16000), (24000, 16000), (48000, 22050), (8000, 16000)])
+def test_prompts_are_resampled_by_the_references_windowed_sinc(rate, to_rate):
+    """Voice prompts reach 16 kHz (tokens, x-vector) and 22,050 Hz (mel) as torchaudio's `Resample`
+    takes them there (soxr's filter changed 2-3 of a prompt's ~95 vq02 codes)."""
+    from runtime.sinc_resample import resample
+
+    audio = (np.random.default_rng(rate).standard_normal(rate // 2) * 0.3).astype(np.float32)
+    out = resample(audio, rate, to_rate)
+    assert len(out) == -(-len(audio) * to_rate // rate)
+    for m in [0, 1, 7, len(out) // 3, len(out) // 2 + 1, len(out) - 2, len(out) - 1]:
+        assert out[m] == pytest.approx(windowed_sinc_sample(audio, rate, to_rate, m), abs=2e-5), m
+
+
+def kaldi_fbank(audio: np.ndarray) -> np.ndarray:
+    """Kaldi's 80-bin fbank of 16 kHz [-1, 1] audio with the reference's options (no dither), from
+    its definition: 25 ms frames every 10 ms, DC removed, pre-emphasis 0.97, Povey window, 512-point
+    power spectrum, triangles even on the mel scale from 20 Hz to 8 kHz, log floored at float32's
+    epsilon."""
+    frames = np.stack([audio[i : i + 400] for i in range(0, len(audio) - 399, 160)]).astype(np.float64)
+    frames -= frames.mean(axis=1, keepdims=True)
+    frames[:, 1:] -= 0.97 * frames[:, :-1].copy()
+    frames[:, 0] *= 1 - 0.97
+    frames *= (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 399)) ** 0.85
+    power = np.abs(np.fft.rfft(frames, 512)) ** 2
+    mel = lambda f: 1127 * np.log(1 + f / 700)  # noqa: E731
+    edges = np.linspace(mel(20), mel(8000), 82)
+    bins = mel(np.arange(256) * 16000 / 512)
+    left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    weights = np.clip(np.minimum((bins - left) / (centre - left), (right - bins) / (right - centre)), 0, None)
+    return np.log(np.maximum(power[:, :256] @ weights.T, np.finfo(np.float32).eps))
+
+
+def test_the_xvector_reads_the_prompt_as_the_reference_does():
+    """CAM++'s features: Kaldi's fbank of the [-1, 1] samples, mean-normalized. A prompt with
+    digital silence in it floors those frames' log energies, so the samples' scale shows."""
+    from models.cosyvoice_decoder import xvector_features
+
+    audio = (np.random.default_rng(0).standard_normal(32000) * 0.1).astype(np.float32)
+    audio[8000:16000] = 0
+    expected = kaldi_fbank(audio)
+    expected -= expected.mean(axis=0)
+    assert np.abs(xvector_features(audio) - expected).max() < 2e-3
+
+
 def reference_vq02(tokenizer, audio: np.ndarray) -> list[int]:
     """The reference's vq02 rule, stated on its own: the normalized clip is cut into 240 ms chunks
     (the last, partial one marked final and dropped when under 480 samples gives no fbank); each
