@@ -199,7 +199,7 @@ BYTE_BASE = 5  # text byte b -> id 5 + b in the tiny tokenizer
 SPECIALS = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<|EOT|>", 4: "<|BOT|>"}
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """The byte-level pre-tokenizer's printable stand-in for each byte value, in byte order."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
     symbols, extra = {}, 0
@@ -222,7 +222,7 @@ def build_tokenizer(directory: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     vocab = {symbol: i for i, symbol in SPECIALS.items()}
-    vocab.update({symbol: BYTE_BASE + b for b, symbol in enumerate(_byte_symbols())})
+    vocab.update({symbol: BYTE_BASE + b for b, symbol in enumerate(byte_symbols())})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()

@@ -1,0 +1,100 @@
+"""A tiny random Step-Audio 2 mini directory in the published layout: `config.json` (`text_config`
+for the Qwen2 decoder, `audio_encoder_config`), safetensors weights under the published names, and
+a byte-level tokenizer whose ids put the reference's fixed ids where the reference expects them
+(`<audio_start>` 151688, text below it, `<audio_0>` at 151696). The other special tokens' ids are
+this tokenizer's own: the reference looks them up by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+VOCAB_SIZE = 158720
+AUDIO_TOKENS = 6561  # CosyVoice2's speech tokens
+SPECIALS = {
+    151643: "<|endoftext|>",
+    151644: "<|im_start|>",
+    151645: "<|im_end|>",
+    151665: "<|EOT|>",
+    151666: "<|BOT|>",
+    151688: "<audio_start>",
+    151689: "<audio_end>",
+    151690: "<audio_patch>",
+    151693: "<tts_start>",
+    151694: "<tts_end>",
+}
+AUDIO_BASE = 151696
+TEXT_CONFIG = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_attention_groups": 2,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+}
+ENCODER_CONFIG = {
+    "n_mels": 128,
+    "n_audio_ctx": 1500,
+    "n_audio_state": 16,
+    "n_audio_head": 2,
+    "n_audio_layer": 2,
+    "llm_dim": 32,
+    "kernel_size": 3,
+    "adapter_stride": 2,
+}
+
+
+def build_tokenizer(directory: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from testkit.stepaudio_tiny import byte_symbols
+
+    vocab = {symbol: b for b, symbol in enumerate(byte_symbols())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    names = {i: f"<unused_{i}>" for i in range(256, VOCAB_SIZE)}
+    names |= SPECIALS | {AUDIO_BASE + n: f"<audio_{n}>" for n in range(AUDIO_TOKENS)}
+    backend.add_special_tokens([AddedToken(names[i], special=True) for i in range(256, VOCAB_SIZE)])
+    assert backend.token_to_id("<audio_start>") == 151688 and backend.token_to_id("<audio_0>") == AUDIO_BASE
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="right"
+    )
+    tokenizer.save_pretrained(directory)
+
+
+def build_model_dir(directory: Path, seed: int = 0) -> Path:
+    """The whole tiny model directory (weights random, seeded)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from models.stepaudio2_lm import StepAudio2Model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["StepAudio2ForCausalLM"],
+        "model_type": "step_audio_2",
+        "auto_map": {
+            "AutoConfig": "configuration_step_audio_2.StepAudio2Config",
+            "AutoModelForCausalLM": "modeling_step_audio_2.StepAudio2ForCausalLM",
+        },
+        "text_config": TEXT_CONFIG,
+        "audio_encoder_config": ENCODER_CONFIG,
+        "torch_dtype": "bfloat16",
+    }
+    torch.manual_seed(seed)
+    model = StepAudio2Model(config)
+    with torch.no_grad():  # the encoder's default init is flat: spread it as a trained one is
+        for name, weight in model.encoder.named_parameters():
+            if name.endswith("weight") and weight.dim() > 1:
+                weight.normal_(0.0, 0.2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    build_tokenizer(directory)
+    return directory

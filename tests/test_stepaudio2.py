@@ -1,0 +1,195 @@
+"""Step-Audio 2 mini on tiny random weights in the published layout (`testkit/stepaudio2_tiny.py`):
+the prompt as the reference builds it, the log-mel, and the model's audio path. Parity with
+StepFun's own code on the same weights is `python -m bench.stepaudio2_parity` (README)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.stepaudio2_input import (
+    AUDIO_START_ID,
+    Audio,
+    Tokens,
+    Turn,
+    chat_pieces,
+    log_mel,
+    patch_count,
+    piece_ids,
+    split_reply,
+)
+from testkit.stepaudio_tiny import tone_speech
+
+pytestmark = pytest.mark.models
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from testkit.stepaudio2_tiny import build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("step-audio-2-mini"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from models.stepaudio2_lm import load_tokenizer
+
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from models.stepaudio2_lm import StepAudio2Model
+
+    return StepAudio2Model.load(model_dir)
+
+
+def speech(seconds: float, seed: int = 0) -> np.ndarray:
+    return tone_speech(seconds, 16000, seed).astype(np.float32)
+
+
+def test_turns_are_laid_out_as_the_reference_lays_them_out():
+    pieces, mels = chat_pieces([
+        Turn("system", "Be brief."),
+        Turn("user", ("Translate this.", Audio(speech(1.0)))),
+        Turn("assistant", ("<tts_start>", Tokens((151700, 32)))),
+        Turn("user", "And this?"),
+        Turn("assistant", "<tts_start>", eot=False),
+    ])
+    frames = (16000 + 479) // 160  # the centred STFT's frames, the last dropped
+    assert [m.shape for m in mels] == [(128, frames)]
+    assert pieces == [
+        "<|BOT|>system\nBe brief.<|EOT|>",
+        "<|BOT|>human\n", "Translate this.", "<audio_start>" + "<audio_patch>" * patch_count(frames) + "<audio_end>", "<|EOT|>",
+        "<|BOT|>assistant\n", "<tts_start>", [151700, 32], "<|EOT|>",
+        "<|BOT|>human\nAnd this?<|EOT|>",
+        "<|BOT|>assistant\n<tts_start>",
+    ]
+    assert chat_pieces([Turn("assistant", None)])[0] == ["<|BOT|>assistant\n"]
+
+
+def test_speech_is_cut_into_windows_of_25_seconds():
+    _, mels = chat_pieces([Turn("user", (Audio(speech(56.0)),))])
+    assert [m.shape[1] for m in mels] == [(25 * 16000 + 479) // 160] * 2 + [(6 * 16000 + 479) // 160]
+
+
+def test_each_piece_is_tokenized_on_its_own_and_the_specials_are_one_id_each(tokenizer):
+    ids = piece_ids(tokenizer, ["<|BOT|>human\n", "hi", [151700], "<audio_start><audio_patch><audio_patch><audio_end>"])
+    bot, start, patch, end = tokenizer.convert_tokens_to_ids(["<|BOT|>", "<audio_start>", "<audio_patch>", "<audio_end>"])
+    assert start == AUDIO_START_ID
+    assert ids == [bot, *tokenizer("human\n")["input_ids"], *tokenizer("hi")["input_ids"], 151700, start, patch, patch, end]
+    assert split_reply([104, 151693, 151696 + 5, 105, 151696]) == ([104, 105], [5, 0])
+
+
+def test_the_log_mel_is_whispers_with_the_references_padding():
+    """Stated from its definition: 479 zeros appended; frames every 160 samples of a 400-point
+    periodic Hann window, centred (reflected 200 samples at the ends), the last frame dropped;
+    librosa's Slaney mel filters on the power; log10 floored at 1e-10 and 8 below the peak."""
+    import librosa
+
+    audio = speech(1.5)
+    padded = np.pad(np.pad(audio, (0, 479)).astype(np.float64), 200, mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)
+    starts = range(0, len(padded) - 400 + 1, 160)
+    power = np.abs(np.fft.rfft(np.stack([padded[s : s + 400] * window for s in starts]), axis=1)) ** 2
+    spec = np.log10(np.maximum(librosa.filters.mel(sr=16000, n_fft=400, n_mels=128) @ power[:-1].T, 1e-10))
+    expected = (np.maximum(spec, spec.max() - 8.0) + 4.0) / 4.0
+    assert np.abs(log_mel(audio).numpy() - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("seconds", [0.3, 1.0, 2.97, 25.0])
+def test_the_placeholders_are_as_many_as_the_features_the_model_makes(model, seconds):
+    mel = log_mel(speech(seconds))
+    [features] = model.audio_features([mel])
+    assert features.shape == (patch_count(mel.shape[1]), model.text_config.hidden_size)
+
+
+def test_windows_of_different_lengths_batch_as_each_alone(model):
+    """The encoder masks the padding of a shorter window: batched with a longer one, its features
+    are the ones it has alone."""
+    import torch
+
+    short, long = log_mel(speech(1.7, 1)), log_mel(speech(4.0, 2))
+    together = model.audio_features([long, short])
+    torch.testing.assert_close(together[1], model.audio_features([short])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[0], model.audio_features([long])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_audio_reaches_the_decoder_after_its_audio_start(model, tokenizer):
+    """The published weights' names load strictly; the speech's features replace the placeholders:
+    positions before them do not change with the speech, positions after do."""
+    import torch
+
+    def run(seed: int):
+        pieces, mels = chat_pieces([Turn("user", ("Hi", Audio(speech(2.0, seed)))), Turn("assistant", None)])
+        ids = piece_ids(tokenizer, pieces)
+        return ids, model.logits(ids, mels)
+
+    ids, first = run(1)
+    _, second = run(2)
+    start = ids.index(AUDIO_START_ID)
+    assert first.shape == (len(ids), model.text_config.vocab_size) and torch.isfinite(first).all()
+    torch.testing.assert_close(first[: start + 1], second[: start + 1])
+    assert (first[start + 1 :] - second[start + 1 :]).abs().max() > 1e-3
+
+
+def _greedy_by_recomputing(model, ids, mels, steps):
+    """The greedy reply with no cache: the whole sequence through the model at every step."""
+    ids = list(ids)
+    for _ in range(steps):
+        ids.append(int(model.logits(ids, mels)[-1].argmax()))
+    return ids[-steps:]
+
+
+def test_a_reply_generated_with_the_cache_is_the_one_recomputed_each_step(model, tokenizer):
+    from models.stepaudio2_lm import Sampling
+
+    pieces, mels = chat_pieces([Turn("user", (Audio(speech(2.0)),)), Turn("assistant", "<tts_start>", eot=False)])
+    ids = piece_ids(tokenizer, pieces)
+    greedy = Sampling(temperature=0.0, repetition_penalty=1.0)
+    reply = list(model.generate(ids, mels, greedy, 12, frozenset()))
+    assert reply == _greedy_by_recomputing(model, ids, mels, 12)
+
+
+def test_the_next_turn_reuses_the_cached_history_and_answers_the_same(model_dir, tokenizer):
+    """The second turn's prompt begins with the first turn's prompt and reply: only the rest is
+    prefilled, and the reply is what a model with no cache gives. A turn with other speech of the
+    same length shares nothing past its audio."""
+    from models.stepaudio2_lm import Sampling, StepAudio2Model
+
+    model = StepAudio2Model.load(model_dir)
+    greedy = Sampling(temperature=0.0, repetition_penalty=1.0)
+    first = [Turn("system", "Be brief."), Turn("user", (Audio(speech(2.0, 1)),))]
+    pieces, mels = chat_pieces([*first, Turn("assistant", None)])
+    ids = piece_ids(tokenizer, pieces)
+    reply = list(model.generate(ids, mels, greedy, 6, frozenset()))
+    second = [*first, Turn("assistant", (Tokens(tuple(reply)),)), Turn("user", (Audio(speech(1.0, 2)),)), Turn("assistant", None)]
+    pieces, mels = chat_pieces(second)
+    ids2 = piece_ids(tokenizer, pieces)
+    assert ids2[: len(ids) - 1] == ids[:-1]  # "<|BOT|>assistant\n" opens both at the same place
+    answer = list(model.generate(ids2, mels, greedy, 6, frozenset()))
+    assert model.reused_tokens >= len(ids) - 2
+    fresh = StepAudio2Model.load(model_dir)
+    assert answer == list(fresh.generate(ids2, mels, greedy, 6, frozenset())) and fresh.reused_tokens == 0
+
+    other = chat_pieces([first[0], Turn("user", (Audio(speech(2.0, 3)),)), Turn("assistant", None)])
+    before = model.reused_tokens
+    list(model.generate(piece_ids(tokenizer, other[0]), other[1], greedy, 2, frozenset()))
+    assert model.reused_tokens - before == ids.index(AUDIO_START_ID) + 1
+
+
+def test_sampling_penalises_what_was_said_and_keeps_to_the_nucleus():
+    import torch
+
+    from models.stepaudio2_lm import Sampling
+
+    logits = torch.tensor([2.0, 1.9, -1.0, 0.5])
+    seen = torch.tensor([True, False, False, False])
+    assert Sampling(temperature=0.0, repetition_penalty=1.0).pick(logits, seen) == 0
+    assert Sampling(temperature=0.0, repetition_penalty=1.1).pick(logits, seen) == 1  # 2.0 / 1.1 < 1.9
+    narrow = Sampling(temperature=1.0, top_p=0.01, repetition_penalty=1.0)
+    assert {narrow.pick(logits, seen, torch.Generator().manual_seed(i)) for i in range(20)} == {0}
+    wide = Sampling(temperature=1.0, top_p=1.0, repetition_penalty=1.0)
+    assert len({wide.pick(logits, seen, torch.Generator().manual_seed(i)) for i in range(60)}) >= 3
