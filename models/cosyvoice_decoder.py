@@ -47,9 +47,10 @@ def import_cosyvoice() -> None:
 
     `cosyvoice.transformer.encoder` reaches `cosyvoice.utils.file_utils`, which imports torchaudio
     at module level for wav I/O that this project never calls, and torchaudio has no build for this
-    torch. Where it is missing, a module that says so and raises on any use takes its name.
-    transformers is imported first: it records at import whether torchaudio exists, and must see
-    the truth."""
+    torch. Where it is missing, a module that says so and raises on any use takes its name (the top
+    level only: FunASR looks for `torchaudio.compliance.kaldi` and computes its features itself
+    when that import fails). transformers is imported first: it records at import whether
+    torchaudio exists, and must see the truth."""
     if "torchaudio" in sys.modules or importlib.util.find_spec("torchaudio") is not None:
         return
     import transformers  # noqa: F401

@@ -98,3 +98,72 @@ def build_model_dir(directory: Path, seed: int = 0) -> Path:
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     build_tokenizer(directory)
     return directory
+
+
+# The published flow.yaml's layout and StepFun's module paths, at tiny sizes (the published
+# sizes: encoder 512 wide, 8 heads, 6 + 4 blocks; estimator 16 blocks of 8 heads of 64, 512 wide).
+FLOW_YAML = """\
+flow: !new:cosyvoice2.flow.flow.CausalMaskedDiffWithXvec
+    input_size: 32
+    output_size: 80
+    spk_embed_dim: 192
+    output_type: mel
+    vocab_size: 6561
+    encoder: !new:cosyvoice2.transformer.upsample_encoder_v2.UpsampleConformerEncoderV2
+        input_size: 32
+        output_size: 32
+        input_layer: linear
+        pre_lookahead_len: 3
+        num_blocks: 1
+        num_up_blocks: 1
+        up_stride: 2
+        up_scale_factor: 2
+        attention_heads: 2
+        pos_enc_layer_type: rel_pos_espnet
+        selfattention_layer_type: rel_selfattn
+        key_bias: true
+        linear_units: 64
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0.1
+        normalize_before: true
+    decoder: !new:cosyvoice2.flow.flow_matching.CausalConditionalCFM
+        inference_cfg_rate: 0.7
+        estimator: !new:cosyvoice2.flow.decoder_dit.DiT
+            in_channels: 320
+            out_channels: 80
+            mlp_ratio: 4.0
+            depth: 2
+            num_heads: 2
+            head_dim: 16
+            hidden_size: 64
+"""
+
+
+def build_token2wav_dir(directory: Path, seed: int = 0) -> Path:
+    """`token2wav/`: the flow (tiny), HiFT at its published size (the reference builds it with no
+    settings), CAM++ and the v2 speech tokenizer (tiny ONNX models with their interfaces)."""
+    import re
+
+    import torch
+    from hyperpyyaml import load_hyperpyyaml
+
+    from models.stepaudio2_token2wav import import_stepaudio2_modules
+    from testkit.stepaudio_tiny import build_campplus_onnx, build_speech_tokenizer_onnx
+
+    import_stepaudio2_modules()
+    from stepaudio2.flashcosyvoice.modules.hifigan import HiFTGenerator
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "flow.yaml").write_text(FLOW_YAML)
+    torch.manual_seed(seed)
+    flow = load_hyperpyyaml(re.sub(r"!new:cosyvoice2\.", "!new:stepaudio2.cosyvoice2.", FLOW_YAML))["flow"]
+    with torch.no_grad():  # DiT starts its output and modulation layers at zero: a trained one's are not
+        for weight in flow.parameters():
+            if not weight.any():
+                weight.normal_(0.0, 0.05)
+    torch.save(flow.state_dict(), directory / "flow.pt")
+    torch.save({f"generator.{k}": v for k, v in HiFTGenerator().state_dict().items()}, directory / "hift.pt")
+    build_campplus_onnx(directory / "campplus.onnx", seed, rectified=True)
+    build_speech_tokenizer_onnx(directory / "speech_tokenizer_v2_25hz.onnx", seed + 2, codes=6561)
+    return directory

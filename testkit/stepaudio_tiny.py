@@ -110,15 +110,15 @@ def build_paraformer(directory: Path, seed: int = 0) -> None:
     torch.save(model.state_dict(), directory / "model.pt")
 
 
-def build_speech_tokenizer_onnx(path: Path, seed: int = 0) -> None:
-    """`speech_tokenizer_v1.onnx`'s interface: feats (1, 128, T) float, feats_length (1,) int32 ->
-    int tokens (1, T // 4) at 25 Hz. Inside: each frame plus the mean of all frames (standing in for
+def build_speech_tokenizer_onnx(path: Path, seed: int = 0, codes: int = 4096) -> None:
+    """`speech_tokenizer_v1.onnx`'s interface (v2's, with `codes` 6561): feats (1, 128, T) float,
+    feats_length (1,) int32 -> int tokens (1, T // 4) at 25 Hz. Inside: each frame plus the mean of all frames (standing in for
     full attention: every code depends on the whole window), one strided convolution, an argmax."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    weight = rng.standard_normal((4096, 128, 4)).astype(np.float32) * 0.1
+    weight = rng.standard_normal((codes, 128, 4)).astype(np.float32) * 0.1
     nodes = [
         helper.make_node("ReduceMean", ["feats"], ["context"], axes=[2], keepdims=1),
         helper.make_node("Add", ["feats", "context"], ["attended"]),
@@ -386,15 +386,18 @@ feat_extractor: !name:matcha.utils.audio.mel_spectrogram
 """
 
 
-def build_campplus_onnx(path: Path, seed: int = 0) -> None:
-    """CAM++'s interface: fbank (1, T, 80) -> x-vector (1, 192); inside, a time average and a matrix."""
+def build_campplus_onnx(path: Path, seed: int = 0, rectified: bool = False) -> None:
+    """CAM++'s interface: fbank (1, T, 80) -> x-vector (1, 192); inside, a time average and a
+    matrix. Its input is mean-normalized over time, so the plain average is zero: `rectified`
+    averages the magnitudes, so that the x-vector depends on the voice."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = np.random.default_rng(seed).standard_normal((80, 192)).astype(np.float32) * 0.1
     graph = helper.make_graph(
         [
-            helper.make_node("ReduceMean", ["input"], ["pooled"], axes=[1], keepdims=0),
+            helper.make_node("Abs" if rectified else "Identity", ["input"], ["features"]),
+            helper.make_node("ReduceMean", ["features"], ["pooled"], axes=[1], keepdims=0),
             helper.make_node("MatMul", ["pooled", "w"], ["embedding"]),
         ],
         "tiny_campplus",

@@ -193,3 +193,64 @@ def test_sampling_penalises_what_was_said_and_keeps_to_the_nucleus():
     assert {narrow.pick(logits, seen, torch.Generator().manual_seed(i)) for i in range(20)} == {0}
     wide = Sampling(temperature=1.0, top_p=1.0, repetition_penalty=1.0)
     assert len({wide.pick(logits, seen, torch.Generator().manual_seed(i)) for i in range(60)}) >= 3
+
+
+# -- token2wav ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token2wav(tmp_path_factory):
+    from models.stepaudio2_token2wav import Token2Wav
+    from testkit.stepaudio2_tiny import build_token2wav_dir
+
+    return Token2Wav(build_token2wav_dir(tmp_path_factory.mktemp("token2wav")))
+
+
+@pytest.fixture(scope="module")
+def voice(token2wav):
+    return token2wav.voice(tone_speech(2.0, 22050, 5).astype(np.float32), 22050)
+
+
+def speech_tokens(n: int, seed: int = 0) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 6561, n)]
+
+
+def test_a_voice_prompt_gives_its_tokens_xvector_and_mel(voice):
+    assert voice.tokens.shape == (1, 50)  # 25 a second
+    assert voice.embedding.shape == (1, 192)
+    assert voice.mel.shape == (1, 100, 80)  # 50 frames a second at 24 kHz
+
+
+def test_tokens_become_24_khz_audio_in_one_pass(token2wav, voice):
+    audio = token2wav.decode(speech_tokens(40), voice)
+    assert audio.shape == (40 * 960,) and np.isfinite(audio).all() and np.abs(audio).max() > 1e-4
+
+
+def test_streamed_audio_starts_with_the_first_chunk_and_follows_the_one_pass_until_the_cache_is_cut(token2wav, voice):
+    """A chunk is decoded once its 25 tokens and 3 of look-ahead are in, and its audio is out less
+    the overlap the next chunk cross-fades. The streamed mel follows the one pass's (each chunk
+    attends causally, the one pass to every frame) while the flow's attention cache holds every
+    frame; once it passes the prompt and 100 frames it is cut to those, and each later chunk
+    attends to the prompt and the last 2 s."""
+    import torch
+
+    tokens = speech_tokens(90, 1)
+    stream = token2wav.stream(voice)
+    assert stream.push(tokens[:27]).size == 0
+    first = stream.push(tokens[27:28])
+    assert first.size == 25 * 960 - 3840
+    audio = np.concatenate([first, stream.push(tokens[28:]), stream.finish()])
+    assert audio.shape == (90 * 960,) and np.isfinite(audio).all()
+    streamed, whole = torch.cat(stream.mel_frames, dim=2)[0], token2wav.flow_mel(tokens, voice)[0]
+    assert streamed.shape == whole.shape
+    uncut = 3 * 50  # three chunks of 50 frames: the cache passes 100 after the third
+    assert float((streamed[:, :uncut] - whole[:, :uncut]).norm() / whole[:, :uncut].norm()) < 0.05
+    assert torch.isfinite(streamed[:, uncut:]).all()
+
+
+def test_a_long_streamed_reply_keeps_the_flow_cache_bounded(token2wav, voice):
+    stream = token2wav.stream(voice)
+    for start in range(0, 400, 25):
+        stream.push(speech_tokens(25, start))
+    attended = stream._flow_cache["estimator_att_cache"].shape[4]
+    assert attended <= voice.tokens.shape[1] * 2 + 100 + 2 * 28
