@@ -206,6 +206,25 @@ class StepAudio2Model(nn.Module):
         return self.lm_head(hidden)[0]
 
     @torch.inference_mode()
+    def prefill(self, ids: Sequence[int], mels: Sequence[torch.Tensor] = ()) -> None:
+        """Run a prompt's start through the model and keep its attention cache, so that a
+        generation whose prompt begins with it prefills only the rest: the history and the speech
+        so far, while the user still speaks."""
+        key = cache_key(ids, mels)
+        _, cache = self._run_prompt(ids, mels, key)
+        self.prefix_cache.put(key, cache)
+
+    def _run_prompt(self, ids: Sequence[int], mels: Sequence[torch.Tensor], key: list[int]) -> tuple[torch.Tensor, Any]:
+        """The prompt's last hidden states and its attention cache, from the longest cached prefix."""
+        from transformers import DynamicCache
+
+        cache, reused = self.prefix_cache.take(key)
+        self.reused_tokens += reused
+        cache = cache if cache is not None else DynamicCache()
+        hidden = self.model(inputs_embeds=self.embed(ids, mels, skip=reused), cache=cache, use_cache=True).last_hidden_state
+        return hidden, cache
+
+    @torch.inference_mode()
     def generate(
         self,
         ids: Sequence[int],
@@ -218,15 +237,10 @@ class StepAudio2Model(nn.Module):
         """The reply's ids as they come, the stop id included. The attention cache of the longest
         prompt prefix an earlier generation shares (its audio windows the same) is reused, so a
         dialog's next turn prefills only what is new; closing the iterator ends the generation."""
-        from transformers import DynamicCache
-
         key = cache_key(ids, mels)
-        cache, reused = self.prefix_cache.take(key)
-        self.reused_tokens += reused
-        cache = cache if cache is not None else DynamicCache()
+        hidden, cache = self._run_prompt(ids, mels, key)
         seen = torch.zeros(self.text_config.vocab_size, dtype=torch.bool, device=self.lm_head.weight.device)
         seen[torch.tensor(list(ids), device=seen.device)] = True
-        hidden = self.model(inputs_embeds=self.embed(ids, mels, skip=reused), cache=cache, use_cache=True).last_hidden_state
         reply: list[int] = []
         try:
             for _ in range(max_new_tokens):

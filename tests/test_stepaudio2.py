@@ -254,3 +254,35 @@ def test_a_long_streamed_reply_keeps_the_flow_cache_bounded(token2wav, voice):
         stream.push(speech_tokens(25, start))
     attended = stream._flow_cache["estimator_att_cache"].shape[4]
     assert attended <= voice.tokens.shape[1] * 2 + 100 + 2 * 28
+
+
+def test_a_prompt_prefilled_while_the_user_speaks_is_not_run_again(model_dir, tokenizer):
+    """The history and the first 25 s window of a long utterance, prefilled while the user still
+    speaks: at the pause only the last window and the turn's end go through the model, and the
+    reply is what a model with no cache gives."""
+    from models.stepaudio2_lm import Sampling, StepAudio2Model
+
+    greedy = Sampling(temperature=0.0, repetition_penalty=1.0)
+    words = speech(31.0, 4)
+    history = [Turn("system", "Be brief."), Turn("user", "Hi."), Turn("assistant", "Hello.")]
+    so_far = chat_pieces([*history, Turn("user", (Audio(words[: 25 * 16000]),), eot=False)])
+    whole = chat_pieces([*history, Turn("user", (Audio(words),)), Turn("assistant", None)])
+    ids = piece_ids(tokenizer, whole[0])
+    model = StepAudio2Model.load(model_dir)
+    model.prefill(piece_ids(tokenizer, so_far[0]), so_far[1])
+    before = model.reused_tokens
+    answer = list(model.generate(ids, whole[1], greedy, 4, frozenset()))
+    assert model.reused_tokens - before >= len(piece_ids(tokenizer, so_far[0])) - 1
+    assert answer == list(StepAudio2Model.load(model_dir).generate(ids, whole[1], greedy, 4, frozenset()))
+
+
+def test_the_smoke_timing_runs_and_reports_every_stage(capsys):
+    """`python -m bench.stepaudio2_smoke` (for a GPU when one is lent), here on the CPU."""
+    import json
+
+    from bench.stepaudio2_smoke import main
+
+    assert main(["--device", "cpu", "--max-new-tokens", "4", "--speech-tokens", "60"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["lm"]["tokens"] >= 1 and report["lm"]["first_token_ms"] > 0
+    assert report["token2wav"]["audio_s"] == 2.4 and report["token2wav"]["rtf"] > 0
