@@ -49,14 +49,15 @@ class Turn:
     eot: bool = True
 
 
-def log_mel(samples: np.ndarray) -> Any:
-    """The reference's (128, frames) log-mel of 16 kHz audio: 479 zeros appended, a centred
-    400-point STFT every 160 samples with a Hann window, the last frame dropped, librosa's mel
-    filters on the power spectrum, log10 floored at 1e-10 and at 8 below the peak, (x + 4) / 4."""
+def log_mel(samples: np.ndarray, padding: int = MEL_PADDING) -> Any:
+    """The reference's (128, frames) log-mel of 16 kHz audio (Whisper's, after `padding` zeros):
+    a centred 400-point STFT every 160 samples with a Hann window, the last frame dropped,
+    librosa's mel filters on the power spectrum, log10 floored at 1e-10 and at 8 below the peak,
+    (x + 4) / 4."""
     import librosa
     import torch
 
-    audio = torch.nn.functional.pad(torch.as_tensor(np.asarray(samples, dtype=np.float32)), (0, MEL_PADDING))
+    audio = torch.nn.functional.pad(torch.as_tensor(np.asarray(samples, dtype=np.float32)), (0, padding))
     stft = torch.stft(audio, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)
     power = stft[..., :-1].abs() ** 2
     filters = torch.from_numpy(librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from models.cosyvoice_decoder import XVECTOR_RATE, import_cosyvoice, xvector_features
+from models.stepaudio2_input import log_mel
 from runtime.sinc_resample import resample
 
 SAMPLE_RATE = 24000
@@ -82,7 +83,7 @@ class Token2Wav:
         from stepaudio2.flashcosyvoice.utils.audio import mel_spectrogram
 
         audio16 = resample(prompt, rate, XVECTOR_RATE)
-        mel128 = whisper_log_mel(audio16)
+        mel128 = log_mel(audio16, padding=0).numpy()  # Whisper's, as the speech tokenizer reads it
         inputs = self._tokenizer.get_inputs()
         tokens = self._tokenizer.run(None, {inputs[0].name: mel128[None], inputs[1].name: np.array([mel128.shape[1]], dtype=np.int32)})[0]
         embedding = self._campplus.run(None, {self._campplus.get_inputs()[0].name: xvector_features(audio16)[None]})[0]
@@ -208,19 +209,6 @@ def import_stepaudio2_modules() -> None:
         package = types.ModuleType("stepaudio2", "minicpmo-utils' model modules, its own driver not loaded")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["stepaudio2"] = package
-
-
-def whisper_log_mel(audio16: np.ndarray) -> np.ndarray:
-    """Whisper's 128-bin log-mel (128, frames) of 16 kHz audio, as the speech tokenizer reads it."""
-    import librosa
-    import torch
-
-    audio = torch.as_tensor(np.asarray(audio16, dtype=np.float32))
-    stft = torch.stft(audio, 400, 160, window=torch.hann_window(400), return_complex=True)
-    power = stft[..., :-1].abs() ** 2
-    spec = torch.clamp(torch.from_numpy(librosa.filters.mel(sr=16000, n_fft=400, n_mels=128)) @ power, min=1e-10).log10()
-    spec = torch.maximum(spec, spec.max() - 8.0)
-    return ((spec + 4.0) / 4.0).numpy()
 
 
 def _untraced(encoder: type) -> None:
