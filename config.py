@@ -23,7 +23,7 @@ from runtime.checks import json_number
 from runtime.procfs import usable_cores
 
 ENV_PREFIX = "VOICE_AGENT_"
-PROFILES = ("embedded", "loopback", "stepaudio")
+PROFILES = ("embedded", "loopback", "stepaudio", "stepaudio2")
 ASR_ENGINES = ("moonshine", "whisper", "whisper-base")
 VAD_ENGINES = ("silero", "webrtc")
 ECHO_CANCEL = ("auto", "on", "off")
@@ -548,7 +548,8 @@ class StepAudioConfig:
 
     model_path: Path | None = setting(
         None, parse=existing_dir, metavar="DIR",
-        help="stepaudio profile: the directory holding `Step-Audio-Tokenizer/`, `Step-Audio-Chat/`, `Step-Audio-TTS-3B/`",
+        help="stepaudio profile: the directory holding `Step-Audio-Tokenizer/`, `Step-Audio-Chat/`, `Step-Audio-TTS-3B/`; "
+        "stepaudio2 profile: a Step-Audio-2-mini directory (the model, its tokenizer, `token2wav/`)",
     )
     chat: str = setting(
         "local", flag="--stepaudio-chat", choices=("local", "served"), metavar="WHERE",
@@ -611,6 +612,34 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class StepAudio2Config:
+    """The stepaudio2 profile (Step-Audio 2 mini at `--model-path`, in this process): which voice
+    speaks, on what device, how the model samples."""
+
+    voice: Path | None = setting(
+        None, flag="--stepaudio2-voice", parse=existing_file, metavar="WAV", shown_default="MODEL/default_female.wav",
+        help="the voice prompt token2wav speaks in; the published default voice is `assets/default_female.wav` of "
+        "StepFun's Step-Audio2 repository (put it in the model directory, or name another wav)",
+    )
+    device: str = setting(
+        "auto", flag="--stepaudio2-device", parse=non_empty, metavar="DEV", help="torch device of the model and token2wav; `auto` takes `cuda` when there is one"
+    )
+    max_new_tokens: int = setting(
+        2048, flag="--stepaudio2-max-new-tokens", parse=positive_int, metavar="N",
+        help="longest reply in the model's ids (text and ~25 audio tokens a second of speech, interleaved)",
+    )
+    temperature: float = setting(
+        0.7, flag="--stepaudio2-temperature", parse=temperature, metavar="T",
+        help="sampling temperature (top-p 0.9 and repetition penalty 1.05 as the reference's examples); 0 is greedy",
+    )
+    transcribe: bool = setting(
+        True, flag="--stepaudio2-transcribe", parse=boolean, metavar="BOOL",
+        help="transcribe each user turn with the model's ASR prompt beside the reply, for the client and the transcript "
+        "(the model itself hears the audio either way)",
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """How the server logs."""
 
@@ -624,19 +653,21 @@ class AppConfig:
 
     profile: str = setting(
         "embedded", choices=PROFILES, metavar="NAME",
-        help="model profile: `embedded` (offline models on the CPU), `loopback` (echo diagnostic) or `stepaudio` (`--model-path`)",
+        help="model profile: `embedded` (offline models on the CPU), `loopback` (echo diagnostic), `stepaudio` or "
+        "`stepaudio2` (`--model-path`)",
     )
     server: ServerConfig = field(default_factory=ServerConfig)
     turn: TurnConfig = field(default_factory=TurnConfig)
     models: ModelConfig = field(default_factory=ModelConfig)
     loopback: LoopbackConfig = field(default_factory=LoopbackConfig)
     stepaudio: StepAudioConfig = field(default_factory=StepAudioConfig)
+    stepaudio2: StepAudio2Config = field(default_factory=StepAudio2Config)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
-        if self.profile == "stepaudio" and self.stepaudio.model_path is None:
-            raise FieldError("model_path", "the stepaudio profile needs the directory holding the Step-Audio models")
+        if self.profile in ("stepaudio", "stepaudio2") and self.stepaudio.model_path is None:
+            raise FieldError("model_path", f"the {self.profile} profile needs the directory holding its models")
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able view for the startup log, with credentials masked."""

@@ -6,9 +6,11 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from models.base import Message, ToolCall
 from runtime.transcripts import fold_transcript
@@ -30,6 +32,22 @@ class Turn:
     at: float = field(default_factory=time.time)
     call_id: str = ""  # a function call's and its output's
     name: str = ""  # a function call's function
+    # What an LM that hears and speaks in its own ids reads instead of `text` (Message's fields of
+    # the same names); kept in memory only, never in the transcript.
+    audio: np.ndarray | None = field(default=None, compare=False, repr=False)
+    ids: tuple[int, ...] = field(default=(), repr=False)
+
+    def record(self) -> dict[str, Any]:
+        """The turn as the transcript keeps it: its text and what it is, not its audio or ids."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("audio", "ids")}
+
+    @property
+    def shown(self) -> bool:
+        """Whether the LM is shown this turn (a reply truncated to nothing is not)."""
+        return bool(self.text or self.ids or self.audio is not None)
+
+
+AUDIO_SAMPLES_PER_TOKEN = 1280  # Step-Audio 2 reads 16 kHz speech as 12.5 tokens a second
 
 
 class TranscriptStore:
@@ -109,17 +127,17 @@ class DialogContext:
     def _append(self, turn: Turn) -> None:
         self.turns.append(turn)
         if self._store is not None:
-            self._store.append(self._session_id, asdict(turn))
+            self._store.append(self._session_id, turn.record())
 
-    def replace_text(self, item_id: str, role: str, text: str) -> bool:
-        """Give the newest `role` turn of `item_id` a new text (a reply truncated to what was
-        heard); the transcript gets a record that replaces the earlier one. False if none."""
+    def replace_text(self, item_id: str, role: str, text: str, ids: tuple[int, ...] = ()) -> bool:
+        """Give the newest `role` turn of `item_id` a new text and ids (a reply truncated to what
+        was heard); the transcript gets a record that replaces the earlier one. False if none."""
         for index in range(len(self.turns) - 1, -1, -1):
             turn = self.turns[index]
             if turn.item_id == item_id and turn.role == role:
-                self.turns[index] = replace(turn, text=text)
+                self.turns[index] = replace(turn, text=text, ids=ids)
                 if self._store is not None:
-                    self._store.append(self._session_id, {**asdict(self.turns[index]), "replaces": True})
+                    self._store.append(self._session_id, {**self.turns[index].record(), "replaces": True})
                 return True
         return False
 
@@ -139,9 +157,11 @@ class DialogContext:
             self._store.append(self._session_id, {"item_id": item_id, "deleted": True, "at": time.time()})
         return True
 
-    def messages(self, pending_user: str | None = None, system_prompt: str | None = None) -> list[Message]:
+    def messages(
+        self, pending_user: str | None = None, system_prompt: str | None = None, pending_audio: np.ndarray | None = None
+    ) -> list[Message]:
         """The LM prompt: system prompt (`system_prompt` for this prompt only, if given), the newest
-        turns within budget, then the turn being answered.
+        turns within budget, then the turn being answered (its speech, for an LM that hears it).
 
         Old turns leave in steps, down to `refill` of the budget, rather than one per turn: the
         prompt then keeps the same beginning for several turns, and an LM that caches the
@@ -151,9 +171,10 @@ class DialogContext:
         budget = self.max_tokens - self._count(system_prompt)
         tail: list[Message] = []
         if pending_user is not None:
-            tail.append(Message("user", pending_user))
-            budget -= self._count(pending_user)
-        costs = [self._count(turn.text) for turn in self.turns]
+            pending = Turn("user", pending_user, audio=pending_audio)
+            tail.append(Message("user", pending_user, audio=pending_audio))
+            budget -= self._cost(pending)
+        costs = [self._cost(turn) for turn in self.turns]
         start = max(self._start, len(self.turns) - _fits(costs[self._start :][::-1], budget))
         if start != self._start:
             start = len(self.turns) - _fits(costs[start:][::-1], int(budget * self.refill))
@@ -164,11 +185,16 @@ class DialogContext:
             kept.pop(0)
         return [Message("system", system_prompt), *kept, *tail]
 
+    def _cost(self, turn: Turn) -> int:
+        """The turn's share of the budget: its ids, or its text, and its speech."""
+        cost = len(turn.ids) if turn.ids else self._count(turn.text)
+        return cost + (len(turn.audio) // AUDIO_SAMPLES_PER_TOKEN if turn.audio is not None else 0)
+
 
 def _as_messages(turns: list[Turn]) -> list[Message]:
     """Turns as LM messages: each function call as an assistant message with the call, followed at
-    once by its output (a call whose output is not in yet is left out); empty texts (a reply
-    truncated to nothing) dropped."""
+    once by its output (a call whose output is not in yet is left out); turns with nothing to show
+    (a reply truncated to nothing) dropped."""
     outputs = {t.call_id: t for t in turns if t.role == "function_call_output"}
     out: list[Message] = []
     for turn in turns:
@@ -177,8 +203,8 @@ def _as_messages(turns: list[Turn]) -> list[Message]:
             if result is not None:
                 out.append(Message("assistant", "", (ToolCall(turn.call_id, turn.name, turn.text),)))
                 out.append(Message("tool", result.text, tool_call_id=turn.call_id))
-        elif turn.role != "function_call_output" and turn.text:
-            out.append(Message(turn.role, turn.text))
+        elif turn.role != "function_call_output" and turn.shown:
+            out.append(Message(turn.role, turn.text, audio=turn.audio, ids=turn.ids))
     return out
 
 
@@ -193,18 +219,28 @@ def _fits(costs_newest_first: list[int], budget: int) -> int:
     return count
 
 
+def _heard(chunks: list[tuple[Any, float]], heard_ms: float) -> Iterator[tuple[Any, float]]:
+    """Each (content, duration_ms) chunk that `heard_ms` of playback reached, with the share of it
+    heard: all of it, or for the one playing when it stopped, its elapsed part."""
+    remaining = heard_ms
+    for content, duration in chunks:
+        if remaining <= 0:
+            return
+        yield content, min(1.0, remaining / duration) if duration > 0 else 1.0
+        remaining -= duration
+
+
+def heard_ids(chunks: list[tuple[tuple[int, ...], float]], heard_ms: float) -> tuple[int, ...]:
+    """The ids of the (ids, duration_ms) chunks covered by `heard_ms` of playback; the chunk
+    playing when it stopped contributes the share of its ids that fits its elapsed time."""
+    return tuple(i for ids, share in _heard(chunks, heard_ms) for i in ids[: int(len(ids) * share)])
+
+
 def heard_text(chunks: list[tuple[str, float]], heard_ms: float) -> str:
     """The text of the (text, duration_ms) chunks covered by `heard_ms` of playback; the chunk
     playing when it stopped contributes the share of its words that fits its elapsed time."""
     parts: list[str] = []
-    remaining = heard_ms
-    for text, duration in chunks:
-        if remaining <= 0:
-            break
-        if remaining >= duration:
-            parts.append(text)
-        else:
-            words = text.split()
-            parts.append(" ".join(words[: int(len(words) * remaining / duration)]))
-        remaining -= duration
+    for text, share in _heard(chunks, heard_ms):
+        words = text.split()
+        parts.append(text if share >= 1.0 else " ".join(words[: int(len(words) * share)]))
     return " ".join(p.strip() for p in parts if p.strip())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from context.dialog import DialogContext, Turn
 
 
@@ -19,12 +21,12 @@ class Exchange:
         self._hold_reply = hold_reply
         self._held: list[Turn] = []
 
-    def add_user(self, text: str | None) -> None:
-        """The user's turn is final: `text` goes into the history (None: nothing to keep), then the
-        reply's turn if it was waiting."""
+    def add_user(self, text: str | None, audio: np.ndarray | None = None) -> None:
+        """The user's turn is final: `text` (and its `audio`, for an LM that hears it) goes into the
+        history (None: nothing to keep), then the reply's turn if it was waiting."""
         self.user_recorded = True
         if text is not None:
-            self._context.add(Turn("user", text, "completed", self.item_id))  # then the deferred function items
+            self._context.add(Turn("user", text, "completed", self.item_id, audio=audio))  # then the deferred function items
         for turn in self._held:
             self._context.add(turn)
         self._held.clear()

@@ -147,7 +147,7 @@ class Replies:
             heard = live.heard_in(event.audio_end_ms)
         elif ended is not None:
             heard = ended.heard_in(event.audio_end_ms)
-            self._context.replace_text(event.item_id, "assistant", heard)
+            self._context.replace_text(event.item_id, "assistant", heard, ended.heard_ids_in(event.audio_end_ms))
         else:
             self._io.emit(Error("item_not_found", f"no reply {event.item_id!r} in this session", event.event_id))
             return

@@ -11,10 +11,10 @@ from typing import Any, AsyncGenerator, Callable
 
 import structlog
 
-from context.dialog import DialogContext, Turn, heard_text
+from context.dialog import DialogContext, Turn, heard_ids, heard_text
 from context.exchange import Exchange
 from controller.tool_use import ToolUse, spoken
-from models.base import LanguageModel, Message, SpeechChunk, SpeechDecoder, ToolCall
+from models.base import LanguageModel, Message, ModelIds, SpeechChunk, SpeechDecoder, ToolCall
 from realtime.events import (
     MetricsTurn,
     ResponseAudioPaused,
@@ -91,6 +91,7 @@ class Reply:
         self.speaks = speak and (order is None or not order.text_only)  # else its text alone: no synthesis
         self.user: UtteranceInput | None = None
         self.text = ""
+        self.ids: list[int] = []  # what an LM that speaks in its own ids wrote (ModelIds)
         # Stage timings and how the turn was ended (the rule, the end-of-turn scores): `metrics.turn`.
         self.metrics: dict[str, float | str] = {}
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -111,6 +112,7 @@ class Reply:
         self._pending_deltas: list[str] = []
         self._pending_chunks: list[SpeechChunk] = []
         self._played: list[tuple[str, float]] = []  # (text, ms) written to the output
+        self._played_ids: list[tuple[tuple[int, ...], float]] = []  # (ids, ms), for an LM that speaks in ids
         self._first_playout: asyncio.Future[Playout] = asyncio.get_running_loop().create_future()
         self._last_playout: Playout | None = None
         self._voice_end_at = 0.0
@@ -194,9 +196,10 @@ class Reply:
         self._flush()
         self._stop()
         self._user_is_final()
-        heard = heard_text(self._played, self._io.playback.heard_ms())
-        if heard:
-            self._exchange.add_reply(Turn("assistant", heard, status, self.id))
+        heard_ms = self._io.playback.heard_ms()
+        heard, ids = heard_text(self._played, heard_ms), heard_ids(self._played_ids, heard_ms)
+        if heard or ids:
+            self._exchange.add_reply(Turn("assistant", heard, status, self.id, ids=ids))
         self._finish(status, heard)
 
     def said_around_heard(self, before_ms: float, after_ms: float) -> str:
@@ -208,6 +211,10 @@ class Reply:
     def heard_in(self, played_ms: float) -> str:
         """The text of the reply's first `played_ms` of audio."""
         return heard_text(self._played, played_ms)
+
+    def heard_ids_in(self, played_ms: float) -> tuple[int, ...]:
+        """The LM ids of the reply's first `played_ms` of audio (for an LM that speaks in ids)."""
+        return heard_ids(self._played_ids, played_ms)
 
     def _flush(self) -> None:
         self.paused = False  # a flush ends the output's pause too
@@ -258,7 +265,7 @@ class Reply:
         if self.done.done():
             return
         text = self.text.strip()
-        self._exchange.add_reply(Turn("assistant", text, "completed", self.id))
+        self._exchange.add_reply(Turn("assistant", text, "completed", self.id, ids=tuple(self.ids)))
         self._complete("completed", text)
 
     async def _user_turn(self) -> list[Message]:
@@ -277,7 +284,7 @@ class Reply:
             return []
         # The prompt first: recording the turn adds it to the history (when already committed),
         # and the prompt must carry it once, as `pending_user`.
-        messages = self._context.messages(pending_user=self.user.lm_content or self.user.text)
+        messages = self._context.messages(pending_user=self.user.lm_content or self.user.text, pending_audio=self.user.audio)
         if self.user.transcribe is not None:
             self._transcriber = self._tasks.spawn(self._transcribe(), f"transcript:{self.id}")
         self._record_user()
@@ -291,9 +298,9 @@ class Reply:
         self._user_is_final()
         self._finish(status, text)
 
-    async def _text_stream(self, messages: list[Message]) -> AsyncGenerator[str, None]:
-        """The reply's words: the LM's, and around its function calls what the reply says while
-        they run. An LM that cannot call tools gets the rule's call for the questions it knows,
+    async def _text_stream(self, messages: list[Message]) -> AsyncGenerator[str | ModelIds, None]:
+        """The reply's words (and the ids of an LM that speaks in its own): the LM's, and around
+        its function calls what the reply says while they run. An LM that cannot call tools gets the rule's call for the questions it knows,
         whose answer is then the tool's own sentence."""
         self._lm_start = time.monotonic()
         toolbox, lm = self._models.tools, self._models.lm
@@ -318,9 +325,9 @@ class Reply:
             return
         for rounds_left in range(MAX_TOOL_ROUNDS, -1, -1):
             calls: list[ToolCall] = []
-            text = ""
+            text, ids = "", len(self.ids)
             async for delta in self._lm_text(messages, toolbox.schemas() if rounds_left else None, calls):
-                text += delta
+                text += delta if isinstance(delta, str) else ""
                 yield delta
             if not calls:
                 return
@@ -328,20 +335,23 @@ class Reply:
                 yield self._said(said, new_part=True)
             messages = [
                 *messages,
-                Message("assistant", text, tuple(calls)),
+                Message("assistant", text, tuple(calls), ids=tuple(self.ids[ids:])),
                 *(Message("tool", r.output, tool_call_id=r.call.id) for r in use.results),
             ]
 
     async def _lm_text(
         self, messages: list[Message], tools: list[dict[str, Any]] | None, calls: list[ToolCall]
-    ) -> AsyncGenerator[str, None]:
-        """One LM generation's text; the calls it makes are added to `calls`."""
+    ) -> AsyncGenerator[str | ModelIds, None]:
+        """One LM generation's text (and ids); the calls it makes are added to `calls`."""
         lm = self._models.lm
         first = True
         async with aclosing(lm.stream(messages) if tools is None else lm.stream(messages, tools=tools)) as deltas:
             async for delta in deltas:
                 if isinstance(delta, ToolCall):
                     calls.append(delta)
+                elif isinstance(delta, ModelIds):
+                    self.ids += delta.ids
+                    yield delta
                 else:
                     yield self._said(delta, new_part=first)
                     first = False
@@ -367,6 +377,7 @@ class Reply:
             self._first_playout.set_result(playout)
         self._last_playout = playout
         self._played.append((chunk.text, chunk.duration_ms))
+        self._played_ids.append((chunk.ids, chunk.duration_ms))
 
     async def _watch_audio_start(self) -> None:
         await (await self._first_playout).started.wait()
@@ -405,4 +416,4 @@ class Reply:
             return
         # Without a transcript (a tokenizer that gives only LM content), the history keeps that.
         text = user.text if user.text.strip() else user.lm_content or ""
-        self._exchange.add_user(None if user.empty else text)
+        self._exchange.add_user(None if user.empty else text, user.audio)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, AsyncIterator, Protocol
 
 import numpy as np
@@ -29,6 +29,10 @@ class Message:
     content: str
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
     tool_call_id: str = ""  # which call a "tool" message answers
+    # For an LM that hears speech and speaks in its own ids (Step-Audio 2): a user turn's 16 kHz
+    # audio, and an assistant turn as the ids it wrote (the heard part of them). Others read `content`.
+    audio: np.ndarray | None = field(default=None, compare=False, repr=False)
+    ids: tuple[int, ...] = field(default=(), repr=False)
 
     def to_openai(self) -> dict[str, Any]:
         """The message in the OpenAI chat format."""
@@ -58,12 +62,22 @@ def plain_messages(messages: list[Message]) -> list[Message]:
 
 
 @dataclass(frozen=True)
+class ModelIds:
+    """Ids an LM wrote for its own speech decoder (Step-Audio 2's interleaved text and audio
+    tokens): they go from the LM's stream through the reply to the decoder, and the history keeps
+    the heard part of them."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SpeechChunk:
     """Synthesized audio and the text it speaks (the context keeps only what was heard)."""
 
     pcm: np.ndarray  # mono float32 or int16
     sample_rate: int
     text: str
+    ids: tuple[int, ...] = ()  # the LM's ids this audio speaks, for a decoder of ModelIds
 
     @property
     def duration_ms(self) -> float:
@@ -75,22 +89,23 @@ class LanguageModel(Protocol):
     `max_new_tokens`, when given, replaces the model's own limit for this generation. `tools`,
     OpenAI-style function schemas, are offered to an LM that can call them (`calls_tools`): it then
     yields a `ToolCall` for each call it makes, after its text, and ends; one that cannot ignores
-    them."""
+    them. An LM with its own speech decoder also yields the `ModelIds` that decoder reads."""
 
     calls_tools: bool
 
     def stream(
         self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
-    ) -> AsyncGenerator[str | ToolCall, None]: ...
+    ) -> AsyncGenerator[str | ToolCall | ModelIds, None]: ...
 
     async def aclose(self) -> None:
         """Free what the engine holds (threads, connections, caches); once no stream is running."""
 
 
 class SpeechDecoder(Protocol):
-    """Turns a stream of text deltas into a stream of speech chunks; cancelling drops pending work."""
+    """Turns a stream of text deltas into a stream of speech chunks; cancelling drops pending work.
+    A decoder paired with an LM that writes `ModelIds` speaks those, and the text only labels them."""
 
-    def synthesize(self, text: AsyncIterator[str]) -> AsyncGenerator[SpeechChunk, None]: ...
+    def synthesize(self, text: AsyncIterator[str | ModelIds]) -> AsyncGenerator[SpeechChunk, None]: ...
 
     async def aclose(self) -> None:
         """Free what the decoder holds (a process, caches); once nothing is being synthesized."""

@@ -1,4 +1,4 @@
-"""Wiring: which engines each profile (embedded, loopback, stepaudio) builds from the configuration,
+"""Wiring: which engines each profile (embedded, loopback, stepaudio, stepaudio2) builds from the configuration,
 and the agent it hands each session."""
 
 from __future__ import annotations
@@ -73,4 +73,10 @@ async def open_profile(
 
         stepaudio = await load_stepaudio(config.stepaudio, config.models)
         return Profile("stepaudio", conversation(config, store, stepaudio), lambda: close_models(stepaudio), stepaudio)
+    if config.profile == "stepaudio2":
+        from profiles.stepaudio2 import load_stepaudio2
+
+        assert config.stepaudio.model_path is not None  # the configuration checks it
+        stepaudio2 = await load_stepaudio2(config.stepaudio2, config.stepaudio.model_path, config.models)
+        return Profile("stepaudio2", conversation(config, store, stepaudio2), lambda: close_models(stepaudio2), stepaudio2)
     raise ValueError(f"unknown profile {config.profile!r}")

@@ -14,16 +14,18 @@ class UtteranceInput:
 
     `text` is a transcript (shown to the user and kept in the history). `lm_content`, when set, is
     what the LM reads for this turn instead of the text, e.g. Step-Audio's `<audio_N>` tokens.
-    `transcribe`, when set, makes the transcript later: the reply need not wait for it.
+    `transcribe`, when set, makes the transcript later: the reply need not wait for it. `audio`,
+    when set, is the utterance's 16 kHz speech, for an LM that hears it (Step-Audio 2).
     """
 
     text: str
     lm_content: str | None = None
     transcribe: Callable[[], Awaitable[str]] | None = field(default=None, compare=False)
+    audio: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def empty(self) -> bool:
-        return not self.text.strip() and not self.lm_content
+        return not self.text.strip() and not self.lm_content and (self.audio is None or not len(self.audio))
 
 
 PartialCallback = Callable[[UtteranceInput], None]

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 VOCAB_SIZE = 158720
 AUDIO_TOKENS = 6561  # CosyVoice2's speech tokens
@@ -15,6 +18,8 @@ SPECIALS = {
     151643: "<|endoftext|>",
     151644: "<|im_start|>",
     151645: "<|im_end|>",
+    151657: "<tool_call>",
+    151658: "</tool_call>",
     151665: "<|EOT|>",
     151666: "<|BOT|>",
     151688: "<audio_start>",
@@ -23,6 +28,7 @@ SPECIALS = {
     151693: "<tts_start>",
     151694: "<tts_end>",
 }
+SPECIAL_IDS = {name: i for i, name in SPECIALS.items()}
 AUDIO_BASE = 151696
 TEXT_CONFIG = {
     "vocab_size": VOCAB_SIZE,
@@ -167,3 +173,57 @@ def build_token2wav_dir(directory: Path, seed: int = 0) -> Path:
     build_campplus_onnx(directory / "campplus.onnx", seed, rectified=True)
     build_speech_tokenizer_onnx(directory / "speech_tokenizer_v2_25hz.onnx", seed + 2, codes=6561)
     return directory
+
+
+LEARNT_LOSS = 0.002  # a reply's mean cross-entropy: each pick ~99.8 % sure
+LEARNT_STEPS = 3  # steps in a row, each on speech not heard before, that every reply is learnt
+
+
+Lesson = tuple[list[int], list, list[int]]  # a prompt's ids, its audio windows' mels, the reply's ids
+
+
+def teach(directory: Path, lessons: Callable[[np.random.Generator], list[Lesson]], steps: int = 800, seed: int = 0) -> int:
+    """Train the tiny model's decoder in `directory` to answer each lesson's prompt with its reply,
+    and save it there: a model that writes what a test needs (speech with text between, a function
+    call) through the real code. `lessons(rng)` gives the lessons anew each step, with other speech
+    (other lengths, other sounds), so that a reply follows from the text of the prompt whatever
+    speech a call brings. The softmax is taken over the ids the lessons use and a sample of the
+    rest; the untrained ids' logits stay near zero, far under the learnt ones. Returns the steps it
+    took: it stops once LEARNT_STEPS steps in a row learnt every reply on their new speech."""
+    import torch
+    from safetensors.torch import save_file
+
+    from models.stepaudio2_lm import StepAudio2Model
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = StepAudio2Model.load(directory)
+    for part in (model.encoder, model.adapter):
+        part.requires_grad_(False)
+    drawn = lessons(rng)
+    used = {i for ids, _, reply in drawn for i in ids + reply}
+    vocab = torch.tensor(sorted(used | set(torch.randperm(VOCAB_SIZE)[:2048].tolist())))
+    index = {int(i): n for n, i in enumerate(vocab.tolist())}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    learnt_in_a_row = 0
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        learnt = True
+        for ids, mels, reply in drawn:
+            with torch.no_grad():  # the encoder's features of this speech, as the model makes them
+                heard = model.embed(ids + reply[:-1], mels)
+            tokens = torch.tensor([ids + reply[:-1]])
+            patches = (tokens == SPECIAL_IDS["<audio_patch>"])[..., None]
+            embeds = torch.where(patches, heard, model.model.embed_tokens(tokens))
+            hidden = model.model(inputs_embeds=embeds).last_hidden_state[0, len(ids) - 1 :]
+            loss = torch.nn.functional.cross_entropy(hidden @ model.lm_head.weight[vocab].T, torch.tensor([index[i] for i in reply]))
+            loss.backward()
+            learnt = learnt and loss.item() < LEARNT_LOSS
+        learnt_in_a_row = learnt_in_a_row + 1 if learnt else 0
+        if learnt_in_a_row == LEARNT_STEPS:
+            break
+        optimizer.step()
+        drawn = lessons(rng)
+    model.eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    return step
