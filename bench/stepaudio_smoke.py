@@ -63,7 +63,8 @@ async def tokenize_live(models, pcm: np.ndarray) -> tuple[dict, object]:
 
 async def measure(config: StepAudioConfig, models_config: ModelConfig, seconds: float) -> dict:
     from profiles.loaded import close_models
-    from profiles.stepaudio import load_stepaudio, resolve_device
+    from profiles.packages import resolve_device
+    from profiles.stepaudio import load_stepaudio
 
     report: dict = {"device": resolve_device(config.device), "model_path": str(config.model_path)}
     started = time.perf_counter()

@@ -300,8 +300,8 @@ class Reply:
 
     async def _text_stream(self, messages: list[Message]) -> AsyncGenerator[str | ModelIds, None]:
         """The reply's words (and the ids of an LM that speaks in its own): the LM's, and around
-        its function calls what the reply says while they run. An LM that cannot call tools gets the rule's call for the questions it knows,
-        whose answer is then the tool's own sentence."""
+        its function calls what the reply says while they run. An LM that cannot call tools gets
+        the rule's call for the questions it knows, whose answer is then the tool's own sentence."""
         self._lm_start = time.monotonic()
         toolbox, lm = self._models.tools, self._models.lm
         if self.order is not None and self.order.say is not None:
@@ -325,7 +325,7 @@ class Reply:
             return
         for rounds_left in range(MAX_TOOL_ROUNDS, -1, -1):
             calls: list[ToolCall] = []
-            text, ids = "", len(self.ids)
+            text, first_id = "", len(self.ids)
             async for delta in self._lm_text(messages, toolbox.schemas() if rounds_left else None, calls):
                 text += delta if isinstance(delta, str) else ""
                 yield delta
@@ -335,7 +335,7 @@ class Reply:
                 yield self._said(said, new_part=True)
             messages = [
                 *messages,
-                Message("assistant", text, tuple(calls), ids=tuple(self.ids[ids:])),
+                Message("assistant", text, tuple(calls), ids=tuple(self.ids[first_id:])),
                 *(Message("tool", r.output, tool_call_id=r.call.id) for r in use.results),
             ]
 

@@ -123,15 +123,17 @@ class StepAudio2Chat:
         known = all(isinstance(i, int) and i != tokenizer.unk_token_id for i in call_ids)
         self._call_ids: tuple[int, int] | None = (call_ids[0], call_ids[1]) if known else None
 
-    def prompt(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, speak: bool = True) -> Generate:
+    def prompt(
+        self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, speak: bool = True, max_new_tokens: int | None = None
+    ) -> Generate:
         pieces, mels = chat_pieces(chat_turns(messages, tools if self._call_ids else None, speak))
-        return Generate(piece_ids(self.tokenizer, pieces), mels, self.max_new_tokens)
+        return Generate(piece_ids(self.tokenizer, pieces), mels, max_new_tokens or self.max_new_tokens)
 
     async def stream(
         self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
     ) -> AsyncGenerator[str | ToolCall | ModelIds, None]:
         reader = ReplyReader(self.tokenizer, self._call_ids)
-        async for token in self._generate(lambda: self._limited(self.prompt(messages, tools, self.speak), max_new_tokens), self.sampling):
+        async for token in self._generate(lambda: self.prompt(messages, tools, self.speak, max_new_tokens), self.sampling):
             for item in reader.read(token):
                 yield item
 
@@ -141,12 +143,8 @@ class StepAudio2Chat:
 
         messages = [Message("system", ASR_PROMPT), Message("user", "", audio=audio)]
         limit = 16 + math.ceil(8 * len(audio) / 16000)
-        ids = [t async for t in self._generate(lambda: self._limited(self.prompt(messages, speak=False), limit), Sampling(0.0, 1.0, 1.0))]
+        ids = [t async for t in self._generate(lambda: self.prompt(messages, speak=False, max_new_tokens=limit), Sampling(0.0, 1.0, 1.0))]
         return self.tokenizer.decode([i for i in ids if i < TEXT_ID_LIMIT], skip_special_tokens=True).strip()
-
-    @staticmethod
-    def _limited(generate: Generate, max_new_tokens: int | None) -> Generate:
-        return generate if max_new_tokens is None else Generate(generate.ids, generate.mels, max_new_tokens)
 
     async def _generate(self, build: Callable[[], Generate], sampling: Any) -> AsyncGenerator[int, None]:
         """The reply's ids up to its `<|EOT|>` (not included); the prompt is built in the worker

@@ -28,19 +28,22 @@ class StepAudio2Speech:
 
     async def synthesize(self, text: AsyncIterator[str | ModelIds]) -> AsyncGenerator[SpeechChunk, None]:
         stream = self.token2wav.stream(self.voice)
-        said, ids = "", list[int]()
+        said, ids, tokens = "", list[int](), list[int]()
         async for item in text:
             if isinstance(item, str):
                 said += item
                 continue
             ids += item.ids
-            tokens = speech_tokens(item.ids)
-            if not tokens:
+            tokens += speech_tokens(item.ids)
+            if len(tokens) < stream.wanted:  # no chunk yet: not worth a trip to the worker
                 continue
             pcm = await self.worker.run(stream.push, tokens)
+            tokens = []
             if pcm.size:
                 yield SpeechChunk(pcm, SAMPLE_RATE, said, tuple(ids))
                 said, ids = "", []
+        if tokens:
+            await self.worker.run(stream.push, tokens)
         pcm = await self.worker.run(stream.finish)
         if pcm.size:
             yield SpeechChunk(pcm, SAMPLE_RATE, said, tuple(ids))

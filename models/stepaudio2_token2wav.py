@@ -135,6 +135,11 @@ class Token2WavStream:
         self._window = torch.from_numpy(np.hamming(2 * SOURCE_CACHE_SAMPLES)).float().to(model.device)
         self.mel_frames: list[Any] = []  # each chunk's flow mel, for comparison with the one pass
 
+    @property
+    def wanted(self) -> int:
+        """Tokens still to come before the next chunk can be decoded."""
+        return CHUNK_TOKENS + LOOKAHEAD_TOKENS - len(self._pending)
+
     def push(self, tokens: list[int]) -> np.ndarray:
         """Audio ready once these tokens are in: each whole chunk that has its look-ahead."""
         self._pending += tokens

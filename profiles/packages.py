@@ -1,4 +1,5 @@
-"""Finding the packages that carry a profile's weights, and logging the loading of each model."""
+"""Finding the packages that carry a profile's weights, the device its models run on, and logging the
+loading of each model."""
 
 from __future__ import annotations
 
@@ -36,3 +37,12 @@ def log_loading(name: str, **fields: object) -> float:
 
 def log_loaded(name: str, started: float) -> None:
     log.info("models.loaded", model=name, seconds=round(time.monotonic() - started, 2))
+
+
+def resolve_device(device: str) -> str:
+    """A torch device: `auto` takes `cuda` when there is one."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

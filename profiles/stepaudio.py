@@ -14,7 +14,7 @@ from models.base import LanguageModel, ModelSetupError, SpeechDecoder
 from models.stepaudio_chat import local_chat, served_chat, transcribe
 from models.tool_json import JsonToolCalls
 from models.stepaudio_tts import StepAudioTTS, SystemPrompts, read_speakers
-from profiles.packages import log_loaded, log_loading, package_dir
+from profiles.packages import log_loaded, log_loading, package_dir, resolve_device
 from runtime.workers import ModelWorker
 from streaming_tokenizer.stepaudio import StepAudioStream, StepAudioTokenizer
 
@@ -33,14 +33,6 @@ def check_packages() -> None:
         ("cosyvoice", "cosyvoice-minicpmo"),
     ):
         package_dir(module, f"{package}, part of {EXTRA}", profile="stepaudio")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def read_clone(path: Path) -> dict[str, str]:

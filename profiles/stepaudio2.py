@@ -14,7 +14,7 @@ from config import ModelConfig, StepAudio2Config
 from models.base import LanguageModel, ModelSetupError, SpeechDecoder
 from models.stepaudio2_chat import StepAudio2Chat
 from models.stepaudio2_speech import StepAudio2Speech
-from profiles.packages import log_loaded, log_loading, package_dir
+from profiles.packages import log_loaded, log_loading, package_dir, resolve_device
 from runtime.workers import ModelWorker
 from streaming_tokenizer.heard_speech import HeardSpeech
 
@@ -27,14 +27,6 @@ def check_packages() -> None:
     if "stepaudio2" not in sys.modules:  # once entered, its module has no spec to find
         package_dir("stepaudio2", "minicpmo-utils==1.0.7", pip_args="--no-deps", profile="stepaudio2")
     package_dir("hyperpyyaml", "hyperpyyaml", profile="stepaudio2")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def voice_path(config: StepAudio2Config, root: Path) -> Path:
