@@ -613,9 +613,14 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class StepAudio2Config:
-    """The stepaudio2 profile (Step-Audio 2 mini at `--model-path`, in this process): which voice
-    speaks, on what device, how the model samples."""
+    """The stepaudio2 profile (Step-Audio 2 mini at `--model-path`, in this process or served by
+    StepFun's vLLM): which voice speaks, on what device, how the model samples."""
 
+    lm: str = setting(
+        "local", flag="--stepaudio2-lm", choices=("local", "served"), metavar="WHERE",
+        help="`local`: the model in this process; `served`: at `--lm-url` (`/chat/completions` of StepFun's vLLM fork, "
+        "branch step-audio2-mini, model `--lm-model`); token2wav runs here either way",
+    )
     voice: Path | None = setting(
         None, flag="--stepaudio2-voice", parse=existing_file, metavar="WAV", shown_default="MODEL/default_female.wav",
         help="the voice prompt token2wav speaks in; the published default voice is `assets/default_female.wav` of "

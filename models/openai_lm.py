@@ -17,6 +17,14 @@ class LMServiceError(RuntimeError):
     """The endpoint refused the request or broke the stream; the message says how."""
 
 
+class LMRefused(LMServiceError):
+    """The endpoint answered with an HTTP status other than 200."""
+
+    def __init__(self, url: str, status: int, detail: str) -> None:
+        super().__init__(f"{url} answered HTTP {status}: {detail}")
+        self.status, self.detail = status, detail
+
+
 class _ToolsRefused(Exception):
     """HTTP 400 to a request that offered tools."""
 
@@ -40,22 +48,17 @@ class OpenAICompatibleLM:
         prompt: Callable[[list[Message], list[dict[str, Any]] | None], str] | None = None,
         top_p: float | None = None,
     ) -> None:
-        self.url = url.rstrip("/") + ("/completions" if prompt else "/chat/completions")
+        self.endpoint = Endpoint(url.rstrip("/") + ("/completions" if prompt else "/chat/completions"), api_key, timeout_s)
         self.calls_tools = prompt is None  # a prompt built here is a model's own business (Step-Audio)
         self._prompt = prompt
         self._top_p = top_p
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
 
     async def stream(
         self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
     ) -> AsyncIterator[str | ToolCall]:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         body: dict[str, Any] = {
             "model": self.model,
             "stream": True,
@@ -70,14 +73,14 @@ class OpenAICompatibleLM:
                 body["tools"] = tools
         if self._top_p is not None:
             body["top_p"] = self._top_p
-        calls = _CallAssembler()
+        calls = CallAssembler()
         try:
             async for text in self._post(body, calls):
                 yield text
         except _ToolsRefused as refused:
             # Many servers refuse `tools` unless started for them (vLLM without a tool parser):
             # from now on this LM is one that cannot call, and the rule stands in.
-            log.warning("lm.tools_refused", url=self.url, detail=str(refused))
+            log.warning("lm.tools_refused", url=self.endpoint.url, detail=str(refused))
             self.calls_tools = False
             body.pop("tools")
             body["messages"] = [m.to_openai() for m in plain_messages(messages)]
@@ -86,31 +89,57 @@ class OpenAICompatibleLM:
         for call in calls.finished():
             yield call
 
-    async def _post(self, body: dict[str, Any], calls: _CallAssembler) -> AsyncIterator[str]:
+    async def _post(self, body: dict[str, Any], calls: CallAssembler) -> AsyncIterator[str]:
         """One streamed request: its text; its tool-call pieces go to `calls`."""
-        assert self._session is not None
         try:
-            async with self._session.post(self.url, json=body) as response:
-                if response.status != 200:
-                    detail = (await response.text())[:300]
-                    if response.status == 400 and "tools" in body:
-                        raise _ToolsRefused(detail)
-                    raise LMServiceError(f"{self.url} answered HTTP {response.status}: {detail}")
-                async for line in response.content:
-                    event = _event(line)
-                    if event is _DONE:
-                        break
-                    if event is None:
-                        continue
-                    text = calls.take(event)
-                    if text:
-                        yield text
-        except aiohttp.ClientError as exc:
-            raise LMServiceError(f"{self.url}: {exc!r}") from exc
+            async for event in self.endpoint.events(body):
+                text = calls.take(event)
+                if text:
+                    yield text
+        except LMRefused as refused:
+            if refused.status == 400 and "tools" in body:
+                raise _ToolsRefused(refused.detail) from None
+            raise
+
+    async def aclose(self) -> None:
+        await self.endpoint.aclose()
+
+
+class Endpoint:
+    """Owns the HTTP session to one streaming (chat) completion URL, with its key and timeouts;
+    the session opens at the first request."""
+
+    def __init__(self, url: str, api_key: str | None, timeout_s: float) -> None:
+        self.url = url
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    def events(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        return completion_events(self._session, self.url, body)
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+async def completion_events(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """POST `body` to a streaming (chat) completion endpoint: each event of its answer, up to
+    `[DONE]`; LMRefused for another status than 200, LMServiceError for a broken stream."""
+    try:
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                raise LMRefused(url, response.status, (await response.text())[:300])
+            async for line in response.content:
+                event = _event(line)
+                if event is _DONE:
+                    break
+                if isinstance(event, dict):
+                    yield event
+    except aiohttp.ClientError as exc:
+        raise LMServiceError(f"{url}: {exc!r}") from exc
 
 
 _DONE = object()
@@ -135,7 +164,7 @@ def _event(line: bytes) -> dict[str, Any] | object | None:
     return event
 
 
-class _CallAssembler:
+class CallAssembler:
     """Joins the tool calls of a streamed chat completion: each arrives as deltas keyed by its
     index, the id and name in the first, the arguments cut anywhere across the rest."""
 

@@ -15,13 +15,18 @@ from typing import Any, AsyncGenerator, Callable, Sequence
 import numpy as np
 
 from models.base import Message, ModelIds, ToolCall
-from models.stepaudio2_input import TEXT_ID_LIMIT, Audio, Content, Tokens, Turn, chat_pieces, piece_ids
+from models.stepaudio2_input import TEXT_ID_LIMIT, Audio, Content, Tokens, Turn, chat_pieces, log_mel, piece_ids
 from runtime.bridge import thread_stream
 from runtime.workers import ModelWorker
 
 SPEAK = "<tts_start>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 ASR_PROMPT = "请记录下你所听到的语音内容。"  # the reference's transcription instruction
+
+
+def transcript_limit(audio: np.ndarray) -> int:
+    """The most ids a transcription of `audio` (16 kHz) may take: room for ~8 a second."""
+    return 16 + math.ceil(8 * len(audio) / 16000)
 
 
 def tool_call_text(call: ToolCall) -> str:
@@ -137,12 +142,19 @@ class StepAudio2Chat:
             for item in reader.read(token):
                 yield item
 
+    async def listen(self, window: np.ndarray) -> None:
+        """A whole 25 s window of the user's speech, through the encoder while they go on."""
+        await self.worker.run(self._encode_ahead, window)
+
+    def _encode_ahead(self, window: np.ndarray) -> None:
+        self.model.encode_ahead(log_mel(window))
+
     async def transcribe(self, audio: np.ndarray) -> str:
-        """The user's words, by the reference's ASR prompt (greedy; room for ~8 tokens a second)."""
+        """The user's words, by the reference's ASR prompt (greedy)."""
         from models.stepaudio2_lm import Sampling
 
         messages = [Message("system", ASR_PROMPT), Message("user", "", audio=audio)]
-        limit = 16 + math.ceil(8 * len(audio) / 16000)
+        limit = transcript_limit(audio)
         ids = [t async for t in self._generate(lambda: self.prompt(messages, speak=False, max_new_tokens=limit), Sampling(0.0, 1.0, 1.0))]
         return self.tokenizer.decode([i for i in ids if i < TEXT_ID_LIMIT], skip_special_tokens=True).strip()
 

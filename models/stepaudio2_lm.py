@@ -6,8 +6,10 @@ reference it is checked against); the decoder is transformers' own Qwen2."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -20,6 +22,7 @@ from models.stepaudio2_input import AUDIO_START_ID
 from models.transformers_lm import PrefixCache
 
 ADAPTER_HIDDEN = 2048  # the adapter's inner width, fixed in the architecture
+HEARD_WINDOWS = 8  # whole windows encoded while their speaker went on, kept for the prompts that hold them
 # The nucleus is looked for among the likeliest ids first: sorting all 158,720 takes ~10 ms a step
 # on a CPU core, and a trained model's nucleus is a handful of ids.
 NUCLEUS_FIRST_LOOK = 512
@@ -164,6 +167,9 @@ class StepAudio2Model(nn.Module):
         self.lm_head = nn.Linear(self.text_config.hidden_size, self.text_config.vocab_size, bias=False)
         self.prefix_cache = PrefixCache()
         self.reused_tokens = 0  # prompt positions served from the prefix cache, over all generations
+        self._heard: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
+        self._heard_lock = threading.Lock()
+        self.windows_encoded = 0  # audio windows run through the encoder, over all calls
 
     @classmethod
     def load(cls, directory: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> StepAudio2Model:
@@ -178,9 +184,32 @@ class StepAudio2Model(nn.Module):
 
     def audio_features(self, mels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each window's features for the decoder (patches, width), batched through the encoder
-        padded to the longest, as the reference pads them (its 2 padding frames not counted)."""
+        padded to the longest, as the reference pads them (its 2 padding frames not counted); a
+        window encoded ahead (`encode_ahead`) is taken as it is."""
+        with self._heard_lock:
+            known = {i: self._heard[k] for i, k in enumerate(map(mel_fingerprint, mels)) if k in self._heard}
+        wanted = [i for i in range(len(mels)) if i not in known]
+        if wanted:
+            encoded = self._encode([mels[i] for i in wanted], max(m.shape[1] for m in mels))
+            known.update(zip(wanted, encoded, strict=True))
+        return [known[i] for i in range(len(mels))]
+
+    @torch.inference_mode()
+    def encode_ahead(self, mel: torch.Tensor) -> None:
+        """Run a whole 25 s window through the encoder and adapter while its speaker goes on, so
+        that the prompt that holds it at the pause does not: a window as long as any, so no batch
+        would pad it."""
+        (features,) = self._encode([mel], mel.shape[1])
+        with self._heard_lock:
+            self._heard[mel_fingerprint(mel)] = features
+            while len(self._heard) > HEARD_WINDOWS:
+                self._heard.popitem(last=False)
+
+    def _encode(self, mels: Sequence[torch.Tensor], width: int) -> list[torch.Tensor]:
+        """Windows through the encoder and adapter in one batch padded to `width` frames."""
+        self.windows_encoded += len(mels)
         lengths = torch.tensor([m.shape[1] - 2 for m in mels], dtype=torch.int32, device=self.lm_head.weight.device)
-        batch = torch.zeros(len(mels), mels[0].shape[0], max(m.shape[1] for m in mels), device=lengths.device)
+        batch = torch.zeros(len(mels), mels[0].shape[0], width, device=lengths.device)
         for i, mel in enumerate(mels):
             batch[i, :, : mel.shape[1]] = mel
         encoded, lengths = self.encoder(batch.to(self.lm_head.weight.dtype), lengths)
@@ -269,16 +298,20 @@ def _patches(ids: Sequence[int], start: int) -> int:
     return end - start - 1
 
 
+def mel_fingerprint(mel: torch.Tensor) -> int:
+    """A window's mel as a negative number (never an id): equal mels, equal numbers."""
+    digest = hashlib.blake2b(mel.detach().cpu().numpy().tobytes(), digest_size=4).digest()
+    return -1 - int.from_bytes(digest, "little")
+
+
 def cache_key(ids: Sequence[int], mels: Sequence[torch.Tensor]) -> list[int]:
-    """`ids` with each window's placeholders replaced by a fingerprint of its mel (negative, not an
-    id), so that two prompts share a cached prefix only where they share the audio too."""
+    """`ids` with each window's placeholders replaced by the fingerprint of its mel, so that two
+    prompts share a cached prefix only where they share the audio too."""
     key = list(ids)
     starts = [i for i, token in enumerate(ids) if token == AUDIO_START_ID]
     for start, mel in zip(starts, mels, strict=True):
-        digest = hashlib.blake2b(mel.detach().cpu().numpy().tobytes(), digest_size=4).digest()
-        mark = -1 - int.from_bytes(digest, "little")
         n = _patches(ids, start)
-        key[start + 1 : start + 1 + n] = [mark] * n
+        key[start + 1 : start + 1 + n] = [mel_fingerprint(mel)] * n
     return key
 
 

@@ -1,9 +1,10 @@
-"""The stepaudio2 profile: Step-Audio 2 mini from `--model-path` and its token2wav, in this process,
-loaded once per server. The model hears the user's
-speech itself: no ASR in front of it. Nothing here is imported by the embedded profile."""
+"""The stepaudio2 profile: Step-Audio 2 mini from `--model-path` (or served by StepFun's vLLM) and
+its token2wav in this process, loaded once per server. The model hears the user's speech itself: no
+ASR in front of it. Nothing here is imported by the embedded profile."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 from config import ModelConfig, StepAudio2Config
 from models.base import LanguageModel, ModelSetupError, SpeechDecoder
 from models.stepaudio2_chat import StepAudio2Chat
+from models.stepaudio2_input import WINDOW_SAMPLES
+from models.stepaudio2_served import StepAudio2Served
 from models.stepaudio2_speech import StepAudio2Speech
 from profiles.packages import log_loaded, log_loading, package_dir, resolve_device
 from runtime.workers import ModelWorker
@@ -54,7 +57,7 @@ def read_voice(path: Path) -> tuple[np.ndarray, int]:
 class StepAudio2Models:
     """Owns the loaded Step-Audio 2 model, its token2wav and the worker threads they run in."""
 
-    chat: StepAudio2Chat
+    chat: StepAudio2Chat | StepAudio2Served
     speech: StepAudio2Speech
     workers: tuple[ModelWorker, ...]
     config: StepAudio2Config
@@ -78,25 +81,32 @@ class StepAudio2Models:
         return self.speech
 
     def session_tokenizer(self) -> HeardSpeech:
-        return HeardSpeech(self.chat.transcribe if self.config.transcribe else None)
+        listener = self.chat.listen if isinstance(self.chat, StepAudio2Chat) else None  # a served model's encoder is not ours
+        return HeardSpeech(self.chat.transcribe if self.config.transcribe else None, listener, WINDOW_SAMPLES)
 
 
 async def load_stepaudio2(config: StepAudio2Config, model_path: Path, models: ModelConfig) -> StepAudio2Models:
-    """Load the model and token2wav with the voice prompt, each in its worker, logging progress;
-    what is missing is said before minutes of loading."""
+    """Load the model (or connect to its server) and token2wav with the voice prompt, each in its
+    worker, logging progress; what is missing is said before minutes of loading."""
     check_packages()
     root = Path(model_path)
     if not (root / TOKEN2WAV_DIR).is_dir():
         raise ModelSetupError(f"--model-path {root}: no {TOKEN2WAV_DIR}/ directory")
-    if not (root / "config.json").is_file():
+    if config.lm == "local" and not (root / "config.json").is_file():
         raise ModelSetupError(f"--model-path {root}: no config.json (the Step-Audio-2-mini directory)")
     samples, rate = read_voice(voice_path(config, root))
     device = resolve_device(config.device)
     workers = (ModelWorker("stepaudio2-lm"), ModelWorker("token2wav"))
     lm_worker, speech_worker = workers
     try:
-        started = log_loading("stepaudio2.lm", path=str(root), device=device)
-        chat = await lm_worker.run(_local_chat, root, lm_worker, device, config, models.threads)
+        if config.lm == "served":
+            started = log_loading("stepaudio2.lm", url=models.lm_url, served_model=models.lm_model)
+            chat: StepAudio2Chat | StepAudio2Served = StepAudio2Served(
+                models.lm_url, models.lm_model, os.environ.get(models.lm_api_key_env), config.max_new_tokens, config.temperature
+            )
+        else:
+            started = log_loading("stepaudio2.lm", path=str(root), device=device)
+            chat = await lm_worker.run(_local_chat, root, lm_worker, device, config, models.threads)
         log_loaded("stepaudio2.lm", started)
 
         started = log_loading("stepaudio2.token2wav", path=str(root / TOKEN2WAV_DIR), device=device)

@@ -27,6 +27,7 @@ SPECIALS = {
     151690: "<audio_patch>",
     151693: "<tts_start>",
     151694: "<tts_end>",
+    151695: "<tts_pad>",  # a free id: the vLLM fork pads a reply laid out again with it
 }
 SPECIAL_IDS = {name: i for i, name in SPECIALS.items()}
 AUDIO_BASE = 151696

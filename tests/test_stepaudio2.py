@@ -276,6 +276,27 @@ def test_a_prompt_prefilled_while_the_user_speaks_is_not_run_again(model_dir, to
     assert answer == list(StepAudio2Model.load(model_dir).generate(ids, whole[1], greedy, 4, frozenset()))
 
 
+def test_a_whole_window_encoded_while_the_user_speaks_is_not_encoded_again(model_dir, tokenizer):
+    """The first 25 s window of a long utterance encoded while the user still speaks: the prompt at
+    the pause runs only the last window through the encoder, and its logits and reply are those of
+    a model that encoded both then."""
+    import torch
+
+    from models.stepaudio2_lm import Sampling, StepAudio2Model
+
+    greedy = Sampling(temperature=0.0, repetition_penalty=1.0)
+    words = speech(31.0, 5)
+    pieces, mels = chat_pieces([Turn("system", "Be brief."), Turn("user", (Audio(words),)), Turn("assistant", None)])
+    ids = piece_ids(tokenizer, pieces)
+    model, fresh = StepAudio2Model.load(model_dir), StepAudio2Model.load(model_dir)
+    model.encode_ahead(log_mel(words[: 25 * 16000]))
+    assert model.windows_encoded == 1
+    answer = list(model.generate(ids, mels, greedy, 4, frozenset()))
+    assert model.windows_encoded == 2  # the last 6 s only
+    assert answer == list(fresh.generate(ids, mels, greedy, 4, frozenset())) and fresh.windows_encoded == 2
+    torch.testing.assert_close(model.logits(ids, mels), fresh.logits(ids, mels), atol=1e-5, rtol=1e-5)
+
+
 def test_the_smoke_timing_runs_and_reports_every_stage(capsys):
     """`python -m bench.stepaudio2_smoke` (for a GPU when one is lent), here on the CPU."""
     import json

@@ -1,11 +1,16 @@
 """The stepaudio2 profile: Step-Audio 2 mini in a live call, on tiny weights in the published layout
 that the tests build and teach (a speech reply with text between its audio tokens, a function call
-when functions are offered), through the real controller, WebRTC and `/v1/realtime`."""
+when functions are offered), through the real controller, WebRTC and `/v1/realtime`; the model in
+this process, and served as StepFun's vLLM fork serves it (testkit/stepaudio2_vllm.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import io
 import json
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +118,38 @@ def test_the_history_keeps_speech_and_ids_for_the_lm_and_only_text_in_the_transc
     assert [m.role for m in small.messages()] == ["system"]
 
 
+async def test_each_whole_window_of_speech_is_handed_on_while_the_user_still_speaks():
+    from streaming_tokenizer.heard_speech import HeardSpeech
+
+    windows: list[np.ndarray] = []
+    arrived = asyncio.Condition()
+
+    async def listen(window: np.ndarray) -> None:
+        async with arrived:
+            windows.append(window)
+            arrived.notify_all()
+
+    async def until(count: int) -> None:
+        async with asyncio.timeout(5), arrived:
+            await arrived.wait_for(lambda: len(windows) >= count)
+
+    heard = HeardSpeech(None, listen, 25 * 16000)
+    words = speech(52.0, 6)
+    frames = words.reshape(-1, 320)  # 20 ms each
+    heard.begin(tuple(frames[:10]))
+    for frame in frames[10:]:
+        heard.feed(frame, True)
+    await until(2)
+    assert [len(w) for w in windows] == [25 * 16000] * 2 and np.array_equal(np.concatenate(windows), words[: 50 * 16000])
+    assert np.array_equal((await heard.finalize()).audio, words)  # the turn is still all of it
+    heard.begin(tuple(frames[10:20]))  # the next utterance: its windows count from its own start
+    for frame in frames[20 : 10 + 25 * 50]:
+        heard.feed(frame, True)
+    await until(3)
+    assert len(windows) == 3 and np.array_equal(windows[2], words[320 * 10 : 320 * 10 + 25 * 16000])
+    await heard.aclose()
+
+
 def test_what_was_heard_of_the_ids_is_cut_where_playback_stopped():
     chunks = [((1, 2, 3, 4), 1000.0), ((5, 6), 1000.0)]
     assert heard_ids(chunks, 500) == (1, 2)
@@ -122,6 +159,36 @@ def test_what_was_heard_of_the_ids_is_cut_where_playback_stopped():
 
 
 # -- a taught tiny model ------------------------------------------------------------------------
+
+
+def test_a_dialog_is_sent_to_a_server_as_stepfuns_client_sends_it():
+    from models.stepaudio2_served import served_messages
+
+    asked, output = speech(31.0, 3), '{"time": "12:00"}'
+    call = ToolCall("call_1", "current_time", "{}")
+    messages = [
+        Message("system", SYSTEM),
+        Message("user", "", audio=asked),
+        Message("assistant", "Hi.", ids=(72, 105, AUDIO_TOKEN_BASE + 7, AUDIO_TOKEN_BASE + 6561)),
+        Message("assistant", "", (call,)),
+        Message("tool", output, tool_call_id="call_1"),
+        Message("user", "typed words"),
+    ]
+    sent = served_messages(messages)
+    assert [m["role"] for m in sent] == ["system", "human", "assistant", "assistant", "input", "human", "assistant"]
+    windows = sent[1]["content"]  # one wav per 25 s, as the reference's client cuts them
+    assert [w["type"] for w in windows] == ["input_audio", "input_audio"] and {w["input_audio"]["format"] for w in windows} == {"wav"}
+    heard = [_wav_samples(w) for w in windows]
+    assert [len(h) for h in heard] == [25 * 16000, 6 * 16000]
+    assert np.abs(np.concatenate(heard) - asked).max() < 1e-4
+    assert sent[2] == {"role": "assistant", "tts_content": {"tts_text": "Hi.", "tts_audio": "<audio_7>"}}  # padding is not speech
+    assert sent[3] == {
+        "role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "current_time", "arguments": "{}"}}]
+    }
+    assert sent[4] == {"role": "input", "tool_call_id": "call_1", "content": [{"type": "text", "text": output}]}
+    assert sent[5] == {"role": "human", "content": "typed words"}
+    assert sent[6] == {"role": "assistant", "content": "<tts_start>", "eot": False}  # the reply is to speak
+    assert served_messages(messages[:2], speak=False)[-1]["role"] == "human"  # a transcription: the server opens the turn
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +290,9 @@ async def test_the_profile_says_what_is_missing_before_loading(tmp_path):
     config = _config(tmp_path, tmp_path, tools=False)
     with pytest.raises(ModelSetupError, match="no config.json"):
         await open_profile(config, TranscriptStore(tmp_path / "data"))
+    served = _config(tmp_path, tmp_path, tools=False, served="http://127.0.0.1:9/v1")  # the model is elsewhere
+    with pytest.raises(ModelSetupError, match="assets/default_female.wav"):
+        await open_profile(served, TranscriptStore(tmp_path / "data"))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelSetupError, match="assets/default_female.wav of StepFun's Step-Audio2 repository"):
         await open_profile(config, TranscriptStore(tmp_path / "data"))
@@ -234,7 +304,7 @@ async def test_the_profile_says_what_is_missing_before_loading(tmp_path):
 # -- whole calls -------------------------------------------------------------------------------
 
 
-def _config(model_path: Path, tmp_path: Path, tools: bool):
+def _config(model_path: Path, tmp_path: Path, tools: bool, served: str | None = None):
     from config import AppConfig, Interruption, ModelConfig, ServerConfig, StepAudio2Config, StepAudioConfig, TurnConfig
 
     return AppConfig(
@@ -243,35 +313,76 @@ def _config(model_path: Path, tmp_path: Path, tools: bool):
         # Speech over the agent stops it at once: the tiny model's transcripts are no words, which
         # would be heard as a backchannel.
         turn=TurnConfig(interruption=Interruption(backchannel_max_ms=0)),
-        models=ModelConfig(system_prompt=SYSTEM, builtin_tools=tools),
+        models=ModelConfig(system_prompt=SYSTEM, builtin_tools=tools, **({"lm_url": served, "lm_model": "step-audio-2-mini"} if served else {})),
         stepaudio=StepAudioConfig(model_path=model_path),
-        stepaudio2=StepAudio2Config(device="cpu", temperature=0.0, max_new_tokens=400),
+        stepaudio2=StepAudio2Config(lm="served" if served else "local", device="cpu", temperature=0.0, max_new_tokens=400),
     )
 
 
-async def _opened(config, tmp_path: Path):
+@contextlib.asynccontextmanager
+async def _served(lm: str, model_path: Path):
+    """For `served`: the stand-in for StepFun's vLLM on the taught weights, and its base URL."""
+    if lm == "local":
+        yield None, None
+        return
+    from aiohttp import web
+
+    from testkit.local import free_port
+    from testkit.stepaudio2_vllm import StepAudio2Vllm
+
+    vllm = StepAudio2Vllm(_chat(model_path))
+    runner = web.AppRunner(vllm.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield vllm, f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
+        vllm.close()
+        vllm.chat.worker.close()
+
+
+def _replies(vllm) -> list[dict]:
+    """Each request for a spoken reply the server got (not the transcriptions)."""
+    return [request for request in vllm.requests if request["continue_final_message"]]
+
+
+def _wav_samples(part: dict) -> np.ndarray:
+    with wave.open(io.BytesIO(base64.b64decode(part["input_audio"]["data"]))) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2)
+        return np.frombuffer(wav.readframes(wav.getnframes()), "<i2") / 32767.0
+
+
+@contextlib.asynccontextmanager
+async def _call_server(start_server, lm: str, model_path: Path, tmp_path: Path, tools: bool):
+    """A server of the profile, the model in-process or served by the stand-in: the server, the
+    stand-in (or None), and each prompt the profile's LM is asked to answer."""
     from context.dialog import TranscriptStore
     from profiles import open_profile
 
-    profile = await open_profile(config, TranscriptStore(tmp_path / "data"))
-    prompts: list[list[Message]] = []
-    stream = profile.models.chat.stream
+    async with _served(lm, model_path) as (vllm, url):
+        profile = await open_profile(_config(model_path, tmp_path, tools, url), TranscriptStore(tmp_path / "data"))
+        prompts: list[list[Message]] = []
+        stream = profile.models.chat.stream
 
-    def recording(messages, **options):
-        prompts.append(messages)
-        return stream(messages, **options)
+        def recording(messages, **options):
+            prompts.append(messages)
+            return stream(messages, **options)
 
-    profile.models.chat.stream = recording
-    return profile, prompts
+        profile.models.chat.stream = recording
+        try:
+            yield await start_server(factory=profile.factory), vllm, prompts
+        finally:
+            await profile.aclose()
 
 
-async def test_a_webrtc_call_speculates_is_interrupted_and_keeps_the_heard_ids(start_server, model_path, tmp_path):
+@pytest.mark.parametrize("lm", ["local", "served"])
+async def test_a_webrtc_call_speculates_is_interrupted_and_keeps_the_heard_ids(start_server, model_path, tmp_path, lm):
     from testkit.peer import ClientPeer
     from testkit.speech import espeak
 
-    profile, prompts = await _opened(_config(model_path, tmp_path, tools=False), tmp_path)
-    try:
-        server = await start_server(factory=profile.factory)
+    async with _call_server(start_server, lm, model_path, tmp_path, tools=False) as (server, vllm, prompts):
         peer = ClientPeer(server.url)
         session_id = await peer.connect()
         await peer.wait_event("session.created")
@@ -294,24 +405,31 @@ async def test_a_webrtc_call_speculates_is_interrupted_and_keeps_the_heard_ids(s
         user, heard = second[1], second[2]
         assert user.audio is not None and np.array_equal(user.audio, first[-1].audio)  # the first turn, as it was heard
         whole = spoken_reply(SPOKEN, 1)
+        if vllm is not None:  # the server streams the audio ids; the text comes as text
+            whole = [i for i in whole if i >= AUDIO_TOKEN_BASE]
         assert 0 < len(heard.ids) < len(whole) and list(heard.ids) == whole[: len(heard.ids)]  # the heard part only
         assert heard.content and SPOKEN.startswith(heard.content.strip()[:3])
+        if vllm is not None:  # sent as StepFun's client sends a dialog: speech as wav, the reply's heard part
+            sent = _replies(vllm)[-1]["messages"]
+            assert [m["role"] for m in sent] == ["system", "human", "assistant", "human", "assistant"]
+            assert np.abs(_wav_samples(sent[1]["content"][0]) - user.audio).max() < 1e-4
+            tts = sent[2]["tts_content"]
+            assert tts["tts_text"] == heard.content
+            assert tts["tts_audio"] == "".join(f"<audio_{i - AUDIO_TOKEN_BASE}>" for i in heard.ids)
+            assert sent[-1] == {"role": "assistant", "content": "<tts_start>", "eot": False}
         session = server.registry.get(session_id)
         await peer.close()
         async with asyncio.timeout(20):
             await session.closed.wait()
-    finally:
-        await profile.aclose()
 
 
-async def test_the_openai_sdk_hears_a_reply_made_with_a_function_call(start_server, model_path, tmp_path):
+@pytest.mark.parametrize("lm", ["local", "served"])
+async def test_the_openai_sdk_hears_a_reply_made_with_a_function_call(start_server, model_path, tmp_path, lm):
     from tests.test_embedded import _speak_into, trimmed
     from tests.test_openai_realtime import client, strictly
     from testkit.speech import espeak
 
-    profile, prompts = await _opened(_config(model_path, tmp_path, tools=True), tmp_path)
-    try:
-        server = await start_server(factory=profile.factory)
+    async with _call_server(start_server, lm, model_path, tmp_path, tools=True) as (server, vllm, prompts):
         question = trimmed(espeak("What time is it?", 24000))
         async with client(server.url).realtime.connect(model="stepaudio2") as connection:
             events = []
@@ -334,5 +452,11 @@ async def test_the_openai_sdk_hears_a_reply_made_with_a_function_call(start_serv
         follow_up = prompts[-1]
         assert [m.role for m in follow_up] == ["system", "user", "assistant", "tool"]
         assert follow_up[2].tool_calls[0].name == "current_time" and json.loads(follow_up[3].content)["iso"]
-    finally:
-        await profile.aclose()
+        if vllm is not None:  # the call and its output as the fork's client sends them
+            sent = _replies(vllm)[-1]["messages"]
+            assert [m["role"] for m in sent] == ["system", "human", "assistant", "input", "assistant"]
+            (sent_call,) = sent[2]["tool_calls"]
+            assert sent_call["function"] == {"name": "current_time", "arguments": "{}"}
+            assert sent[3]["tool_call_id"] == sent_call["id"] == follow_up[2].tool_calls[0].id
+            assert sent[3]["content"] == [{"type": "text", "text": follow_up[3].content}]
+            assert _replies(vllm)[-1]["tools"] == builtin_tools()
