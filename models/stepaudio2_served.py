@@ -11,9 +11,10 @@ import wave
 from typing import Any, AsyncGenerator, Sequence
 
 import numpy as np
+import structlog
 
 from models.base import Message, ModelIds, ToolCall
-from models.openai_lm import CallAssembler, Endpoint
+from models.openai_lm import CallAssembler, Endpoint, LMRefused
 from models.stepaudio2_chat import ASR_PROMPT, SPEAK, transcript_limit
 from models.stepaudio2_input import AUDIO_TOKEN_BASE, SAMPLE_RATE, WINDOW_SAMPLES
 from models.stepaudio2_speech import speech_tokens
@@ -23,6 +24,8 @@ AUDIO_TOKEN = re.compile(r"<audio_(\d+)>")
 # are offered, to see the calls): markers of the reply's layout, never words.
 MARKERS = re.compile(r"<tts_start>|<tts_end>|<tts_pad>|<\|EOT\|>|<\|BOT\|>|<audio_\d+>")
 TOP_P, REPETITION_PENALTY = 0.9, 1.05  # as the reference's examples sample
+
+log = structlog.get_logger(__name__)
 
 
 def wav_base64(samples: np.ndarray) -> str:
@@ -78,12 +81,11 @@ class StepAudio2Served:
     as a LanguageModel: each reply one request that continues the opened `<tts_start>`; closing
     the stream closes the connection, which is how vLLM learns to stop."""
 
-    calls_tools = True
-
     def __init__(
         self, url: str, model: str, api_key: str | None, max_new_tokens: int, temperature: float, timeout_s: float = 30.0
     ) -> None:
         self.endpoint = Endpoint(url.rstrip("/") + "/chat/completions", api_key, timeout_s)
+        self.calls_tools = True  # until the server refuses them
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -112,7 +114,22 @@ class StepAudio2Served:
     async def stream(
         self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
     ) -> AsyncGenerator[str | ToolCall | ModelIds, None]:
-        body = self.body(messages, tools, True, max_new_tokens or self.max_new_tokens, self.temperature)
+        body = self.body(messages, tools if self.calls_tools else None, True, max_new_tokens or self.max_new_tokens, self.temperature)
+        try:
+            async for item in self._reply(body):
+                yield item
+        except LMRefused as refused:
+            # vLLM started without `--enable-auto-tool-choice --tool-call-parser step_audio_2`
+            # answers 400 to any request with tools: from now on this LM is one that cannot call.
+            if refused.status != 400 or "tools" not in body:
+                raise
+            log.warning("lm.tools_refused", url=self.endpoint.url, detail=refused.detail)
+            self.calls_tools = False
+            del body["tools"]
+            async for item in self._reply(body):
+                yield item
+
+    async def _reply(self, body: dict[str, Any]) -> AsyncGenerator[str | ToolCall | ModelIds, None]:
         calls = CallAssembler()
         async for event in self.endpoint.events(body):
             text = calls.take(event)

@@ -35,8 +35,11 @@ class StepAudio2Vllm:
     """Owns the stand-in server's model use: `chat` (a StepAudio2Chat on tiny weights) computes,
     one request at a time in its own worker."""
 
-    def __init__(self, chat: Any) -> None:
+    def __init__(self, chat: Any, tool_parser: bool = True) -> None:
+        """`tool_parser`: started with `--enable-auto-tool-choice --tool-call-parser step_audio_2`;
+        without, a request with tools gets vLLM's HTTP 400."""
         self.chat, self.tokenizer = chat, chat.tokenizer
+        self.tool_parser = tool_parser
         self.worker = ModelWorker("vllm-stand-in")
         self.requests: list[dict[str, Any]] = []
         self._special = {name: self.tokenizer.convert_tokens_to_ids(name) for name in ("<tts_start>", "<tts_end>", "<tts_pad>", TOOL_OPEN, TOOL_CLOSE)}
@@ -98,6 +101,9 @@ class StepAudio2Vllm:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        if body.get("tools") and not self.tool_parser:
+            detail = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+            return web.json_response({"object": "error", "message": detail, "type": "BadRequestError", "code": 400}, status=400)
         pieces, mels = chat_pieces(self.turns(body))
         ids = piece_ids(self.tokenizer, pieces)
         temperature = float(body.get("temperature", 1.0))

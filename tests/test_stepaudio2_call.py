@@ -320,7 +320,7 @@ def _config(model_path: Path, tmp_path: Path, tools: bool, served: str | None = 
 
 
 @contextlib.asynccontextmanager
-async def _served(lm: str, model_path: Path):
+async def _served(lm: str, model_path: Path, tool_parser: bool = True):
     """For `served`: the stand-in for StepFun's vLLM on the taught weights, and its base URL."""
     if lm == "local":
         yield None, None
@@ -330,7 +330,7 @@ async def _served(lm: str, model_path: Path):
     from testkit.local import free_port
     from testkit.stepaudio2_vllm import StepAudio2Vllm
 
-    vllm = StepAudio2Vllm(_chat(model_path))
+    vllm = StepAudio2Vllm(_chat(model_path), tool_parser)
     runner = web.AppRunner(vllm.app())
     await runner.setup()
     port = free_port()
@@ -460,3 +460,23 @@ async def test_the_openai_sdk_hears_a_reply_made_with_a_function_call(start_serv
             assert sent[3]["tool_call_id"] == sent_call["id"] == follow_up[2].tool_calls[0].id
             assert sent[3]["content"] == [{"type": "text", "text": follow_up[3].content}]
             assert _replies(vllm)[-1]["tools"] == builtin_tools()
+
+
+async def test_a_server_started_without_a_tool_parser_is_asked_again_without_functions(model_path):
+    """vLLM answers 400 to a request with tools unless started with a tool parser: the reply is
+    asked for again without them, and none are offered from then on."""
+    from models.stepaudio2_served import StepAudio2Served
+
+    async with _served("served", model_path, tool_parser=False) as (vllm, url):
+        lm = StepAudio2Served(url, "step-audio-2-mini", None, 400, 0.0)
+        asked = [Message("system", SYSTEM), Message("user", "", audio=speech(2.0, 99))]
+        try:
+            items = [item async for item in lm.stream(asked, tools=builtin_tools())]
+            assert "".join(i for i in items if isinstance(i, str)) == SPOKEN
+            audio = [i for i in spoken_reply(SPOKEN, 1) if i >= AUDIO_TOKEN_BASE]
+            assert [i for item in items if isinstance(item, ModelIds) for i in item.ids] == audio
+            assert ["tools" in request for request in vllm.requests] == [True, False] and not lm.calls_tools
+            assert [item async for item in lm.stream(asked, tools=builtin_tools())] == items
+            assert "tools" not in vllm.requests[-1]
+        finally:
+            await lm.aclose()
