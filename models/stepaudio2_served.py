@@ -29,7 +29,8 @@ log = structlog.get_logger(__name__)
 
 
 def wav_base64(samples: np.ndarray) -> str:
-    """16 kHz float samples as the base64 of a 16-bit mono wav file."""
+    """16 kHz float samples as the base64 of a 16-bit mono wav file, truncated to 16 bits as
+    StepFun's client writes them (not rounded), so the server hears the samples it would."""
     pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as out:

@@ -20,14 +20,15 @@ from typing import Any, AsyncIterator, Callable
 import numpy as np
 from aiohttp import web
 
-from models.stepaudio2_chat import SPEAK, TOOL_CLOSE, TOOL_OPEN
-from models.stepaudio2_input import AUDIO_TOKEN_BASE, TEXT_ID_LIMIT, Audio, Content, Tokens, Turn, chat_pieces, piece_ids
+from models.base import ToolCall
+from models.stepaudio2_chat import SPEAK, TOOL_CLOSE, TOOL_OPEN, ReplyReader
+from models.stepaudio2_input import AUDIO_TOKEN_BASE, Audio, Content, Tokens, Turn, chat_pieces, piece_ids
 from models.stepaudio2_lm import Sampling
+from models.stepaudio2_speech import SPEECH_TOKENS, speech_tokens
 from runtime.bridge import thread_stream
 from runtime.workers import ModelWorker
 
 AUDIO_TOKEN = re.compile(r"<audio_(\d+)>")
-SPEECH_TOKENS = 6561
 INTERLEAVE = 4  # the fork lays an earlier reply out again as one text id, then four audio ids
 
 
@@ -64,7 +65,7 @@ class StepAudio2Vllm:
                 if tools:
                     turns.append(Turn("tool_json_schemas", json.dumps(tools, ensure_ascii=False)))
             elif role == "human":
-                turns.append(Turn("user", content if isinstance(content, str) else (Audio(_heard(content)),)))
+                turns.append(Turn("user", content if isinstance(content, str) else (Audio(np.concatenate([input_audio_samples(c) for c in content])),)))
             elif role == "assistant" and index == len(messages) - 1 and m.get("eot", True) is False:
                 turns.append(Turn("assistant", content, eot=False))
             elif role == "assistant":
@@ -136,39 +137,28 @@ class StepAudio2Vllm:
             yield token
 
     async def _deltas(self, ids: AsyncIterator[int], speaking: bool) -> AsyncIterator[dict[str, Any]]:
-        text_ids: list[int] = []
-        said = ""
-        call: list[int] | None = None
+        """The ids read as our client of the model reads them (text, ids, calls), sent as the fork
+        sends them: text and audio in `tts_content` until `<tts_end>`, calls as tool-call deltas."""
+        reader = ReplyReader(self.tokenizer, (self._special[TOOL_OPEN], self._special[TOOL_CLOSE]))
         calls = 0
         async for token in ids:
-            if token == self._special[TOOL_OPEN]:
-                call = []
-            elif call is not None and token != self._special[TOOL_CLOSE]:
-                call.append(token)
-            elif call is not None:
-                _, name, arguments = self.tokenizer.decode(call, skip_special_tokens=False).split("\n", 2)
-                tool = {"index": calls, "type": "function", "id": f"chatcmpl-tool-{secrets.token_hex(8)}", "function": {"name": name}}
-                yield {"tool_calls": [tool]}
-                yield {"tool_calls": [{"index": calls, "function": {"arguments": json.dumps(json.loads(arguments), ensure_ascii=False)}}]}
-                call, calls = None, calls + 1
-            elif token == self._special["<tts_end>"]:
-                speaking = False
-            elif AUDIO_TOKEN_BASE <= token < AUDIO_TOKEN_BASE + SPEECH_TOKENS and speaking:
-                yield {"content": "", "tts_content": {"tts_text": "", "tts_audio": f"<audio_{token - AUDIO_TOKEN_BASE}>"}}
-            elif token < TEXT_ID_LIMIT:
-                text_ids.append(token)
-                text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-                if text.endswith("\ufffd") or len(text) <= len(said):
-                    continue  # a character's bytes are not all in yet
-                new, said = text[len(said) :], text
-                yield {"content": "", "tts_content": {"tts_text": new, "tts_audio": ""}} if speaking else {"content": new}
+            for item in reader.read(token):
+                if isinstance(item, ToolCall):
+                    tool = {"index": calls, "type": "function", "id": f"chatcmpl-tool-{secrets.token_hex(8)}", "function": {"name": item.name}}
+                    yield {"tool_calls": [tool]}
+                    arguments = json.dumps(json.loads(item.arguments), ensure_ascii=False)
+                    yield {"tool_calls": [{"index": calls, "function": {"arguments": arguments}}]}
+                    calls += 1
+                elif isinstance(item, str):
+                    yield {"content": "", "tts_content": {"tts_text": item, "tts_audio": ""}} if speaking else {"content": item}
+                elif item.ids == (self._special["<tts_end>"],):
+                    speaking = False
+                elif speaking and speech_tokens(item.ids):
+                    yield {"content": "", "tts_content": {"tts_text": "", "tts_audio": f"<audio_{speech_tokens(item.ids)[0]}>"}}
 
 
-def _heard(parts: list[dict[str, Any]]) -> np.ndarray:
-    """A human turn's `input_audio` wavs, one after the other, as 16 kHz float samples."""
-    samples = []
-    for part in parts:
-        with wave.open(io.BytesIO(base64.b64decode(part["input_audio"]["data"]))) as wav:
-            assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2), "16 kHz mono 16-bit wav"
-            samples.append(np.frombuffer(wav.readframes(wav.getnframes()), "<i2").astype(np.float32) / 32767.0)
-    return np.concatenate(samples)
+def input_audio_samples(part: dict[str, Any]) -> np.ndarray:
+    """One `input_audio` part's wav (16 kHz mono 16-bit) as float samples."""
+    with wave.open(io.BytesIO(base64.b64decode(part["input_audio"]["data"]))) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2), "16 kHz mono 16-bit wav"
+        return np.frombuffer(wav.readframes(wav.getnframes()), "<i2").astype(np.float32) / 32767.0

@@ -6,11 +6,8 @@ this process, and served as StepFun's vLLM fork serves it (testkit/stepaudio2_vl
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import io
 import json
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +160,7 @@ def test_what_was_heard_of_the_ids_is_cut_where_playback_stopped():
 
 def test_a_dialog_is_sent_to_a_server_as_stepfuns_client_sends_it():
     from models.stepaudio2_served import served_messages
+    from testkit.stepaudio2_vllm import input_audio_samples
 
     asked, output = speech(31.0, 3), '{"time": "12:00"}'
     call = ToolCall("call_1", "current_time", "{}")
@@ -178,7 +176,7 @@ def test_a_dialog_is_sent_to_a_server_as_stepfuns_client_sends_it():
     assert [m["role"] for m in sent] == ["system", "human", "assistant", "assistant", "input", "human", "assistant"]
     windows = sent[1]["content"]  # one wav per 25 s, as the reference's client cuts them
     assert [w["type"] for w in windows] == ["input_audio", "input_audio"] and {w["input_audio"]["format"] for w in windows} == {"wav"}
-    heard = [_wav_samples(w) for w in windows]
+    heard = [input_audio_samples(w) for w in windows]
     assert [len(h) for h in heard] == [25 * 16000, 6 * 16000]
     assert np.abs(np.concatenate(heard) - asked).max() < 1e-4
     assert sent[2] == {"role": "assistant", "tts_content": {"tts_text": "Hi.", "tts_audio": "<audio_7>"}}  # padding is not speech
@@ -348,12 +346,6 @@ def _replies(vllm) -> list[dict]:
     return [request for request in vllm.requests if request["continue_final_message"]]
 
 
-def _wav_samples(part: dict) -> np.ndarray:
-    with wave.open(io.BytesIO(base64.b64decode(part["input_audio"]["data"]))) as wav:
-        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2)
-        return np.frombuffer(wav.readframes(wav.getnframes()), "<i2") / 32767.0
-
-
 @contextlib.asynccontextmanager
 async def _call_server(start_server, lm: str, model_path: Path, tmp_path: Path, tools: bool):
     """A server of the profile, the model in-process or served by the stand-in: the server, the
@@ -381,6 +373,7 @@ async def _call_server(start_server, lm: str, model_path: Path, tmp_path: Path, 
 async def test_a_webrtc_call_speculates_is_interrupted_and_keeps_the_heard_ids(start_server, model_path, tmp_path, lm):
     from testkit.peer import ClientPeer
     from testkit.speech import espeak
+    from testkit.stepaudio2_vllm import input_audio_samples
 
     async with _call_server(start_server, lm, model_path, tmp_path, tools=False) as (server, vllm, prompts):
         peer = ClientPeer(server.url)
@@ -412,7 +405,7 @@ async def test_a_webrtc_call_speculates_is_interrupted_and_keeps_the_heard_ids(s
         if vllm is not None:  # sent as StepFun's client sends a dialog: speech as wav, the reply's heard part
             sent = _replies(vllm)[-1]["messages"]
             assert [m["role"] for m in sent] == ["system", "human", "assistant", "human", "assistant"]
-            assert np.abs(_wav_samples(sent[1]["content"][0]) - user.audio).max() < 1e-4
+            assert np.abs(input_audio_samples(sent[1]["content"][0]) - user.audio).max() < 1e-4
             tts = sent[2]["tts_content"]
             assert tts["tts_text"] == heard.content
             assert tts["tts_audio"] == "".join(f"<audio_{i - AUDIO_TOKEN_BASE}>" for i in heard.ids)
