@@ -53,6 +53,7 @@ class _Reading:
     rss_kb: int
     threads: int
     fds: int
+    fd_kinds: dict[str, int]
 
 
 def _readings(pid: int) -> list[_Reading]:
@@ -78,29 +79,68 @@ def _command_name(pid: int) -> str:
 
 def _read(pid: int, name: str) -> _Reading:
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    kinds = _fd_kinds(pid)
     return _Reading(
         name,
         cpu_seconds(Path(f"/proc/{pid}/stat")),
         int(status.get("VmRSS", "0").split()[0]),  # a zombie has none
         int(status["Threads"]),
-        len(os.listdir(f"/proc/{pid}/fd")),
+        sum(kinds.values()),
+        kinds,
     )
+
+
+def _fd_kinds(pid: int) -> dict[str, int]:
+    """A process's open file descriptors counted by kind: `socket`, `pipe`, `anon_inode:[eventfd]`
+    and the like, `file` for a path (so that what a soak finds left says what it is)."""
+    kinds: dict[str, int] = {}
+    folder = f"/proc/{pid}/fd"
+    for fd in os.listdir(folder):
+        try:
+            target = os.readlink(f"{folder}/{fd}")
+        except FileNotFoundError:  # closed while we looked
+            continue
+        if target.startswith("/"):
+            kind = "file"
+        elif target.startswith("anon_inode:"):
+            kind = target
+        else:  # socket:[inode], pipe:[inode]
+            kind = target.split(":[", 1)[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 @dataclass(frozen=True)
 class Holdings:
     """The resident memory (MB), threads and open file descriptors of a process and its children
-    at one moment; the memory also by process ("server", and each child by its command's name)."""
+    at one moment; the memory also by process ("server", and each child by its command's name), the
+    descriptors also by kind."""
 
     rss_mb: float
     threads: int
     fds: int
     rss_mb_by_process: dict[str, float] = field(default_factory=dict)
+    fds_by_kind: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, pid: int) -> Holdings:
         readings = _readings(pid)
         by_process: dict[str, float] = {}
+        by_kind: dict[str, int] = {}
         for r in readings:
             by_process[r.name] = round(by_process.get(r.name, 0.0) + r.rss_kb / 1024, 1)
-        return cls(round(sum(r.rss_kb for r in readings) / 1024, 1), sum(r.threads for r in readings), sum(r.fds for r in readings), by_process)
+            for kind, count in r.fd_kinds.items():
+                by_kind[kind] = by_kind.get(kind, 0) + count
+        return cls(
+            round(sum(r.rss_kb for r in readings) / 1024, 1),
+            sum(r.threads for r in readings),
+            sum(r.fds for r in readings),
+            by_process,
+            dict(sorted(by_kind.items())),
+        )
+
+    def fds_by_kind_beyond(self, earlier: Holdings) -> dict[str, int]:
+        """How many more (or fewer) descriptors of each kind than `earlier`, the kinds that changed."""
+        kinds = set(self.fds_by_kind) | set(earlier.fds_by_kind)
+        change = {kind: self.fds_by_kind.get(kind, 0) - earlier.fds_by_kind.get(kind, 0) for kind in sorted(kinds)}
+        return {kind: count for kind, count in change.items() if count}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,7 @@ THINK_S = 1.0  # the caller's pause between a reply's end and the next question
 TURNS_PER_CALL = 3  # then the caller hangs up and calls again
 WARM_UP_FRACTION = 0.3  # the memory slope is fitted after this share of the run
 SETTLE_TIMEOUT_S = 30.0
+SETTLE_POLL_S = 0.5
 # piper's run buffers come and go with each run (up to ~200 MB), and the server's free memory
 # with each release (once a minute): a minute always has a moment with neither.
 FLOOR_WINDOW_S = 60.0
@@ -89,6 +91,7 @@ class SoakResult:
             "left_after_hang_up": {
                 "threads": self.after.holdings.threads - self.before.holdings.threads,
                 "fds": self.after.holdings.fds - self.before.holdings.fds,
+                "fds_by_kind": self.after.holdings.fds_by_kind_beyond(self.before.holdings),
                 "tasks": self.after.tasks - self.before.tasks,
                 "sessions": self.after.sessions,
                 "rss_mb": round(self.after.holdings.rss_mb - self.before.holdings.rss_mb, 1),
@@ -138,9 +141,12 @@ class Soak:
             self.result.calls = 0
             self._began = time.monotonic()
             tasks = TaskOwner("soak")
-            tasks.spawn(self._sample_every(http), "sampler")
+            stop = asyncio.Event()
+            sampler = tasks.spawn(self._sample_every(http, stop), "sampler")
             try:
                 await self._calls(self._began + self.result.minutes * 60)
+                stop.set()  # not cancelled mid-request: the server would hold that connection a while
+                await sampler
             finally:
                 await tasks.aclose()
             self.result.after = await self._settled(http)
@@ -186,19 +192,26 @@ class Soak:
         at = time.monotonic() - self._began if self._began else 0.0
         return Sample(round(at, 1), health["sessions"], health["tasks"], Holdings.of(self.pid))
 
-    async def _sample_every(self, http: aiohttp.ClientSession) -> None:
-        while True:
+    async def _sample_every(self, http: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        while not stop.is_set():
             self.result.samples.append(await self._sample(http))
-            await asyncio.sleep(self._sample_s)  # the sampling period
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._sample_s)
 
     async def _settled(self, http: aiohttp.ClientSession) -> Sample:
-        """A sample once no session is left (each hung-up call is torn down in the background)."""
+        """A sample once no session is left and the open files no longer fall: each hung-up call
+        is torn down in the background, and its connections are closed as the server reads their
+        end. What a call leaves behind does not fall, so it is still counted."""
         give_up = time.monotonic() + SETTLE_TIMEOUT_S
+        last: Sample | None = None
         while True:
             sample = await self._sample(http)
-            if sample.sessions == 0 or time.monotonic() > give_up:
+            if sample.sessions == 0 and last is not None and last.sessions == 0 and sample.holdings.fds >= last.holdings.fds:
                 return sample
-            await asyncio.sleep(0.5)  # polling another process's state
+            if time.monotonic() > give_up:
+                return sample
+            last = sample
+            await asyncio.sleep(SETTLE_POLL_S)  # polling another process's state
 
 
 def write(result: SoakResult, out: Path) -> str:
@@ -215,7 +228,7 @@ def write(result: SoakResult, out: Path) -> str:
         f"RSS slope after warm-up {summary['rss_mb_per_hour']} MB/h "
         f"({summary['rss_mb_per_session_hour']} MB per session-hour); its floor (least RSS of each process in each minute, summed) "
         f"{summary['rss_floor_mb_per_hour']} MB/h ({summary['rss_floor_mb_per_session_hour']} MB per session-hour)\n\n"
-        f"after every call hung up, beyond the baseline: threads {left['threads']:+d}, open files {left['fds']:+d}, "
+        f"after every call hung up, beyond the baseline: threads {left['threads']:+d}, open files {left['fds']:+d} {left['fds_by_kind']}, "
         f"asyncio tasks {left['tasks']:+d}, sessions {left['sessions']}, RSS {left['rss_mb']:+.1f} MB\n"
     )
     (out / "soak.md").write_text(text)

@@ -74,6 +74,24 @@ def test_what_a_server_holds_includes_its_children():
     assert child.pid not in process_tree(os.getpid())
 
 
+def test_open_files_are_counted_by_kind():
+    """What a soak finds left open is named by kind: a pipe and a socket opened here show as such."""
+    import socket
+
+    before = Holdings.of(os.getpid())
+    read_end, write_end = os.pipe()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        held = Holdings.of(os.getpid())
+        assert held.fds == before.fds + 3 and sum(held.fds_by_kind.values()) == held.fds
+        assert held.fds_by_kind_beyond(before) == {"pipe": 2, "socket": 1}
+    finally:
+        sock.close()
+        os.close(read_end)
+        os.close(write_end)
+    assert Holdings.of(os.getpid()).fds_by_kind_beyond(before) == {}
+
+
 def test_a_child_that_has_ended_does_not_stop_the_reading():
     """piper's process can end between listing the tree and reading it (killed, restarted)."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
