@@ -69,6 +69,7 @@ class Controller:
         self.interrupt_response = True
         self._quiet_since: int | None = None  # the frame when the last reply ended, while the user is silent
         self._asked_if_there = False  # the idle prompt was said since the user last spoke
+        self._stable: str | None = None  # the start of the turn under way, known for good, not yet read ahead
         self._apply_session(io.defaults)
 
     @property
@@ -120,6 +121,8 @@ class Controller:
             case turn.SpeechResumed():
                 self._set_state(State.USER_SPEAKING)
                 self.replies.cancel_speculation()
+                if self._stable is not None:
+                    self._read_ahead(self._stable)
             case turn.TurnCommitted():
                 self._on_commit(event)
 
@@ -155,10 +158,21 @@ class Controller:
         self._quiet_since = None
         self._asked_if_there = False
         continuing = self.state == State.RESPONDING and self._barge_in()
-        self.utterance.begin(event.audio, continued=continuing)
+        self._stable = None
+        self.utterance.begin(event.audio, continued=continuing, on_stable=self._read_ahead)
         self.turns.utterance(event.audio, continued=continuing)
         self._set_state(State.OVERLAP if self.replies.held is not None else State.USER_SPEAKING)
         self.io.emit(ev.SpeechStarted(self.utterance.item_id, event.audio_start_ms))
+
+    def _read_ahead(self, text: str) -> None:
+        """The start of a long turn is known for good: the LM reads it while the user goes on. Not
+        in a pause, which may be the turn's end: the end-of-turn judge and the speculation need
+        the cores then (measured: read ahead there, turns were judged unsure and waited); the
+        reading waits for the user to go on."""
+        self._stable = text
+        if self.create_response and self.state == State.USER_SPEAKING:
+            self._stable = None
+            self.replies.prefill(text)
 
     def _barge_in(self) -> bool:
         """The user speaks over the reply: hold it, paused, until the speech proves a turn or a

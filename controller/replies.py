@@ -3,6 +3,7 @@ ones, and what they count."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from dataclasses import asdict, dataclass
@@ -13,6 +14,7 @@ import structlog
 from context.dialog import DialogContext
 from controller.overlap import Overlap
 from controller.reply import Reply, SessionModels
+from models.base import PromptCache
 from realtime.events import ConversationItemTruncate, ConversationItemTruncated, Error, ResponseOrder, SessionSummary
 from realtime.session import SessionIO
 from runtime.tasks import TaskOwner
@@ -58,6 +60,7 @@ class Replies:
         self.speak = True  # the session's replies are spoken (else text only)
         self._turn_numbers = itertools.count(1)
         self._ended: dict[str, Reply] = {}
+        self._prefill: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> bool:
@@ -75,10 +78,25 @@ class Replies:
         `response.create`, which answers the history as it stands), under way at once."""
         reply_id = "resp_" + uuid.uuid4().hex[:12]
         self.current = Reply(
-            reply_id, item_id, speculative, self._io, self._models, self._context, self._tasks, self._done, preset, order, self.speak
+            reply_id, item_id, speculative, self._io, self._models, self._context, self._tasks, self._done, preset, order, self.speak,
+            self._prefill if preset is None and order is None else None,
         )
         self.counters.speculative_starts += speculative
         return self.current
+
+    def prefill(self, text: str) -> None:
+        """The start of the user's turn under way is known for good: the LM reads it ahead, with the
+        history before it, if it keeps prompts (one at a time; a newer start waits for the next)."""
+        cache = self._models.prompt_cache
+        if cache is None or (self._prefill is not None and not self._prefill.done()):
+            return
+        self._prefill = self._tasks.spawn(self._read_ahead(cache, text), "prefill")
+
+    async def _read_ahead(self, cache: PromptCache, text: str) -> None:
+        try:
+            await cache.prefill(self._context.messages(pending_user=text))
+        except Exception as exc:  # only time is lost: the reply evaluates the whole prompt
+            self._log.warning("lm.prefill_failed", error=repr(exc))
 
     def commit(self, item_id: str, voice_end_at: float, merge_heard_ms: int, how: dict[str, float | str]) -> None:
         """The user's turn `item_id` is over: the reply prepared for it plays now (or one starts)."""

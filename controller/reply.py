@@ -14,7 +14,7 @@ import structlog
 from context.dialog import DialogContext, Turn, heard_ids, heard_text
 from context.exchange import Exchange
 from controller.tool_use import ToolUse, spoken
-from models.base import LanguageModel, Message, ModelIds, SpeechChunk, SpeechDecoder, ToolCall
+from models.base import LanguageModel, Message, ModelIds, PromptCache, SpeechChunk, SpeechDecoder, ToolCall
 from realtime.events import (
     MetricsTurn,
     ResponseAudioPaused,
@@ -49,6 +49,7 @@ class SessionModels:
     decoder: SpeechDecoder
     turn_end: TurnEndScorers | None = None  # what `turn_detection: semantic` judges with
     tools: Toolbox | None = None  # the functions replies may call
+    prompt_cache: PromptCache | None = None  # the LM engine, where it reads a long turn's start ahead
 
 
 def _ms(seconds: float) -> float:
@@ -82,7 +83,10 @@ class Reply:
         preset: UtteranceInput | None = None,
         order: ResponseOrder | None = None,
         speak: bool = True,
+        prefill: asyncio.Task[None] | None = None,
     ) -> None:
+        """`prefill`: the LM reading the start of the user's turn ahead, waited for before the
+        reply's own prompt goes in (it then evaluates only the rest)."""
         self.id = reply_id
         self.item_id = item_id
         self.speculative = speculative
@@ -121,6 +125,7 @@ class Reply:
         self._lm_start = 0.0
         self._first_delta_at: float | None = None
         self._transcriber: asyncio.Task[None] | None = None
+        self._prefill = prefill
         self._generation = tasks.spawn(self._generate(), f"response:{reply_id}")
 
     @property
@@ -345,6 +350,8 @@ class Reply:
         """One LM generation's text (and ids); the calls it makes are added to `calls`."""
         lm = self._models.lm
         first = True
+        if self._prefill is not None and not self._prefill.done():
+            await asyncio.wait([self._prefill])  # not cancelled with this reply: it is the next one's too
         async with aclosing(lm.stream(messages) if tools is None else lm.stream(messages, tools=tools)) as deltas:
             async for delta in deltas:
                 if isinstance(delta, ToolCall):

@@ -8,7 +8,7 @@ import numpy as np
 
 from realtime.events import TranscriptionDelta
 from realtime.session import SessionIO
-from streaming_tokenizer.base import StreamingTokenizer, UtteranceInput
+from streaming_tokenizer.base import StableCallback, StreamingTokenizer, UtteranceInput
 
 
 class Utterance:
@@ -24,8 +24,9 @@ class Utterance:
         self.item_id = item_id or "item_" + uuid.uuid4().hex[:12]
         return self.item_id
 
-    def begin(self, audio: tuple[np.ndarray, ...], continued: bool) -> None:
-        """Speech started with `audio`: a new utterance, or more of the last one (`continued`)."""
+    def begin(self, audio: tuple[np.ndarray, ...], continued: bool, on_stable: StableCallback | None = None) -> None:
+        """Speech started with `audio`: a new utterance, or more of the last one (`continued`).
+        `on_stable` gets the start of its transcript that no later speech changes, as it grows."""
         if continued:
             for frame in audio:
                 self.tokenizer.feed(frame, True)
@@ -36,7 +37,7 @@ class Utterance:
             if self.item_id == item_id:  # each partial replaces the one before
                 self._io.emit(TranscriptionDelta(item_id, heard.text))
 
-        self.tokenizer.begin(audio, partial)
+        self.tokenizer.begin(audio, partial, on_stable)
 
     def hear(self, frame: np.ndarray, voiced: bool) -> None:
         self.tokenizer.feed(frame, voiced)

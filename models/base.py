@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, AsyncIterator, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -99,6 +99,16 @@ class LanguageModel(Protocol):
 
     async def aclose(self) -> None:
         """Free what the engine holds (threads, connections, caches); once no stream is running."""
+
+
+@runtime_checkable
+class PromptCache(Protocol):
+    """An LM that keeps evaluated prompts: a turn's start, known while the user still speaks, can
+    be read ahead so that the reply's prompt evaluates only the rest."""
+
+    async def prefill(self, messages: list[Message]) -> None:
+        """Evaluate the prompt of `messages` now, for a later stream whose prompt starts the same."""
+        ...
 
 
 class SpeechDecoder(Protocol):

@@ -96,17 +96,25 @@ class LlamaCppLM:
     def stream(
         self, messages: list[Message], max_new_tokens: int | None = None, tools: list[dict[str, Any]] | None = None
     ) -> AsyncGenerator[str, None]:
-        request = {
-            "messages": [{"role": m.role, "content": m.content} for m in plain_messages(messages)],
+        request = _chat_request(messages) | {
             "stream": True,
             "max_tokens": max_new_tokens or self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": 0.9,
             "repeat_penalty": REPEAT_PENALTY,
-            "cache_prompt": True,
             "timings_per_token": True,
         }
         return thread_stream(self.worker, functools.partial(self.generate_now, request))
+
+    async def prefill(self, messages: list[Message]) -> None:
+        """Evaluate the prompt of `messages` into a slot now (and one token after it): a reply
+        whose prompt starts the same goes to that slot and evaluates only what follows."""
+        answer = await self.worker.run(self._server.handle_chat_completions, _chat_request(messages) | {"max_tokens": 1, "temperature": 0.0})
+        if "choices" not in answer:
+            raise LlamaCppError(str(answer.get("error", answer)))
+        timings = answer.get("timings", {})
+        self.last_prompt = PromptUse(timings.get("cache_n", 0), timings.get("prompt_n", 0))
+        log.debug("lm.prefilled", cached=timings.get("cache_n", 0), evaluated=timings.get("prompt_n", 0), ms=round(timings.get("prompt_ms", 0.0), 1))
 
     def generate_now(self, request: dict[str, Any], post: Post[str], stop: threading.Event) -> None:
         """Blocking: one streamed chat completion, posting each text delta; ends at the first token
@@ -115,15 +123,16 @@ class LlamaCppLM:
         prompt = PromptUse()
 
         def on_chunk(chunk: dict[str, Any]) -> bool:
+            timings = chunk.get("timings")
+            if timings and not prompt.evaluated and not prompt.cached:
+                prompt.cached, prompt.evaluated = timings.get("cache_n", 0), timings.get("prompt_n", 0)
+                self.last_prompt = PromptUse(prompt.cached, prompt.evaluated)
+                log.debug("lm.prompt_evaluated", cached=prompt.cached, evaluated=prompt.evaluated, ms=round(timings.get("prompt_ms", 0.0), 1))
             if stop.is_set():
                 return True  # llama.cpp drops the generation when its stream is let go
             if "error" in chunk or "choices" not in chunk:
                 failure.append(str(chunk.get("error", chunk)))
                 return True
-            timings = chunk.get("timings")
-            if timings and not prompt.evaluated and not prompt.cached:
-                prompt.cached, prompt.evaluated = timings.get("cache_n", 0), timings.get("prompt_n", 0)
-                self.last_prompt = PromptUse(prompt.cached, prompt.evaluated)
             for choice in chunk["choices"]:
                 delta = (choice.get("delta") or {}).get("content")
                 if delta:
@@ -146,3 +155,9 @@ class LlamaCppLM:
     async def aclose(self) -> None:
         """Stop llama.cpp's threads and free the model; call it once no generation is running."""
         self._server = None  # type: ignore[assignment]
+
+
+def _chat_request(messages: list[Message]) -> dict[str, Any]:
+    """The part of a chat completion that makes its prompt: a prefill and the reply after it must
+    lay the messages out alike."""
+    return {"messages": [{"role": m.role, "content": m.content} for m in plain_messages(messages)], "cache_prompt": True}

@@ -6,7 +6,7 @@ from typing import Protocol
 
 from config import TurnConfig
 from controller.reply import SessionModels
-from models.base import LanguageModel, SpeechDecoder
+from models.base import LanguageModel, PromptCache, SpeechDecoder
 from runtime.workers import ModelWorker
 from streaming_tokenizer.base import StreamingTokenizer
 from tools.toolbox import Toolbox
@@ -53,6 +53,7 @@ def for_session(models: LoadedModels, turn: TurnConfig, tools: Toolbox | None = 
         models.decoder,
         models.turn_end,
         tools,
+        models.lm if isinstance(models.lm, PromptCache) else None,
     )
 
 

@@ -29,6 +29,7 @@ class UtteranceInput:
 
 
 PartialCallback = Callable[[UtteranceInput], None]
+StableCallback = Callable[[str], None]
 
 
 class StreamingTokenizer(Protocol):
@@ -36,9 +37,13 @@ class StreamingTokenizer(Protocol):
     arrive, each marked voiced or not by the VAD (cheap: heavy work goes to a worker), finalize()
     returns everything fed so far and may be called again after more frames (a speculation that the
     user's resumed speech invalidated). Provisional results of the open utterance, if the tokenizer
-    makes any, go to `on_partial`, each one replacing the previous. aclose() stops all its work."""
+    makes any, go to `on_partial`, each one replacing the previous; the start of the transcript that
+    no later speech changes, if it knows one, goes to `on_stable` each time it grows (the LM can
+    read that much of the turn ahead). aclose() stops all its work."""
 
-    def begin(self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None) -> None: ...
+    def begin(
+        self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None, on_stable: StableCallback | None = None
+    ) -> None: ...
 
     def feed(self, frame: np.ndarray, voiced: bool) -> None: ...
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from runtime.audio import SAMPLE_RATE, to_float
 from runtime.tasks import TaskOwner
-from streaming_tokenizer.base import PartialCallback, UtteranceInput
+from streaming_tokenizer.base import PartialCallback, StableCallback, UtteranceInput
 
 Transcriber = Callable[[np.ndarray], Awaitable[str]]
 Listener = Callable[[np.ndarray], Awaitable[None]]
@@ -32,7 +32,9 @@ class HeardSpeech:
         self._listened = 0  # samples handed to the listener, from the utterance's start
         self._tasks = TaskOwner("heard-speech")
 
-    def begin(self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None) -> None:
+    def begin(
+        self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None, on_stable: StableCallback | None = None
+    ) -> None:
         for task in self._tasks.tasks:  # the last utterance's windows are of no use now
             self._tasks.cancel(task)
         self._frames, self._samples, self._listened = [], 0, 0

@@ -30,7 +30,7 @@ from runtime.audio_tokens import AUDIO_ID_BASE, VQ02_SIZE
 from runtime.sinc_resample import resample
 from runtime.tasks import TaskOwner
 from runtime.workers import ModelWorker
-from streaming_tokenizer.base import PartialCallback, UtteranceInput
+from streaming_tokenizer.base import PartialCallback, StableCallback, UtteranceInput
 
 log = structlog.get_logger(__name__)
 
@@ -294,7 +294,9 @@ class StepAudioStream:
         self._wake = asyncio.Event()
         self._busy = asyncio.Lock()  # this session's: the pump and finalize() take turns
 
-    def begin(self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None) -> None:
+    def begin(
+        self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None, on_stable: StableCallback | None = None
+    ) -> None:
         # A call still running in the worker for the previous utterance only touches its old state.
         self._stop_pump()
         self._reset()

@@ -14,7 +14,7 @@ import structlog
 from runtime.audio import FRAME_MS
 from runtime.tasks import TaskOwner
 from runtime.workers import ModelWorker
-from streaming_tokenizer.base import PartialCallback, UtteranceInput
+from streaming_tokenizer.base import PartialCallback, StableCallback, UtteranceInput
 
 log = structlog.get_logger()
 
@@ -61,7 +61,8 @@ class StreamingTranscriber:
     idle: partials never delay anyone's final); `settle_ms` into a silence the open part is
     transcribed eagerly. finalize() waits for what covers the last voiced frame and joins the
     parts' texts, so the final transcript is usually ready before the endpointer even asks, and
-    at the end of a long turn only its last part is left to transcribe.
+    at the end of a long turn only its last part is left to transcribe. The closed parts' texts,
+    once each is known, are the transcript's stable start (`on_stable`).
     """
 
     def __init__(self, engine: TranscriptionEngine, partial_ms: int = 500, settle_ms: int = 60) -> None:
@@ -79,10 +80,14 @@ class StreamingTranscriber:
         self._result: tuple[int, int, str] | None = None  # the open part's (start, voiced end covered, text)
         self._utterance = 0
         self._on_partial: PartialCallback | None = None
+        self._on_stable: StableCallback | None = None
+        self._stable_parts = 0  # closed parts whose text went to on_stable
         self._finalized = False  # no partial may follow a final until more audio comes
         self._closed = False
 
-    def begin(self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None) -> None:
+    def begin(
+        self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None, on_stable: StableCallback | None = None
+    ) -> None:
         self._utterance += 1  # a transcription still running for the last utterance is ignored
         self._frames = list(frames)
         self._voiced_end = len(self._frames)
@@ -90,6 +95,8 @@ class StreamingTranscriber:
         self._parts, self._open = [], 0
         self._result = None
         self._on_partial = on_partial
+        self._on_stable = on_stable
+        self._stable_parts = 0
         self._finalized = False
 
     def feed(self, frame: np.ndarray, voiced: bool) -> None:
@@ -129,6 +136,7 @@ class StreamingTranscriber:
         text = result[2] if result is not None and result[0] == self._open and result[1] == self._voiced_end and cut == self._voiced_end + TAIL_FRAMES else None
         self._parts.append(Part(self._open, cut, text))
         self._open, self._result, self._started_at = cut, None, cut
+        self._report_stable()
 
     def _covered(self) -> bool:
         return self._result is not None and self._result[0] == self._open and self._result[1] >= self._voiced_end
@@ -155,6 +163,7 @@ class StreamingTranscriber:
             return
         if utterance == self._utterance:
             part.text = text
+            self._report_stable()
 
     async def _transcribe_open(self, audio: np.ndarray, start: int, covers: int, utterance: int, draft: bool) -> None:
         try:
@@ -168,10 +177,24 @@ class StreamingTranscriber:
             closed = next((p for p in self._parts if p.start == start and p.text is None and p.end == covers + TAIL_FRAMES), None)
             if closed is not None:  # the open part was closed meanwhile, just as transcribed
                 closed.text = text
+                self._report_stable()
             elif start == self._open:
                 self._result = (start, covers, text)
         if self._on_partial is not None and text and not self._finalized:
             self._on_partial(UtteranceInput(self._joined(text)))
+
+    def _report_stable(self) -> None:
+        """The closed parts' texts, up to the first not yet known, if that reaches a part further
+        than last time (and no final has been asked for: its reply reads the whole turn)."""
+        known = 0
+        while known < len(self._parts) and self._parts[known].text is not None:
+            known += 1
+        if known <= self._stable_parts or self._on_stable is None or self._finalized:
+            return
+        self._stable_parts = known
+        text = " ".join(t for t in (p.text for p in self._parts[:known]) if t)
+        if text:
+            self._on_stable(text)
 
     def _joined(self, open_text: str) -> str:
         return " ".join(t for t in (*(p.text for p in self._parts), open_text) if t)

@@ -9,7 +9,7 @@ import numpy as np
 from aiohttp import web
 
 from models.base import Message, SpeechChunk
-from streaming_tokenizer.base import PartialCallback, UtteranceInput
+from streaming_tokenizer.base import PartialCallback, StableCallback, UtteranceInput
 from testkit.notifier import Notifier
 
 VOICED = np.full(320, 1000, dtype=np.int16)
@@ -39,10 +39,14 @@ class CountingTokenizer:
         self.frames = 0
         self.finalized: list[int] = []
         self.closed = False
+        self.on_stable: StableCallback | None = None  # the utterance's, for a test to say its start is stable
         self._notifier = notifier
 
-    def begin(self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None) -> None:
+    def begin(
+        self, frames: tuple[np.ndarray, ...], on_partial: PartialCallback | None = None, on_stable: StableCallback | None = None
+    ) -> None:
         self.frames = len(frames)
+        self.on_stable = on_stable
 
     def feed(self, frame: np.ndarray, voiced: bool) -> None:
         self.frames += 1
@@ -103,6 +107,23 @@ class CuedLM:
             self.cancelled += 1
             self._notifier.notify()
             raise
+
+
+class GatedPromptCache:
+    """A prompt cache that records what it is asked to read ahead and finishes once `gate` is set."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.prefills: list[list[Message]] = []
+        self.done = 0
+        self.gate = asyncio.Event()
+        self._notifier = notifier
+
+    async def prefill(self, messages: list[Message]) -> None:
+        self.prefills.append(messages)
+        self._notifier.notify()
+        await self.gate.wait()
+        self.done += 1
+        self._notifier.notify()
 
 
 class ToneDecoder:

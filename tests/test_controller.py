@@ -14,6 +14,7 @@ from config import TurnConfig
 from context.dialog import DialogContext, TranscriptStore
 from controller.controller import Controller, SessionModels, State
 from testkit.notifier import Notifier
+from models.base import Message
 from realtime.events import (
     ConversationItemCreate,
     ConversationItemTruncate,
@@ -30,7 +31,7 @@ from realtime.output import PacedOutput
 from realtime.session import SessionIO
 from runtime.bridge import thread_stream
 from runtime.workers import ModelWorker
-from tests.fakes import SILENT, VOICED, CountingTokenizer, CuedLM, ScriptedDetector, ToneDecoder
+from tests.fakes import SILENT, VOICED, CountingTokenizer, CuedLM, GatedPromptCache, ScriptedDetector, ToneDecoder
 
 pytestmark = pytest.mark.unit
 
@@ -88,7 +89,7 @@ def rig(tmp_path) -> Rig:
 
 
 def make_rig(
-    tmp_path, hold: bool = False, config: TurnConfig | None = None, turn_end=None, lm=None, echo: EchoCanceller | None = None
+    tmp_path, hold: bool = False, config: TurnConfig | None = None, turn_end=None, lm=None, echo: EchoCanceller | None = None, prompt_cache=None
 ) -> Rig:
     notifier = Notifier()
     events: list[dict] = []
@@ -104,9 +105,52 @@ def make_rig(
     store = TranscriptStore(tmp_path)
     context = DialogContext("You are terse.", max_tokens=500, store=store, session_id="sess_test")
     controller = Controller(
-        io, SessionModels(ScriptedDetector(), tokenizer, model or lm, decoder, turn_end), context, config or TurnConfig(), "test"
+        io, SessionModels(ScriptedDetector(), tokenizer, model or lm, decoder, turn_end, prompt_cache=prompt_cache), context, config or TurnConfig(), "test"
     )
     return Rig(controller, output, lm, decoder, tokenizer, notifier, store, events)
+
+
+async def test_a_long_turn_s_stable_start_is_read_ahead_and_its_reply_waits_for_that(tmp_path):
+    """While the user goes on, the start of their turn that the tokenizer says is stable goes to
+    the LM's prompt cache with the history before it; the reply's own prompt goes in only once that
+    is done (else both would evaluate it, side by side)."""
+    notifier = Notifier()
+    cache = GatedPromptCache(notifier)
+    rig = make_rig(tmp_path, prompt_cache=cache)
+    await rig.answered_turn()  # a history before the turn
+    rig.frames(True, 40)
+    assert rig.tokenizer.on_stable is not None
+    rig.tokenizer.on_stable("the first part")
+    await notifier.wait_for(lambda: cache.prefills, timeout=5)
+    rig.frames(False, 38)  # the pause, the commit
+    await rig.notifier.wait_for(lambda: len(rig.tokenizer.finalized) == 2, timeout=5)
+    with pytest.raises(TimeoutError):
+        await rig.notifier.wait_for(lambda: len(rig.lm.calls) == 2, timeout=0.3)
+    cache.gate.set()
+    await rig.play_until_done()
+    read_ahead, asked = cache.prefills[0], rig.lm.calls[1]
+    assert read_ahead[-1] == Message("user", "the first part")
+    assert read_ahead[:-1] == asked[:-1] and len(asked) == 4  # the system prompt and the first turn's two messages
+    assert cache.done == 1 and len(cache.prefills) == 1
+
+
+async def test_a_stable_start_known_in_a_pause_is_read_ahead_once_the_user_goes_on(tmp_path):
+    """A pause may be the turn's end: the judge and the speculation have the cores, and the
+    reading ahead waits until the user speaks again."""
+    notifier = Notifier()
+    cache = GatedPromptCache(notifier)
+    cache.gate.set()
+    rig = make_rig(tmp_path, prompt_cache=cache)
+    rig.frames(True, 40)
+    rig.frames(False, 15)  # paused (260 ms), not committed
+    assert rig.controller.state == State.USER_PAUSED and rig.tokenizer.on_stable is not None
+    rig.tokenizer.on_stable("the first part")
+    with pytest.raises(TimeoutError):
+        await notifier.wait_for(lambda: cache.prefills, timeout=0.2)
+    rig.frames(True, 10)
+    assert rig.controller.state == State.USER_SPEAKING
+    await notifier.wait_for(lambda: cache.done, timeout=5)
+    assert [m[-1].content for m in cache.prefills] == ["the first part"]
 
 
 async def test_a_normal_turn(rig):

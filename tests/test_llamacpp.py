@@ -48,6 +48,21 @@ async def test_two_calls_generate_at_the_same_time(lm):
     assert marks["a_first"] < marks["b_done"] and marks["b_first"] < marks["a_done"], marks
 
 
+async def test_a_turn_read_ahead_leaves_only_its_end_to_evaluate(lm):
+    """The start of a long turn, prefilled while the user goes on: the reply's prompt then
+    evaluates only what the user said after it (and the chat template's few tokens)."""
+    start = "I went to the market this morning to buy apples, pears and a loaf of bread for the week,"
+    end = " but they had sold out of bread, so what else could I bake at home?"
+    history = [SYSTEM, Message("user", "Hello there."), Message("assistant", "Hello! How can I help?")]
+    await _reply(lm, [SYSTEM, Message("user", "Something else entirely.")], {}, "other")  # the slot holds another prompt
+    await lm.prefill([*history, Message("user", start)])
+    read_ahead = lm.last_prompt.cached + lm.last_prompt.evaluated
+    await _reply(lm, [*history, Message("user", start + end)], {}, "reply")
+    use = lm.last_prompt
+    assert use.cached >= read_ahead - 8, (use, read_ahead)  # all but the template's end of a user turn
+    assert use.evaluated <= len(end.split()) * 2 + 8, use
+
+
 async def test_the_next_turn_evaluates_only_the_new_tokens(lm):
     first = [SYSTEM, Message("user", "What is the capital of France?")]
     reply = await _reply(lm, first, {}, "first")

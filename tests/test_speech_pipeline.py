@@ -340,7 +340,8 @@ async def test_a_long_turn_is_transcribed_in_parts_at_its_pauses_and_only_the_la
 
     engine = PartsEngine()
     tokenizer = StreamingTranscriber(engine, partial_ms=10_000, settle_ms=60)
-    tokenizer.begin(())
+    stable: list[str] = []
+    tokenizer.begin((), on_stable=stable.append)
     # 4.5 s of speech, a 300 ms breath, 4.5 s more, a breath, then 2 s: a passage read aloud.
     script = [(True, 225), (False, 15), (True, 225), (False, 15), (True, 100)]
     index = 0
@@ -352,11 +353,14 @@ async def test_a_long_turn_is_transcribed_in_parts_at_its_pauses_and_only_the_la
                 await asyncio.sleep(0)  # each part is transcribed while the user goes on
                 await asyncio.sleep(0)
         heard_before_the_end = list(engine.heard)
+        stable_before_the_end = list(stable)
         final = await tokenizer.finalize()
     finally:
         await tokenizer.aclose()
         engine.worker.close()
     assert final.text == "1-225 241-465 481-580"
+    # Each closed part's text, once known, is the transcript's start for good (the LM reads it ahead).
+    assert stable_before_the_end == stable == ["1-225", "1-225 241-465"]
     # The first two parts were transcribed while the user went on; at the end only the last was
     # left (from the cut after the second, 2.3 s), not the whole 11.6 s.
     assert heard_before_the_end == [225 + TAIL_FRAMES, 465 - 225]
