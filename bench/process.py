@@ -92,7 +92,7 @@ def _read(pid: int, name: str) -> _Reading:
 
 def _fd_kinds(pid: int) -> dict[str, int]:
     """A process's open file descriptors counted by kind: `socket`, `pipe`, `anon_inode:[eventfd]`
-    and the like, `file` for a path (so that what a soak finds left says what it is)."""
+    and the like, a file by its path (so that what a soak finds left says what it is)."""
     kinds: dict[str, int] = {}
     folder = f"/proc/{pid}/fd"
     for fd in os.listdir(folder):
@@ -101,7 +101,7 @@ def _fd_kinds(pid: int) -> dict[str, int]:
         except FileNotFoundError:  # closed while we looked
             continue
         if target.startswith("/"):
-            kind = "file"
+            kind = target
         elif target.startswith("anon_inode:"):
             kind = target
         else:  # socket:[inode], pipe:[inode]
