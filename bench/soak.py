@@ -39,6 +39,7 @@ TURNS_PER_CALL = 3  # then the caller hangs up and calls again
 WARM_UP_FRACTION = 0.3  # the memory slope is fitted after this share of the run
 SETTLE_TIMEOUT_S = 30.0
 SETTLE_POLL_S = 0.5
+SETTLE_READINGS = 5
 # piper's run buffers come and go with each run (up to ~200 MB), and the server's free memory
 # with each release (once a minute): a minute always has a moment with neither.
 FLOOR_WINDOW_S = 60.0
@@ -199,18 +200,18 @@ class Soak:
                 await asyncio.wait_for(stop.wait(), self._sample_s)
 
     async def _settled(self, http: aiohttp.ClientSession) -> Sample:
-        """A sample once no session is left and the open files no longer fall: each hung-up call
-        is torn down in the background, and its connections are closed as the server reads their
-        end. What a call leaves behind does not fall, so it is still counted."""
+        """What the server holds once no session is left (each hung-up call is torn down in the
+        background): the least of SETTLE_READINGS readings, SETTLE_POLL_S apart, with none left.
+        The server opens files for a moment on its own (its load sampler reads /proc/N/stat of
+        every process each second; a hung-up call's connection closes once its end is read), and
+        one reading can catch one; what a call leaves behind is in every reading."""
         give_up = time.monotonic() + SETTLE_TIMEOUT_S
-        last: Sample | None = None
+        readings: list[Sample] = []
         while True:
             sample = await self._sample(http)
-            if sample.sessions == 0 and last is not None and last.sessions == 0 and sample.holdings.fds >= last.holdings.fds:
-                return sample
-            if time.monotonic() > give_up:
-                return sample
-            last = sample
+            readings = [*readings, sample] if sample.sessions == 0 else []
+            if len(readings) == SETTLE_READINGS or time.monotonic() > give_up:
+                return min(readings or [sample], key=lambda r: (r.holdings.fds, r.holdings.threads))
             await asyncio.sleep(SETTLE_POLL_S)  # polling another process's state
 
 

@@ -20,8 +20,10 @@ async def test_three_minutes_of_calls_leave_nothing_behind(tmp_path):
     assert before is not None and after is not None
     assert after.sessions == 0
     assert after.tasks <= before.tasks, (before, after)
-    assert after.holdings.fds <= before.holdings.fds, after.holdings.fds_by_kind_beyond(before.holdings)
     # Pools that grow on demand up to a bound (asyncio's executor: 6 threads here) may add a
-    # thread or two; a thread left by every call would add one per call (10 or more).
+    # thread or two, and what a library opens once, on first use, a file or two (CI once found
+    # one more file, where runs here found none); a thread or a file left by every call would add
+    # one per call (10 or more).
+    assert after.holdings.fds <= before.holdings.fds + 2, after.holdings.fds_by_kind_beyond(before.holdings)
     assert after.holdings.threads <= before.holdings.threads + 2, (before, after)
     assert (tmp_path / "soak" / "soak.png").exists()
