@@ -52,7 +52,6 @@ class _Reading:
     cpu_s: float
     rss_kb: int
     threads: int
-    fds: int
     fd_kinds: dict[str, int]
 
 
@@ -79,14 +78,12 @@ def _command_name(pid: int) -> str:
 
 def _read(pid: int, name: str) -> _Reading:
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    kinds = _fd_kinds(pid)
     return _Reading(
         name,
         cpu_seconds(Path(f"/proc/{pid}/stat")),
         int(status.get("VmRSS", "0").split()[0]),  # a zombie has none
         int(status["Threads"]),
-        sum(kinds.values()),
-        kinds,
+        _fd_kinds(pid),
     )
 
 
@@ -100,12 +97,7 @@ def _fd_kinds(pid: int) -> dict[str, int]:
             target = os.readlink(f"{folder}/{fd}")
         except FileNotFoundError:  # closed while we looked
             continue
-        if target.startswith("/"):
-            kind = target
-        elif target.startswith("anon_inode:"):
-            kind = target
-        else:  # socket:[inode], pipe:[inode]
-            kind = target.split(":[", 1)[0]
+        kind = target.split(":[", 1)[0] if target.startswith(("socket:", "pipe:")) else target  # not each inode
         kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
 
@@ -134,7 +126,7 @@ class Holdings:
         return cls(
             round(sum(r.rss_kb for r in readings) / 1024, 1),
             sum(r.threads for r in readings),
-            sum(r.fds for r in readings),
+            sum(by_kind.values()),
             by_process,
             dict(sorted(by_kind.items())),
         )

@@ -167,8 +167,8 @@ class Controller:
     def _read_ahead(self, text: str) -> None:
         """The start of a long turn is known for good: the LM reads it while the user goes on. Not
         in a pause, which may be the turn's end: the end-of-turn judge and the speculation need
-        the cores then (measured: read ahead there, turns were judged unsure and waited); the
-        reading waits for the user to go on."""
+        the cores then (measured: a read-ahead of nearly the whole turn, started at its last pause,
+        held its reply's first token to 1.8 s); the reading waits for the user to go on."""
         self._stable = text
         if self.create_response and self.state == State.USER_SPEAKING:
             self._stable = None

@@ -112,22 +112,25 @@ class LlamaCppLM:
         answer = await self.worker.run(self._server.handle_chat_completions, _chat_request(messages) | {"max_tokens": 1, "temperature": 0.0})
         if "choices" not in answer:
             raise LlamaCppError(str(answer.get("error", answer)))
-        timings = answer.get("timings", {})
+        self._evaluated(answer.get("timings", {}), "lm.prefilled")
+
+    def _evaluated(self, timings: dict[str, Any], event: str) -> None:
+        """How a prompt went in, from llama.cpp's timings: kept as `last_prompt`, and logged."""
         self.last_prompt = PromptUse(timings.get("cache_n", 0), timings.get("prompt_n", 0))
-        log.debug("lm.prefilled", cached=timings.get("cache_n", 0), evaluated=timings.get("prompt_n", 0), ms=round(timings.get("prompt_ms", 0.0), 1))
+        log.debug(event, cached=self.last_prompt.cached, evaluated=self.last_prompt.evaluated, ms=round(timings.get("prompt_ms", 0.0), 1))
 
     def generate_now(self, request: dict[str, Any], post: Post[str], stop: threading.Event) -> None:
         """Blocking: one streamed chat completion, posting each text delta; ends at the first token
         after `stop` is set."""
         failure: list[str] = []
-        prompt = PromptUse()
+        told = False  # how its prompt went in: the first chunk with timings says
 
         def on_chunk(chunk: dict[str, Any]) -> bool:
+            nonlocal told
             timings = chunk.get("timings")
-            if timings and not prompt.evaluated and not prompt.cached:
-                prompt.cached, prompt.evaluated = timings.get("cache_n", 0), timings.get("prompt_n", 0)
-                self.last_prompt = PromptUse(prompt.cached, prompt.evaluated)
-                log.debug("lm.prompt_evaluated", cached=prompt.cached, evaluated=prompt.evaluated, ms=round(timings.get("prompt_ms", 0.0), 1))
+            if timings and not told:
+                told = True
+                self._evaluated(timings, "lm.prompt_evaluated")
             if stop.is_set():
                 return True  # llama.cpp drops the generation when its stream is let go
             if "error" in chunk or "choices" not in chunk:
