@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 
@@ -16,7 +15,7 @@ from profiles import open_profile
 from realtime.capacity import call_share
 from realtime.server import REGISTRY, build_app, ssl_context
 from realtime.worker import drain_on_sigterm
-from runtime.memory import release_free_memory_every
+from runtime.memory import freeze_what_lives_on, release_free_memory_every
 from runtime.tasks import TaskOwner
 
 # How often the C heap's free pages go back to the system (runtime/memory.py): ~50 MB at 8 calls.
@@ -64,11 +63,7 @@ async def serve_profile(config: AppConfig, store: TranscriptStore) -> web.Applic
 
     app.cleanup_ctx.append(release_memory)
     app.cleanup_ctx.append(drain_on_sigterm(app[REGISTRY], config.worker.drain_timeout_s))
-    # Everything loaded so far lives as long as the server: out of the collector's sight, a full
-    # collection no longer walks the models' and libraries' objects, which stopped every thread,
-    # the event loop too, for 60-120 ms (gaps in every call's audio).
-    gc.collect()
-    gc.freeze()
+    freeze_what_lives_on()
     scheme = "https" if config.server.cert else "http"
     structlog.get_logger().info("server.listening", url=f"{scheme}://{config.server.host}:{config.server.port}")
     return app

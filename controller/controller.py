@@ -201,7 +201,8 @@ class Controller:
             return
         self._barge_in_over_held(State.USER_PAUSED, text)
         self.turns.new_pause()
-        self.replies.start(self.utterance.item_id, speculative=True)
+        if self.create_response:
+            self.replies.start(self.utterance.item_id, speculative=True)
 
     def _own_voice(self, text: str) -> bool:
         """Whether the speech over the held reply was its own words, come back through a client
@@ -231,6 +232,7 @@ class Controller:
         self.replies.end_held("interrupted", bargein=True)
         self.io.emit(ev.SpeechStopped(self.utterance.item_id, event.audio_end_ms))
         if not self.create_response:
+            self.replies.cancel_speculation()  # started before `create_response` went off
             self._set_state(State.LISTENING)
             self._tasks.spawn(self._record_turn(self.utterance.item_id), f"user-turn:{self.utterance.item_id}")
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import os
 import platform
 import time
@@ -20,6 +21,14 @@ import structlog
 log = structlog.get_logger()
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c")) if platform.libc_ver()[0] == "glibc" else None
+
+
+def freeze_what_lives_on() -> None:
+    """Everything alive now (the models, the libraries) lives as long as the server: out of the
+    collector's sight, a full collection no longer walks it. Walking it stopped every thread, the
+    event loop too, for 60-120 ms (170-210 ms in a test process): gaps in every call's audio."""
+    gc.collect()
+    gc.freeze()
 
 
 def release_free_memory() -> bool:

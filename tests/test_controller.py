@@ -328,6 +328,33 @@ async def test_words_over_the_agent_are_a_barge_in_at_their_pause(rig):
     assert rig.lm.calls[-1][-2].content == turns[1].text
 
 
+async def test_with_create_response_off_words_over_the_agent_stop_it_and_are_only_kept(rig):
+    await spoken_over(rig)
+    rig.controller.on_client_event(SessionUpdate({"create_response": False}))
+    rig.tokenizer.transcript = "Wait, stop."
+    rig.frames(True, 20)
+    rig.frames(False, 13)
+    done = await rig.until(lambda: rig.of("response.done"))
+    assert done[0]["response"]["status"] == "interrupted"
+    rig.frames(False, 25)
+    await rig.until(lambda: rig.of("conversation.item.input_audio_transcription.completed")[1:])
+    assert len(rig.of("response.created")) == 1 and len(rig.lm.calls) == 1
+    assert rig.controller.counters.speculative_starts == 1  # the first turn's, none over the reply
+    assert rig.controller.state == State.LISTENING and rig.controller.replies.current is None
+    assert [(t.role, t.status) for t in rig.controller.context.turns][-1] == ("user", "completed")
+
+
+async def test_create_response_turned_off_in_a_pause_drops_the_reply_being_prepared(rig):
+    rig.frames(True, 30)
+    rig.frames(False, 13)
+    assert rig.controller.state == State.USER_PAUSED and rig.controller.replies.current is not None
+    rig.controller.on_client_event(SessionUpdate({"create_response": False}))
+    rig.frames(False, 25)
+    await rig.until(lambda: rig.of("conversation.item.input_audio_transcription.completed"))
+    assert not rig.of("response.created") and rig.controller.replies.current is None
+    assert rig.controller.counters.speculative_cancels == 1
+
+
 @pytest.mark.parametrize(
     "server_cancels, transcript, own",
     [
