@@ -7,6 +7,7 @@ import time
 from typing import Literal
 
 CALLS: list[tuple[str, dict]] = []  # every call, in order, with its arguments
+ARCHIVE: asyncio.Event | None = None  # the slow archive answers once a test sets it (one per test: events bind to a loop)
 
 
 def order_status(order_id: str, detail: Literal["short", "full"] = "short") -> dict[str, str]:
@@ -24,7 +25,8 @@ def order_status(order_id: str, detail: Literal["short", "full"] = "short") -> d
 async def slow_lookup(query: str) -> str:
     """Look something up in a slow archive."""
     CALLS.append(("slow_lookup", {"query": query}))
-    await asyncio.sleep(3.0)
+    assert ARCHIVE is not None, "the test using this tool makes its ARCHIVE"
+    await ARCHIVE.wait()
     return f"The archive says {query} was founded in 1850."
 
 
