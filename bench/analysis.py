@@ -1,12 +1,15 @@
 """Reading timings out of audio: where speech is in a clip, and what a client heard when.
 
-Everything here works on plain arrays and (arrival time, level) pairs, so each function can be
-checked against synthetic signals whose answers are known.
+Everything here works on plain arrays, (arrival time, level) pairs and the server's events with
+their arrival times, so each function can be checked against synthetic signals and timelines
+whose answers are known.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from typing import Any
 
 import numpy as np
 
@@ -102,3 +105,42 @@ def underruns(heard: list[Heard], start: float, end: float, max_gap_s: float = 0
     apart (the client's jitter buffer would have played silence there)."""
     arrivals = [h.arrival for h in heard if start <= h.arrival <= end]
     return sum(1 for a, b in zip(arrivals, arrivals[1:]) if b - a > max_gap_s)
+
+
+# A reply that pauses or stops this long after the user's clip ended, or with no clip playing, did
+# so for no speech of theirs: it heard itself.
+SPEECH_EXPLAINS_S = 2.0
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One of the user's clips, on the client clock: when it began, its speech ended, it ended."""
+
+    start: float
+    speech_end: float
+    end: float
+
+
+def self_interruptions(events: list[dict[str, Any]], clips: list[Clip]) -> int:
+    """Replies that paused or stopped with none of the user's clips to explain it (`events`: the
+    server's, each with its `_received` time): the agent took its own voice (a speakerphone's
+    echo) for the user's. A clip explains it only if the reply began before the clip's speech was
+    over (spoken over it, or cut into a hesitation): a reply to a clip that its own echo stops
+    soon after is not the clip's doing."""
+    own: set[str] = set()
+    began: dict[str, float] = {}
+    for event in events:
+        if event["type"] == "response.audio.started":
+            began.setdefault(event["response_id"], event["_received"])
+            continue
+        if event["type"] == "response.audio.paused":
+            reply = event["response_id"]
+        elif event["type"] == "response.done" and event["response"]["status"] == "interrupted":
+            reply = event["response"]["id"]
+        else:
+            continue
+        at = event["_received"]
+        reply_began = began.get(reply, at)
+        if not any(c.start <= at <= c.end + SPEECH_EXPLAINS_S and reply_began <= c.speech_end for c in clips):
+            own.add(reply)
+    return len(own)

@@ -16,6 +16,7 @@ import numpy as np
 import soxr
 
 from bench.analysis import (
+    Clip,
     Heard,
     audio_stop,
     bargein_stop_ms,
@@ -24,6 +25,7 @@ from bench.analysis import (
     sounded_between,
     speech_end,
     speech_segments,
+    self_interruptions,
     underruns,
 )
 from bench.metrics import word_error_rate
@@ -40,9 +42,6 @@ REPLY_TIMEOUT_S = 60.0
 QUIET_AFTER_REPLY_S = 1.0
 NO_REPLY_WAIT_S = 3.0
 TAIL_QUIET_S = 0.2
-# A reply that pauses or stops this long after the user's last clip ended, or with no clip playing,
-# did so for no speech of theirs: it heard itself.
-SPEECH_EXPLAINS_S = 2.0
 
 Transcribe = Callable[[np.ndarray], Awaitable[str]]  # 16 kHz float PCM -> text
 
@@ -114,7 +113,7 @@ class SessionRun:
         self.results: list[TurnResult] = []
         self.started = 0.0
         self._last_clip_at = 0.0
-        self._clips: list[tuple[float, float]] = []  # when each of the user's clips began and ended
+        self._clips: list[Clip] = []
 
     async def play(self, scenario: Scenario) -> None:
         await self.peer.connect()
@@ -156,10 +155,10 @@ class SessionRun:
         self._last_clip_at = clip_at
         peer.speak(soxr.resample(utterance.pcm, RATE, PEER_RATE).astype(np.float32), PEER_RATE)
         clip_end_at = clip_at + len(utterance.pcm) / RATE
-        self._clips.append((clip_at, clip_end_at))
         end = utterance.speech_end_s if utterance.speech_end_s is not None else speech_end(utterance.pcm, RATE)
         result = TurnResult(scenario, self.index, number, utterance.text, end)
         speech_end_at = clip_at + (end or 0.0)
+        self._clips.append(Clip(clip_at, speech_end_at, clip_end_at))
 
         if not utterance.expect_reply:
             spoken_over = utterance.when == "bargein"
@@ -278,19 +277,7 @@ class SessionRun:
                 result.server = {k: v for k, v in event.items() if not k.startswith("_") and k != "type"}
 
     def self_interruptions(self) -> int:
-        """Replies that paused or stopped with none of the user's clips to explain it: the agent
-        took its own voice (a speakerphone's echo) for the user's."""
-        own: set[str] = set()
-        for event in self.peer.events:
-            if event["type"] == "response.audio.paused":
-                reply = event["response_id"]
-            elif event["type"] == "response.done" and event["response"]["status"] == "interrupted":
-                reply = event["response"]["id"]
-            else:
-                continue
-            if not any(start <= event["_received"] <= end + SPEECH_EXPLAINS_S for start, end in self._clips):
-                own.add(reply)
-        return len(own)
+        return self_interruptions(self.peer.events, self._clips)
 
     def underruns(self) -> int:
         heard = self.heard()

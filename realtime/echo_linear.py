@@ -41,8 +41,9 @@ class LinearEcho:
     EchoDelay finds (`align()`), and what it knows of its own work: how much of the echo it
     leaves (`converged`), and how loud the echo it took out of the last frame was (`remainder`:
     what may be left of it). Two filters of that shape: one learns from every frame the agent is
-    audible in, the other, whose output is used, takes its weights only once they leave less of
-    the echo over the last 160 ms, so a user talking over the agent does not teach it their voice."""
+    audible in (from the other's weights each time it becomes audible again), the other, whose
+    output is used, takes its weights only once they leave less of the echo over the last 160 ms,
+    so a user talking over the agent does not teach it their voice."""
 
     def __init__(self) -> None:
         bins = FRAME_SAMPLES + 1
@@ -61,6 +62,7 @@ class LinearEcho:
         self._estimates: collections.deque[float] = collections.deque(maxlen=ESTIMATE_FRAMES)
         self._levels: collections.deque[float] = collections.deque(maxlen=PARTITIONS)  # of the reference the filter spans
         self._left: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=COMPARED_FRAMES)  # (in use, learning, heard)
+        self._spanned = False  # whether the agent was audible in the span the filter covered at the last frame
 
     def sent(self, frame: np.ndarray) -> None:
         """A frame of the reference (float, 16 kHz, one per frame sent)."""
@@ -121,7 +123,17 @@ class LinearEcho:
         residual = heard - self._echo(self._weights)
         echo, left, whole = power(heard - residual), power(residual), power(heard)
         self._estimates.append(echo)
-        if max(self._levels) > AUDIBLE:
+        spanned = max(self._levels) > AUDIBLE
+        if spanned and not self._spanned:
+            # The agent audible again: the learning filter starts from the one in use. As the
+            # last reply's echo faded it learnt from whatever came (a user answering at once:
+            # their voice against a quiet reference); a few frames into the next reply it then
+            # won the comparison and left more than the microphone heard (live, over /ws: the
+            # agent took its own echo for the user going on).
+            self._learning = self._weights.copy()
+            self._left.clear()
+        self._spanned = spanned
+        if spanned:
             learnt = heard - self._echo(self._learning)
             self._left.append((left, power(learnt), whole))
             self._adapt(learnt)

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from bench.analysis import (
+    Clip,
     Heard,
     bargein_stop_ms,
     client_v2v_ms,
     sounded_between,
     speech_end,
     speech_segments,
+    self_interruptions,
     underruns,
 )
 from bench.metrics import word_error_rate
@@ -114,3 +116,33 @@ def test_soak_floor_slope_sees_growth_and_not_the_runs_in_flight():
     flat, growing = soak(0.0), soak(8.0)
     assert abs(flat.rss_floor_slope_mb_per_hour() or 0) < 0.5
     assert 7.5 < (growing.rss_floor_slope_mb_per_hour() or 0) < 8.5
+
+
+def _started(reply: str, at: float) -> dict:
+    return {"type": "response.audio.started", "response_id": reply, "_received": at}
+
+
+def _paused(reply: str, at: float) -> dict:
+    return {"type": "response.audio.paused", "response_id": reply, "_received": at}
+
+
+def _interrupted(reply: str, at: float) -> dict:
+    return {"type": "response.done", "response": {"id": reply, "status": "interrupted"}, "_received": at}
+
+
+def test_a_reply_stopped_by_speech_over_it_or_by_the_rest_of_a_hesitant_turn_did_not_hear_itself():
+    barge_in = [_started("r1", 1.0), _paused("r1", 3.3), _interrupted("r1", 4.2)]
+    assert self_interruptions(barge_in, [Clip(0.0, 0.8, 0.9), Clip(3.0, 3.8, 4.0)]) == 0
+    # The commit cut into the pause of a turn: the reply began there and the user went on.
+    hesitation = [_started("r1", 1.5), _interrupted("r1", 1.8)]
+    assert self_interruptions(hesitation, [Clip(0.0, 2.7, 3.0)]) == 0
+
+
+def test_a_reply_stopped_after_the_user_s_speech_was_over_heard_itself():
+    # Its own echo, half a second into the reply to a finished request, though within the 2 s after
+    # the request's clip that a slow judgement of speech over a reply is allowed.
+    echo = [_started("r1", 2.3), _paused("r1", 2.6), _interrupted("r1", 2.9)]
+    assert self_interruptions(echo, [Clip(0.0, 1.8, 2.0)]) == 1
+    # Paused twice with no clip near, and a second reply stopped before its audio began: two replies.
+    alone = [_started("r1", 5.0), _paused("r1", 9.0), _paused("r1", 12.0), _interrupted("r2", 20.0)]
+    assert self_interruptions(alone, [Clip(0.0, 1.8, 2.0)]) == 2

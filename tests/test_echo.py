@@ -13,7 +13,7 @@ from bench.metrics import word_error_rate
 from realtime.events import ClientEvent, SessionCreated, SessionUpdate
 from realtime.output import PacedOutput
 from realtime.session import Session, SessionIO
-from runtime.audio import FRAME_MS, SAMPLE_RATE, float_to_int16
+from runtime.audio import AUDIBLE, FRAME_MS, SAMPLE_RATE, float_to_int16, power
 from testkit.peer import ClientPeer
 from testkit.room import SpeakerphoneMic, SpeakerRoom
 from testkit.speech import espeak
@@ -241,6 +241,37 @@ def test_a_user_talking_over_the_echo_does_not_teach_the_linear_canceller_their_
     alone, after_user = left_db(False), left_db(True)
     assert alone <= -15.0, alone
     assert after_user <= alone + 3.0, (after_user, alone)
+
+
+@pytest.mark.parametrize("louder", [2.0, 4.0])
+def test_the_user_answering_over_a_reply_s_last_echo_does_not_spoil_the_next_reply(long_reply, reply, louder):
+    """The user answers as the reply's echo fades (80 ms after its last audible frame comes back,
+    6 or 12 dB over the echo): the filter learns from their voice there, and the next reply's echo
+    must come out as well as ever. (Live, over /ws: the learning filter kept what it learnt from
+    the user, won the comparison on the next reply's first frames, and left more than the
+    microphone heard: the agent took its own echo for the user's next words.)"""
+    user = louder * espeak("Tell me about the history of tea.", options=["-v", "en-us+f3"])
+    delay = 150 // FRAME_MS
+    sent_frames = _frames(float_to_int16(np.concatenate([long_reply, np.zeros(2 * SAMPLE_RATE, np.float32), reply])))
+    last_audible = max(i for i, frame in enumerate(sent_frames[: len(long_reply) // FRAME]) if power(frame) > AUDIBLE)
+    user_at, next_at = last_audible + delay + 80 // FRAME_MS, (len(long_reply) + 2 * SAMPLE_RATE) // FRAME
+    linear, room, rng = LinearEcho(), SpeakerRoom(150, 0), np.random.default_rng(6)
+    mic, residual = [], []
+    for index, sent in enumerate(sent_frames):
+        linear.sent(sent.astype(np.float32))
+        heard = room.echo(sent.astype(np.float32) / 32768) + rng.normal(0, 3e-4, FRAME).astype(np.float32)
+        offset = (index - user_at) * FRAME
+        if 0 <= offset < len(user) - FRAME:
+            heard += user[offset : offset + FRAME]
+        if index == SAMPLE_RATE // FRAME:
+            linear.align(delay)
+        mic.append(float_to_int16(heard))
+        residual.append(linear.cancel(mic[-1]))
+    echo = range(next_at + delay, next_at + delay + 50)  # the next reply's first second of echo
+    worst = max(_db(residual[i]) - _db(mic[i]) for i in echo if _db(mic[i]) > 40)
+    assert worst <= -3.0, f"a frame of the echo came out {worst:+.1f} dB against the microphone"
+    whole = _db(np.concatenate([residual[i] for i in echo])) - _db(np.concatenate([mic[i] for i in echo]))
+    assert whole <= -15.0, whole
 
 
 def test_off_the_input_passes_untouched_and_the_module_is_never_made(reply):
