@@ -121,26 +121,37 @@ class Clip:
     end: float
 
 
-def self_interruptions(events: list[dict[str, Any]], clips: list[Clip]) -> int:
-    """Replies that paused or stopped with none of the user's clips to explain it (`events`: the
-    server's, each with its `_received` time): the agent took its own voice (a speakerphone's
+@dataclass(frozen=True)
+class OwnStop:
+    """A reply paused (`stopped` False) or stopped at `at` (client clock) with no speech of the
+    user's to explain it; `began`: its first audio, if any came."""
+
+    response_id: str
+    at: float
+    stopped: bool
+    began: float | None
+
+
+def self_interruptions(events: list[dict[str, Any]], clips: list[Clip]) -> list[OwnStop]:
+    """Each time a reply paused or stopped with none of the user's clips to explain it (`events`:
+    the server's, each with its `_received` time): the agent took its own voice (a speakerphone's
     echo) for the user's. A clip explains it only if the reply began before the clip's speech was
     over (spoken over it, or cut into a hesitation): a reply to a clip that its own echo stops
     soon after is not the clip's doing."""
-    own: set[str] = set()
+    stops: list[OwnStop] = []
     began: dict[str, float] = {}
     for event in events:
         if event["type"] == "response.audio.started":
             began.setdefault(event["response_id"], event["_received"])
             continue
         if event["type"] == "response.audio.paused":
-            reply = event["response_id"]
+            reply, stopped = event["response_id"], False
         elif event["type"] == "response.done" and event["response"]["status"] == "interrupted":
-            reply = event["response"]["id"]
+            reply, stopped = event["response"]["id"], True
         else:
             continue
         at = event["_received"]
         reply_began = began.get(reply, at)
         if not any(c.start <= at <= c.end + SPEECH_EXPLAINS_S and reply_began <= c.speech_end for c in clips):
-            own.add(reply)
-    return len(own)
+            stops.append(OwnStop(reply, at, stopped, began.get(reply)))
+    return stops

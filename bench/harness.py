@@ -18,6 +18,7 @@ import soxr
 from bench.analysis import (
     Clip,
     Heard,
+    OwnStop,
     audio_stop,
     bargein_stop_ms,
     client_v2v_ms,
@@ -276,7 +277,7 @@ class SessionRun:
             elif kind == "metrics.turn":
                 result.server = {k: v for k, v in event.items() if not k.startswith("_") and k != "type"}
 
-    def self_interruptions(self) -> int:
+    def self_interruptions(self) -> list[OwnStop]:
         return self_interruptions(self.peer.events, self._clips)
 
     def underruns(self) -> int:
@@ -295,13 +296,25 @@ class CallTotals:
     refused: int = 0  # of them, refused by a full server (HTTP 503): a server that keeps its capacity
     underruns: int = 0  # holes in the received audio
     self_interruptions: int = 0  # replies paused or stopped by no speech of the user's
+    own_stops: list[dict[str, Any]] = field(default_factory=list)  # each such pause or stop: which call, reply, when
     event_stalls: int = 0  # pings whose pong took over a second (WebRTC with events)
     to_server: Direction = field(default_factory=Direction)  # datagrams through an impairment relay
     to_client: Direction = field(default_factory=Direction)
 
     def add(self, run: SessionRun) -> None:
         self.underruns += run.underruns()
-        self.self_interruptions += run.self_interruptions()
+        stops = run.self_interruptions()
+        self.self_interruptions += len({stop.response_id for stop in stops})
+        self.own_stops += [
+            {
+                "call": run.index,
+                "response_id": stop.response_id,
+                "at_s": round(stop.at - run.started, 2),
+                "stopped": stop.stopped,
+                "reply_began_s": None if stop.began is None else round(stop.began - run.started, 2),
+            }
+            for stop in stops
+        ]
         peer = run.peer
         if isinstance(peer, ClientPeer):
             self.event_stalls += peer.event_stalls()
@@ -319,6 +332,7 @@ class CallTotals:
             "calls": calls,
             "underruns": self.underruns,
             "self_interruptions": self.self_interruptions,
+            "own_stops": self.own_stops,
             "event_stalls": self.event_stalls,
             "network": network,
         }

@@ -41,7 +41,7 @@ def summarize(by_level: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
             "self_interruptions": run.get("self_interruptions", 0),
             "replies_heard": replies_heard(rows),
             "scenarios": by_scenario(rows),
-            **{k: run[k] for k in ("calls", "event_stalls", "network", "impairment", "room", "cpu_percent_per_session", "rss_mb", "cpu_by_stage") if k in run},
+            **{k: run[k] for k in ("calls", "own_stops", "event_stalls", "network", "impairment", "room", "cpu_percent_per_session", "rss_mb", "cpu_by_stage") if k in run},
         }
     return out
 

@@ -8,6 +8,7 @@ import pytest
 from bench.analysis import (
     Clip,
     Heard,
+    OwnStop,
     bargein_stop_ms,
     client_v2v_ms,
     sounded_between,
@@ -132,17 +133,19 @@ def _interrupted(reply: str, at: float) -> dict:
 
 def test_a_reply_stopped_by_speech_over_it_or_by_the_rest_of_a_hesitant_turn_did_not_hear_itself():
     barge_in = [_started("r1", 1.0), _paused("r1", 3.3), _interrupted("r1", 4.2)]
-    assert self_interruptions(barge_in, [Clip(0.0, 0.8, 0.9), Clip(3.0, 3.8, 4.0)]) == 0
+    assert self_interruptions(barge_in, [Clip(0.0, 0.8, 0.9), Clip(3.0, 3.8, 4.0)]) == []
     # The commit cut into the pause of a turn: the reply began there and the user went on.
     hesitation = [_started("r1", 1.5), _interrupted("r1", 1.8)]
-    assert self_interruptions(hesitation, [Clip(0.0, 2.7, 3.0)]) == 0
+    assert self_interruptions(hesitation, [Clip(0.0, 2.7, 3.0)]) == []
 
 
 def test_a_reply_stopped_after_the_user_s_speech_was_over_heard_itself():
     # Its own echo, half a second into the reply to a finished request, though within the 2 s after
     # the request's clip that a slow judgement of speech over a reply is allowed.
     echo = [_started("r1", 2.3), _paused("r1", 2.6), _interrupted("r1", 2.9)]
-    assert self_interruptions(echo, [Clip(0.0, 1.8, 2.0)]) == 1
-    # Paused twice with no clip near, and a second reply stopped before its audio began: two replies.
+    assert self_interruptions(echo, [Clip(0.0, 1.8, 2.0)]) == [OwnStop("r1", 2.6, False, 2.3), OwnStop("r1", 2.9, True, 2.3)]
+    # Paused twice with no clip near, and a second reply stopped before its audio began.
     alone = [_started("r1", 5.0), _paused("r1", 9.0), _paused("r1", 12.0), _interrupted("r2", 20.0)]
-    assert self_interruptions(alone, [Clip(0.0, 1.8, 2.0)]) == 2
+    assert self_interruptions(alone, [Clip(0.0, 1.8, 2.0)]) == [
+        OwnStop("r1", 9.0, False, 5.0), OwnStop("r1", 12.0, False, 5.0), OwnStop("r2", 20.0, True, None)
+    ]
