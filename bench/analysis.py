@@ -8,7 +8,6 @@ whose answers are known.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np

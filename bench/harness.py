@@ -23,10 +23,10 @@ from bench.analysis import (
     bargein_stop_ms,
     client_v2v_ms,
     first_audible,
+    self_interruptions,
     sounded_between,
     speech_end,
     speech_segments,
-    self_interruptions,
     underruns,
 )
 from bench.metrics import word_error_rate
