@@ -28,8 +28,8 @@ COUPLING_FIRST = 25  # (the microphone's own level, judged after the linear canc
 NO_ECHO = 1e-3  # after a second, echo 30 dB under what was sent is no echo (headphones): judged at once
 REACH_FRAMES = 18  # AEC3 finds an echo up to 360 ms late itself (measured live; ~450 offline): later, the reference is held back
 # The first echo can come back as late as the delay finder looks: the microphone's level is
-# learnt only after that. Learnt from the first second, a live echo that came back late was once
-# judged none, and passed whole.
+# learnt only after that, or once the delay is found. Learnt from the first second, a live echo that
+# came back late was once judged none, and passed whole.
 FIRST_ECHO_FRAMES = MAX_FRAMES
 SILENCED = 0.001  # -60 dB: loud echo, silenced, stays under what the VAD hears (Silero hears speech to -60 dBFS)
 
@@ -79,6 +79,14 @@ class ResidualGuard:
             self._coupling.clear()
             self._no_echo = None
 
+    def echo_placed(self) -> None:
+        """The echo's delay is found: what the microphone hears from now on is the echo that has
+        come back, none is still on its way, so its level is learnt at once. (Waiting
+        FIRST_ECHO_FRAMES more, the linear canceller's first half second was judged against an
+        echo taken as loud as sent: live, a user barging in on a call's first reply at the
+        echo's level lost their first words.)"""
+        self._audible = max(self._audible, FIRST_ECHO_FRAMES)
+
     def guard(self, heard: np.ndarray, cleaned: np.ndarray, residual: np.ndarray | None = None, remainder: float = 0.0) -> np.ndarray:
         """`cleaned`, the canceller's output for the microphone's frame `heard`, or silence. Given
         `residual`, the linear canceller's output once it has converged, and `remainder`, what it
@@ -124,7 +132,7 @@ class EchoCanceller:
     use, so a call that never cancels never loads it. The echo's delay (the client's buffer, the
     network, the room: 200 to 600 ms measured here) is found by EchoDelay, and the reference held
     back by what is over REACH_FRAMES: AEC3 alone finds no echo over ~500 ms late. Once the delay
-    is found, LinearEcho learns the echo too; from when it takes out 13 dB, its residual, not
+    is found, LinearEcho learns the echo too; from when it takes out 6 dB, its residual, not
     AEC3's output, is what the guard judges and keeps while the agent is audible."""
 
     def __init__(self, mode: str, client_cancels: bool | None = None) -> None:
@@ -199,6 +207,7 @@ class EchoCanceller:
             self._aligned = self._delay.frames
             self.log.info("echo.delay_found", delay_ms=self._delay.frames * FRAME_MS, match=round(self._delay.score, 2))
             self._linear.align(self._delay.frames)
+            self._guard.echo_placed()
         residual = self._linear.cancel(frame)
         if self._linear.converged != self._converged:
             self._converged = self._linear.converged

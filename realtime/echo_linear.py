@@ -20,13 +20,16 @@ REPLAY_FRAMES = 150  # once aligned, passes over the echo in the history, ~3 s i
 MAX_REPLAYS = 3  # (more passes over a short history learnt its noise: worse, measured)
 RATIO_FRAMES = 250  # what is left of the echo (residual / microphone), over the last 5 s it was audible
 RATIO_PERCENTILE = 25  # its quarter-low: a user talking over most of those 5 s does not raise it
-CONVERGED = 0.05  # the remainder judged frame by frame once the filter takes out 13 dB (from 11 dB, live, the
-# first barge-in of a call was heard in 4 of 8 calls, but /ws calls on a speakerphone interrupted themselves 9 times in 22 replies, not 4)
-LOST = 0.1  # and no longer once it takes out under 10 dB
+CONVERGED = 0.25  # the remainder judged frame by frame once the filter takes out 6 dB: the guard holds sound
+# to MARGIN over what the filter leaves and never under half the echo it takes out, so a young filter lets no more
+# echo through (replayed on 16 live calls: the same 25 leaks trusted from 13 dB down to 3 dB; live over /ws, 150 ms,
+# 0 dB: 1 self-interruption in 22 replies, as from 13 dB), while the user's first barge-in of a call, ~1 s into the
+# first echo where the filter takes out 6-11 dB, was lost from 13 dB on
+LOST = 0.32  # and no longer once it takes out under 5 dB
 MARGIN = 8.0  # sound 9 dB over what the filter leaves of the echo is more than echo
 ESTIMATE_FRAMES = 3  # the echo's estimate: the loudest of the last 60 ms (a word's echo fades over a few frames)
 FLOOR = 2 * FRAME_SAMPLES * PARTITIONS * AUDIBLE  # the normalization's least: the power of a span at AUDIBLE
-JUDGED_FRAMES = 50  # it is judged from 1 s of echo after it is placed (judging the history it learnt from with
+JUDGED_FRAMES = 10  # it is judged from 200 ms of echo after it is placed (judging the history it learnt from with
 # it trusted a filter that then let a greeting's echo through for a second, in one call of six)
 MOSTLY_ECHO = 0.5  # frames whose echo, as the filter has learnt it, is over half of what was heard
 COMPARED_FRAMES = 8  # the two filters are compared over the last 160 ms

@@ -215,6 +215,31 @@ def test_the_user_talking_over_the_agent_at_its_echo_s_level_is_heard_whole(long
     assert _db(heard[during]) - _db(echo_only[during]) >= 30.0
 
 
+@pytest.mark.parametrize("delay_ms, loss_db", [(150, 0.0), (300, 6.0)])
+def test_the_user_barging_in_on_a_call_s_first_reply_is_heard_from_their_first_word(long_reply, delay_ms, loss_db):
+    """The call's first reply, after the user's request (2 s the agent sent nothing): they stop
+    it 1.2 s into its echo, as loud as the echo. The delay is found half a second into the echo
+    and the filter has taken out only 6-11 dB by then; their first word must come through all the
+    same, and the echo alone stay silenced. (Trusted from 13 dB, the filter was not yet: AEC3's
+    suppressor muted "Wait" (-64 dB) and more (-6.7 dB over the whole), and live the ASR heard a
+    fragment ("So,") that resumed the reply. With the echo's level at the microphone learnt only
+    after 1.2 s of it, an echo 6 dB under what was sent was taken as loud as sent, and a user at
+    its level lost their first 300 ms all the same.)"""
+    call = np.concatenate([np.zeros(2 * SAMPLE_RATE, dtype=np.float32), long_reply])
+    user = espeak("Wait, stop please.", options=["-v", "en-us+f3"]) * 10 ** (-loss_db / 20)
+    at_s = 2.0 + delay_ms / 1000 + 1.2
+    start = int(at_s * SAMPLE_RATE)
+    during = slice(start, start + len(user))
+    lead = int(np.flatnonzero(np.abs(user) > 0.005)[0])  # their first sound
+    first = slice(start + lead, start + lead + int(0.3 * SAMPLE_RATE))
+    heard = _call(EchoCanceller("on"), call, SpeakerRoom(delay_ms, loss_db), user, user_at_s=at_s)[1]
+    said = float_to_int16(user)
+    assert abs(_db(heard[first]) - _db(said[lead : lead + int(0.3 * SAMPLE_RATE)])) <= 3.0, _db(heard[first])
+    assert abs(_db(heard[during]) - _db(said)) <= 3.0, _db(heard[during])
+    echo_only = _call(EchoCanceller("on"), call, SpeakerRoom(delay_ms, loss_db))[1]
+    assert _db(heard[during]) - _db(echo_only[during]) >= 20.0
+
+
 def test_a_user_talking_over_the_echo_does_not_teach_the_linear_canceller_their_voice(long_reply):
     """Placed 1 s into the echo, the filter hears the user talk over it 6 dB louder from 1.5 s
     for 2 s, before it has learnt much: the echo after them is taken out as well as without them

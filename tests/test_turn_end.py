@@ -190,3 +190,16 @@ async def test_the_models_score_a_finished_sentence_above_an_unfinished_one(embe
     assert 0.0 <= audio[unfinished] < audio[finished] <= 1.0, audio
     text = {t: await scorers.text(t) for t in ("What is the capital of France?", "I want to book a table for")}
     assert text["I want to book a table for"] < 0.01 < 0.1 < text["What is the capital of France?"], text
+
+
+@pytest.mark.models
+async def test_stray_quotes_in_a_transcript_do_not_make_a_finished_sentence_unsure(embedded_models):
+    """Moonshine sometimes opens a transcript with quotes it heard in a click: the sentence is
+    judged on its words (with the quotes kept, "Tell me a long story about a dragon." scored
+    0.006 and the turn waited max_commit_ms; live over /ws)."""
+    score = embedded_models.turn_end.text
+    plain = await score("Tell me a long story about a dragon.")
+    assert plain >= 0.1, plain
+    for transcript in ("\"'Tell me a long story about a dragon.", "'Tell me a long story about a dragon.'"):
+        assert await score(transcript) == pytest.approx(plain, rel=1e-3), transcript
+    assert await score("I don't know if") < 0.01
