@@ -9,11 +9,11 @@ from models.llamacpp_lm import LlamaCppLM
 # SmolLM2's chat format (ChatML): the user's words, then what would come next.
 CHATML_USER = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{text}"
 ENDINGS = ("<|im_end|>", ".", "?", "!")
-_PUNCTUATION = re.compile(r"[^\w\s']")
-# An apostrophe counts only inside a word ("don't"): Moonshine sometimes starts a transcript with stray
-# quotes ("\"'Tell me a long story about a dragon."), and a quote left open scored the sentence 0.006
-# (0.19 without it): the turn waited max_commit_ms (live, over /ws, a call's first request in 1 call of 2).
-_STRAY_APOSTROPHE = re.compile(r"(?<!\w)'|'(?!\w)")
+# Punctuation, and an apostrophe that is not inside a word ("don't" keeps its own): Moonshine sometimes
+# starts a transcript with stray quotes ("\"'Tell me a long story about a dragon."), and a quote left open
+# scored the sentence 0.006 (0.19 without it): the turn waited max_commit_ms (live, over /ws, a call's
+# first request in 1 call of 2).
+_PUNCTUATION = re.compile(r"[^\w\s']|(?<!\w)'|'(?!\w)")
 
 
 class TextTurnEnd:
@@ -27,7 +27,7 @@ class TextTurnEnd:
         self._system = system_prompt
 
     async def score(self, transcript: str) -> float | None:
-        words = _STRAY_APOSTROPHE.sub("", _PUNCTUATION.sub("", transcript.lower())).strip()
+        words = _PUNCTUATION.sub("", transcript.lower()).strip()
         if not words:
             return None
         probabilities = await self._lm.next_token_probabilities(CHATML_USER.format(system=self._system, text=words))
