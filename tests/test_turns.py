@@ -129,6 +129,22 @@ def test_sound_over_the_agent_is_reported_and_so_is_its_end():
     assert [type(e) for _, e in run(quiet, [(True, 2), (False, 3)])] == []
 
 
+def test_over_the_agent_a_first_word_and_a_comma_keep_it_paused():
+    """ "Stop, I have a question" as Silero heard it live through the echo canceller: "Stop," 9
+    voiced frames (180 ms, under the barge-in's 200), then 200 ms before "I". The agent stays
+    paused over the comma and the next words are the barge-in; it played on over them when the
+    first word's end was reported at once."""
+    turns = taker()
+    turns.agent_speaking(True)
+    stop_i_have = run(turns, [(True, 9), (False, 10), (True, 10), (False, 5)])
+    assert [type(e) for _, e in stop_i_have] == [OverlapOnset, SpeechStarted]
+    # A first word alone: its end is reported 240 ms after the onset is dropped (3 frames after the word).
+    turns = taker()
+    turns.agent_speaking(True)
+    stop = run(turns, [(True, 9), (False, 30)])
+    assert [(i, type(e)) for i, e in stop] == [(1, OverlapOnset), (8 + 3 + 12, OverlapDropped)]
+
+
 def test_a_profile_without_an_end_of_turn_model_cannot_judge():
     turns = taker({"type": "semantic"})  # no scorers: it falls back to the timer
     assert turns.config.endpointing.type == "vad"

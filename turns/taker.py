@@ -27,6 +27,7 @@ from vad.endpointer import Endpoint, Endpointer, Kind, Phase
 from vad.engines import SpeechDetector
 
 ARRIVALS_KEPT = 10_000 // FRAME_MS + 1  # the longest commit delay a session can set
+COMMA_MS = 240  # after a dropped onset of half a barge-in, the agent stays paused this much longer (a comma)
 
 
 class TurnTaker:
@@ -49,6 +50,8 @@ class TurnTaker:
         self.frame_index = -1
         self._agent_speaking = False
         self._overlapping = False  # an OverlapOnset was reported and its sound is still an onset
+        self._onset_ms = 0  # the voiced audio of the latest onset over the agent
+        self._quiet_frames = 0  # frames since it was dropped
 
     def reconfigure(self, config: TurnConfig) -> None:
         """Take a session's new settings, or raise ValueError (a type this profile cannot judge)."""
@@ -95,12 +98,22 @@ class TurnTaker:
 
     def _overlap(self) -> list[TurnEvent]:
         """Sound over the agent: reported once it lasts `agent_pause_ms`, and again if it ends an
-        onset too short to be speech."""
+        onset too short to be speech. An onset of half the speech a barge-in needs is a first word
+        as often as a cough ("Stop," or "Wait,": 160-180 ms of voice over a speakerphone's echo, the
+        next word 200-280 ms later), so its end is reported only COMMA_MS later, if no other onset
+        has begun by then: the agent does not play on over the user's next words."""
         onset_ms = self._endpointer.onset_ms
-        if not self._overlapping and self._agent_speaking and onset_ms >= self.config.interruption.agent_pause_ms:
-            self._overlapping = True
-            return [OverlapOnset()]
-        if self._overlapping and onset_ms == 0 and not self._endpointer.in_turn:
+        if not self._overlapping:
+            if self._agent_speaking and onset_ms >= self.config.interruption.agent_pause_ms:
+                self._overlapping, self._onset_ms, self._quiet_frames = True, onset_ms, 0
+                return [OverlapOnset()]
+            return []
+        if onset_ms or self._endpointer.in_turn:
+            self._onset_ms, self._quiet_frames = onset_ms, 0
+            return []
+        self._quiet_frames += 1
+        word = 2 * self._onset_ms >= self.config.interruption.bargein_min_speech_ms
+        if self._quiet_frames * FRAME_MS > (COMMA_MS if word else 0):
             self._overlapping = False
             return [OverlapDropped()]
         return []
