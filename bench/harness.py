@@ -158,7 +158,7 @@ class SessionRun:
         clip_end_at = clip_at + len(utterance.pcm) / RATE
         end = utterance.speech_end_s if utterance.speech_end_s is not None else speech_end(utterance.pcm, RATE)
         result = TurnResult(scenario, self.index, number, utterance.text, end)
-        speech_end_at = clip_at + (end or 0.0)
+        speech_end_at = clip_at + float(end or 0.0)
         self._clips.append(Clip(clip_at, speech_end_at, clip_end_at))
 
         if not utterance.expect_reply:
@@ -175,7 +175,8 @@ class SessionRun:
         reply_at, done_at = await self._await_reply(speech_end_at, events_before, whole=not interrupted)
         heard = self.heard()
         result.client_v2v_ms = client_v2v_ms(speech_end_at, heard)
-        result.false_cutoff = utterance.when != "bargein" and sounded_between(heard, clip_at, clip_end_at)
+        # Cut off: the agent spoke before the words ended (noise going on after them is not the user).
+        result.false_cutoff = utterance.when != "bargein" and sounded_between(heard, clip_at, speech_end_at)
         if utterance.when == "bargein":
             onset = clip_at + speech_segments(utterance.pcm, RATE)[0][0]
             result.bargein_stop_ms = bargein_stop_ms(onset, heard)

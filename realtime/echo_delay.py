@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from runtime.audio import AUDIBLE, power
+from runtime.audio import AUDIBLE, level_db
 
 WINDOW_FRAMES = 250  # the last 5 s of both, compared
 FIRST_FRAMES = 100  # from 2 s of the agent audible on (from 0.8 s the delay found was a frame late, and wrong once)
@@ -27,10 +27,6 @@ WAVE_PEAK = 0.05  # whitened cross-correlation at the lag found, as a share of a
 WAVE_CLEAR = 8.0  # and that many standard deviations over the correlation at the other lags
 # (noise and a user's voice alone, measured: peaks under 0.045, or under 7.6 deviations from 0.5 s on)
 MOVED_FRAMES = 3  # a delay found within 60 ms of the one in use changes nothing: the canceller re-learns at each change
-
-
-def level_db(frame: np.ndarray) -> float:
-    return 10 * math.log10(power(frame) + 1.0)
 
 
 def waveform_lag(heard: np.ndarray, sent: np.ndarray, most: int) -> tuple[int, float, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 SAMPLE_RATE = 16000
@@ -24,3 +26,8 @@ def float_to_int16(pcm: np.ndarray) -> np.ndarray:
 def power(pcm: np.ndarray) -> float:
     """The mean square of the samples, in their own units."""
     return float(np.mean(np.square(pcm, dtype=np.float64)))
+
+
+def level_db(frame: np.ndarray) -> float:
+    """A frame's power in dB of int16 units (digital silence: 0 dB, full scale: 90 dB)."""
+    return 10 * math.log10(power(frame) + 1.0)

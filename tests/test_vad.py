@@ -98,3 +98,49 @@ def test_endpointer_barge_in_minimum_is_separate():
     # 9 voiced frames (180 ms) are not enough; the later 10 (200 ms) are, and the onset audio keeps
     # the prefix (the blip and the gap, 14 frames) plus the 10 voiced frames.
     assert events == [(23, Kind.SPEECH_STARTED, 14 + 10)]
+
+
+def _speech_in(noise: str, text: str, soft_last_word: bool = False) -> tuple[list[np.ndarray], float]:
+    """`text` spoken after 1 s of digital silence and 0.3 s of the noise (`babble` at 10 dB SNR, or
+    `none`), the noise going on 1.5 s after the words; the frames and where the words end (s)."""
+    from bench.unseen import babble, with_noise
+
+    def trimmed(pcm: np.ndarray) -> np.ndarray:
+        loud = np.flatnonzero(np.abs(pcm) > 0.01)
+        return pcm[loud[0] : loud[-1] + 1]
+
+    words = text.split()
+    if soft_last_word:  # the last word 15 dB under the rest, as a voice trailing off
+        speech = np.concatenate([trimmed(espeak(" ".join(words[:-1]))), np.zeros(800, np.float32), 10 ** (-15 / 20) * trimmed(espeak(words[-1]))])
+    else:
+        speech = trimmed(espeak(text))
+    clip = np.concatenate([np.zeros(4800, np.float32), speech, np.zeros(24000, np.float32)])
+    if noise == "babble":
+        clip = with_noise(clip, babble(len(clip) / 16000, seed=11), 10.0)
+    return frames_of(np.concatenate([np.zeros(16000, np.float32), clip])), 1.3 + len(speech) / 16000
+
+
+def _pauses(frames: list[np.ndarray]) -> list[float]:
+    """Where the endpointer (semantic turn detection's silences) found each pause's speech to end (s)."""
+    detector, endpointer = SileroDetector(), Endpointer(VAD, Silences(pause_ms=120, commit_ms=None))
+    ends = []
+    for frame in frames:
+        event = endpointer.feed(frame, detector.probability(frame))
+        if event and event.kind == Kind.PAUSED:
+            ends.append((event.last_voiced_index + 1) * 0.02)
+    return ends
+
+
+def test_in_babble_a_turn_ends_where_the_words_end_not_where_the_noise_does():
+    # Silero takes four people talking 10 dB under the user for speech: the pause came only when
+    # the babble stopped, 1.5 s after the words.
+    frames, end = _speech_in("babble", "Please tell me when the next bus leaves the station.")
+    ends = _pauses(frames)
+    assert any(end - 0.2 <= e <= end + 0.25 for e in ends), (ends, end)
+
+
+def test_a_soft_last_word_in_quiet_is_still_the_user_s():
+    frames, end = _speech_in("none", "I would like a cup of coffee please", soft_last_word=True)
+    ends = _pauses(frames)
+    assert ends and ends[-1] >= end - 0.1, (ends, end)
+    assert all(e >= end - 0.1 for e in ends), "a pause inside the words"

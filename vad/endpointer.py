@@ -4,6 +4,8 @@ Hysteresis: a frame counts as voiced at `threshold` and as silent only below `th
 in between it keeps the previous class. A silence, once it is one, began at the first frame under
 `threshold` if the probability fell from there within FALL_FRAMES: the user stopped as it began
 to fall. (A longer stretch in between is quiet speech.)
+A frame the background level judges the room's (babble, traffic: sound Silero may take for speech,
+well under the user's voice) counts as silence (`vad/background.py`).
 Durations count 20 ms frames, so the same audio always gives the same events.
 """
 
@@ -17,11 +19,15 @@ import numpy as np
 
 from config import TurnConfig
 from runtime.audio import FRAME_MS
+from vad.background import BackgroundLevel
 
 HYSTERESIS = 0.15
 ONSET_GAP_FRAMES = 2  # unvoiced frames tolerated inside a speech onset before it is dropped
 RESUME_MS = 60  # voiced audio inside a pause that counts as the user speaking again
 FALL_FRAMES = 3  # the longest fall of the speech probability that is still the end of speech
+# In speech, the room's sound ends it only once it has lasted this long (then from where it began):
+# a soft last consonant, as quiet as the babble, is the user's, and silence follows it.
+ROOM_FRAMES = 6
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ class Endpointer:
         self._index = -1
         self._under = 0  # consecutive frames under the threshold
         self.last_voiced_index = -1
+        self._background = BackgroundLevel()
+        self._room = 0  # consecutive speech-like frames at the room's level
 
     def _prefix_frames(self) -> int:
         return max(1, self.config.endpointing.prefix_padding_ms // FRAME_MS)
@@ -96,13 +104,21 @@ class Endpointer:
     def feed(self, frame: np.ndarray, probability: float) -> Endpoint | None:
         self._index += 1
         threshold = self.config.endpointing.threshold
+        level = self._background.feed(frame)
+        room = probability >= threshold - HYSTERESIS and self._background.is_background()
+        self._room = self._room + 1 if room else 0
+        if room and (self.phase != Phase.SPEAKING or self._room >= ROOM_FRAMES):
+            probability = 0.0  # speech-like, but the room's
+        elif probability >= threshold and not room and self.phase != Phase.IDLE:
+            self._background.speech(level)
         if probability >= threshold:
             self._voiced, self._under = True, 0
         else:
             self._under += 1
             if probability < threshold - HYSTERESIS and self._voiced:
                 self._voiced = False
-                self.last_voiced_index = self._index - (self._under if self._under <= FALL_FRAMES else 1)
+                fell = self._room if self._room >= ROOM_FRAMES else (self._under if self._under <= FALL_FRAMES else 1)
+                self.last_voiced_index = self._index - fell
         if self._voiced:
             self.last_voiced_index = self._index
         handler = {
