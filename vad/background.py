@@ -30,8 +30,8 @@ SPEECH_PERCENTILE = 90  # its level: the loud end
 
 
 class BackgroundLevel:
-    """Owns one stream's recent levels: the room's floor, the turn's speech level, and the
-    envelope of the latest frames."""
+    """Owns one stream's recent levels: the room's floor, the user's speech level (over turns), and
+    the envelope of the latest frames."""
 
     def __init__(self) -> None:
         self._recent: collections.deque[float] = collections.deque(maxlen=FLOOR_FRAMES)

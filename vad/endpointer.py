@@ -4,8 +4,8 @@ Hysteresis: a frame counts as voiced at `threshold` and as silent only below `th
 in between it keeps the previous class. A silence, once it is one, began at the first frame under
 `threshold` if the probability fell from there within FALL_FRAMES: the user stopped as it began
 to fall. (A longer stretch in between is quiet speech.)
-A frame the background level judges the room's (babble, traffic: sound Silero may take for speech,
-well under the user's voice) counts as silence (`vad/background.py`).
+Speech-like sound that the background level judges the room's (babble, traffic: well under the
+user's voice, `vad/background.py`) starts no turn, and ends one once it lasts ROOM_FRAMES.
 Durations count 20 ms frames, so the same audio always gives the same events.
 """
 
