@@ -54,6 +54,7 @@ def load_manifest(path: Path) -> Scenario:
                 turn.get("when", "after_reply"),
                 int(turn.get("bargein_after_ms", 0)),
                 bool(turn.get("expect_reply", True)),
+                turn.get("speech_end_s"),
             )
         )
     return Scenario(manifest["name"], tuple(turns))

@@ -237,7 +237,7 @@ class InputAudioBufferCleared(ServerEvent):
 @dataclass(frozen=True)
 class MetricsTurn(ServerEvent):
     """One turn's stage timings (endpoint_ms, asr_ms, lm_ttft_ms, tts_first_audio_ms, server_v2v_ms)
-    and how the turn was ended (commit_rule; eot_audio and eot_text, the end-of-turn scores; eot_question)."""
+    and how the turn was ended (commit_rule; eot_audio and eot_text, the end-of-turn scores; eot_question; eot_noisy)."""
 
     type = "metrics.turn"
     response_id: str

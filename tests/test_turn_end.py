@@ -62,6 +62,11 @@ async def _pause_until(rig: Rig, limit_frames: int) -> int:
         (TurnScores(audio=0.9, text=None), True, Verdict.UNKNOWN),  # the text score is coming
         (TurnScores(audio=0.9, text=None), False, Verdict.COMPLETE),  # no text check: audio alone
         (TurnScores(audio=None, text=None), False, Verdict.UNKNOWN),
+        # In a noisy room a text that cannot end is weighed as one that could: the audio decides.
+        (TurnScores(audio=0.9, text=0.001, noisy=True), True, Verdict.UNSURE),
+        (TurnScores(audio=0.2, text=0.001, noisy=True), True, Verdict.UNFINISHED),
+        (TurnScores(audio=None, text=0.001, noisy=True), True, Verdict.UNKNOWN),
+        (TurnScores(audio=0.1, text=0.5, noisy=True), True, Verdict.COMPLETE),
     ],
 )
 def test_the_verdict_on_a_pauses_scores(scores, text_expected, verdict):
@@ -203,3 +208,52 @@ async def test_stray_quotes_in_a_transcript_do_not_make_a_finished_sentence_unsu
     for transcript in ("\"'Tell me a long story about a dragon.", "'Tell me a long story about a dragon.'"):
         assert await score(transcript) == pytest.approx(plain, rel=1e-3), transcript
     assert await score("I don't know if") < 0.01
+
+
+def _turn_in(noise: str, snr_db: float) -> list[np.ndarray]:
+    """A sentence after 1 s of digital silence, in `noise` (babble or street at `snr_db`, or none)
+    that goes on for 3 s after the words."""
+    from bench.unseen import NOISES, with_noise
+    from testkit.speech import espeak
+
+    speech = espeak("I would like to hear about the history of the city library.", 16000)
+    clip = np.concatenate([np.zeros(4800, np.float32), speech, np.zeros(48000, np.float32)])
+    if noise != "none":
+        clip = with_noise(clip, NOISES[noise](len(clip) / 16000, seed=21), snr_db)
+    samples = (np.clip(np.concatenate([np.zeros(16000, np.float32), clip]), -1, 1) * 32767).astype(np.int16)
+    return [samples[i : i + 320] for i in range(0, len(samples) - 319, 320)]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("noise", "snr_db", "noisy"), [("street", 10.0, True), ("street", 20.0, True), ("none", 0.0, False)])
+async def test_in_a_noisy_room_a_transcript_scored_unfinished_waits_only_halfway(noise, snr_db, noisy):
+    """The real speech detector and background level over speech in noise: the text check scores
+    the transcript unfinished and the audio model complete. In noise the turn is committed halfway
+    to max_commit_ms (the transcript may be misheard); in quiet it waits max_commit_ms, as a
+    hesitation's would."""
+    import structlog
+
+    from runtime.tasks import TaskOwner
+    from turns.events import TurnCommitted
+    from turns.taker import TurnTaker
+    from vad.engines import SileroDetector
+
+    tasks = TaskOwner("test")
+    scores = ScriptedScores(audio=0.9, text=0.001)
+    taker = TurnTaker(SEMANTIC, SileroDetector(), scores.scorers(), tasks, structlog.get_logger())
+    committed, paused_at = None, None
+    for frame in _turn_in(noise, snr_db):
+        events = taker.feed(frame, transcript="i would like to hear about the" if taker.in_turn else None)
+        await asyncio.sleep(0)  # the scoring tasks answer between frames
+        if paused_at is None and taker.phase == "paused":
+            paused_at = taker.frame_index
+        committed = next((e for e in events if isinstance(e, TurnCommitted)), None)
+        if committed is not None:
+            break
+    await tasks.aclose()
+    assert committed is not None
+    if noisy:
+        assert committed.rule == "semantic:unsure" and committed.scores.get("eot_noisy") is True, committed
+        assert committed.endpoint_ms <= 1300, committed.endpoint_ms  # halfway: (300 + 2000) / 2
+    else:
+        assert committed.rule == "timeout" and "eot_noisy" not in committed.scores, committed

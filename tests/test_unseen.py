@@ -70,3 +70,16 @@ def _longest_silence_s(pcm: np.ndarray) -> float:
         run = run + 1 if frame else 0
         longest = max(longest, run)
     return longest * 160 / RATE
+
+
+def test_a_manifest_clip_says_where_its_words_end(tmp_path):
+    """A clip of one's own in noise (`--manifest`) names where its words end, as the noisy clips here do."""
+    import json
+
+    from testkit.speech import write_wav
+
+    write_wav(tmp_path / "a.wav", np.zeros(RATE, np.float32), RATE)
+    turns = [{"wav": "a.wav", "text": "in noise", "speech_end_s": 0.4}, {"wav": "a.wav", "text": "clean"}]
+    (tmp_path / "m.json").write_text(json.dumps({"name": "mine", "turns": turns}))
+    loaded = scenarios.load_manifest(tmp_path / "m.json")
+    assert [u.speech_end_s for u in loaded.turns] == [0.4, None] and [u.text for u in loaded.turns] == ["in noise", "clean"]

@@ -28,7 +28,7 @@ class SpeechResumed:
 @dataclass(frozen=True)
 class TurnCommitted:
     """The user's turn is over: by `rule` (`vad`, `timeout`, `semantic:complete`, `semantic:unsure`,
-    `client`), with what it was judged on (`scores`: eot_audio, eot_text, eot_question)."""
+    `client`), with what it was judged on (`scores`: eot_audio, eot_text, eot_question, eot_noisy)."""
 
     rule: str
     endpoint_ms: int  # silence between the last voiced frame and the commit

@@ -13,6 +13,7 @@ import numpy as np
 
 from runtime.audio import FRAME_MS
 from runtime.tasks import TaskOwner
+from vad.background import NOISY_DB
 
 # eagerness -> (text score that ends the turn, text score below which it goes on, audio score that
 # ends the turn when the text says neither). The text check is the surer of the two: on synthetic
@@ -21,6 +22,10 @@ EAGERNESS = {"low": (0.3, 0.02, 0.7), "medium": (0.1, 0.01, 0.5), "high": (0.03,
 RESCORE_MS = 500  # the audio is scored again after this much more silence
 AUDIO_AFTER_MS = 500  # with a text check, the audio is first scored after this much silence
 AUDIO_FRAMES = 8000 // FRAME_MS  # the audio model reads the last 8 s
+# From this far into a pause its frames are the room's floor (`BackgroundLevel`), and the room is
+# noisy if the user's voice is less than NOISY_DB over it: the ASR mishears there so often that a
+# transcript scored unfinished is no proof of a hesitation.
+NOISY_FROM_MS = 300
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class TurnScores:
     audio: float | None = None
     text: float | None = None
     question: bool = False  # the ASR ended the transcript with a question mark
+    noisy: bool = False  # the pause's room was noisy (NOISY_DB): the transcript may be misheard
 
 
 class Verdict(enum.StrEnum):
@@ -51,12 +57,15 @@ def turn_verdict(scores: TurnScores, eagerness: str, text_expected: bool) -> Ver
     transcript is still coming); the audio alone decides only when no text will come. Where the
     words could end or go on, a question mark settles it: the ASR writes one from the audio
     of the words, not only from their order, and a finished question so often leaves room for more
-    ("Can you recommend a good book ... for a child?") that the text check is unsure of it."""
+    ("Can you recommend a good book ... for a child?") that the text check is unsure of it. In a
+    noisy room a text that cannot end is weighed as one that could: the words scored are as often
+    misheard ("Calvall is the Eiffel Tower.") as unfinished, and waiting `max_commit_ms` on each is
+    what a user in a cafe would hear most; the audio decides, at most halfway to it."""
     ends, goes_on, audio_ends = EAGERNESS[eagerness]
     if scores.text is not None:
         if scores.text >= ends:
             return Verdict.COMPLETE
-        if scores.text < goes_on:
+        if scores.text < goes_on and not scores.noisy:
             return Verdict.UNFINISHED
         if scores.question:
             return Verdict.COMPLETE
@@ -101,12 +110,15 @@ class TurnJudge:
         self._text_asked = False
         self._text_done = False
 
-    def step(self, silence_ms: int, transcript: str | None) -> None:
+    def step(self, silence_ms: int, transcript: str | None, voice_over_room_db: float | None = None) -> None:
         """Start what is due at this silent frame: the text score, an audio score. With a text
         check the audio is first scored after AUDIO_AFTER_MS of silence: the text decides most
         turns sooner, the audio matters only where the text could end or go on (a commit halfway
         to max_commit_ms), and scored at the pause it would take the CPU from the speculative
-        reply."""
+        reply. `voice_over_room_db`: the user's voice over the room's floor now; once the pause
+        has found the room noisy it stays so (the noise may stop before the pause ends)."""
+        if silence_ms >= NOISY_FROM_MS and voice_over_room_db is not None and voice_over_room_db < NOISY_DB:
+            self.scores.noisy = True
         first_at = 0 if self._scorers.text is None else AUDIO_AFTER_MS
         if self._scorers.audio is not None and silence_ms >= first_at and (
             self._audio_scored_at is None or silence_ms - self._audio_scored_at >= RESCORE_MS

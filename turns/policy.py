@@ -24,8 +24,11 @@ class TurnPolicy:
     def silences(self, config: TurnConfig) -> Silences:
         return Silences(config.speculation.pause_ms, config.endpointing.commit_ms)
 
-    def commit_rule(self, judge: TurnJudge | None, silence_ms: int, transcript: str | None, config: TurnConfig) -> str | None:
-        """At a silent frame of a pause: the rule that commits the turn now, or None to go on."""
+    def commit_rule(
+        self, judge: TurnJudge | None, silence_ms: int, transcript: str | None, config: TurnConfig, voice_over_room_db: float | None = None
+    ) -> str | None:
+        """At a silent frame of a pause: the rule that commits the turn now, or None to go on
+        (`voice_over_room_db`: how far the user's voice is over the room's noise, for the judge)."""
         return None
 
     def scores(self, judge: TurnJudge | None) -> dict[str, float | bool]:
@@ -60,9 +63,11 @@ class SemanticPolicy(TurnPolicy):
     def silences(self, config: TurnConfig) -> Silences:
         return Silences(config.speculation.semantic_pause_ms, config.endpointing.max_commit_ms)
 
-    def commit_rule(self, judge: TurnJudge | None, silence_ms: int, transcript: str | None, config: TurnConfig) -> str | None:
+    def commit_rule(
+        self, judge: TurnJudge | None, silence_ms: int, transcript: str | None, config: TurnConfig, voice_over_room_db: float | None = None
+    ) -> str | None:
         assert judge is not None  # needs_judge
-        judge.step(silence_ms, transcript)
+        judge.step(silence_ms, transcript, voice_over_room_db)
         verdict = judge.verdict(config.endpointing.eagerness)
         low, high = config.endpointing.min_commit_ms, config.endpointing.max_commit_ms
         wait_ms = {Verdict.COMPLETE: low, Verdict.UNSURE: (low + high) // 2}.get(verdict)
@@ -76,6 +81,8 @@ class SemanticPolicy(TurnPolicy):
         }
         if scores.question:
             out["eot_question"] = True
+        if scores.noisy:
+            out["eot_noisy"] = True
         return out
 
 

@@ -188,6 +188,11 @@ class Endpointer:
         return self._onset_voiced * FRAME_MS if self.phase == Phase.ONSET else 0
 
     @property
+    def voice_over_room_db(self) -> float | None:
+        """The user's speech over the room's floor, in dB (`BackgroundLevel`)."""
+        return self._background.voice_over_room_db()
+
+    @property
     def paused(self) -> bool:
         return self.phase == Phase.PAUSED
 
