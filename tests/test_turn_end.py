@@ -241,12 +241,10 @@ async def test_in_a_noisy_room_a_transcript_scored_unfinished_waits_only_halfway
     tasks = TaskOwner("test")
     scores = ScriptedScores(audio=0.9, text=0.001)
     taker = TurnTaker(SEMANTIC, SileroDetector(), scores.scorers(), tasks, structlog.get_logger())
-    committed, paused_at = None, None
+    committed = None
     for frame in _turn_in(noise, snr_db):
         events = taker.feed(frame, transcript="i would like to hear about the" if taker.in_turn else None)
         await asyncio.sleep(0)  # the scoring tasks answer between frames
-        if paused_at is None and taker.phase == "paused":
-            paused_at = taker.frame_index
         committed = next((e for e in events if isinstance(e, TurnCommitted)), None)
         if committed is not None:
             break
