@@ -110,15 +110,17 @@ class TurnJudge:
         self._text_asked = False
         self._text_done = False
 
-    def step(self, silence_ms: int, transcript: str | None, voice_over_room_db: float | None = None) -> None:
+    def step(self, silence_ms: int, transcript: str | None, voice_over_room_db: Callable[[], float | None] | None = None) -> None:
         """Start what is due at this silent frame: the text score, an audio score. With a text
         check the audio is first scored after AUDIO_AFTER_MS of silence: the text decides most
         turns sooner, the audio matters only where the text could end or go on (a commit halfway
         to max_commit_ms), and scored at the pause it would take the CPU from the speculative
-        reply. `voice_over_room_db`: the user's voice over the room's floor now; once the pause
-        has found the room noisy it stays so (the noise may stop before the pause ends)."""
-        if silence_ms >= NOISY_FROM_MS and voice_over_room_db is not None and voice_over_room_db < NOISY_DB:
-            self.scores.noisy = True
+        reply. `voice_over_room_db`: the user's voice over the room's floor now, asked only from
+        NOISY_FROM_MS; once the pause has found the room noisy it stays so (the noise may stop
+        before the pause ends)."""
+        if silence_ms >= NOISY_FROM_MS and voice_over_room_db is not None and not self.scores.noisy:
+            level = voice_over_room_db()
+            self.scores.noisy = level is not None and level < NOISY_DB
         first_at = 0 if self._scorers.text is None else AUDIO_AFTER_MS
         if self._scorers.audio is not None and silence_ms >= first_at and (
             self._audio_scored_at is None or silence_ms - self._audio_scored_at >= RESCORE_MS

@@ -77,8 +77,7 @@ class TurnTaker:
             if self.judge is not None and (endpoint.kind == Kind.RESUMED or (endpoint.kind == Kind.PAUSED and judging)):
                 self.judge.reset()
         if judging and self._endpointer.paused:
-            endpointer = self._endpointer
-            rule = self._policy.commit_rule(self.judge, endpointer.silence_ms, transcript, self.config, endpointer.voice_over_room_db)
+            rule = self._policy.commit_rule(self.judge, self._endpointer.silence_ms, transcript, self.config, self._endpointer.voice_over_room_db)
             if rule is not None:
                 events.append(self.commit_now(rule))
         return events

@@ -53,18 +53,21 @@ class BackgroundLevel:
         """A frame of the user's voice."""
         self._speech.append(level)
 
+    def _floor_and_voice(self) -> tuple[float, float]:
+        return float(np.percentile(self._recent, FLOOR_PERCENTILE)), float(np.percentile(self._speech, SPEECH_PERCENTILE))
+
     def voice_over_room_db(self) -> float | None:
         """How far the user's speech is over the room's floor (None before they have spoken): in a
         pause, how well their words stood out of the room's noise."""
         if not self._speech:
             return None
-        return float(np.percentile(self._speech, SPEECH_PERCENTILE) - np.percentile(self._recent, FLOOR_PERCENTILE))
+        floor, voice = self._floor_and_voice()
+        return voice - floor
 
     def is_background(self) -> bool:
         """Whether the latest frame is the room rather than the user (never before the user has spoken)."""
         if not self._speech:
             return False
         envelope = max(self._envelope)
-        floor = float(np.percentile(self._recent, FLOOR_PERCENTILE))
-        speech = float(np.percentile(self._speech, SPEECH_PERCENTILE))
-        return envelope < floor + NEAR_FLOOR_DB and envelope < speech - UNDER_SPEECH_DB
+        floor, voice = self._floor_and_voice()
+        return envelope < floor + NEAR_FLOOR_DB and envelope < voice - UNDER_SPEECH_DB

@@ -187,7 +187,6 @@ class Endpointer:
         """Voiced audio of a speech onset not yet confirmed (0 when none is under way)."""
         return self._onset_voiced * FRAME_MS if self.phase == Phase.ONSET else 0
 
-    @property
     def voice_over_room_db(self) -> float | None:
         """The user's speech over the room's floor, in dB (`BackgroundLevel`)."""
         return self._background.voice_over_room_db()
