@@ -26,6 +26,8 @@ AUDIO_FRAMES = 8000 // FRAME_MS  # the audio model reads the last 8 s
 # noisy if the user's voice is less than NOISY_DB over it: the ASR mishears there so often that a
 # transcript scored unfinished is no proof of a hesitation.
 NOISY_FROM_MS = 300
+# Asks how far the user's voice stands over the room's floor now, in dB (None before they spoke).
+RoomLevel = Callable[[], float | None]
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class TurnJudge:
         self._text_asked = False
         self._text_done = False
 
-    def step(self, silence_ms: int, transcript: str | None, voice_over_room_db: Callable[[], float | None] | None = None) -> None:
+    def step(self, silence_ms: int, transcript: str | None, voice_over_room_db: RoomLevel | None = None) -> None:
         """Start what is due at this silent frame: the text score, an audio score. With a text
         check the audio is first scored after AUDIO_AFTER_MS of silence: the text decides most
         turns sooner, the audio matters only where the text could end or go on (a commit halfway

@@ -7,10 +7,10 @@ serves every session. Adding a policy is one class here, and its name among the 
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from config import TurnConfig
-from turns.judge import TurnJudge, Verdict
+from turns.judge import RoomLevel, TurnJudge, Verdict
 from vad.endpointer import Silences
 
 
@@ -25,7 +25,7 @@ class TurnPolicy:
         return Silences(config.speculation.pause_ms, config.endpointing.commit_ms)
 
     def commit_rule(
-        self, judge: TurnJudge | None, silence_ms: int, transcript: str | None, config: TurnConfig, voice_over_room_db: Callable[[], float | None] | None = None
+        self, judge: TurnJudge | None, silence_ms: int, transcript: str | None, config: TurnConfig, voice_over_room_db: RoomLevel | None = None
     ) -> str | None:
         """At a silent frame of a pause: the rule that commits the turn now, or None to go on
         (`voice_over_room_db`: asks how far the user's voice is over the room's noise, for the judge)."""
@@ -64,7 +64,7 @@ class SemanticPolicy(TurnPolicy):
         return Silences(config.speculation.semantic_pause_ms, config.endpointing.max_commit_ms)
 
     def commit_rule(
-        self, judge: TurnJudge | None, silence_ms: int, transcript: str | None, config: TurnConfig, voice_over_room_db: Callable[[], float | None] | None = None
+        self, judge: TurnJudge | None, silence_ms: int, transcript: str | None, config: TurnConfig, voice_over_room_db: RoomLevel | None = None
     ) -> str | None:
         assert judge is not None  # needs_judge
         judge.step(silence_ms, transcript, voice_over_room_db)
