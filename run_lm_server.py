@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from config import LM_WEIGHTS
 from models.llamacpp_lm import llama_params
-from profiles.embedded import smollm2_gguf
+from profiles.embedded import smollm2_weights
 from runtime.procfs import usable_cores
 
 
@@ -28,6 +29,7 @@ class LMServerConfig:
     slots: int = 8
     threads: int = field(default_factory=usable_cores)
     context_per_slot: int = 2048
+    weights: str = "q4_0"
 
 
 def parse(argv: list[str] | None) -> LMServerConfig:
@@ -40,10 +42,14 @@ def parse(argv: list[str] | None) -> LMServerConfig:
     parser.add_argument(
         "--context-per-slot", type=int, default=default.context_per_slot, help=f"tokens each slot holds (default {default.context_per_slot})"
     )
+    parser.add_argument(
+        "--lm-weights", dest="weights", choices=LM_WEIGHTS, default=default.weights,
+        help=f"the weights' format, as the server's `--lm-weights` (default {default.weights})",
+    )
     args = parser.parse_args(argv)
     if min(args.slots, args.threads, args.context_per_slot) < 1 or not 0 <= args.port <= 65535:
         parser.error("--slots, --threads and --context-per-slot must be positive, --port 0..65535")
-    return LMServerConfig(args.host, args.port, args.slots, args.threads, args.context_per_slot)
+    return LMServerConfig(args.host, args.port, args.slots, args.threads, args.context_per_slot, args.weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    params = llama_params(
-        smollm2_gguf(), config.threads, config.slots, config.context_per_slot, False, config.host, config.port, http_threads=config.slots
-    )
+    gguf = smollm2_weights(config.weights)
+    params = llama_params(gguf, config.threads, config.slots, config.context_per_slot, False, config.host, config.port, http_threads=config.slots)
     server = xllamacpp.Server(params)
     structlog.get_logger().info("lm_server.listening", url=f"{server.listening_address}/v1", slots=config.slots, threads=config.threads)
     stop.wait()

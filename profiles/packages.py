@@ -4,6 +4,7 @@ loading of each model."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +29,11 @@ def package_dir(module: str, package: str, pip_args: str = "", profile: str = "e
             "(or run `make run`, which installs everything)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def cache_dir(name: str) -> Path:
+    """A folder of this project's in the user's cache, for files made once from packaged weights."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "voice-agent" / name
 
 
 def log_loading(name: str, **fields: object) -> float:
