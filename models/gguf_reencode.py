@@ -22,6 +22,7 @@ from gguf.quants import dequantize, quantize
 log = structlog.get_logger()
 
 FILE_TYPE_KEY = "general.file_type"
+SHIPPED_TYPE = GGMLQuantizationType.Q4_1  # what the matrices of the GGUFs re-encoded here are stored in
 
 
 class WeightFormat(Enum):
@@ -40,8 +41,8 @@ class WeightFormat(Enum):
         return LlamaFileType[f"MOSTLY_{self.name}"]
 
 
-def reencode_gguf(source: Path, target: Path, fmt: WeightFormat, reencoded: GGMLQuantizationType = GGMLQuantizationType.Q4_1) -> None:
-    """Write `source` to `target` with every `reencoded` tensor in `fmt` (dequantized, then quantized
+def reencode_gguf(source: Path, target: Path, fmt: WeightFormat) -> None:
+    """Write `source` to `target` with every Q4_1 tensor in `fmt` (dequantized, then quantized
     again) and everything else (metadata, the embedding, the norms) as it is. The file appears
     whole or not at all, so a second process starting at the same moment reads a complete one."""
     reader = GGUFReader(source)
@@ -59,8 +60,8 @@ def reencode_gguf(source: Path, target: Path, fmt: WeightFormat, reencoded: GGML
             kind = field.types[0]
             writer.add_key_value(name, field.contents(), kind, sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
         for tensor in reader.tensors:
-            if tensor.tensor_type == reencoded:
-                values = dequantize(tensor.data, reencoded).astype(np.float32)
+            if tensor.tensor_type == SHIPPED_TYPE:
+                values = dequantize(tensor.data, SHIPPED_TYPE).astype(np.float32)
                 writer.add_tensor(tensor.name, quantize(values, fmt.ggml_type), raw_dtype=fmt.ggml_type)
             else:
                 writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
