@@ -194,8 +194,7 @@ async def load_embedded(config: ModelConfig) -> EmbeddedModels:
         await tts_worker.run(tts.warm_now)
         log_loaded("tts", started)
 
-        weights = {"weights": config.lm_weights} if config.lm == "embedded" else {}
-        started = log_loading("lm", backend=config.lm, threads=share.lm, **weights)
+        started = log_loading("lm", backend=config.lm, threads=share.lm, weights=config.lm_weights if config.lm == "embedded" else None)
         lm = await lm_worker.run(load_lm, config, lm_worker, share.lm)
         log_loaded("lm", started)
 
